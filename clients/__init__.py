@@ -1,0 +1,1 @@
+"""Python clients (sync and async), dataset tokenization and the `vqtok` command line."""

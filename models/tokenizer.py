@@ -1,0 +1,171 @@
+"""The user-facing Tokenizer: images <-> token ids, plus the training forward and checkpoints."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import ConfigError, TokenizerConfig
+from .networks import Decoder, Encoder
+from .quantizers import FSQ, QuantizerOutput, VectorQuantizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A model directory that cannot be loaded (missing, corrupt or mismatched files)."""
+
+
+@dataclass
+class TokenizerOutput:
+    reconstruction: Tensor  # (B, 3, H, W), not clamped (losses see the raw output)
+    quantizer: QuantizerOutput
+
+    @property
+    def indices(self) -> Tensor:
+        return self.quantizer.indices
+
+    @property
+    def loss(self) -> Tensor:
+        """The quantizer's loss; the trainer adds reconstruction and other terms."""
+        return self.quantizer.loss
+
+
+def build_quantizer(config: TokenizerConfig) -> VectorQuantizer | FSQ:
+    if config.quantizer == "fsq":
+        return FSQ(config.fsq_levels)
+    return VectorQuantizer(
+        dim=config.latent_dim,
+        codebook_size=config.codebook_size,
+        gradient=config.gradient,
+        linear_codebook=config.linear_codebook,
+        cosine=config.cosine,
+        beta=config.beta,
+    )
+
+
+class Tokenizer(nn.Module):
+    """Convolutional encoder -> quantizer -> decoder.
+
+    Images are float (B, 3, H, W) in [-1, 1] with H, W multiples of ``downsample``; token ids are
+    int64 (B, H/f, W/f) in [0, codebook_size).
+    """
+
+    def __init__(self, config: TokenizerConfig) -> None:
+        super().__init__()
+        self.config = config
+        net = dict(
+            base_channels=config.base_channels,
+            channel_mult=config.channel_mult,
+            num_res_blocks=config.num_res_blocks,
+            latent_dim=config.latent_dim,
+            attention=config.attention,
+            groups=config.norm_groups,
+        )
+        self.encoder = Encoder(in_channels=config.in_channels, **net)  # type: ignore[arg-type]
+        self.quantizer = build_quantizer(config)
+        self.decoder = Decoder(out_channels=config.in_channels, **net)  # type: ignore[arg-type]
+
+    @property
+    def downsample(self) -> int:
+        return self.config.downsample
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    def check_images(self, x: Tensor) -> None:
+        f = self.downsample
+        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"expected images (B, {self.config.in_channels}, H, W), got {shape}")
+        if not x.is_floating_point():
+            raise ValueError(f"expected float images in [-1, 1], got dtype {x.dtype}")
+        h, w = x.shape[-2:]
+        if h == 0 or w == 0 or h % f or w % f:
+            raise ValueError(f"image height and width must be positive multiples of {f}, got {h}x{w}")
+
+    def check_indices(self, indices: Tensor) -> None:
+        if not isinstance(indices, Tensor) or indices.ndim != 3 or indices.is_floating_point():
+            shape = tuple(indices.shape) if isinstance(indices, Tensor) else type(indices).__name__
+            raise ValueError(f"expected integer token ids (B, h, w), got {shape}")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
+            raise ValueError(f"token ids must lie in [0, {self.codebook_size})")
+
+    def quantize(self, x: Tensor) -> QuantizerOutput:
+        self.check_images(x)
+        return self.quantizer(self.encoder(x))
+
+    def forward(self, x: Tensor) -> TokenizerOutput:
+        """Training forward: (B, 3, H, W) -> reconstruction, indices, quantizer loss, usage counts."""
+        q = self.quantize(x)
+        return TokenizerOutput(reconstruction=self.decoder(q.quantized), quantizer=q)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) float in [-1, 1] -> int64 token ids (B, H/f, W/f)."""
+        return self.quantize(x).indices
+
+    @torch.no_grad()
+    def decode(self, indices: Tensor) -> Tensor:
+        """int token ids (B, h, w) -> float images (B, 3, h·f, w·f) in [-1, 1]."""
+        self.check_indices(indices)
+        codes = self.quantizer.indices_to_codes(indices.to(self.device))
+        return self.decoder(codes).clamp(-1, 1)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # --- checkpoints: config.json + model.safetensors, never pickle ---
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        _atomic_write(directory / CONFIG_FILE, self.config.save)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Tokenizer:
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise CheckpointError(f"{directory} is not a model directory: {path.name} is missing")
+        try:
+            config = TokenizerConfig.load(config_path)
+        except ConfigError as exc:
+            raise CheckpointError(f"{config_path}: {exc}") from exc
+        try:
+            state = load_file(str(weights_path), device=str(map_location))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{weights_path} is corrupt or not a safetensors file: {exc}") from exc
+        model = cls(config)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{weights_path} does not match {config_path}: {exc}") from exc
+        return model.to(map_location)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through a temporary file in the same directory, then rename over `path`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

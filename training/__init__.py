@@ -1,0 +1,1 @@
+"""Training: data, losses, trainer (AMP, DDP, EMA, resume), evaluation, codebook retraining."""
