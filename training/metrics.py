@@ -1,0 +1,96 @@
+"""Image quality metrics on (B, 3, H, W) tensors, per image.
+
+Conventions (the ones papers report): images are compared as 8-bit values (pass uint8 or floats in
+[0, 255]; data range 255). SSIM is Wang et al. 2004 with an 11×11 Gaussian window (σ = 1.5),
+K1 = 0.01, K2 = 0.03, population statistics, valid region only, averaged over channels — the same
+numbers as ``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
+use_sample_covariance=False, data_range=255, channel_axis=-1)``. MS-SSIM is Wang et al. 2003 with
+5 scales and the standard weights; it needs images of at least 176 px a side (else None).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DATA_RANGE = 255.0
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+WINDOW = 11
+SIGMA = 1.5
+
+
+def _as_float(x: Tensor) -> Tensor:
+    return x.double() if x.dtype != torch.float64 else x
+
+
+def psnr(x: Tensor, y: Tensor, data_range: float = DATA_RANGE) -> Tensor:
+    """Per-image PSNR in dB, (B,). Identical images give +inf."""
+    mse = (_as_float(x) - _as_float(y)).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(data_range**2 / mse)
+
+
+def _gaussian_window(channels: int, device: torch.device) -> Tensor:
+    coords = torch.arange(WINDOW, dtype=torch.float64, device=device) - WINDOW // 2
+    g = torch.exp(-(coords**2) / (2 * SIGMA**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, WINDOW, WINDOW).contiguous()
+
+
+def _ssim_maps(x: Tensor, y: Tensor, data_range: float) -> tuple[Tensor, Tensor]:
+    """SSIM and contrast-structure maps over the valid region, (B, C, H−10, W−10) each."""
+    c = x.shape[1]
+    win = _gaussian_window(c, x.device)
+
+    def blur(t: Tensor) -> Tensor:
+        return F.conv2d(t, win, groups=c)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    cs = (2 * cov + c2) / (var_x + var_y + c2)
+    luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
+    return luminance * cs, cs
+
+
+def ssim(x: Tensor, y: Tensor, data_range: float = DATA_RANGE) -> Tensor:
+    """Per-image SSIM, (B,), averaged over channels and the valid region."""
+    x, y = _as_float(x), _as_float(y)
+    if min(x.shape[-2:]) < WINDOW:
+        raise ValueError(f"SSIM needs images of at least {WINDOW} px a side, got {tuple(x.shape[-2:])}")
+    s, _ = _ssim_maps(x, y, data_range)
+    return s.flatten(1).mean(1)
+
+
+def ms_ssim_min_size() -> int:
+    return WINDOW * 2 ** (len(MS_SSIM_WEIGHTS) - 1)  # 11 px left at the coarsest of 5 scales
+
+
+def ms_ssim(x: Tensor, y: Tensor, data_range: float = DATA_RANGE) -> Tensor | None:
+    """Per-image MS-SSIM, (B,); None when the images are too small for 5 scales."""
+    x, y = _as_float(x), _as_float(y)
+    if min(x.shape[-2:]) < ms_ssim_min_size():
+        return None
+    weights = torch.tensor(MS_SSIM_WEIGHTS, dtype=torch.float64, device=x.device)
+    values = []
+    for level in range(len(MS_SSIM_WEIGHTS)):
+        s, cs = _ssim_maps(x, y, data_range)
+        if level == len(MS_SSIM_WEIGHTS) - 1:
+            values.append(s.flatten(2).mean(2).clamp_min(0))  # (B, C)
+        else:
+            values.append(cs.flatten(2).mean(2).clamp_min(0))
+            x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+    stack = torch.stack(values, dim=0)  # (levels, B, C)
+    per_channel = torch.prod(stack ** weights[:, None, None], dim=0)  # (B, C)
+    return per_channel.mean(1)
+
+
+def mean_finite(values: list[float]) -> float:
+    """Mean of per-image values; +inf PSNRs (identical images) are capped at 100 dB so one
+    lossless image cannot make the mean infinite."""
+    vals = [min(v, 100.0) for v in values if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
