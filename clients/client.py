@@ -1,0 +1,292 @@
+"""HTTP clients for the vqtok service: `Client` (sync) and `AsyncClient`, the same methods on both.
+
+    with Client("http://127.0.0.1:8000") as client:
+        grids = client.encode(["a.jpg", "b.png"], resize="crop")   # list of int32 (h, w) arrays
+        images = client.decode(grids)                                # list of PIL images
+
+Request building and response parsing live in `_base`; retries in `_retry` (a transport wrapper).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+
+from . import _base
+from ._base import ImagePart, Images, ModelCard, Output, RequestSpec, Wire
+from ._retry import NO_RETRY, AsyncRetryTransport, RetryPolicy, RetryTransport
+from .errors import APIConnectionError, APIStatusError, APITimeoutError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class _Settings:
+    """Constructor arguments shared by both clients, validated once."""
+
+    def __init__(
+        self,
+        base_url: str | None,
+        api_key: str | None,
+        timeout: float | httpx.Timeout,
+        max_retries: int,
+        max_concurrency: int,
+        max_images_per_request: int,
+        max_request_bytes: int,
+        headers: dict[str, str] | None,
+    ) -> None:
+        if max_concurrency < 1 or max_images_per_request < 1 or max_request_bytes < 1:
+            raise ValueError("max_concurrency, max_images_per_request and max_request_bytes must be positive")
+        self.base_url, api_key = _base.resolve(base_url, api_key)
+        self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+        self.policy = RetryPolicy(max_retries=max_retries)
+        self.max_concurrency = max_concurrency
+        self.max_images = max_images_per_request
+        self.max_bytes = max_request_bytes
+        self.headers = {**_base.auth_headers(api_key), **(headers or {})}
+        # enough pooled connections for the concurrent chunks of one call
+        self.limits = httpx.Limits(max_connections=max(10, 2 * max_concurrency), max_keepalive_connections=max(5, max_concurrency))
+
+
+def _split(chunk: Sequence[T]) -> tuple[Sequence[T], Sequence[T]]:
+    half = len(chunk) // 2
+    return chunk[:half], chunk[half:]
+
+
+class Client:
+    """Synchronous client. Thread-safe; use as a context manager or call `close()`.
+
+    Args:
+        base_url: server address (default `$VQTOK_BASE_URL` or http://127.0.0.1:8000).
+        api_key: Bearer key when the server requires one (default `$VQTOK_API_KEY`).
+        timeout: seconds or an `httpx.Timeout` (default 120 s, 5 s to connect).
+        max_retries: retries of 408/429/503/504 and connection errors, with backoff and Retry-After.
+        max_concurrency: requests in flight at once when a call is split into several.
+        max_images_per_request, max_request_bytes: how large one request may be (the server's defaults
+            are 64 images and 64 MiB); larger inputs are split, and a 413 splits a request further.
+        transport: an `httpx.BaseTransport` (e.g. `httpx.MockTransport`) for tests.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout = _base.DEFAULT_TIMEOUT,
+        max_retries: int = _base.DEFAULT_MAX_RETRIES,
+        max_concurrency: int = 4,
+        max_images_per_request: int = 64,
+        max_request_bytes: int = 32 * 1024 * 1024,
+        headers: dict[str, str] | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        s = _Settings(base_url, api_key, timeout, max_retries, max_concurrency, max_images_per_request, max_request_bytes, headers)
+        self._s = s
+        inner = transport or httpx.HTTPTransport(limits=s.limits)
+        self._http = httpx.Client(base_url=s.base_url, timeout=s.timeout, headers=s.headers, transport=RetryTransport(inner, s.policy))
+
+    # --- plumbing ---
+    def _send(self, spec: RequestSpec, extensions: dict[str, Any] | None = None) -> httpx.Response:
+        request = self._http.build_request(spec.method, spec.url, extensions=extensions, **spec.kwargs)
+        try:
+            return self._http.send(request)
+        except httpx.TimeoutException as exc:
+            raise APITimeoutError(f"{spec.method} {spec.url}: timed out ({exc})") from exc
+        except httpx.TransportError as exc:
+            raise APIConnectionError(f"{spec.method} {spec.url}: cannot reach {self._s.base_url} ({exc})") from exc
+
+    def _map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        if len(items) <= 1 or self._s.max_concurrency == 1:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(min(self._s.max_concurrency, len(items)), thread_name_prefix="vqtok-client") as pool:
+            return list(pool.map(fn, items))
+
+    # --- API ---
+    def encode(self, images: Images, *, model: str | None = None, resize: str | None = None, wire: Wire = "npy") -> Any:
+        """Images -> int32 token grids (h, w).
+
+        `images` is one image or a sequence of them; each may be a path, encoded bytes, a PIL image or
+        a uint8 (H, W, 3) array (a (B, H, W, 3) array is a batch). One image gives one array, a sequence
+        gives a list in input order. `resize` is "none", "crop" or "pad" (server default when None).
+        """
+        single, items = _base.as_image_list(images)
+        parts = self._map(lambda p: _base.prepare_image(*p), list(enumerate(items)))
+        chunks = _base.chunk_parts(parts, self._s.max_images, self._s.max_bytes)
+        grids = [g for chunk in self._map(lambda c: self._encode_chunk(c, model, resize, wire), chunks) for g in chunk]
+        return grids[0] if single else grids
+
+    def _encode_chunk(self, parts: Sequence[ImagePart], model: str | None, resize: str | None, wire: Wire) -> list[np.ndarray]:
+        try:
+            return _base.parse_encode(self._send(_base.encode_request(parts, model, resize, wire)), len(parts))
+        except APIStatusError as exc:
+            if not _base.is_split_worthy(exc, len(parts)):
+                raise
+            a, b = _split(parts)
+            return self._encode_chunk(a, model, resize, wire) + self._encode_chunk(b, model, resize, wire)
+
+    def decode(self, tokens: np.ndarray | Sequence[Any], *, model: str | None = None, output: Output = "pil", wire: Wire = "npy") -> Any:
+        """Token grids -> images. `tokens` is one (h, w) grid, a (B, h, w) array or a list of grids
+        (shapes may differ). Returns one image or a list, as PIL images or uint8 (H, W, 3) arrays."""
+        single, grids = _base.as_grid_list(tokens)
+        batches = _base.group_grids(grids, self._s.max_images)
+        results = self._map(lambda idx: self._decode_batch(np.stack([grids[i] for i in idx]), model, wire), batches)
+        out: list[Any] = [None] * len(grids)
+        for idx, imgs in zip(batches, results, strict=True):
+            for i, im in zip(idx, _base.to_output(imgs, output), strict=True):
+                out[i] = im
+        return out[0] if single else out
+
+    def _decode_batch(self, grids: np.ndarray, model: str | None, wire: Wire) -> list[np.ndarray]:
+        try:
+            return _base.parse_decode(self._send(_base.decode_request(grids, model, wire)), len(grids))
+        except APIStatusError as exc:
+            if not _base.is_split_worthy(exc, len(grids)):
+                raise
+            half = len(grids) // 2
+            return self._decode_batch(grids[:half], model, wire) + self._decode_batch(grids[half:], model, wire)
+
+    def models(self) -> list[ModelCard]:
+        """The served models."""
+        response = self._send(RequestSpec("GET", "/v1/models", {}))
+        _base.raise_for_status(response)
+        return _base.parse_models(response)
+
+    def model(self, name: str) -> ModelCard:
+        response = self._send(RequestSpec("GET", f"/v1/models/{name}", {}))
+        _base.raise_for_status(response)
+        return ModelCard.from_json(response.json())
+
+    def health(self) -> dict[str, Any]:
+        """`GET /healthz` (liveness); raises when the server is unreachable or unhealthy."""
+        response = self._send(RequestSpec("GET", "/healthz", {}))
+        _base.raise_for_status(response)
+        return dict(response.json())
+
+    def ready(self) -> bool:
+        """`GET /readyz`: True once the models are loaded and warmed. Never retried."""
+        response = self._send(RequestSpec("GET", "/readyz", {}), extensions={NO_RETRY: True})
+        return response.status_code == 200
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """Asynchronous client: the same methods as `Client`, as coroutines. Use `async with` or `aclose()`."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout = _base.DEFAULT_TIMEOUT,
+        max_retries: int = _base.DEFAULT_MAX_RETRIES,
+        max_concurrency: int = 4,
+        max_images_per_request: int = 64,
+        max_request_bytes: int = 32 * 1024 * 1024,
+        headers: dict[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        s = _Settings(base_url, api_key, timeout, max_retries, max_concurrency, max_images_per_request, max_request_bytes, headers)
+        self._s = s
+        inner = transport or httpx.AsyncHTTPTransport(limits=s.limits)
+        self._http = httpx.AsyncClient(
+            base_url=s.base_url, timeout=s.timeout, headers=s.headers, transport=AsyncRetryTransport(inner, s.policy)
+        )
+
+    async def _send(self, spec: RequestSpec, extensions: dict[str, Any] | None = None) -> httpx.Response:
+        request = self._http.build_request(spec.method, spec.url, extensions=extensions, **spec.kwargs)
+        try:
+            return await self._http.send(request)
+        except httpx.TimeoutException as exc:
+            raise APITimeoutError(f"{spec.method} {spec.url}: timed out ({exc})") from exc
+        except httpx.TransportError as exc:
+            raise APIConnectionError(f"{spec.method} {spec.url}: cannot reach {self._s.base_url} ({exc})") from exc
+
+    async def _map(self, fn: Callable[[T], Any], items: Sequence[T]) -> list[Any]:
+        gate = asyncio.Semaphore(self._s.max_concurrency)
+
+        async def one(x: T) -> Any:
+            async with gate:
+                return await fn(x)
+
+        return list(await asyncio.gather(*(one(x) for x in items)))
+
+    async def encode(self, images: Images, *, model: str | None = None, resize: str | None = None, wire: Wire = "npy") -> Any:
+        """See `Client.encode`. File reading and PNG encoding run in a worker thread."""
+        single, items = _base.as_image_list(images)
+        parts = await asyncio.to_thread(lambda: [_base.prepare_image(i, x) for i, x in enumerate(items)])
+        chunks = _base.chunk_parts(parts, self._s.max_images, self._s.max_bytes)
+        results = await self._map(lambda c: self._encode_chunk(c, model, resize, wire), chunks)
+        grids = [g for chunk in results for g in chunk]
+        return grids[0] if single else grids
+
+    async def _encode_chunk(self, parts: Sequence[ImagePart], model: str | None, resize: str | None, wire: Wire) -> list[np.ndarray]:
+        try:
+            return _base.parse_encode(await self._send(_base.encode_request(parts, model, resize, wire)), len(parts))
+        except APIStatusError as exc:
+            if not _base.is_split_worthy(exc, len(parts)):
+                raise
+            a, b = _split(parts)
+            return await self._encode_chunk(a, model, resize, wire) + await self._encode_chunk(b, model, resize, wire)
+
+    async def decode(
+        self, tokens: np.ndarray | Sequence[Any], *, model: str | None = None, output: Output = "pil", wire: Wire = "npy"
+    ) -> Any:
+        """See `Client.decode`."""
+        single, grids = _base.as_grid_list(tokens)
+        batches = _base.group_grids(grids, self._s.max_images)
+        results = await self._map(lambda idx: self._decode_batch(np.stack([grids[i] for i in idx]), model, wire), batches)
+        out: list[Any] = [None] * len(grids)
+        for idx, imgs in zip(batches, results, strict=True):
+            for i, im in zip(idx, _base.to_output(imgs, output), strict=True):
+                out[i] = im
+        return out[0] if single else out
+
+    async def _decode_batch(self, grids: np.ndarray, model: str | None, wire: Wire) -> list[np.ndarray]:
+        try:
+            return _base.parse_decode(await self._send(_base.decode_request(grids, model, wire)), len(grids))
+        except APIStatusError as exc:
+            if not _base.is_split_worthy(exc, len(grids)):
+                raise
+            half = len(grids) // 2
+            return await self._decode_batch(grids[:half], model, wire) + await self._decode_batch(grids[half:], model, wire)
+
+    async def models(self) -> list[ModelCard]:
+        response = await self._send(RequestSpec("GET", "/v1/models", {}))
+        _base.raise_for_status(response)
+        return _base.parse_models(response)
+
+    async def model(self, name: str) -> ModelCard:
+        response = await self._send(RequestSpec("GET", f"/v1/models/{name}", {}))
+        _base.raise_for_status(response)
+        return ModelCard.from_json(response.json())
+
+    async def health(self) -> dict[str, Any]:
+        response = await self._send(RequestSpec("GET", "/healthz", {}))
+        _base.raise_for_status(response)
+        return dict(response.json())
+
+    async def ready(self) -> bool:
+        response = await self._send(RequestSpec("GET", "/readyz", {}), extensions={NO_RETRY: True})
+        return response.status_code == 200
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
