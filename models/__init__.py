@@ -25,7 +25,16 @@ _EXPORTS = {
     "TokenizerOutput": "tokenizer",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "Tokenizer",
+    "TokenizerConfig",
+    "TokenizerOutput",
+    "create_tokenizer",
+    "list_presets",
+    "preset_config",
+]
 
 
 def __getattr__(name: str) -> Any:

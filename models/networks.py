@@ -35,9 +35,7 @@ class Encoder(nn.Module):
             if level < len(widths) - 1:
                 blocks.append(Downsample(ch))
         self.down = nn.Sequential(*blocks)
-        self.mid = nn.Sequential(
-            ResBlock(ch, ch, groups), AttnBlock(ch, groups) if attention else nn.Identity(), ResBlock(ch, ch, groups)
-        )
+        self.mid = nn.Sequential(ResBlock(ch, ch, groups), AttnBlock(ch, groups) if attention else nn.Identity(), ResBlock(ch, ch, groups))
         self.norm_out = group_norm(ch, groups)
         self.act = nn.SiLU()
         self.conv_out = nn.Conv2d(ch, ch, 3, padding=1)
@@ -66,9 +64,7 @@ class Decoder(nn.Module):
         ch = widths[-1]
         self.proj = nn.Conv2d(latent_dim, ch, 1)  # out of the quantizer's dimension
         self.conv_in = nn.Conv2d(ch, ch, 3, padding=1)
-        self.mid = nn.Sequential(
-            ResBlock(ch, ch, groups), AttnBlock(ch, groups) if attention else nn.Identity(), ResBlock(ch, ch, groups)
-        )
+        self.mid = nn.Sequential(ResBlock(ch, ch, groups), AttnBlock(ch, groups) if attention else nn.Identity(), ResBlock(ch, ch, groups))
         blocks: list[nn.Module] = []
         for level in reversed(range(len(widths))):
             for _ in range(num_res_blocks + 1):

@@ -72,7 +72,7 @@ class Tokenizer(nn.Module):
             groups=config.norm_groups,
         )
         self.encoder = Encoder(in_channels=config.in_channels, **net)  # type: ignore[arg-type]
-        self.quantizer = build_quantizer(config)
+        self.quantizer: VectorQuantizer | FSQ = build_quantizer(config)
         self.decoder = Decoder(out_channels=config.in_channels, **net)  # type: ignore[arg-type]
 
     @property

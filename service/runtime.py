@@ -1,17 +1,32 @@
-"""ONNX Runtime inference for exported model directories. Torch-free: the service and dataset
-tokenization share it. (INTERFACE DRAFT — implementation lands with issue 4.)"""
+"""ONNX Runtime inference for exported model directories.
+
+Torch-free: the service and dataset tokenization share it. A model directory holds
+`manifest.json` (written by `vqtok export`) naming the graphs and their SHA-256 hashes; loading
+verifies the hashes before any session is built, so a truncated or swapped file is a clear
+`ModelLoadError`, never a crash inside ONNX Runtime.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 Device = Literal["auto", "cuda", "cpu"]
 Precision = Literal["auto", "fp32", "fp16"]
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "vqtok-onnx"
+SUPPORTED_MANIFEST_VERSION = 1
 
 
 class ModelLoadError(Exception):
@@ -35,11 +50,107 @@ class ModelInfo:
     manifest_sha256: str  # hash of manifest.json: identifies the exact artefacts
 
 
-class ModelRuntime:
-    """One model directory, two ORT sessions (encoder, decoder). Thread-safe `encode`/`decode`."""
+def _import_ort() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ModelLoadError("onnxruntime is not installed: pip install 'vqtok[cpu]' (or 'vqtok[gpu]' on a CUDA machine)") from exc
+    return ort
 
-    info: ModelInfo
-    providers: list[str]
+
+def cuda_available() -> bool:
+    return "CUDAExecutionProvider" in _import_ort().get_available_providers()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(model_dir: Path) -> tuple[dict[str, Any], str]:
+    """(manifest, sha256 of manifest.json); ModelLoadError with the fix when there is none."""
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model directory {model_dir} does not exist")
+    path = model_dir / MANIFEST_FILE
+    if not path.is_file():
+        if (model_dir / "config.json").is_file():
+            raise ModelLoadError(f"{model_dir} has no ONNX export (manifest.json is missing): run `vqtok export --model {model_dir}`")
+        raise ModelLoadError(f"{model_dir} is not a vqtok model directory (no manifest.json or config.json)")
+    raw = path.read_bytes()
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path} is corrupt (not JSON): {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ModelLoadError(f"{path} is not a vqtok ONNX manifest")
+    if int(manifest.get("format_version", 0)) > SUPPORTED_MANIFEST_VERSION:
+        raise ModelLoadError(f"{path} has format_version {manifest['format_version']}; this vqtok reads up to {SUPPORTED_MANIFEST_VERSION}")
+    return manifest, hashlib.sha256(raw).hexdigest()
+
+
+def verify_files(model_dir: Path, manifest: Mapping[str, Any], names: Sequence[str]) -> None:
+    """Every named file exists and matches the manifest's SHA-256."""
+    files = manifest.get("files", {})
+    for name in names:
+        entry = files.get(name)
+        if entry is None:
+            raise ModelLoadError(f"{model_dir / MANIFEST_FILE} does not list {name}")
+        path = model_dir / name
+        if not path.is_file():
+            raise ModelLoadError(f"{path} is missing (listed in manifest.json); re-run `vqtok export --model {model_dir}`")
+        digest = _sha256(path)
+        if digest != entry["sha256"]:
+            raise ModelLoadError(
+                f"{path} does not match manifest.json (sha256 {digest[:12]}… != {entry['sha256'][:12]}…): "
+                f"the file is corrupt or was replaced; re-run `vqtok export --model {model_dir}`"
+            )
+
+
+def session_options(intra_op_threads: int | None) -> Any:
+    ort = _import_ort()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if intra_op_threads:
+        opts.intra_op_num_threads = intra_op_threads
+    return opts
+
+
+def cuda_provider_options(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """CUDA EP settings for a server whose request shapes vary.
+
+    - EXHAUSTIVE cuDNN search: a one-off cost per new input shape (paid in warm-up), then the
+      fastest convolution algorithm; HEURISTIC if shapes are unbounded.
+    - kSameAsRequested arena growth: no power-of-two over-allocation as shapes change.
+    - max cuDNN workspace: lets cuDNN pick the faster workspace-hungry algorithms.
+    """
+    opts = {
+        "device_id": os.environ.get("VQTOK_CUDA_DEVICE", "0"),
+        "cudnn_conv_algo_search": "EXHAUSTIVE",
+        "arena_extend_strategy": "kSameAsRequested",
+        "cudnn_conv_use_max_workspace": "1",
+        "do_copy_in_default_stream": "1",
+    }
+    opts.update(overrides or {})
+    return opts
+
+
+class ModelRuntime:
+    """One exported model directory, two ORT sessions (encoder, decoder).
+
+    `encode` and `decode` are thread-safe (ORT sessions are; each call binds its own IO).
+    """
+
+    def __init__(self, model_dir: Path, info: ModelInfo, encoder: Any, decoder: Any, providers: list[str]) -> None:
+        self.model_dir = model_dir
+        self.info = info
+        self.providers = providers
+        self._encoder = encoder
+        self._decoder = decoder
+        self._on_cuda = providers[0] == "CUDAExecutionProvider"
 
     @classmethod
     def load(
@@ -50,16 +161,116 @@ class ModelRuntime:
         device: Device = "auto",
         precision: Precision = "auto",
         intra_op_threads: int | None = None,
+        cuda_options: Mapping[str, str] | None = None,
     ) -> ModelRuntime:
-        raise NotImplementedError
+        ort = _import_ort()
+        model_dir = Path(model_dir)
+        manifest, manifest_sha = read_manifest(model_dir)
+        if device not in ("auto", "cuda", "cpu"):
+            raise ModelLoadError(f"device must be auto, cuda or cpu, got {device!r}")
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        if device == "cuda" and not has_cuda:
+            raise ModelLoadError("device='cuda' but this onnxruntime has no CUDAExecutionProvider (pip install 'vqtok[gpu]')")
+        use_cuda = device == "cuda" or (device == "auto" and has_cuda)
+        exported = list(manifest.get("precisions", ["fp32"]))
+        if precision == "auto":
+            precision = "fp16" if use_cuda and "fp16" in exported else "fp32"
+        if precision not in exported:
+            raise ModelLoadError(
+                f"{model_dir} has no {precision} graphs (exported: {exported}); run `vqtok export --model {model_dir} --fp16`"
+            )
+        graphs = manifest["graphs"][precision]
+        verify_files(model_dir, manifest, [graphs["encoder"], graphs["decoder"]])
+        opts = session_options(intra_op_threads)
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if use_cuda:
+            providers = [("CUDAExecutionProvider", cuda_provider_options(cuda_options)), "CPUExecutionProvider"]
+        try:
+            encoder = ort.InferenceSession(str(model_dir / graphs["encoder"]), opts, providers=providers)
+            decoder = ort.InferenceSession(str(model_dir / graphs["decoder"]), opts, providers=providers)
+        except Exception as exc:  # ORT raises its own exception types (InvalidProtobuf, Fail, …)
+            raise ModelLoadError(f"ONNX Runtime could not load {model_dir}: {exc}") from exc
+        _check_io(encoder, "images", "tokens", model_dir)
+        _check_io(decoder, "tokens", "images", model_dir)
+        m = manifest["model"]
+        info = ModelInfo(
+            name=name or model_dir.name,
+            codebook_size=int(m["codebook_size"]),
+            downsample=int(m["downsample"]),
+            resolution=int(m["resolution"]),
+            quantizer=str(m["quantizer"]),
+            precision=precision,
+            opset=int(manifest.get("opset", 0)),
+            revision=str(manifest.get("revision", "unknown")),
+            manifest_sha256=manifest_sha,
+        )
+        runtime = cls(model_dir, info, encoder, decoder, list(encoder.get_providers()))
+        log.info("loaded model %s from %s (%s, %s)", info.name, model_dir, precision, runtime.providers[0])
+        return runtime
+
+    # --- validation ---
+
+    def check_images(self, images: np.ndarray) -> None:
+        f = self.info.downsample
+        if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[-1] != 3:
+            shape = getattr(images, "shape", type(images).__name__)
+            raise InvalidInputError(f"expected uint8 images (B, H, W, 3), got {shape}")
+        if images.dtype != np.uint8:
+            raise InvalidInputError(f"expected uint8 images, got dtype {images.dtype}")
+        b, h, w, _ = images.shape
+        if b == 0 or h == 0 or w == 0 or h % f or w % f:
+            raise InvalidInputError(f"image height and width must be positive multiples of {f} (got {h}x{w}, batch {b})")
+
+    def check_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """Validated int32 copy-free view of `tokens` (B, h, w) with ids in [0, K)."""
+        if not isinstance(tokens, np.ndarray) or tokens.ndim != 3:
+            shape = getattr(tokens, "shape", type(tokens).__name__)
+            raise InvalidInputError(f"expected token ids (B, h, w), got {shape}")
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise InvalidInputError(f"token ids must be integers, got dtype {tokens.dtype}")
+        if 0 in tokens.shape:
+            raise InvalidInputError(f"token grid must be non-empty, got {tokens.shape}")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.info.codebook_size:
+            raise InvalidInputError(f"token ids must lie in [0, {self.info.codebook_size}), got [{lo}, {hi}]")
+        return np.ascontiguousarray(tokens, dtype=np.int32)
+
+    # --- inference ---
+
+    def _run(self, session: Any, input_name: str, array: np.ndarray) -> np.ndarray:
+        if not self._on_cuda:
+            return session.run(None, {input_name: array})[0]
+        # IO binding: the output stays in a device buffer ORT allocates for it and comes back in
+        # one copy, instead of ORT's default device->host staging through its own allocation.
+        binding = session.io_binding()
+        binding.bind_cpu_input(input_name, array)
+        binding.bind_output(session.get_outputs()[0].name, "cuda")
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W, 3) -> int32 token ids (B, H/f, W/f)."""
-        raise NotImplementedError
+        self.check_images(images)
+        return self._run(self._encoder, "images", np.ascontiguousarray(images))
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """integer token ids (B, h, w) in [0, K) -> uint8 images (B, h·f, w·f, 3)."""
-        raise NotImplementedError
+        return self._run(self._decoder, "tokens", self.check_tokens(tokens))
 
     def warmup(self, sizes: Sequence[tuple[int, int]], batch_sizes: Sequence[int] = (1,)) -> None:
-        raise NotImplementedError
+        """Run each (batch, size) once so cuDNN algorithm search and arena growth happen now."""
+        rng = np.random.default_rng(0)
+        f = self.info.downsample
+        for h, w in sizes:
+            for b in batch_sizes:
+                self.encode(rng.integers(0, 256, size=(b, h, w, 3), dtype=np.uint8))
+                self.decode(rng.integers(0, self.info.codebook_size, size=(b, h // f, w // f), dtype=np.int32))
+
+
+def _check_io(session: Any, input_name: str, output_name: str, model_dir: Path) -> None:
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    if inputs != [input_name] or outputs != [output_name]:
+        raise ModelLoadError(
+            f"{model_dir}: graph has inputs {inputs} and outputs {outputs}, expected [{input_name!r}] -> [{output_name!r}]"
+        )

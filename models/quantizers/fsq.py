@@ -34,6 +34,10 @@ class FSQ(nn.Module):
     basis = cumprod([1] + levels[:-1]) (the first channel is the least significant digit).
     """
 
+    levels: Tensor
+    half_width: Tensor
+    basis: Tensor
+
     def __init__(self, levels: Sequence[int]) -> None:
         super().__init__()
         levels = [int(level) for level in levels]

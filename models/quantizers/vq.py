@@ -24,6 +24,8 @@ class VectorQuantizer(nn.Module):
     Loss = codebook_loss + beta · commitment_loss = ‖sg(e) − q‖² + β‖e − sg(q)‖².
     """
 
+    basis: Tensor
+
     def __init__(
         self,
         dim: int,

@@ -45,9 +45,15 @@ def test_forward_output_is_the_codebook_entry(gradient: str, linear_codebook: bo
     assert out.quantized.shape == (3, 16, 5, 7) and out.indices.shape == (3, 5, 7) and out.indices.dtype == torch.int64
     codes = vq.indices_to_codes(out.indices)
     assert torch.allclose(out.quantized, codes, atol=1e-6)
-    assert torch.equal(out.indices.reshape(-1), brute_force(
-        torch.nn.functional.normalize(z.detach().permute(0, 2, 3, 1).reshape(-1, 16), dim=-1) if cosine
-        else z.detach().permute(0, 2, 3, 1).reshape(-1, 16), vq.codebook().detach()))
+    assert torch.equal(
+        out.indices.reshape(-1),
+        brute_force(
+            torch.nn.functional.normalize(z.detach().permute(0, 2, 3, 1).reshape(-1, 16), dim=-1)
+            if cosine
+            else z.detach().permute(0, 2, 3, 1).reshape(-1, 16),
+            vq.codebook().detach(),
+        ),
+    )
     (out.quantized.sum() + out.loss).backward()
     assert z.grad is not None and torch.isfinite(z.grad).all()
     assert int(out.counts.sum()) == 3 * 5 * 7
