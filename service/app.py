@@ -1,0 +1,80 @@
+"""The FastAPI application: `create_app(settings)`. Nothing starts at import; models load in lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import FastAPI
+from PIL import Image
+
+from . import problems
+from .deps import ServiceState
+from .metrics import Metrics
+from .middleware import BodyLimit, RequestContext
+from .repository import Loader, ModelRepository
+from .routes import ROUTERS
+from .settings import Settings
+
+log = logging.getLogger("vqtok.service")
+
+
+def create_app(settings: Settings | None = None, *, loader: Loader | None = None) -> FastAPI:
+    """`loader` replaces `ModelRuntime.load` (tests wrap the real runtime to inject faults)."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Pillow's own bomb guard, as a second line behind the header check in images.py.
+        Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
+        pool = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="images")
+        repo = ModelRepository(settings, metrics, loader)
+        state = app.state.vqtok = ServiceState(settings, metrics, repo, pool)
+        # Load in the background: /healthz answers at once, /readyz turns 200 once models are warm.
+        loading = asyncio.create_task(repo.load_all(), name="load-models")
+        _on_sighup(lambda: asyncio.create_task(repo.reload(), name="sighup-reload"))
+        log.info("service starting", extra={"model_repo": str(settings.model_repo), "device": settings.device})
+        try:
+            yield
+        finally:
+            state.draining = True
+            if not loading.done():
+                loading.cancel()
+            await asyncio.gather(loading, return_exceptions=True)
+            await repo.close()
+            pool.shutdown(wait=False, cancel_futures=True)
+            _on_sighup(None)
+            log.info("service stopped")
+
+    app = FastAPI(
+        title="vqtok",
+        summary="Image tokenizer service: images to discrete token ids and back.",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    problems.install(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    # Outermost first: the request id exists before anything can fail, the body limit wraps every read.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, metrics=metrics)
+    return app
+
+
+def _on_sighup(callback: object) -> None:
+    """SIGHUP reloads the repository (main thread only: a server run in a test thread has no signals)."""
+    try:
+        loop = asyncio.get_running_loop()
+        if callback is None:
+            loop.remove_signal_handler(signal.SIGHUP)
+        else:
+            loop.add_signal_handler(signal.SIGHUP, callback)  # type: ignore[arg-type]
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError):
+        pass

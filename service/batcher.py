@@ -1,0 +1,262 @@
+"""Per-model dynamic batcher (after Triton's dynamic batcher and TEI's queue).
+
+Requests arrive as arrays of n ≥ 1 same-shape images (or token grids) under a key `(op, *shape)`.
+Items with the same key wait in one bucket; a worker takes the bucket whose oldest item is oldest,
+waits up to `max_delay_s` for the bucket to reach `max_batch_size` images, and runs the whole bucket
+as one inference call in a thread, so the event loop stays free for I/O while the model runs.
+
+- The queue is bounded in images: `submit` raises `QueueFull` at once rather than letting latency grow.
+- An item whose future was cancelled (its client went away, or its deadline passed) leaves the
+  queue immediately and never runs; an item found expired when a batch forms fails with
+  `DeadlineExceeded`.
+- An exception from an inference call fails only the futures of that batch; the worker goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .metrics import Metrics
+
+log = logging.getLogger("vqtok.batcher")
+
+Key = tuple[Hashable, ...]  # (op, *item_shape), e.g. ("encode", 256, 256, 3)
+RunFn = Callable[[str, np.ndarray], np.ndarray]  # (op, batch) -> batch of results, same leading size
+
+
+class QueueFull(Exception):
+    """The model's queue holds `max_queue_images` already."""
+
+
+class ShuttingDown(Exception):
+    """The batcher is stopping (server shutdown or model swapped out) and takes no new work."""
+
+
+class BatchDeadlineExceeded(Exception):
+    """The item's deadline passed before its batch started."""
+
+
+class BatchFailed(Exception):
+    """The inference call of the batch this item was in raised `cause`."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
+
+
+@dataclass(eq=False)
+class _Item:
+    key: Key
+    array: np.ndarray  # (n, *key[1:])
+    future: asyncio.Future[np.ndarray]
+    deadline: float  # time.monotonic()
+    enqueued: float = field(default_factory=time.monotonic)
+    queued: bool = True
+
+    @property
+    def n(self) -> int:
+        return int(self.array.shape[0])
+
+
+class Batcher:
+    def __init__(
+        self,
+        model: str,
+        run: RunFn,
+        executor: Executor,
+        metrics: Metrics,
+        *,
+        max_batch_size: int = 32,
+        max_delay_s: float = 0.002,
+        max_queue_images: int = 512,
+        workers: int = 1,
+    ) -> None:
+        self.model = model
+        self._run_fn = run
+        self._executor = executor
+        self._metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue_images = max_queue_images
+        self._n_workers = workers
+        self._buckets: dict[Key, deque[_Item]] = {}
+        self._queued_images = 0
+        self._waiters: set[asyncio.Future[None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running_batches = 0
+        self._accepting = True
+
+    # --- public ---
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._worker(), name=f"batcher-{self.model}-{i}") for i in range(self._n_workers)]
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    @property
+    def busy(self) -> bool:
+        return self._queued_images > 0 or self._running_batches > 0
+
+    async def submit(self, op: str, array: np.ndarray, deadline: float) -> np.ndarray:
+        """Queue `array` (n, ...) and wait for its results (n, ...). Cancel the awaiting task to drop it."""
+        if not self._accepting:
+            raise ShuttingDown(f"model {self.model!r} is not taking new work")
+        n = int(array.shape[0])
+        if self._queued_images + n > self.max_queue_images:
+            self._metrics.rejected.labels(self.model, "queue_full").inc()
+            raise QueueFull(f"model {self.model!r} has {self._queued_images} images queued (limit {self.max_queue_images})")
+        loop = asyncio.get_running_loop()
+        key: Key = (op, *array.shape[1:])
+        items = []
+        for start in range(0, n, self.max_batch_size):
+            fut: asyncio.Future[np.ndarray] = loop.create_future()
+            item = _Item(key, array[start : start + self.max_batch_size], fut, deadline)
+            fut.add_done_callback(lambda f, it=item: self._on_done(it))  # type: ignore[misc]
+            items.append(item)
+            self._buckets.setdefault(key, deque()).append(item)
+            self._queued_images += item.n
+        self._set_depth()
+        self._notify()
+        try:
+            results = await asyncio.gather(*(it.future for it in items))
+        except BaseException:
+            for it in items:
+                it.future.cancel()
+            raise
+        return results[0] if len(results) == 1 else np.concatenate(results)
+
+    async def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Take no new work; let queued and running batches finish (up to the timeout); then stop."""
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout_s
+        while self.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for bucket in self._buckets.values():
+            for item in bucket:
+                if not item.future.done():
+                    item.future.set_exception(ShuttingDown(f"model {self.model!r} stopped"))
+        self._buckets.clear()
+
+    # --- queue bookkeeping ---
+
+    def _on_done(self, item: _Item) -> None:
+        """A future finished while its item was still queued (cancelled by its client): drop the item now."""
+        if item.queued:
+            self._buckets[item.key].remove(item)
+            self._dequeue(item)
+            self._metrics.rejected.labels(self.model, "cancelled").inc()
+
+    def _dequeue(self, item: _Item) -> None:
+        item.queued = False
+        self._queued_images -= item.n
+        if not self._buckets.get(item.key, True):
+            del self._buckets[item.key]
+        self._set_depth()
+
+    def _set_depth(self) -> None:
+        self._metrics.queue_depth.labels(self.model).set(self._queued_images)
+
+    def _notify(self) -> None:
+        for w in self._waiters:
+            if not w.done():
+                w.set_result(None)
+        self._waiters.clear()
+
+    async def _wait_for_arrival(self, timeout: float | None) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.add(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._waiters.discard(fut)
+
+    def _bucket_images(self, key: Key) -> int:
+        return sum(it.n for it in self._buckets.get(key, ()))
+
+    # --- the worker ---
+
+    async def _worker(self) -> None:
+        while True:
+            while not self._buckets:
+                await self._wait_for_arrival(None)
+            # Oldest head first, so no shape waits behind a busy one for ever.
+            key = min(self._buckets, key=lambda k: self._buckets[k][0].enqueued)
+            head = self._buckets[key][0]
+            while self._bucket_images(key) < self.max_batch_size and key in self._buckets:
+                remaining = head.enqueued + self.max_delay_s - time.monotonic()
+                if remaining <= 0:
+                    break
+                await self._wait_for_arrival(remaining)
+            batch = self._take(key)
+            if batch:
+                await self._run(key, batch)
+
+    def _take(self, key: Key) -> list[_Item]:
+        """Pop up to max_batch_size images of `key`, failing items already past their deadline."""
+        bucket = self._buckets.get(key)
+        batch: list[_Item] = []
+        size = 0
+        now = time.monotonic()
+        while bucket and size + bucket[0].n <= self.max_batch_size:
+            item = bucket.popleft()
+            self._dequeue(item)
+            if item.deadline <= now:
+                self._metrics.rejected.labels(self.model, "deadline").inc()
+                item.future.set_exception(BatchDeadlineExceeded("deadline passed while queued"))
+                continue
+            batch.append(item)
+            size += item.n
+        return batch
+
+    async def _run(self, key: Key, batch: list[_Item]) -> None:
+        op = str(key[0])
+        start = time.monotonic()
+        for item in batch:
+            self._metrics.queue_seconds.labels(self.model, op).observe(start - item.enqueued)
+        arrays = [item.array for item in batch]
+        self._running_batches += 1
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(self._executor, self._call, op, arrays)
+        except Exception as exc:
+            self._metrics.batch_failures.labels(self.model, op).inc()
+            log.error(
+                "inference failed for a batch",
+                extra={"model": self.model, "op": op, "batch": len(arrays), "error": repr(exc)},
+                exc_info=exc,
+            )
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(BatchFailed(exc))
+            return
+        finally:
+            self._running_batches -= 1
+        size = sum(item.n for item in batch)
+        self._metrics.inference_seconds.labels(self.model, op).observe(time.monotonic() - start)
+        self._metrics.batch_size.labels(self.model, op).observe(size)
+        offset = 0
+        for item in batch:
+            if not item.future.done():
+                item.future.set_result(out[offset : offset + item.n])
+            offset += item.n
+
+    def _call(self, op: str, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        x = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        y = self._run_fn(op, x)
+        if y.shape[0] != x.shape[0]:
+            raise RuntimeError(f"runtime returned {y.shape[0]} results for {x.shape[0]} inputs")
+        return y

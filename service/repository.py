@@ -1,0 +1,255 @@
+"""The model repository: a folder of exported model directories, one per model name.
+
+Every directory is loaded and warmed at start; one that cannot be loaded is refused with a log line
+and listed as `failed`, and the others serve. A reload (admin route or SIGHUP) builds the new runtime
+beside the old one and swaps it in only when it loaded and warmed; requests already holding the old
+model (a *lease*) finish on it, and its batcher stops once the last of them is done. A broken new
+version leaves the old one serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .batcher import Batcher
+from .metrics import Metrics
+from .runtime import ModelLoadError, ModelRuntime
+from .settings import Settings
+
+log = logging.getLogger("vqtok.repository")
+
+Loader = Callable[..., ModelRuntime]  # signature of ModelRuntime.load
+
+
+class UnknownModel(LookupError):
+    pass
+
+
+class ModelNotReady(RuntimeError):
+    pass
+
+
+@dataclass(eq=False)
+class ServedModel:
+    """A loaded runtime and its batcher; `active` counts the requests holding it."""
+
+    name: str
+    path: Path
+    runtime: ModelRuntime
+    batcher: Batcher
+    executor: ThreadPoolExecutor
+    loaded_at: float = field(default_factory=time.time)
+    active: int = 0
+    retired: bool = False
+    stopping: bool = False
+
+
+@dataclass(eq=False)
+class ModelEntry:
+    name: str
+    path: Path
+    state: str = "loading"  # loading | ready | failed
+    error: str | None = None  # why the last load or reload failed
+    served: ServedModel | None = None
+
+
+def discover(repo: Path) -> dict[str, Path]:
+    """Model name -> directory. A repository is a folder of model directories; a single model
+    directory (it holds manifest.json or config.json) is accepted as a repository of one."""
+    if not repo.is_dir():
+        return {}
+    if (repo / "manifest.json").exists() or (repo / "config.json").exists():
+        return {repo.name: repo}
+    return {p.name: p for p in sorted(repo.iterdir()) if p.is_dir() and not p.name.startswith((".", "_"))}
+
+
+class ModelRepository:
+    def __init__(self, settings: Settings, metrics: Metrics, loader: Loader | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._loader: Loader = loader or ModelRuntime.load
+        self._entries: dict[str, ModelEntry] = {}
+        self._lock = asyncio.Lock()
+        self._stopping: set[asyncio.Task[None]] = set()
+        self.loaded = False  # the first load_all finished
+
+    # --- queries ---
+
+    def entries(self) -> list[ModelEntry]:
+        return [self._entries[n] for n in sorted(self._entries)]
+
+    def entry(self, name: str) -> ModelEntry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            known = ", ".join(sorted(self._entries)) or "none"
+            raise UnknownModel(f"unknown model {name!r}; models: {known}") from None
+
+    @property
+    def default_name(self) -> str | None:
+        if self.settings.default_model:
+            return self.settings.default_model
+        ready = [e.name for e in self.entries() if e.state == "ready"]
+        return ready[0] if ready else (min(self._entries) if self._entries else None)
+
+    @property
+    def ready(self) -> bool:
+        return self.loaded and any(e.state == "ready" for e in self._entries.values())
+
+    @asynccontextmanager
+    async def lease(self, name: str | None) -> AsyncIterator[ServedModel]:
+        """The served model `name` (None: the default), held until the block ends."""
+        if name is None:
+            name = self.default_name
+            if name is None:
+                raise UnknownModel("no models are loaded")
+        entry = self.entry(name)
+        served = entry.served
+        if served is None:
+            raise ModelNotReady(f"model {name!r} is {entry.state}" + (f": {entry.error}" if entry.error else ""))
+        served.active += 1
+        try:
+            yield served
+        finally:
+            served.active -= 1
+            self._maybe_stop(served)
+
+    # --- loading ---
+
+    async def load_all(self) -> None:
+        async with self._lock:
+            found = discover(self.settings.model_repo)
+            if not found:
+                log.error("no model directories in the model repository", extra={"model_repo": str(self.settings.model_repo)})
+            for name, path in found.items():
+                self._entries[name] = ModelEntry(name, path)
+                self.metrics.model_state.labels(name).state("loading")
+            for name, path in found.items():
+                await self._load_one(name, path)
+            self.loaded = True
+            if self.settings.default_model and self.settings.default_model not in self._entries:
+                log.error("the configured default model is not in the repository", extra={"model": self.settings.default_model})
+
+    async def reload(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Reload one model (or rescan the whole repository: new directories load, removed ones retire)."""
+        async with self._lock:
+            found = discover(self.settings.model_repo)
+            if name is not None:
+                if name not in found:
+                    raise UnknownModel(f"no directory {name!r} in the model repository {self.settings.model_repo}")
+                found = {name: found[name]}
+            else:
+                for gone in set(self._entries) - set(found):
+                    entry = self._entries.pop(gone)
+                    if entry.served:
+                        self._retire(entry.served)
+                    self.metrics.model_state.remove(gone)
+                    log.info("model removed from the repository", extra={"model": gone})
+            outcomes = []
+            for n, path in found.items():
+                entry = self._entries.setdefault(n, ModelEntry(n, path))
+                entry.path = path
+                ok = await self._load_one(n, path)
+                outcomes.append({"model": n, "reloaded": ok, "state": entry.state, "error": None if ok else entry.error})
+            return outcomes
+
+    async def _load_one(self, name: str, path: Path) -> bool:
+        entry = self._entries[name]
+        t0 = time.monotonic()
+        try:
+            runtime = await asyncio.get_running_loop().run_in_executor(None, self._load_and_warm, name, path)
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
+            entry.error = reason
+            self.metrics.reloads.labels(name, "failed").inc()
+            if entry.served is None:
+                entry.state = "failed"
+                self.metrics.model_state.labels(name).state("failed")
+                log.error("model refused: it cannot be loaded", extra={"model": name, "path": str(path), "reason": reason})
+            else:
+                log.error("reload refused; the previous version keeps serving", extra={"model": name, "path": str(path), "reason": reason})
+            return False
+        served = self._serve(name, path, runtime)
+        old, entry.served, entry.state, entry.error = entry.served, served, "ready", None
+        self.metrics.model_state.labels(name).state("ready")
+        self.metrics.reloads.labels(name, "ok").inc()
+        if old is not None:
+            self._retire(old)
+        info = runtime.info
+        log.info(
+            "model ready",
+            extra={
+                "model": name,
+                "codebook_size": info.codebook_size,
+                "downsample": info.downsample,
+                "precision": info.precision,
+                "providers": list(runtime.providers),
+                "manifest_sha256": info.manifest_sha256,
+                "load_s": round(time.monotonic() - t0, 3),
+            },
+        )
+        return True
+
+    def _load_and_warm(self, name: str, path: Path) -> ModelRuntime:
+        s = self.settings
+        runtime = self._loader(path, name=name, device=s.device, precision=s.precision, intra_op_threads=s.intra_op_threads)
+        f = runtime.info.downsample
+        sizes = [(max(f, size // f * f),) * 2 for size in s.warmup_sizes]
+        if sizes:
+            runtime.warmup(sizes, s.warmup_batch_sizes)  # type: ignore[arg-type]
+        return runtime
+
+    def _serve(self, name: str, path: Path, runtime: ModelRuntime) -> ServedModel:
+        s = self.settings
+        executor = ThreadPoolExecutor(max_workers=s.batch_workers, thread_name_prefix=f"infer-{name}")
+
+        def run(op: str, batch: np.ndarray) -> np.ndarray:
+            return runtime.encode(batch) if op == "encode" else runtime.decode(batch)
+
+        batcher = Batcher(
+            name,
+            run,
+            executor,
+            self.metrics,
+            max_batch_size=s.max_batch_size,
+            max_delay_s=s.max_batch_delay_ms / 1000,
+            max_queue_images=s.max_queue_images,
+            workers=s.batch_workers,
+        )
+        batcher.start()
+        return ServedModel(name, path, runtime, batcher, executor)
+
+    # --- retiring ---
+
+    def _retire(self, served: ServedModel) -> None:
+        served.retired = True
+        self._maybe_stop(served)
+
+    def _maybe_stop(self, served: ServedModel) -> None:
+        if served.retired and served.active == 0 and not served.stopping:
+            served.stopping = True
+            task = asyncio.get_running_loop().create_task(self._stop(served))
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+
+    async def _stop(self, served: ServedModel, drain_timeout_s: float | None = None) -> None:
+        await served.batcher.stop(self.settings.shutdown_timeout_s if drain_timeout_s is None else drain_timeout_s)
+        served.executor.shutdown(wait=False)
+        log.info("model version retired", extra={"model": served.name, "loaded_at": served.loaded_at})
+
+    async def close(self) -> None:
+        """Shutdown: drain every batcher (bounded by shutdown_timeout_s), then stop."""
+        live = [e.served for e in self._entries.values() if e.served is not None and not e.served.stopping]
+        for served in live:
+            served.retired = served.stopping = True
+        await asyncio.gather(*(self._stop(s) for s in live), *self._stopping)

@@ -1,0 +1,200 @@
+"""POST /v1/encode: images -> token ids."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import images
+from ..deps import State, require_api_key
+from ..problems import BadRequest, NotAcceptable, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from ..repository import ServedModel
+from ..schemas import EncodeJSONRequest, EncodeResponse, ModelName
+from ..settings import ResizeMode
+from .common import JSON, NPY, in_pool, infer, leased, media_type, negotiate, to_npy, unless_disconnected, with_deadline
+
+router = APIRouter(prefix="/v1", tags=["encode"], dependencies=[Depends(require_api_key)])
+
+_MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["images"],
+    "properties": {
+        "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "description": "one part per image file"},
+        "model": {"type": "string"},
+        "resize": {"type": "string", "enum": ["none", "crop", "pad"]},
+    },
+}
+_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+            "application/json": {"schema": {"$ref": "#/components/schemas/EncodeJSONRequest"}},
+        },
+    },
+}
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": EncodeResponse,
+        "content": {NPY: {"schema": {"type": "string", "format": "binary", "description": "int32 array (B, h, w)"}}},
+        "description": "tokens per image (JSON), or one int32 (B, h, w) array with `Accept: application/x-npy`",
+    },
+}
+
+
+async def _read_request(request: Request, state: State) -> tuple[list[bytes], str | None, str | None]:
+    """(image files, model, resize) from a multipart or JSON body."""
+    limit = state.settings.max_images_per_request
+    kind = media_type(request)
+    if kind == "multipart/form-data":
+        try:
+            form = await request.form(max_files=limit, max_fields=16)
+        except StarletteHTTPException as exc:
+            if "too many files" in str(exc.detail).lower():
+                raise PayloadTooLarge(f"more than {limit} images in one request") from None
+            raise BadRequest(f"cannot parse the multipart body: {exc.detail}") from None
+        parts = form.getlist("images")
+        files = [p for p in parts if isinstance(p, UploadFile)]
+        if len(files) != len(parts):
+            raise Unprocessable("'images' parts must be files (filename=...)")
+        data = [await f.read() for f in files]
+        model, resize = form.get("model"), form.get("resize")
+        return data, model if isinstance(model, str) else None, resize if isinstance(resize, str) else None
+    if kind == JSON:
+        body = await request.body()
+        try:
+            req = EncodeJSONRequest.model_validate_json(body)
+        except ValidationError as exc:
+            if any(e["type"] == "json_invalid" for e in exc.errors()):
+                raise BadRequest("body is not valid JSON") from None
+            from fastapi.exceptions import RequestValidationError
+
+            raise RequestValidationError(exc.errors()) from None
+        if len(req.images) > limit:
+            raise PayloadTooLarge(f"{len(req.images)} images in one request; the limit is {limit}")
+        return [_b64(s, i) for i, s in enumerate(req.images)], req.model, req.resize
+    raise UnsupportedMediaType(f"content type {kind or '(none)'!r}: send multipart/form-data or application/json")
+
+
+def _b64(text: str, index: int) -> bytes:
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"images[{index}] is not valid base64") from None
+
+
+def _prepare_all(state: State, served: ServedModel, files: list[bytes], resize: ResizeMode) -> list[asyncio.Future[images.PreparedImage]]:
+    s, info = state.settings, served.runtime.info
+    loop = asyncio.get_running_loop()
+    return [
+        loop.run_in_executor(
+            state.pool,
+            lambda d=data: images.prepare(  # type: ignore[misc]
+                d,
+                downsample=info.downsample,
+                resolution=info.resolution,
+                resize=resize,
+                max_pixels=s.max_image_pixels,
+                max_grid_tokens=s.max_grid_tokens,
+            ),
+        )
+        for data in files
+    ]
+
+
+async def _prepare(state: State, served: ServedModel, files: list[bytes], resize: ResizeMode) -> list[images.PreparedImage]:
+    results = await asyncio.gather(*_prepare_all(state, served, files, resize), return_exceptions=True)
+    out = []
+    for i, r in enumerate(results):
+        if isinstance(r, images.ImageTooLarge):
+            raise PayloadTooLarge(f"images[{i}]: {r}")
+        if isinstance(r, images.ImageShapeError):
+            raise Unprocessable(f"images[{i}]: {r}")
+        if isinstance(r, images.ImageError):
+            raise BadRequest(f"images[{i}]: {r}", slug="undecodable-image")
+        if isinstance(r, BaseException):
+            raise r
+        out.append(r)
+    return out
+
+
+@router.post(
+    "/encode",
+    summary="Images to token ids",
+    response_model=EncodeResponse,
+    responses=_RESPONSES,  # type: ignore[arg-type]
+    openapi_extra=_OPENAPI,
+)
+async def encode(
+    request: Request,
+    state: State,
+    model: ModelName | None = Query(None, description="model name (a form field or JSON `model` takes precedence)"),
+    resize: ResizeMode | None = Query(None, description="none | crop | pad (a form field or JSON `resize` takes precedence)"),
+) -> Response:
+    """Multipart `images` file parts, or JSON `{"images": [base64, ...]}`. Per image the answer gives
+    `tokens` (h rows of w ids) and `grid` [h, w]; with `Accept: application/x-npy` one int32 (B, h, w)
+    array instead (all images must then give the same grid), with `X-Model` and `X-Codebook-Size` headers."""
+    answer = negotiate(request.headers.get("accept"), [JSON, NPY])
+    if answer is None:
+        raise NotAcceptable("encode answers application/json or application/x-npy")
+
+    async def work(deadline: float) -> Response:
+        files, body_model, body_resize = await _read_request(request, state)
+        if not files:
+            raise Unprocessable("no images: send one or more 'images' parts (or JSON images)")
+        mode = body_resize or resize or state.settings.default_resize
+        if mode not in ("none", "crop", "pad"):
+            raise Unprocessable(f"resize must be none, crop or pad, not {mode!r}")
+        async with leased(state, body_model or model) as served:
+            prepared = await _prepare(state, served, files, mode)  # type: ignore[arg-type]
+            tokens = await unless_disconnected(request, _encode_grouped(state, served, [p.pixels for p in prepared], deadline))
+            info = served.runtime.info
+            state.metrics.images.labels(served.name, "encode").inc(len(tokens))
+            state.metrics.tokens.labels(served.name, "encode").inc(sum(t.size for t in tokens))
+            headers = {"X-Model": served.name, "X-Codebook-Size": str(info.codebook_size)}
+            if answer == NPY:
+                if len({t.shape for t in tokens}) > 1:
+                    raise Unprocessable("images give different grids, which one npy array cannot hold; ask for JSON or use resize=crop")
+                return Response(await in_pool(state, lambda: to_npy(np.stack(tokens))), media_type=NPY, headers=headers)
+            body = {
+                "model": served.name,
+                "codebook_size": info.codebook_size,
+                "downsample": info.downsample,
+                "images": [
+                    {"tokens": t.tolist(), "grid": list(t.shape), "source_size": list(p.source_size)}
+                    for t, p in zip(tokens, prepared, strict=True)
+                ],
+            }
+            return Response(
+                await in_pool(state, lambda: json.dumps(body, separators=(",", ":")).encode()), media_type=JSON, headers=headers
+            )
+
+    return await with_deadline(request, state, work)
+
+
+async def _encode_grouped(state: State, served: ServedModel, pixels: list[np.ndarray], deadline: float) -> list[np.ndarray]:
+    """Same-size images go to the batcher together; results come back in request order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(pixels):
+        groups.setdefault(p.shape, []).append(i)
+    out: list[np.ndarray | None] = [None] * len(pixels)
+
+    async def one(indices: list[int]) -> None:
+        batch = np.stack([pixels[i] for i in indices])
+        result = await infer(state, served, "encode", batch, deadline)
+        for j, i in enumerate(indices):
+            out[i] = result[j]
+
+    await asyncio.gather(*(one(ix) for ix in groups.values()))
+    return [t for t in out if t is not None]

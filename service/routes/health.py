@@ -1,0 +1,31 @@
+"""Liveness, readiness and metrics: open even when API keys are configured."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..deps import State
+from ..problems import Unavailable
+from ..schemas import Health
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, summary="Readiness: models loaded and warmed", responses={503: {"description": "not ready"}})
+async def readyz(state: State) -> Health:
+    models = {e.name: e.state for e in state.repo.entries()}
+    if not state.repo.ready or state.draining:
+        why = "draining for shutdown" if state.draining else "models are loading" if not state.repo.loaded else "no model is ready"
+        raise Unavailable(why, slug="not-ready", headers={"Retry-After": "1"}, models=models)
+    return Health(status="ready", models=models)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(state: State) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

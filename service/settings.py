@@ -1,0 +1,87 @@
+"""Service settings: one validated object, read from `VQTOK_*` environment variables (and the flags of
+`vqtok serve`, which override them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ResizeMode = Literal["none", "crop", "pad"]
+
+
+def default_model_repo() -> Path:
+    """The repository shipped inside the `models` package (`import models` is torch-free)."""
+    import models
+
+    return Path(models.__file__).resolve().parent / "pretrained"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VQTOK_", protected_namespaces=(), extra="ignore")
+
+    # --- models ---
+    model_repo: Path = Field(default_factory=default_model_repo, description="folder of model directories, one per model name")
+    default_model: str | None = Field(
+        default=None, description="model used when a request names none; default: the only/first model by name"
+    )
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    precision: Literal["auto", "fp32", "fp16"] = "auto"
+    intra_op_threads: int | None = Field(default=None, ge=1, description="ONNX Runtime threads per session (CPU); None = ORT's choice")
+    warmup_sizes: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [256], description="square image sides warmed at load")
+    warmup_batch_sizes: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [1])
+
+    # --- network ---
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Bearer keys; empty = no auth on /v1")
+    admin_api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="keys for /v1/admin; empty = api_keys")
+
+    # --- dynamic batcher ---
+    max_batch_size: int = Field(default=32, ge=1, le=1024, description="images per inference call")
+    max_batch_delay_ms: float = Field(default=2.0, ge=0, le=1000, description="how long a partial batch waits for company")
+    max_queue_images: int = Field(default=512, ge=1, description="images waiting per model before 503")
+    batch_workers: int = Field(default=1, ge=1, le=16, description="batches one model runs at the same time")
+    request_timeout_s: float = Field(default=30.0, gt=0, description="per-request deadline; past it the answer is 504")
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 503")
+
+    # --- limits ---
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_images_per_request: int = Field(default=64, ge=1)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1, description="decoded size limit, checked from the header before decoding")
+    max_grid_tokens: int = Field(default=128 * 128, ge=1, description="token grid h·w per image, both directions")
+    decode_threads: int = Field(default=4, ge=1, le=64, description="threads decoding and encoding images (Pillow)")
+    default_resize: ResizeMode = "none"
+
+    # --- operations ---
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_timeout_s: float = Field(default=30.0, ge=0, description="how long shutdown waits for in-flight work")
+
+    @field_validator("api_keys", "admin_api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("warmup_sizes", "warmup_batch_sizes", mode="before")
+    @classmethod
+    def _split_ints(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [int(v) for v in value.replace(" ", "").split(",") if v]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if any(s < 1 for s in self.warmup_sizes) or any(b < 1 for b in self.warmup_batch_sizes):
+            raise ValueError("warmup sizes and batch sizes must be positive")
+        if any(len(k) < 8 for k in self.api_keys + self.admin_api_keys):
+            raise ValueError("API keys must be at least 8 characters")
+        return self
+
+    @property
+    def admin_keys(self) -> list[str]:
+        return self.admin_api_keys or self.api_keys
