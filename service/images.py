@@ -42,8 +42,9 @@ class PreparedImage:
     source_size: tuple[int, int]  # (height, width) after EXIF orientation, before resizing
 
 
-def decode_image(data: bytes, *, max_pixels: int, draft_for: int | None = None) -> Image.Image:
-    """Bytes -> RGB PIL image, EXIF-oriented, alpha on white. Raises ImageError / ImageTooLarge.
+def decode_image(data: bytes, *, max_pixels: int, draft_for: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Bytes -> (RGB PIL image, EXIF-oriented, alpha on white; its full (height, width) after orientation).
+    Raises ImageError / ImageTooLarge.
 
     `draft_for`: the short side the caller will resize to; JPEGs then decode at the smallest DCT
     scale (1/2, 1/4, 1/8) that still covers it, which is much faster for large photos."""
@@ -58,6 +59,8 @@ def decode_image(data: bytes, *, max_pixels: int, draft_for: int | None = None) 
                 raise ImageError(f"image has no pixels ({w}×{h})")
             if w * h > max_pixels:
                 raise ImageTooLarge(f"image is {w}×{h} = {w * h} pixels; the limit is {max_pixels}")
+            transposed = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the axes
+            source = (w, h) if transposed else (h, w)
             if draft_for is not None and im.format == "JPEG":
                 scale = draft_for / min(w, h)
                 if scale < 0.5:
@@ -72,7 +75,7 @@ def decode_image(data: bytes, *, max_pixels: int, draft_for: int | None = None) 
         raise ImageError(f"not an image in a supported format ({', '.join(FORMATS)})") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
         raise ImageError(f"cannot decode image: {exc}") from exc
-    return to_rgb(im)
+    return to_rgb(im), source
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -101,8 +104,7 @@ def prepare(data: bytes, *, downsample: int, resolution: int, resize: ResizeMode
     `pad`:  edge-replicated on the bottom and right up to the next multiple of `downsample`
             (the original pixels stay at the top-left, so `source_size` is all a client needs to crop back).
     """
-    im = decode_image(data, max_pixels=max_pixels, draft_for=resolution if resize == "crop" else None)
-    source = (im.height, im.width)
+    im, source = decode_image(data, max_pixels=max_pixels, draft_for=resolution if resize == "crop" else None)
     if resize == "crop":
         im = _resize_short_side_and_crop(im, resolution)
     pixels = np.asarray(im, dtype=np.uint8)

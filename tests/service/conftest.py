@@ -1,0 +1,225 @@
+"""Fixtures for the service tests: a small model repository of real exported graphs, and real uvicorn
+servers on free localhost ports (in a thread, so tests can wrap the runtime to inject faults)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from service.app import create_app
+from service.runtime import ModelRuntime
+from service.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+# Two tiny untrained models (real graphs, fast on CPU): FSQ f=4 (K=1000) and SimVQ f=4 (K=1024).
+MODELS = {"fsq4": "cifar-fsq", "simvq4": "cifar-simvq"}
+_EXPORT = """
+import sys, torch
+from models import create_tokenizer
+from models.export import export_model
+torch.manual_seed(0)
+create_tokenizer(sys.argv[1], base_channels=8, norm_groups=4, num_res_blocks=1).save_pretrained(sys.argv[2])
+export_model(sys.argv[2])
+"""
+
+
+def _models_source_hash() -> str:
+    h = hashlib.sha256()
+    for p in sorted((REPO / "models").rglob("*.py")) + [REPO / "service" / "runtime.py"]:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def model_repo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository with fsq4 and simvq4, exported in parallel; reused across runs while
+    models/ and the runtime are unchanged (pytest's cache folder, keyed by their source hash)."""
+    cache = Path(request.config.cache.mkdir("vqtok-service-models")) / _models_source_hash()
+    if not all((cache / name / "manifest.json").exists() for name in MODELS):
+        shutil.rmtree(cache, ignore_errors=True)
+        cache.mkdir(parents=True)
+        procs = [
+            subprocess.Popen([sys.executable, "-c", _EXPORT, preset, str(cache / name)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+            for name, preset in MODELS.items()
+        ]
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            if p.returncode != 0:
+                shutil.rmtree(cache, ignore_errors=True)
+                pytest.fail(f"exporting a test model failed:\n{err[-3000:]}")
+    repo = tmp_path_factory.mktemp("repo")
+    for name in MODELS:
+        shutil.copytree(cache / name, repo / name)
+    return repo
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerThread:
+    """uvicorn.Server running create_app(settings, loader) in a thread, on a free localhost port."""
+
+    def __init__(self, settings: Settings, loader: Callable[..., Any] | None = None) -> None:
+        self.port = free_port()
+        self.settings = settings.model_copy(update={"port": self.port})
+        self.app = create_app(self.settings, loader=loader)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None, access_log=False, timeout_graceful_shutdown=10)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self, ready: bool = True, timeout: float = 60) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(f"{self.url}/readyz" if ready else f"{self.url}/healthz", timeout=2)
+                if r.status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server on {self.url} did not become ready")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def serve(model_repo: Path) -> Iterator[Callable[..., ServerThread]]:
+    """serve(loader=None, **settings) -> a started ServerThread; all are stopped after the test."""
+    started: list[ServerThread] = []
+
+    def start(loader: Callable[..., Any] | None = None, ready: bool = True, **overrides: Any) -> ServerThread:
+        base: dict[str, Any] = {"model_repo": model_repo, "device": "cpu", "warmup_sizes": [32], "log_format": "text", "intra_op_threads": 1}
+        server = ServerThread(Settings(**(base | overrides)), loader)
+        started.append(server)
+        return server.start(ready=ready)
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def server(model_repo: Path) -> Iterator[ServerThread]:
+    """One plain server shared by a test module."""
+    settings = Settings(model_repo=model_repo, device="cpu", warmup_sizes=[32], log_format="text", default_model="fsq4", max_batch_delay_ms=5)
+    s = ServerThread(settings).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+# --- real images ---
+
+
+@pytest.fixture(scope="session")
+def photos(photos_val_dir: Path) -> list[Path]:
+    return sorted(photos_val_dir.glob("*.jpg"))[:40]
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def photo_crop(path: Path, size: int = 32) -> np.ndarray:
+    """A real photo, centre-cropped and resized to size×size RGB."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        s = min(im.size)
+        left, top = (im.width - s) // 2, (im.height - s) // 2
+        return np.asarray(im.crop((left, top, left + s, top + s)).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` in a Prometheus text exposition."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, rest = head.partition("{")
+        if metric != name:
+            continue
+        if all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+class FaultyRuntime:
+    """Wraps a real ModelRuntime. While `gate` is clear, inference waits at it (after setting
+    `entered`); images whose first pixel is POISON or OOM raise instead of running."""
+
+    POISON = (1, 2, 3)
+    OOM = (4, 5, 6)
+
+    def __init__(self, real: ModelRuntime, gate: threading.Event, entered: threading.Event, batches: list[int]) -> None:
+        self._real, self._gate, self._entered, self.batches = real, gate, entered, batches
+        self.info, self.providers = real.info, real.providers
+
+    def _wait(self, n: int) -> None:
+        self.batches.append(n)
+        self._entered.set()
+        if not self._gate.wait(timeout=30):
+            raise RuntimeError("test gate never opened")
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        self._wait(len(images))
+        firsts = {tuple(int(v) for v in im[0, 0]) for im in images}
+        if self.POISON in firsts:
+            raise RuntimeError("injected inference failure")
+        if self.OOM in firsts:
+            raise RuntimeError("CUDA failure 2: out of memory (injected)")
+        return self._real.encode(images)
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        self._wait(len(tokens))
+        return self._real.decode(tokens)
+
+    def warmup(self, sizes: Any, batch_sizes: Any = (1,)) -> None:
+        self._real.warmup(sizes, batch_sizes)
+
+
+class Faults:
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.batches: list[int] = []
+        self.loads = 0
+
+    def loader(self, path: Path, **kwargs: Any) -> FaultyRuntime:
+        self.loads += 1
+        return FaultyRuntime(ModelRuntime.load(path, **kwargs), self.gate, self.entered, self.batches)
+
+
+@pytest.fixture
+def faults() -> Faults:
+    return Faults()
