@@ -1,16 +1,137 @@
-"""`vqtok tokenize` (argparse only at import time)."""
+"""`vqtok tokenize` (argparse only at import time; numpy, pyarrow, onnxruntime and ray load in the handler)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 from clients.cli import CLIError
 
+ENGINES = ("local", "ray", "server")
+RESIZE_MODES = ("none", "crop", "pad")
 
-def _not_yet(args: argparse.Namespace) -> int:
-    raise CLIError("'tokenize' is not implemented yet (issue 6)")
+
+def default_model_repo() -> Path:
+    import models  # torch-free at import
+
+    return Path(models.__file__).resolve().parent / "pretrained"
+
+
+def resolve_model_dir(name_or_dir: str) -> Path:
+    """A model directory path, or a model NAME inside the default repository `models/pretrained/`."""
+    path = Path(name_or_dir)
+    if path.is_dir():
+        return path
+    repo = default_model_repo()
+    candidate = repo / name_or_dir
+    if "/" not in name_or_dir and candidate.is_dir():
+        return candidate
+    known = sorted(p.name for p in repo.iterdir() if p.is_dir()) if repo.is_dir() else []
+    raise CLIError(f"model {name_or_dir!r} is neither a directory nor a model in {repo} (known: {', '.join(known) or 'none'})")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tokenize", help="tokenize an image dataset to parquet (not yet implemented: issue 6)")
-    p.set_defaults(handler=_not_yet)
+    p = sub.add_parser(
+        "tokenize",
+        help="tokenize an image dataset (folder, parquet, webdataset tars) to parquet shards; resumable",
+        description="Tokenize every image of a dataset into parquet shards of token ids. Re-running the same command "
+        "after an interruption completes the job: committed shards are kept, the rest are redone.",
+    )
+    p.add_argument(
+        "--input", required=True, help="image folder (recursive), parquet file/folder (HF 'image' column) or webdataset .tar file/folder"
+    )
+    p.add_argument("--output", required=True, help="output folder: part-*.parquet, manifest.json, errors.jsonl")
+    p.add_argument("--model", default=None, help="model directory or name in models/pretrained (server engine: the served model name)")
+    p.add_argument("--engine", choices=ENGINES, default="local", help="local: this process; ray: Ray Data; server: a running vqtok service")
+    p.add_argument("--server", default=None, help="service URL for --engine server (default $VQTOK_BASE_URL or http://127.0.0.1:8000)")
+    p.add_argument("--api-key", default=None, help="API key for --engine server (default $VQTOK_API_KEY)")
+    p.add_argument(
+        "--resize",
+        choices=RESIZE_MODES,
+        default="none",
+        help="none: sizes must be multiples of f; crop: short side to the native size, centre crop; pad: pad to a multiple of f",
+    )
+    p.add_argument("--batch-size", type=_positive, default=32, help="images per encode call")
+    p.add_argument("--shard-size", type=_positive, default=4096, help="images per output shard (fixed for a job)")
+    p.add_argument("--decode-workers", type=_positive, default=None, help="image decoding threads (local/server; default: CPUs + 2)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto")
+    p.add_argument(
+        "--ray-address", default=None, help="existing Ray cluster (e.g. ray://head:10001 or auto); default: a local Ray for this job"
+    )
+    p.add_argument("--num-actors", type=_positive, default=None, help="Ray: encoder actors (default: one per GPU, else CPUs / 4)")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing output of another job in --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from clients.sources import SourceError
+    from clients.tokenize import TokenizeError
+
+    if not Path(args.input).exists():
+        raise CLIError(f"--input {args.input} does not exist")
+    if args.engine != "server" and not args.model:
+        raise CLIError(f"--model is required with --engine {args.engine}")
+    progress = False if args.no_progress else None
+    try:
+        summary = _run_engine(args, progress)
+    except (TokenizeError, SourceError) as exc:
+        raise CLIError(str(exc), code=1) from exc
+    print(
+        f"{summary.output}: {summary.images} images tokenized, {summary.errors} unreadable (see errors.jsonl), "
+        f"{summary.shards_written} shards written, {summary.shards_skipped} already done; "
+        f"{summary.seconds:.1f} s, {summary.images_per_s:.1f} images/s ({summary.engine})"
+    )
+    return 0
+
+
+def _run_engine(args: argparse.Namespace, progress: bool | None) -> Any:
+    common: dict[str, Any] = dict(
+        resize=args.resize, batch_size=args.batch_size, shard_size=args.shard_size, overwrite=args.overwrite, progress=progress
+    )
+    if args.engine == "ray":
+        from clients.tokenize_ray import tokenize_ray
+
+        model_dir = resolve_model_dir(args.model)
+        return tokenize_ray(
+            args.input,
+            args.output,
+            model_dir,
+            device=args.device,
+            precision=args.precision,
+            ray_address=args.ray_address,
+            num_actors=args.num_actors,
+            **common,
+        )
+    if args.engine == "server":
+        from clients.client import Client
+        from clients.errors import VqtokError
+        from clients.tokenize import ServerEncoder, tokenize_local
+
+        try:
+            with Client(args.server, api_key=args.api_key) as client:
+                encoder = ServerEncoder(client, args.model)
+                summary = tokenize_local(args.input, args.output, encoder, decode_workers=args.decode_workers, **common)
+        except VqtokError as exc:
+            raise CLIError(f"server: {exc}", code=1) from exc
+        summary.engine = "server"
+        return summary
+
+    from clients.tokenize import RuntimeEncoder, tokenize_local
+    from service.runtime import ModelLoadError, ModelRuntime
+
+    model_dir = resolve_model_dir(args.model)
+    try:
+        runtime = ModelRuntime.load(model_dir, device=args.device, precision=args.precision)
+    except ModelLoadError as exc:
+        raise CLIError(str(exc), code=1) from exc
+    return tokenize_local(args.input, args.output, RuntimeEncoder(runtime), decode_workers=args.decode_workers, **common)

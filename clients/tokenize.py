@@ -1,0 +1,481 @@
+"""Dataset tokenization: images in, parquet shards of token ids out, resumable after any interruption.
+
+Layout of an output folder:
+    part-00000.parquet ...   one row per image: key, index, tokens (int32 list, row-major h·w),
+                             grid_h, grid_w, source_h, source_w; file metadata names the model
+    manifest.json            the job (input fingerprint, model, resize, shard size) and every
+                             committed shard with its row count, errors and sha256
+    errors.jsonl             one line per unreadable image: key, index, reason (rebuilt from the manifest)
+
+Shard k holds source items [k·S, (k+1)·S) (see `sources`). A shard is committed by writing a temporary
+file, renaming it into place, then rewriting the manifest atomically; a re-run skips the shards the
+manifest lists and redoes the rest. A kill at any moment therefore loses no image and duplicates none,
+and a re-run writes byte-identical shards.
+
+Engines: `tokenize_local` (this module: decoding in a thread pool, a runtime or a server doing the
+encoding) and `clients.tokenize_ray.tokenize_ray` (Ray Data); both share the plan, writer and manifest.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import images as _images
+from .sources import RawItem, Source, open_source
+
+log = logging.getLogger("vqtok.tokenize")
+
+FORMAT = "vqtok-tokens/1"
+MANIFEST = "manifest.json"
+ERRORS = "errors.jsonl"
+DEFAULT_SHARD_SIZE = 4096
+DEFAULT_BATCH_SIZE = 32
+
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("index", pa.int64()),
+        ("tokens", pa.list_(pa.int32())),
+        ("grid_h", pa.int32()),
+        ("grid_w", pa.int32()),
+        ("source_h", pa.int32()),
+        ("source_w", pa.int32()),
+    ]
+)
+
+
+class TokenizeError(Exception):
+    """A job that cannot run as asked (output folder of another job, unreadable input, ...)."""
+
+
+# ---------------------------------------------------------------- the job
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the output records about the model that produced it."""
+
+    name: str
+    codebook_size: int
+    downsample: int
+    resolution: int
+    manifest_sha256: str
+
+    @classmethod
+    def from_info(cls, info: Any) -> ModelSpec:
+        return cls(str(info.name), int(info.codebook_size), int(info.downsample), int(info.resolution), str(info.manifest_sha256))
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything that determines the output; a re-run resumes only when it is identical."""
+
+    source_kind: str
+    num_items: int
+    fingerprint: str  # of the listed keys and sizes
+    shard_size: int
+    resize: str
+    model: ModelSpec
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_items // self.shard_size)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        return shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_items)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "format": FORMAT, "num_shards": self.num_shards}
+
+
+def shard_name(shard: int) -> str:
+    return f"part-{shard:05d}.parquet"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class Manifest:
+    """`manifest.json` of an output folder: the job and its committed shards. Only the driver writes it."""
+
+    def __init__(self, out_dir: Path, job: Job, input_path: str, shards: dict[int, dict[str, Any]]) -> None:
+        self.out_dir, self.job, self.input_path, self.shards = out_dir, job, input_path, shards
+
+    @classmethod
+    def open(cls, out_dir: Path, job: Job, input_path: str, overwrite: bool = False) -> Manifest:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / MANIFEST
+        shards: dict[int, dict[str, Any]] = {}
+        if path.exists() and not overwrite:
+            try:
+                body = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise TokenizeError(f"{path} is unreadable ({exc}); remove it or pass --overwrite") from exc
+            if body.get("job") != job.to_json():
+                raise TokenizeError(
+                    f"{out_dir} holds the output of a different job (input, model, resize or shard size differ): "
+                    f"use another --output, or --overwrite to start over\n  there: {json.dumps(body.get('job'))}\n  now:   {json.dumps(job.to_json())}"
+                )
+            for k, rec in body.get("shards", {}).items():
+                if (out_dir / rec["file"]).exists():  # a committed shard whose file was deleted is redone
+                    shards[int(k)] = rec
+        for stale in out_dir.glob(".part-*.tmp-*"):  # leftovers of an interrupted write
+            stale.unlink(missing_ok=True)
+        manifest = cls(out_dir, job, input_path, shards)
+        if overwrite:
+            for old in out_dir.glob("part-*.parquet"):
+                old.unlink()
+        manifest._write()
+        return manifest
+
+    @property
+    def complete(self) -> bool:
+        return len(self.shards) == self.job.num_shards
+
+    def pending(self) -> list[int]:
+        return [k for k in range(self.job.num_shards) if k not in self.shards]
+
+    def commit(self, shard: int, record: dict[str, Any]) -> None:
+        self.shards[shard] = record
+        self._write()
+
+    def _write(self) -> None:
+        body = {
+            "job": self.job.to_json(),
+            "input": self.input_path,
+            "complete": self.complete,
+            "totals": {
+                "images": sum(r["rows"] for r in self.shards.values()),
+                "errors": sum(len(r["errors"]) for r in self.shards.values()),
+                "shards": len(self.shards),
+            },
+            "shards": {f"{k:05d}": self.shards[k] for k in sorted(self.shards)},
+        }
+        _atomic_write(self.out_dir / MANIFEST, (json.dumps(body, indent=1) + "\n").encode())
+
+    def write_errors_file(self) -> None:
+        lines = [json.dumps(e) + "\n" for k in sorted(self.shards) for e in self.shards[k]["errors"]]
+        _atomic_write(self.out_dir / ERRORS, "".join(lines).encode())
+
+
+# ---------------------------------------------------------------- one shard's rows
+@dataclass
+class ShardBuffer:
+    """Rows of one shard as they arrive (in any order); written sorted by index."""
+
+    shard: int
+    expected: int
+    indices: list[int] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    tokens: list[np.ndarray] = field(default_factory=list)  # int32 (h, w) each
+    sources: list[tuple[int, int]] = field(default_factory=list)  # (height, width)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def received(self) -> int:
+        return len(self.indices) + len(self.errors)
+
+    def add(self, index: int, key: str, tokens: np.ndarray, source: tuple[int, int]) -> None:
+        self.indices.append(index)
+        self.keys.append(key)
+        self.tokens.append(tokens)
+        self.sources.append(source)
+
+    def add_error(self, index: int, key: str, reason: str) -> None:
+        self.errors.append({"index": index, "key": key, "reason": reason})
+
+
+def shard_table(buf: ShardBuffer, job: Job) -> pa.Table:
+    order = np.argsort(np.asarray(buf.indices, dtype=np.int64), kind="stable")
+    toks = [buf.tokens[i] for i in order]
+    lengths = np.fromiter((t.size for t in toks), dtype=np.int32, count=len(toks))
+    offsets = np.zeros(len(toks) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate([t.reshape(-1) for t in toks]).astype(np.int32) if toks else np.zeros(0, np.int32)
+    columns = [
+        pa.array([buf.keys[i] for i in order], pa.string()),
+        pa.array(np.asarray(buf.indices, dtype=np.int64)[order]),
+        pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32())),
+        pa.array([t.shape[0] for t in toks], pa.int32()),
+        pa.array([t.shape[1] for t in toks], pa.int32()),
+        pa.array([buf.sources[i][0] for i in order], pa.int32()),
+        pa.array([buf.sources[i][1] for i in order], pa.int32()),
+    ]
+    m = job.model
+    metadata = {
+        "vqtok.format": FORMAT,
+        "vqtok.model": m.name,
+        "vqtok.manifest_sha256": m.manifest_sha256,
+        "vqtok.codebook_size": str(m.codebook_size),
+        "vqtok.downsample": str(m.downsample),
+        "vqtok.resize": job.resize,
+        "vqtok.shard": str(buf.shard),
+    }
+    return pa.Table.from_arrays(columns, schema=SCHEMA.with_metadata(metadata))
+
+
+def commit_shard(manifest: Manifest, buf: ShardBuffer) -> None:
+    """Write the shard's parquet file in place atomically, then record it in the manifest."""
+    if buf.received != buf.expected:
+        raise RuntimeError(f"shard {buf.shard}: {buf.received} of {buf.expected} items; refusing to commit a partial shard")
+    table = shard_table(buf, manifest.job)
+    final = manifest.out_dir / shard_name(buf.shard)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    # fixed writer settings and no timestamps: the same rows give the same bytes on every run
+    pq.write_table(table, tmp, compression="zstd", use_dictionary=["key"], write_statistics=True)
+    with open(tmp, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    errors = sorted(buf.errors, key=lambda e: e["index"])
+    manifest.commit(buf.shard, {"file": final.name, "rows": table.num_rows, "errors": errors, "sha256": digest})
+
+
+# ---------------------------------------------------------------- decoding (runs in worker threads)
+@dataclass
+class Prepared:
+    item: RawItem
+    pixels: np.ndarray | None = None  # uint8 (H, W, 3), ready for the model
+    source: tuple[int, int] = (0, 0)  # (height, width) before resizing
+    error: str | None = None
+
+
+def prepare_item(item: RawItem, spec: ModelSpec, resize: str) -> Prepared:
+    bad: tuple[type[Exception], ...] = (OSError, *_images.image_errors())
+    try:
+        data = item.read()
+        prepared = _images.prepare(data, downsample=spec.downsample, resolution=spec.resolution, resize=resize)
+    except bad as exc:
+        return Prepared(item, error=f"{type(exc).__name__}: {exc}")
+    return Prepared(item, prepared.pixels, prepared.source_size)
+
+
+def prepared_stream(
+    source: Source, shards: Sequence[tuple[int, int, int]], spec: ModelSpec, resize: str, pool: cf.Executor, window: int
+) -> Iterator[tuple[int, Prepared]]:
+    """(shard, prepared image) for every item of `shards`, in order; up to `window` images decode ahead."""
+    ahead: deque[tuple[int, cf.Future[Prepared]]] = deque()
+    for shard, start, end in shards:
+        for item in source.slice(start, end):
+            ahead.append((shard, pool.submit(prepare_item, item, spec, resize)))
+            if len(ahead) >= window:
+                s, fut = ahead.popleft()
+                yield s, fut.result()
+    while ahead:
+        s, fut = ahead.popleft()
+        yield s, fut.result()
+
+
+# ---------------------------------------------------------------- encoding
+class Encoder(Protocol):
+    """What turns a batch of same-sized images into token ids: a runtime, or a server through the client."""
+
+    spec: ModelSpec
+    concurrency: int  # batches it may run at the same time
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (B, H, W, 3) -> int32 (B, H/f, W/f)."""
+        ...
+
+
+class RuntimeEncoder:
+    def __init__(self, runtime: Any) -> None:
+        self.runtime, self.spec, self.concurrency = runtime, ModelSpec.from_info(runtime.info), 1
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        return np.asarray(self.runtime.encode(pixels), dtype=np.int32)
+
+
+class ServerEncoder:
+    """Encodes through a running vqtok service. Images are preprocessed here (the same rules as the
+    server's) and sent as lossless PNG with resize=none, so the tokens match the local engines."""
+
+    def __init__(self, client: Any, model: str | None, concurrency: int = 4) -> None:
+        card = client.model(model) if model else client.models()[0]
+        self.client, self.model = client, card.name
+        self.spec = ModelSpec(card.name, card.codebook_size, card.downsample, card.resolution, str(card.raw.get("manifest_sha256", "")))
+        self.concurrency = concurrency
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        return np.stack(self.client.encode(list(pixels), model=self.model, resize="none"))
+
+
+def encode_batch(encoder: Encoder, batch: list[Prepared]) -> list[tuple[Prepared, np.ndarray | None, str | None]]:
+    """Encode same-shaped images; when the batch is refused, retry image by image to isolate the cause."""
+    pixels = np.stack([p.pixels for p in batch])  # type: ignore[misc]
+    try:
+        return list(zip(batch, encoder.encode(pixels), [None] * len(batch), strict=True))
+    except ValueError as exc:  # the runtime's InvalidInputError, the client's ValidationError
+        if len(batch) == 1:
+            return [(batch[0], None, f"{type(exc).__name__}: {exc}")]
+        return [r for p in batch for r in encode_batch(encoder, [p])]
+
+
+# ---------------------------------------------------------------- the local engine
+@dataclass
+class Summary:
+    output: str
+    images: int  # tokenized in this run
+    errors: int  # unreadable images in this run
+    shards_written: int
+    shards_skipped: int  # already committed by an earlier run
+    seconds: float
+    engine: str = "local"
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def plan(input_path: str | Path, spec: ModelSpec, resize: str, shard_size: int) -> tuple[Source, Job]:
+    if resize not in _images.RESIZE_MODES:
+        raise TokenizeError(f"unknown resize mode {resize!r}; expected one of {', '.join(_images.RESIZE_MODES)}")
+    if shard_size < 1:
+        raise TokenizeError(f"shard size must be positive, got {shard_size}")
+    source = open_source(input_path)
+    if len(source) == 0:
+        raise TokenizeError(f"no images found in {input_path}")
+    return source, Job(source.kind, len(source), source.fingerprint(), shard_size, resize, spec)
+
+
+def progress_bar(total: int, desc: str, enabled: bool | None) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", smoothing=0.1, dynamic_ncols=True, disable=None if enabled is None else not enabled)
+
+
+def tokenize_local(
+    input_path: str | Path,
+    output_dir: str | Path,
+    encoder: Encoder,
+    *,
+    resize: str = "none",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    decode_workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    on_commit: Callable[[int], None] | None = None,
+) -> Summary:
+    """Tokenize every image under `input_path` into `output_dir`, resuming a previous run there.
+
+    Decoding runs in a thread pool (Pillow and numpy release the GIL) up to a bounded window ahead of
+    the encoder, so memory is bounded by the window, the batch and one shard's token ids."""
+    t0 = time.perf_counter()
+    source, job = plan(input_path, encoder.spec, resize, shard_size)
+    manifest = Manifest.open(Path(output_dir), job, str(Path(input_path).resolve()), overwrite)
+    pending = manifest.pending()
+    ranges = [(k, *job.shard_range(k)) for k in pending]
+    total = sum(e - s for _, s, e in ranges)
+    workers = decode_workers or min(32, (os.cpu_count() or 1) + 2)
+    window = max(4 * batch_size, 4 * workers)
+    buffers = {k: ShardBuffer(k, e - s) for k, s, e in ranges}
+    stats = {"images": 0, "errors": 0, "shards": 0}
+    bar = progress_bar(total, f"tokenize {job.model.name}", progress)
+
+    def finish_if_done(shard: int) -> None:
+        buf = buffers.get(shard)
+        if buf is not None and buf.received == buf.expected:
+            commit_shard(manifest, buf)
+            del buffers[shard]
+            stats["shards"] += 1
+            if on_commit is not None:
+                on_commit(shard)
+
+    def collect(fut: cf.Future[list[tuple[Prepared, np.ndarray | None, str | None]]], shard: int) -> None:
+        for p, tokens, error in fut.result():
+            if tokens is None:
+                buffers[shard].add_error(p.item.index, p.item.key, error or "encode failed")
+                stats["errors"] += 1
+            else:
+                buffers[shard].add(p.item.index, p.item.key, tokens, p.source)
+                stats["images"] += 1
+        bar.update(len(fut.result()))
+        finish_if_done(shard)
+
+    in_flight: deque[tuple[cf.Future[Any], int]] = deque()
+
+    def submit(pool: cf.Executor, shard: int, batch: list[Prepared]) -> None:
+        while len(in_flight) >= encoder.concurrency:
+            fut, s = in_flight.popleft()
+            collect(fut, s)
+        in_flight.append((pool.submit(encode_batch, encoder, batch), shard))
+
+    with (
+        cf.ThreadPoolExecutor(workers, thread_name_prefix="vqtok-decode") as decode_pool,
+        cf.ThreadPoolExecutor(encoder.concurrency, thread_name_prefix="vqtok-encode") as encode_pool,
+    ):
+        buckets: dict[tuple[int, ...], list[Prepared]] = {}  # same-shaped images of the current shard
+        current = -1
+        for shard, p in prepared_stream(source, ranges, job.model, resize, decode_pool, window):
+            if shard != current:
+                for batch in buckets.values():
+                    if batch:
+                        submit(encode_pool, current, batch)
+                buckets, current = {}, shard
+            if p.pixels is None:
+                buffers[shard].add_error(p.item.index, p.item.key, p.error or "unreadable")
+                stats["errors"] += 1
+                bar.update(1)
+                finish_if_done(shard)
+                continue
+            bucket = buckets.setdefault(p.pixels.shape, [])
+            bucket.append(p)
+            if len(bucket) >= batch_size:
+                submit(encode_pool, shard, bucket)
+                buckets[p.pixels.shape] = []
+        for batch in buckets.values():
+            if batch:
+                submit(encode_pool, current, batch)
+        while in_flight:
+            fut, s = in_flight.popleft()
+            collect(fut, s)
+        for shard in list(buffers):  # shards whose every item was unreadable
+            finish_if_done(shard)
+    bar.close()
+    manifest.write_errors_file()
+    if not manifest.complete:
+        raise TokenizeError(f"{len(manifest.pending())} shards did not complete")
+    return Summary(
+        str(output_dir), stats["images"], stats["errors"], stats["shards"], job.num_shards - len(pending), time.perf_counter() - t0
+    )
+
+
+def read_tokens(output_dir: str | Path) -> pa.Table:
+    """All committed rows of an output folder, in index order (a convenience for tests and users)."""
+    out = Path(output_dir)
+    body = json.loads((out / MANIFEST).read_text())
+    files = [out / rec["file"] for _, rec in sorted(body["shards"].items())]
+    if not files:
+        return SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(f) for f in files]).sort_by("index")

@@ -1,0 +1,269 @@
+"""`--engine ray`: the tokenization pipeline on Ray Data, for datasets larger than one machine.
+
+    pending shards ─▶ flat_map(read slice) ─▶ map_batches(decode + resize, CPU tasks)
+        ─▶ map_batches(_EncodeActor, actor pool: one runtime per actor, num_gpus=1 each on GPU)
+        ─▶ driver: rows gathered per shard, committed with the same writer and manifest as `--engine local`
+
+The driver writes the shards (token ids are small: a few KB per image) so that a shard is committed
+atomically and the manifest has a single writer; the heavy work (reading, decoding, encoding) runs on
+the cluster. Image paths and the model directory must be readable from every Ray node.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .tokenize import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SHARD_SIZE,
+    Manifest,
+    ModelSpec,
+    ShardBuffer,
+    Summary,
+    TokenizeError,
+    commit_shard,
+    plan,
+    prepare_item,
+    progress_bar,
+)
+
+log = logging.getLogger("vqtok.tokenize")
+
+_DECODED = pa.schema(
+    [
+        ("shard", pa.int64()),
+        ("index", pa.int64()),
+        ("key", pa.string()),
+        ("pixels", pa.large_binary()),  # uint8 (H, W, 3) bytes; shapes vary, so not a tensor column
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("source_h", pa.int32()),
+        ("source_w", pa.int32()),
+        ("error", pa.string()),
+    ]
+)
+_ENCODED = pa.schema(
+    [
+        ("shard", pa.int64()),
+        ("index", pa.int64()),
+        ("key", pa.string()),
+        ("tokens", pa.list_(pa.int32())),
+        ("grid_h", pa.int32()),
+        ("grid_w", pa.int32()),
+        ("source_h", pa.int32()),
+        ("source_w", pa.int32()),
+        ("error", pa.string()),
+    ]
+)
+
+
+def _read_slice(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """One pending shard -> its raw items (bytes, or the path a decoder reads)."""
+    out = []
+    for item in pickle.loads(row["slice"]):  # a slice object the driver made (never untrusted input)
+        out.append({"shard": row["shard"], "index": item.index, "key": item.key, "data": item.data, "path": item.path, "error": item.error})
+    return out
+
+
+def _decode(batch: pa.Table, spec: ModelSpec, resize: str) -> pa.Table:
+    from .sources import RawItem
+
+    rows: dict[str, list[Any]] = {name: [] for name in _DECODED.names}
+    for r in batch.to_pylist():
+        p = prepare_item(RawItem(r["index"], r["key"], r["data"], r["path"], r["error"]), spec, resize)
+        ok = p.pixels is not None
+        for name, value in (
+            ("shard", r["shard"]),
+            ("index", r["index"]),
+            ("key", r["key"]),
+            ("pixels", p.pixels.tobytes() if p.pixels is not None else b""),
+            ("height", p.pixels.shape[0] if p.pixels is not None else 0),
+            ("width", p.pixels.shape[1] if p.pixels is not None else 0),
+            ("source_h", p.source[0]),
+            ("source_w", p.source[1]),
+            ("error", None if ok else p.error),
+        ):
+            rows[name].append(value)
+    return pa.table(rows, schema=_DECODED)
+
+
+class _EncodeActor:
+    """One ONNX Runtime session per actor; encodes same-shaped images together."""
+
+    def __init__(self, model_dir: str, device: str, precision: str, intra_op_threads: int | None) -> None:
+        from service.runtime import ModelRuntime
+
+        self.runtime = ModelRuntime.load(model_dir, device=device, precision=precision, intra_op_threads=intra_op_threads)  # type: ignore[arg-type]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from .sources import RawItem
+        from .tokenize import Prepared, RuntimeEncoder, encode_batch
+
+        n = batch.num_rows
+        cols = {name: batch.column(name).to_pylist() for name in _DECODED.names}
+        tokens: list[np.ndarray | None] = [None] * n
+        errors: list[str | None] = list(cols["error"])
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i in range(n):
+            if errors[i] is None:
+                by_shape.setdefault((cols["height"][i], cols["width"][i]), []).append(i)
+        encoder = RuntimeEncoder(self.runtime)
+        for (h, w), idx in by_shape.items():
+            prepared = [
+                Prepared(RawItem(cols["index"][i], cols["key"][i]), np.frombuffer(cols["pixels"][i], np.uint8).reshape(h, w, 3))
+                for i in idx
+            ]
+            for i, (_, toks, err) in zip(idx, encode_batch(encoder, prepared), strict=True):
+                tokens[i], errors[i] = toks, err
+        grids = [t.shape if t is not None else (0, 0) for t in tokens]
+        return pa.table(
+            {
+                "shard": cols["shard"],
+                "index": cols["index"],
+                "key": cols["key"],
+                "tokens": [t.reshape(-1) if t is not None else np.zeros(0, np.int32) for t in tokens],
+                "grid_h": [g[0] for g in grids],
+                "grid_w": [g[1] for g in grids],
+                "source_h": cols["source_h"],
+                "source_w": cols["source_w"],
+                "error": errors,
+            },
+            schema=_ENCODED,
+        )
+
+
+def _gather(table: pa.Table, buffers: dict[int, ShardBuffer]) -> int:
+    """Add encoded rows to their shard buffers; returns the row count."""
+    cols = {name: table.column(name).to_pylist() for name in ("shard", "index", "key", "grid_h", "grid_w", "source_h", "source_w", "error")}
+    tok = table.column("tokens").combine_chunks()
+    offsets, values = tok.offsets.to_numpy(), tok.values.to_numpy(zero_copy_only=False)
+    for i in range(table.num_rows):
+        buf = buffers[cols["shard"][i]]
+        if cols["error"][i] is not None:
+            buf.add_error(cols["index"][i], cols["key"][i], cols["error"][i])
+        else:
+            grid = values[offsets[i] : offsets[i + 1]].astype(np.int32).reshape(cols["grid_h"][i], cols["grid_w"][i])
+            buf.add(cols["index"][i], cols["key"][i], grid, (cols["source_h"][i], cols["source_w"][i]))
+    return table.num_rows
+
+
+def tokenize_ray(
+    input_path: str | Path,
+    output_dir: str | Path,
+    model_dir: str | Path,
+    *,
+    resize: str = "none",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    device: str = "auto",
+    precision: str = "auto",
+    ray_address: str | None = None,
+    num_actors: int | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> Summary:
+    """Tokenize with Ray Data; same output format, manifest and resume rules as `tokenize_local`.
+
+    Uses the Ray instance already initialised in this process if there is one; else connects to
+    `ray_address`, or starts a local Ray for the job (and stops it afterwards)."""
+    import ray
+
+    from service.runtime import ModelRuntime
+
+    t0 = time.perf_counter()
+    probe = ModelRuntime.load(model_dir, device="cpu", precision="fp32")  # validates the directory, reads its info
+    spec = ModelSpec.from_info(probe.info)
+    del probe
+    source, job = plan(input_path, spec, resize, shard_size)
+    manifest = Manifest.open(Path(output_dir), job, str(Path(input_path).resolve()), overwrite)
+    ranges = [(k, *job.shard_range(k)) for k in manifest.pending()]
+    skipped = job.num_shards - len(ranges)
+    stats = {"images": 0, "errors": 0, "shards": 0}
+    if ranges:
+        started = False
+        if not ray.is_initialized():
+            ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+            started = True
+        try:
+            _run(ray, source, job, ranges, manifest, stats, Path(model_dir).resolve(), batch_size, device, precision, num_actors, progress)
+        finally:
+            if started:
+                ray.shutdown()
+    manifest.write_errors_file()
+    if not manifest.complete:
+        raise TokenizeError(f"{len(manifest.pending())} shards did not complete")
+    return Summary(str(output_dir), stats["images"], stats["errors"], stats["shards"], skipped, time.perf_counter() - t0, engine="ray")
+
+
+def _run(
+    ray: Any,
+    source: Any,
+    job: Any,
+    ranges: list[tuple[int, int, int]],
+    manifest: Manifest,
+    stats: dict[str, int],
+    model_dir: Path,
+    batch_size: int,
+    device: str,
+    precision: str,
+    num_actors: int | None,
+    progress: bool | None,
+) -> None:
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # shards complete in order: the driver holds about one at a time
+    ctx.enable_progress_bars = False  # ours below counts images
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    use_gpu = gpus > 0 and device != "cpu"
+    actors = num_actors or (gpus if use_gpu else max(1, cpus // 4))
+    # on CPU each actor's ORT session gets a share of the cores; decoding tasks get the rest
+    actor_cpus = 1 if use_gpu else max(1, cpus // (2 * actors))
+
+    specs = [{"shard": k, "slice": pickle.dumps(source.slice(s, e))} for k, s, e in ranges]
+    ds = ray.data.from_items(specs, override_num_blocks=len(specs))
+    ds = ds.flat_map(_read_slice)
+    # Decoding runs as CPU tasks spread over the cluster. The differing scheduling strategies also keep
+    # Ray from fusing the decode step into the encoder actors, where it would run serially before each batch.
+    ds = ds.map_batches(
+        _decode,
+        fn_kwargs={"spec": job.model, "resize": job.resize},
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        scheduling_strategy="SPREAD",
+    )
+    ds = ds.map_batches(
+        _EncodeActor,
+        fn_constructor_kwargs={
+            "model_dir": str(model_dir),
+            "device": "cuda" if use_gpu else "cpu",
+            "precision": precision,
+            "intra_op_threads": None if use_gpu else actor_cpus,
+        },
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=actor_cpus,
+        scheduling_strategy="DEFAULT",
+    )
+    buffers = {k: ShardBuffer(k, e - s) for k, s, e in ranges}
+    bar = progress_bar(sum(e - s for _, s, e in ranges), f"tokenize {job.model.name} (ray, {actors} actor{'s' * (actors > 1)})", progress)
+    for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        n = _gather(table, buffers)
+        bar.update(n)
+        for shard in {int(s) for s in table.column("shard").to_pylist()}:
+            buf = buffers[shard]
+            if buf.received == buf.expected:
+                commit_shard(manifest, buf)
+                stats["images"] += len(buf.indices)
+                stats["errors"] += len(buf.errors)
+                stats["shards"] += 1
+                del buffers[shard]
+    bar.close()
