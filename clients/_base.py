@@ -60,9 +60,9 @@ class ModelCard:
     def from_json(cls, body: dict[str, Any]) -> ModelCard:
         return cls(
             name=str(body.get("name", "")),
-            codebook_size=int(body.get("codebook_size", 0)),
-            downsample=int(body.get("downsample", 0)),
-            resolution=int(body.get("resolution", 0)),
+            codebook_size=int(body.get("codebook_size") or 0),  # None while a model is loading or failed
+            downsample=int(body.get("downsample") or 0),
+            resolution=int(body.get("resolution") or 0),
             ready=bool(body.get("ready", True)),
             raw=body,
         )
@@ -121,6 +121,39 @@ def prepare_image(index: int, image: ImageInput) -> ImagePart:
             raise VqtokError(str(exc)) from exc
         return ImagePart(index, f"image{index}.png", _images.encode_png(pixels), "image/png")
     raise TypeError(f"unsupported image input of type {type(image).__name__}: pass a path, bytes, a PIL image or a uint8 array")
+
+
+def grid_group(part: ImagePart, resize: str | None) -> tuple[Any, ...]:
+    """Images that will give the same token grid share a key: one npy answer holds one grid shape.
+    Read from the header (and EXIF orientation) only; nothing is decoded."""
+    if resize == "crop":
+        return ("crop",)
+    try:
+        with Image.open(io.BytesIO(part.data)) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientations that swap width and height
+                w, h = h, w
+    except Exception:
+        return ("unreadable", part.index)
+    return (h, w)
+
+
+def plan_encode(parts: Sequence[ImagePart], resize: str | None, max_images: int, max_bytes: int) -> list[list[ImagePart]]:
+    """Requests for an encode call: parts grouped by expected grid, then cut to the request limits."""
+    groups: dict[tuple[Any, ...], list[ImagePart]] = {}
+    for part in parts:
+        groups.setdefault(grid_group(part, resize), []).append(part)
+    return [chunk for group in groups.values() for chunk in chunk_parts(group, max_images, max_bytes)]
+
+
+def assemble(chunks: Sequence[Sequence[ImagePart]], results: Sequence[Sequence[np.ndarray]], count: int) -> list[np.ndarray]:
+    """Per-request results back into input order."""
+    out: list[np.ndarray | None] = [None] * count
+    for chunk, grids in zip(chunks, results, strict=True):
+        for part, grid in zip(chunk, grids, strict=True):
+            out[part.index] = grid
+    assert all(g is not None for g in out)
+    return out  # type: ignore[return-value]
 
 
 def chunk_parts(parts: Sequence[ImagePart], max_images: int, max_bytes: int) -> list[list[ImagePart]]:
@@ -286,3 +319,14 @@ def parse_models(response: httpx.Response) -> list[ModelCard]:
     body = response.json()
     items: list[dict[str, Any]] = (body.get("models") or body.get("data") or []) if isinstance(body, dict) else body
     return [ModelCard.from_json(m) for m in items]
+
+
+def server_limits(response: httpx.Response) -> tuple[int, int] | None:
+    """(images per request, body bytes) from a `GET /v1/models` answer, if it states them."""
+    if response.status_code != 200:
+        return None
+    try:
+        limits = response.json().get("limits") or {}
+        return int(limits["max_images_per_request"]), int(limits["max_body_bytes"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None

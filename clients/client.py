@@ -20,7 +20,7 @@ import numpy as np
 from . import _base
 from ._base import ImagePart, Images, ModelCard, Output, RequestSpec, Wire
 from ._retry import NO_RETRY, AsyncRetryTransport, RetryPolicy, RetryTransport
-from .errors import APIConnectionError, APIStatusError, APITimeoutError
+from .errors import APIConnectionError, APIStatusError, APITimeoutError, VqtokError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -49,8 +49,16 @@ class _Settings:
         self.max_images = max_images_per_request
         self.max_bytes = max_request_bytes
         self.headers = {**_base.auth_headers(api_key), **(headers or {})}
+        self.limits_known = False
         # enough pooled connections for the concurrent chunks of one call
-        self.limits = httpx.Limits(max_connections=max(10, 2 * max_concurrency), max_keepalive_connections=max(5, max_concurrency))
+        self.pool_limits = httpx.Limits(max_connections=max(10, 2 * max_concurrency), max_keepalive_connections=max(5, max_concurrency))
+
+    def apply_limits(self, limits: tuple[int, int] | None) -> None:
+        if limits is not None:
+            images, body = limits
+            self.max_images = max(1, min(self.max_images, images))
+            self.max_bytes = max(1, min(self.max_bytes, body - 64 * 1024))  # room for multipart framing
+        self.limits_known = True
 
 
 def _split(chunk: Sequence[T]) -> tuple[Sequence[T], Sequence[T]]:
@@ -87,7 +95,7 @@ class Client:
     ) -> None:
         s = _Settings(base_url, api_key, timeout, max_retries, max_concurrency, max_images_per_request, max_request_bytes, headers)
         self._s = s
-        inner = transport or httpx.HTTPTransport(limits=s.limits)
+        inner = transport or httpx.HTTPTransport(limits=s.pool_limits)
         self._http = httpx.Client(base_url=s.base_url, timeout=s.timeout, headers=s.headers, transport=RetryTransport(inner, s.policy))
 
     # --- plumbing ---
@@ -116,9 +124,22 @@ class Client:
         """
         single, items = _base.as_image_list(images)
         parts = self._map(lambda p: _base.prepare_image(*p), list(enumerate(items)))
-        chunks = _base.chunk_parts(parts, self._s.max_images, self._s.max_bytes)
-        grids = [g for chunk in self._map(lambda c: self._encode_chunk(c, model, resize, wire), chunks) for g in chunk]
+        if len(parts) > 1:
+            self._learn_limits()
+        chunks = _base.plan_encode(parts, resize, self._s.max_images, self._s.max_bytes)
+        results = self._map(lambda c: self._encode_chunk(c, model, resize, wire), chunks)
+        grids = _base.assemble(chunks, results, len(parts))
         return grids[0] if single else grids
+
+    def _learn_limits(self) -> None:
+        """Once per client: cap request sizes at the limits the server states in `GET /v1/models`."""
+        if self._s.limits_known:
+            return
+        try:
+            limits = _base.server_limits(self._send(RequestSpec("GET", "/v1/models", {})))
+        except VqtokError:
+            limits = None  # the call itself will report what is wrong
+        self._s.apply_limits(limits)
 
     def _encode_chunk(self, parts: Sequence[ImagePart], model: str | None, resize: str | None, wire: Wire) -> list[np.ndarray]:
         try:
@@ -133,6 +154,8 @@ class Client:
         """Token grids -> images. `tokens` is one (h, w) grid, a (B, h, w) array or a list of grids
         (shapes may differ). Returns one image or a list, as PIL images or uint8 (H, W, 3) arrays."""
         single, grids = _base.as_grid_list(tokens)
+        if len(grids) > 1:
+            self._learn_limits()
         batches = _base.group_grids(grids, self._s.max_images)
         results = self._map(lambda idx: self._decode_batch(np.stack([grids[i] for i in idx]), model, wire), batches)
         out: list[Any] = [None] * len(grids)
@@ -200,7 +223,7 @@ class AsyncClient:
     ) -> None:
         s = _Settings(base_url, api_key, timeout, max_retries, max_concurrency, max_images_per_request, max_request_bytes, headers)
         self._s = s
-        inner = transport or httpx.AsyncHTTPTransport(limits=s.limits)
+        inner = transport or httpx.AsyncHTTPTransport(limits=s.pool_limits)
         self._http = httpx.AsyncClient(
             base_url=s.base_url, timeout=s.timeout, headers=s.headers, transport=AsyncRetryTransport(inner, s.policy)
         )
@@ -227,10 +250,21 @@ class AsyncClient:
         """See `Client.encode`. File reading and PNG encoding run in a worker thread."""
         single, items = _base.as_image_list(images)
         parts = await asyncio.to_thread(lambda: [_base.prepare_image(i, x) for i, x in enumerate(items)])
-        chunks = _base.chunk_parts(parts, self._s.max_images, self._s.max_bytes)
+        if len(parts) > 1:
+            await self._learn_limits()
+        chunks = await asyncio.to_thread(_base.plan_encode, parts, resize, self._s.max_images, self._s.max_bytes)
         results = await self._map(lambda c: self._encode_chunk(c, model, resize, wire), chunks)
-        grids = [g for chunk in results for g in chunk]
+        grids = _base.assemble(chunks, results, len(parts))
         return grids[0] if single else grids
+
+    async def _learn_limits(self) -> None:
+        if self._s.limits_known:
+            return
+        try:
+            limits = _base.server_limits(await self._send(RequestSpec("GET", "/v1/models", {})))
+        except VqtokError:
+            limits = None
+        self._s.apply_limits(limits)
 
     async def _encode_chunk(self, parts: Sequence[ImagePart], model: str | None, resize: str | None, wire: Wire) -> list[np.ndarray]:
         try:
@@ -246,6 +280,8 @@ class AsyncClient:
     ) -> Any:
         """See `Client.decode`."""
         single, grids = _base.as_grid_list(tokens)
+        if len(grids) > 1:
+            await self._learn_limits()
         batches = _base.group_grids(grids, self._s.max_images)
         results = await self._map(lambda idx: self._decode_batch(np.stack([grids[i] for i in idx]), model, wire), batches)
         out: list[Any] = [None] * len(grids)

@@ -221,8 +221,9 @@ def test_large_inputs_are_split_in_order_with_bounded_concurrency() -> None:
     client = Client("http://test", max_concurrency=3, max_images_per_request=4, transport=httpx.MockTransport(script))
     images = [np.full((8, 8, 3), i, np.uint8) for i in range(22)]
     grids = client.encode(images)
-    assert len(script.requests) == 6  # 22 images, at most 4 a request
-    assert all(r.content.count(b'name="images"') <= 4 for r in script.requests)
+    posts = [r for r in script.requests if r.method == "POST"]
+    assert len(posts) == 6  # 22 images, at most 4 a request
+    assert all(r.content.count(b'name="images"') <= 4 for r in posts)
     assert 1 < peak <= 3
     assert [int(g[0, 0]) for g in grids] == list(range(22))
 
@@ -236,7 +237,31 @@ def test_413_splits_a_request_in_halves() -> None:
     client = Client("http://test", transport=httpx.MockTransport(script))
     grids = client.encode([IMG] * 8)
     assert len(grids) == 8
-    assert [r.content.count(b'name="images"') for r in script.requests] == [8, 4, 2, 2, 4, 2, 2]
+    posts = [r for r in script.requests if r.method == "POST"]
+    assert [r.content.count(b'name="images"') for r in posts] == [8, 4, 2, 2, 4, 2, 2]
+
+
+def test_server_limits_and_grid_groups_shape_the_requests() -> None:
+    """The client caps requests at the limits `GET /v1/models` states, and sends images of different
+    sizes in different requests (one npy answer holds one grid shape); results keep input order."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(200, json={"models": [], "limits": {"max_images_per_request": 3, "max_body_bytes": 1 << 20}})
+        pngs = re.findall(rb"\x89PNG.*?IEND\xaeB`\x82", request.content, flags=re.S)
+        arrays = [np.asarray(Image.open(io.BytesIO(p))) for p in pngs]
+        assert len({a.shape for a in arrays}) == 1, "a request mixed image sizes"
+        grids = np.stack([np.full((a.shape[0] // 4, a.shape[1] // 4), a[0, 0, 0], np.int32) for a in arrays])
+        return httpx.Response(200, content=_base.npy_bytes(grids), headers={"content-type": "application/x-npy"})
+
+    script = Script([answer])
+    client = Client("http://test", transport=httpx.MockTransport(script))
+    images = [np.full((8, 8 if i % 2 else 12, 3), i, np.uint8) for i in range(10)]
+    grids = client.encode(images)
+    posts = [r for r in script.requests if r.method == "POST"]
+    assert max(r.content.count(b'name="images"') for r in posts) == 3 and len(posts) == 4
+    assert [int(g[0, 0]) for g in grids] == list(range(10))
+    assert [g.shape for g in grids] == [(2, 3) if i % 2 == 0 else (2, 2) for i in range(10)]
 
 
 def test_user_agent_and_auth_header() -> None:

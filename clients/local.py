@@ -1,0 +1,118 @@
+"""`LocalBackend`: the `Client` interface, run in-process on a model directory (no HTTP, no server).
+
+    with LocalBackend("models/pretrained/f8-simvq-16k") as backend:
+        grids = backend.encode(["a.jpg", "b.png"], resize="crop")
+        images = backend.decode(grids)
+
+Images are preprocessed by the service's own rules (`service.images`), so the tokens equal what a
+server running the same model returns; errors are the same typed exceptions a server answer maps to.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _base
+from . import images as _images
+from ._base import Images, ModelCard, Output
+from .errors import BadRequestError, NotFoundError, PayloadTooLargeError, ValidationError
+
+
+class LocalBackend:
+    """One model directory served in-process through `service.runtime.ModelRuntime`.
+
+    Args:
+        model_dir: an exported model directory (config.json, encoder.onnx, decoder.onnx, manifest.json).
+        device, precision: as for `ModelRuntime.load` ("auto" picks CUDA when available).
+        max_batch_size: images per runtime call.
+        workers: threads decoding and resizing images.
+    """
+
+    def __init__(
+        self, model_dir: str | Path, *, device: str = "auto", precision: str = "auto", max_batch_size: int = 32, workers: int | None = None
+    ) -> None:
+        from service.runtime import ModelRuntime
+
+        self.runtime = ModelRuntime.load(model_dir, device=device, precision=precision)  # type: ignore[arg-type]
+        self.info = self.runtime.info
+        self.max_batch_size = max_batch_size
+        self._pool = ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 1) + 1), thread_name_prefix="vqtok-local")
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.info.name:
+            raise NotFoundError(404, "Not Found", f"unknown model {model!r}; this backend runs {self.info.name!r}")
+
+    def _prepare(self, index: int, image: Any, resize: str) -> _images.PreparedImage:
+        from service import images as service_images
+
+        part = _base.prepare_image(index, image)
+        try:
+            return _images.prepare(part.data, downsample=self.info.downsample, resolution=self.info.resolution, resize=resize)
+        except service_images.ImageTooLarge as exc:
+            raise PayloadTooLargeError(413, "Content Too Large", f"images[{index}]: {exc}") from exc
+        except service_images.ImageShapeError as exc:
+            raise ValidationError(422, "Unprocessable Content", f"images[{index}]: {exc}") from exc
+        except (service_images.ImageError, _images.ImageError) as exc:
+            raise BadRequestError(400, "Bad Request", f"images[{index}]: {exc}") from exc
+
+    def _batched(self, fn: Any, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Run `fn` on same-shaped arrays in batches of max_batch_size; results in input order."""
+        from service.runtime import InvalidInputError
+
+        out: list[np.ndarray | None] = [None] * len(arrays)
+        for idx in _base.group_grids(arrays, self.max_batch_size):
+            try:
+                result = fn(np.stack([arrays[i] for i in idx]))
+            except InvalidInputError as exc:
+                raise ValidationError(422, "Unprocessable Content", str(exc)) from exc
+            for j, i in enumerate(idx):
+                out[i] = result[j]
+        return out  # type: ignore[return-value]
+
+    def encode(self, images: Images, *, model: str | None = None, resize: str | None = None, wire: str = "npy") -> Any:
+        """See `Client.encode`; `wire` is accepted for compatibility and ignored."""
+        self._check_model(model)
+        single, items = _base.as_image_list(images)
+        mode = resize or "none"
+        prepared = list(self._pool.map(lambda p: self._prepare(p[0], p[1], mode), enumerate(items)))
+        grids = [g.astype(np.int32, copy=False) for g in self._batched(self.runtime.encode, [p.pixels for p in prepared])]
+        return grids[0] if single else grids
+
+    def decode(self, tokens: np.ndarray | Sequence[Any], *, model: str | None = None, output: Output = "pil", wire: str = "npy") -> Any:
+        """See `Client.decode`."""
+        self._check_model(model)
+        single, grids = _base.as_grid_list(tokens)
+        images = _base.to_output(self._batched(self.runtime.decode, grids), output)
+        return images[0] if single else images
+
+    def models(self) -> list[ModelCard]:
+        return [self.model(self.info.name)]
+
+    def model(self, name: str) -> ModelCard:
+        self._check_model(name)
+        body = {k: getattr(self.info, k) for k in self.info.__dataclass_fields__} | {
+            "ready": True,
+            "providers": list(self.runtime.providers),
+        }
+        return ModelCard.from_json(body)
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok"}
+
+    def ready(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+    def __enter__(self) -> LocalBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
