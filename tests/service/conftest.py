@@ -221,5 +221,7 @@ class Faults:
 
 
 @pytest.fixture
-def faults() -> Faults:
-    return Faults()
+def faults() -> Iterator[Faults]:
+    f = Faults()
+    yield f
+    f.gate.set()  # never leave a server thread blocked in the model

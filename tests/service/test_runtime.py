@@ -1,0 +1,122 @@
+"""The torch-free ONNX Runtime module: loading, verification and its clear errors, IO contracts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.runtime import InvalidInputError, ModelLoadError, ModelRuntime
+
+TINY = dict(base_channels=8, norm_groups=4, num_res_blocks=1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, kodak_dir: Path) -> Path:
+    from models import create_tokenizer
+    from models.export import export_model
+
+    d = create_tokenizer("cifar-simvq", **TINY).save_pretrained(tmp_path_factory.mktemp("rt") / "simvq")
+    export_model(d, parity_images=kodak_dir)
+    return d
+
+
+@pytest.fixture()
+def copy_of(model_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(model_dir, tmp_path / "copy"))
+
+
+def test_runtime_does_not_import_torch(model_dir: Path) -> None:
+    code = (
+        "import sys, numpy as np\n"
+        "from service.runtime import ModelRuntime\n"
+        f"rt = ModelRuntime.load({str(model_dir)!r})\n"
+        "ids = rt.encode(np.zeros((1, 32, 32, 3), np.uint8))\n"
+        "rt.decode(ids)\n"
+        "assert 'torch' not in sys.modules, 'runtime imported torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_info_and_contracts(model_dir: Path) -> None:
+    rt = ModelRuntime.load(model_dir, name="tiny")
+    assert rt.info.name == "tiny" and rt.info.codebook_size == 1024 and rt.info.downsample == 4
+    assert rt.info.precision == "fp32" and rt.providers == ["CPUExecutionProvider"]
+    assert len(rt.info.manifest_sha256) == 64
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(2, 40, 24, 3), dtype=np.uint8)
+    ids = rt.encode(images)
+    assert ids.dtype == np.int32 and ids.shape == (2, 10, 6)
+    out = rt.decode(ids.astype(np.int64))  # any integer dtype is accepted
+    assert out.dtype == np.uint8 and out.shape == images.shape
+    assert np.array_equal(rt.encode(images), ids)
+    rt.warmup([(32, 32)], batch_sizes=(1, 2))
+
+
+def test_invalid_inputs(model_dir: Path) -> None:
+    rt = ModelRuntime.load(model_dir)
+    with pytest.raises(InvalidInputError, match="uint8"):
+        rt.encode(np.zeros((1, 32, 32, 3), np.float32))
+    with pytest.raises(InvalidInputError, match="multiples of 4"):
+        rt.encode(np.zeros((1, 30, 32, 3), np.uint8))
+    with pytest.raises(InvalidInputError, match=r"\(B, H, W, 3\)"):
+        rt.encode(np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(InvalidInputError, match="positive"):
+        rt.encode(np.zeros((0, 32, 32, 3), np.uint8))
+    with pytest.raises(InvalidInputError, match=r"\[0, 1024\)"):
+        rt.decode(np.full((1, 2, 2), 1024))
+    with pytest.raises(InvalidInputError, match=r"\[0, 1024\)"):
+        rt.decode(np.full((1, 2, 2), -1))
+    with pytest.raises(InvalidInputError, match="integers"):
+        rt.decode(np.zeros((1, 2, 2), np.float32))
+    with pytest.raises(InvalidInputError, match="non-empty"):
+        rt.decode(np.zeros((1, 0, 2), np.int32))
+
+
+def test_truncated_onnx_is_a_clear_error(copy_of: Path) -> None:
+    path = copy_of / "encoder.onnx"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="does not match manifest.json"):
+        ModelRuntime.load(copy_of)
+    # even with the hash "fixed", ORT's refusal becomes a ModelLoadError, not a crash
+    from models.export import sha256_file
+
+    manifest = json.loads((copy_of / "manifest.json").read_text())
+    manifest["files"]["encoder.onnx"]["sha256"] = sha256_file(path)
+    (copy_of / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match="ONNX Runtime could not load"):
+        ModelRuntime.load(copy_of)
+
+
+def test_hash_mismatch_missing_file_and_missing_export(copy_of: Path, tmp_path: Path) -> None:
+    data = bytearray((copy_of / "decoder.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (copy_of / "decoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="corrupt or was replaced"):
+        ModelRuntime.load(copy_of)
+    (copy_of / "decoder.onnx").unlink()
+    with pytest.raises(ModelLoadError, match="decoder.onnx is missing"):
+        ModelRuntime.load(copy_of)
+    (copy_of / "manifest.json").write_text("{oops")
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        ModelRuntime.load(copy_of)
+    (copy_of / "manifest.json").unlink()
+    with pytest.raises(ModelLoadError, match="run `vqtok export"):
+        ModelRuntime.load(copy_of)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        ModelRuntime.load(tmp_path / "nowhere")
+
+
+def test_precision_and_device_requests(model_dir: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no fp16 graphs"):
+        ModelRuntime.load(model_dir, precision="fp16")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ModelLoadError, match="CUDAExecutionProvider"):
+            ModelRuntime.load(model_dir, device="cuda")
