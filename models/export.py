@@ -243,11 +243,9 @@ def git_revision() -> str:
 
 
 def parity_sizes(config: TokenizerConfig) -> list[tuple[int, int]]:
-    """Two sizes: the native square and a smaller non-square one, both multiples of f."""
+    """Two sizes, multiples of f: the native square and a non-square one (3/4 × 5/4 of it)."""
     f, r = config.downsample, config.resolution
-    small_h = max(f, (r // 2) // f * f)
-    small_w = max(f, (3 * r // 4) // f * f)
-    return [(r, r), (small_h, small_w)]
+    return [(r, r), (max(f, (3 * r // 4) // f * f), max(f, (5 * r // 4) // f * f))]
 
 
 def _real_parity_images(paths: Sequence[Path], size: tuple[int, int], count: int) -> np.ndarray:
