@@ -1,0 +1,248 @@
+"""Dataset tokenization: real image folders, a CIFAR-10 parquet subset and webdataset tars; the local,
+Ray and server engines give identical shards equal to direct runtime encoding; corrupt images land
+in the errors file; a run killed with SIGKILL and resumed gives exactly the expected rows."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from clients.client import Client
+from clients.tokenize import ERRORS, MANIFEST, RuntimeEncoder, ServerEncoder, TokenizeError, read_tokens, tokenize_local
+from clients.tokenize_ray import tokenize_ray
+
+from .conftest import REPO, Server
+
+
+# ---------------------------------------------------------------- inputs
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory, photos_val_dir: Path, kodak_dir: Path) -> Path:
+    """A few real photos in nested folders (symlinks to the shared data, read in place), one Kodak
+    image (768×512) and one corrupt file."""
+    root = tmp_path_factory.mktemp("images")
+    (root / "val" / "sub").mkdir(parents=True)
+    photos = sorted(photos_val_dir.glob("*.jpg"))[:9]
+    for i, p in enumerate(photos):
+        (root / "val" / ("sub" if i % 3 == 0 else "") / p.name).symlink_to(p)
+    (root / "kodim23.png").symlink_to(kodak_dir / "kodim23.png")
+    (root / "val" / "broken.jpg").write_bytes(photos[0].read_bytes()[:500])  # truncated JPEG
+    (root / "notes.txt").write_text("not an image, not listed")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cifar_subset(tmp_path_factory: pytest.TempPathFactory, cifar_test_parquet: Path) -> Path:
+    """The first 300 rows of the CIFAR-10 test shard, same HF schema, two row groups."""
+    table = pq.read_table(cifar_test_parquet).slice(0, 300)
+    path = tmp_path_factory.mktemp("cifar") / "test-subset.parquet"
+    pq.write_table(table, path, row_group_size=200)
+    return path
+
+
+def cifar_arrays(path: Path) -> list[np.ndarray]:
+    table = pq.read_table(path, columns=["image"])
+    return [np.asarray(Image.open(io.BytesIO(r["bytes"])).convert("RGB")) for r in table.column("image").to_pylist()]
+
+
+def files_of(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("part-*.parquet"))}
+
+
+# ---------------------------------------------------------------- folders
+def test_folder_local_engine_matches_runtime_and_records_errors(image_folder: Path, runtime: Any, tmp_path: Path) -> None:
+    s = tokenize_local(image_folder, tmp_path, RuntimeEncoder(runtime), resize="none", shard_size=4, batch_size=3, progress=False)
+    assert (s.images, s.errors, s.shards_written) == (10, 1, 3)  # 11 images (the .txt is ignored) in shards of 4
+    table = read_tokens(tmp_path)
+    keys = table.column("key").to_pylist()
+    assert keys == sorted(keys) and len(set(keys)) == 10 and "val/broken.jpg" not in keys and "kodim23.png" in keys
+    for row in table.to_pylist():
+        with Image.open(image_folder / row["key"]) as im:
+            pixels = np.asarray(im.convert("RGB"))
+        expected = runtime.encode(pixels[None])[0]
+        tokens = np.asarray(row["tokens"], np.int32).reshape(row["grid_h"], row["grid_w"])
+        np.testing.assert_array_equal(tokens, expected)
+        assert (row["source_h"], row["source_w"]) == pixels.shape[:2]
+    errors = [json.loads(line) for line in (tmp_path / ERRORS).read_text().splitlines()]
+    assert [e["key"] for e in errors] == ["val/broken.jpg"] and "ImageError" in errors[0]["reason"]
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert manifest["complete"] and manifest["totals"] == {"images": 10, "errors": 1, "shards": 3}
+    meta = pq.read_schema(tmp_path / "part-00000.parquet").metadata
+    assert meta[b"vqtok.model"] == b"tiny" and meta[b"vqtok.codebook_size"] == b"1000"
+    assert meta[b"vqtok.manifest_sha256"] == runtime.info.manifest_sha256.encode()
+
+    # running the finished job again does nothing; another job in the same folder is refused
+    again = tokenize_local(image_folder, tmp_path, RuntimeEncoder(runtime), resize="none", shard_size=4, batch_size=3, progress=False)
+    assert (again.images, again.shards_written, again.shards_skipped) == (0, 0, 3)
+    with pytest.raises(TokenizeError, match="different job"):
+        tokenize_local(image_folder, tmp_path, RuntimeEncoder(runtime), resize="pad", shard_size=4, progress=False)
+
+
+def test_crop_mode_and_webdataset_tars_match_the_folder(image_folder: Path, photos_val_dir: Path, runtime: Any, tmp_path: Path) -> None:
+    photos = sorted(photos_val_dir.glob("*.jpg"))[:5]
+    shards = tmp_path / "wds"
+    shards.mkdir()
+    for n, group in enumerate([photos[:3], photos[3:]]):
+        with tarfile.open(shards / f"shard-{n:03d}.tar", "w") as tf:
+            for p in group:
+                stem = p.stem.replace(".", "_")
+                tf.add(p, arcname=f"{stem}.jpg")
+                info = tarfile.TarInfo(f"{stem}.cls")
+                info.size = 1
+                tf.addfile(info, io.BytesIO(b"7"))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for p in photos:
+        (folder / p.name).symlink_to(p)
+    tokenize_local(shards, tmp_path / "a", RuntimeEncoder(runtime), resize="crop", shard_size=2, progress=False)
+    tokenize_local(folder, tmp_path / "b", RuntimeEncoder(runtime), resize="crop", shard_size=2, progress=False)
+    a, b = read_tokens(tmp_path / "a"), read_tokens(tmp_path / "b")
+    assert a.column("key").to_pylist()[0] == f"shard-000.tar/{photos[0].stem}"
+    assert a.column("tokens").equals(b.column("tokens")) and a.num_rows == 5
+    assert set(a.column("grid_h").to_pylist()) == {8}  # crop: native 32 px / f=4
+
+
+# ---------------------------------------------------------------- engines agree
+def test_parquet_local_ray_and_runtime_agree(ray_local: Any, cifar_subset: Path, model_dir: Path, runtime: Any, tmp_path: Path) -> None:
+    local = tokenize_local(cifar_subset, tmp_path / "local", RuntimeEncoder(runtime), shard_size=64, batch_size=32, progress=False)
+    ray = tokenize_ray(cifar_subset, tmp_path / "ray", model_dir, shard_size=64, batch_size=32, device="cpu", progress=False)
+    assert local.images == ray.images == 300 and ray.shards_written == 5
+    assert files_of(tmp_path / "local") == files_of(tmp_path / "ray")  # byte-identical shards
+    table = read_tokens(tmp_path / "ray")
+    assert table.column("key").to_pylist()[:2] == ["test-subset.parquet:0", "test-subset.parquet:1"]
+    tokens = np.asarray(table.column("tokens").to_pylist(), np.int32).reshape(-1, 8, 8)
+    expected = runtime.encode(np.stack(cifar_arrays(cifar_subset)))
+    np.testing.assert_array_equal(tokens, expected)
+
+
+def test_ray_engine_on_folders_with_errors_and_resume(
+    ray_local: Any, image_folder: Path, model_dir: Path, runtime: Any, tmp_path: Path
+) -> None:
+    tokenize_local(image_folder, tmp_path / "local", RuntimeEncoder(runtime), resize="pad", shard_size=4, progress=False)
+    s = tokenize_ray(image_folder, tmp_path / "ray", model_dir, resize="pad", shard_size=4, batch_size=4, device="cpu", progress=False)
+    assert (s.images, s.errors) == (10, 1)
+    assert files_of(tmp_path / "local") == files_of(tmp_path / "ray")
+    assert (tmp_path / "local" / ERRORS).read_bytes() == (tmp_path / "ray" / ERRORS).read_bytes()
+    # a shard lost after commit (file deleted) is redone by the next run, identically
+    before = files_of(tmp_path / "ray")
+    (tmp_path / "ray" / "part-00001.parquet").unlink()
+    again = tokenize_ray(image_folder, tmp_path / "ray", model_dir, resize="pad", shard_size=4, batch_size=4, device="cpu", progress=False)
+    assert (again.shards_written, again.shards_skipped) == (1, 2) and files_of(tmp_path / "ray") == before
+
+
+def test_server_engine_matches_local(server: Server, cifar_subset: Path, runtime: Any, tmp_path: Path) -> None:
+    tokenize_local(cifar_subset, tmp_path / "local", RuntimeEncoder(runtime), shard_size=100, progress=False)
+    with Client(server.url) as client:
+        s = tokenize_local(cifar_subset, tmp_path / "server", ServerEncoder(client, None), shard_size=100, progress=False)
+    assert s.images == 300
+    assert files_of(tmp_path / "local") == files_of(tmp_path / "server")
+
+
+# ---------------------------------------------------------------- faults
+def test_interrupted_commit_is_redone_without_duplicates(cifar_subset: Path, runtime: Any, tmp_path: Path) -> None:
+    """The windows of a commit: a temp file not yet renamed, and a renamed shard not yet in the manifest."""
+    out = tmp_path / "out"
+    tokenize_local(cifar_subset, out, RuntimeEncoder(runtime), shard_size=64, progress=False)
+    reference = files_of(out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    del manifest["shards"]["00002"]  # part-00002 was renamed into place, the manifest update never happened
+    manifest["complete"] = False
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    (out / ".part-00003.parquet.tmp-99999").write_bytes(b"half a parquet file")
+    s = tokenize_local(cifar_subset, out, RuntimeEncoder(runtime), shard_size=64, progress=False)
+    assert (s.images, s.shards_written, s.shards_skipped) == (64, 1, 4)
+    assert files_of(out) == reference and not list(out.glob(".part-*"))
+    assert read_tokens(out).column("index").to_pylist() == list(range(300))
+
+
+def _cli(args: list[str]) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "clients.cli", "tokenize", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_kill_9_then_resume_gives_exactly_the_expected_rows(
+    cifar_test_parquet: Path, model_dir: Path, runtime: Any, tmp_path: Path
+) -> None:
+    subset = tmp_path / "cifar-4000.parquet"
+    pq.write_table(pq.read_table(cifar_test_parquet).slice(0, 4000), subset, row_group_size=1000)
+    out = tmp_path / "out"
+    args = [
+        "--input",
+        str(subset),
+        "--output",
+        str(out),
+        "--model",
+        str(model_dir),
+        "--shard-size",
+        "200",
+        "--batch-size",
+        "50",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    proc = _cli(args)
+    deadline, committed = time.monotonic() + 120, 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            committed = len(json.loads((out / MANIFEST).read_text())["shards"])
+        except (OSError, ValueError):
+            committed = 0
+        if committed >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, (
+        f"the run was not killed mid-way (rc={proc.returncode}): {proc.stderr.read() if proc.stderr else ''}"
+    )
+    killed = json.loads((out / MANIFEST).read_text())
+    assert not killed["complete"] and 2 <= len(killed["shards"]) < 20
+
+    resumed = _cli(args)
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert "already done" in stdout
+    table = read_tokens(out)
+    assert table.column("index").to_pylist() == list(range(4000))  # none lost, none duplicated
+    assert table.column("key").to_pylist() == [f"cifar-4000.parquet:{i}" for i in range(4000)]
+    final = json.loads((out / MANIFEST).read_text())
+    assert final["complete"] and final["totals"]["images"] == 4000
+    for k, rec in killed["shards"].items():  # shards committed before the kill were kept as they were
+        assert final["shards"][k]["sha256"] == rec["sha256"]
+    # and the result is what an uninterrupted run writes
+    tokenize_local(subset, tmp_path / "clean", RuntimeEncoder(runtime), shard_size=200, batch_size=50, progress=False)
+    assert files_of(out) == files_of(tmp_path / "clean")
+    sample = np.asarray(table.column("tokens").to_pylist()[:64], np.int32).reshape(-1, 8, 8)
+    np.testing.assert_array_equal(sample, runtime.encode(np.stack(cifar_arrays(subset)[:64])))
+
+
+def test_cli_user_errors(tmp_path: Path) -> None:
+    from clients.cli import main
+
+    assert main(["tokenize", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o"), "--model", "x"]) == 2
+    assert main(["tokenize", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--model", "no-such-model"]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pa.table({"x": [1]})  # pyarrow is importable; an empty folder is still no dataset
+    assert main(["tokenize", "--input", str(empty), "--output", str(tmp_path / "o"), "--model", str(tmp_path)]) != 0
