@@ -115,13 +115,14 @@ def test_parity_failure_aborts_and_writes_nothing(tmp_path: Path, kodak_dir: Pat
 
 def test_export_cli(tmp_path: Path, kodak_dir: Path) -> None:
     d = create_tokenizer("cifar-fsq", **TINY).save_pretrained(tmp_path / "m")
-    cmd = [sys.executable, "-m", "clients.cli", "export", "--model", str(d), "--parity-images", str(kodak_dir)]
+    vqtok = str(Path(sys.executable).parent / "vqtok")  # the installed console command
+    cmd = [vqtok, "export", "--model", str(d), "--parity-images", str(kodak_dir)]
     ok = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert ok.returncode == 0, ok.stderr
     assert "tokens" in ok.stdout and (d / "manifest.json").is_file()
-    missing = subprocess.run([*cmd[:4], "--model", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    missing = subprocess.run([*cmd[:2], "--model", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no such directory" in missing.stderr
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{}")
-    broken = subprocess.run([*cmd[:4], "--model", str(tmp_path / "broken")], capture_output=True, text=True, timeout=120)
+    broken = subprocess.run([*cmd[:2], "--model", str(tmp_path / "broken")], capture_output=True, text=True, timeout=120)
     assert broken.returncode == 2 and "model.safetensors is missing" in broken.stderr

@@ -81,7 +81,7 @@ def test_invalid_inputs(model_dir: Path) -> None:
 def test_truncated_onnx_is_a_clear_error(copy_of: Path) -> None:
     path = copy_of / "encoder.onnx"
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(ModelLoadError, match="does not match manifest.json"):
+    with pytest.raises(ModelLoadError, match=r"does not match manifest\.json"):
         ModelRuntime.load(copy_of)
     # even with the hash "fixed", ORT's refusal becomes a ModelLoadError, not a crash
     from models.export import sha256_file
@@ -100,7 +100,7 @@ def test_hash_mismatch_missing_file_and_missing_export(copy_of: Path, tmp_path: 
     with pytest.raises(ModelLoadError, match="corrupt or was replaced"):
         ModelRuntime.load(copy_of)
     (copy_of / "decoder.onnx").unlink()
-    with pytest.raises(ModelLoadError, match="decoder.onnx is missing"):
+    with pytest.raises(ModelLoadError, match=r"decoder\.onnx is missing"):
         ModelRuntime.load(copy_of)
     (copy_of / "manifest.json").write_text("{oops")
     with pytest.raises(ModelLoadError, match="corrupt"):
