@@ -40,7 +40,7 @@ export_model(sys.argv[2])
 
 def _models_source_hash() -> str:
     h = hashlib.sha256()
-    for p in sorted((REPO / "models").rglob("*.py")) + [REPO / "service" / "runtime.py"]:
+    for p in [*sorted((REPO / "models").rglob("*.py")), REPO / "service" / "runtime.py"]:
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
@@ -49,7 +49,9 @@ def _models_source_hash() -> str:
 def model_repo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model repository with fsq4 and simvq4, exported in parallel; reused across runs while
     models/ and the runtime are unchanged (pytest's cache folder, keyed by their source hash)."""
-    cache = Path(request.config.cache.mkdir("vqtok-service-models")) / _models_source_hash()
+    pytest_cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    store = pytest_cache.mkdir("vqtok-service-models") if pytest_cache else tmp_path_factory.mktemp("exports")
+    cache = Path(store) / _models_source_hash()
     if not all((cache / name / "manifest.json").exists() for name in MODELS):
         shutil.rmtree(cache, ignore_errors=True)
         cache.mkdir(parents=True)
@@ -110,7 +112,13 @@ def serve(model_repo: Path) -> Iterator[Callable[..., ServerThread]]:
     started: list[ServerThread] = []
 
     def start(loader: Callable[..., Any] | None = None, ready: bool = True, **overrides: Any) -> ServerThread:
-        base: dict[str, Any] = {"model_repo": model_repo, "device": "cpu", "warmup_sizes": [32], "log_format": "text", "intra_op_threads": 1}
+        base: dict[str, Any] = {
+            "model_repo": model_repo,
+            "device": "cpu",
+            "warmup_sizes": [32],
+            "log_format": "text",
+            "intra_op_threads": 1,
+        }
         server = ServerThread(Settings(**(base | overrides)), loader)
         started.append(server)
         return server.start(ready=ready)
@@ -123,7 +131,9 @@ def serve(model_repo: Path) -> Iterator[Callable[..., ServerThread]]:
 @pytest.fixture(scope="module")
 def server(model_repo: Path) -> Iterator[ServerThread]:
     """One plain server shared by a test module."""
-    settings = Settings(model_repo=model_repo, device="cpu", warmup_sizes=[32], log_format="text", default_model="fsq4", max_batch_delay_ms=5)
+    settings = Settings(
+        model_repo=model_repo, device="cpu", warmup_sizes=[32], log_format="text", default_model="fsq4", max_batch_delay_ms=5
+    )
     s = ServerThread(settings).start()
     yield s
     s.stop()
@@ -151,8 +161,8 @@ def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
 
 def photo_crop(path: Path, size: int = 32) -> np.ndarray:
     """A real photo, centre-cropped and resized to size×size RGB."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    with Image.open(path) as f:
+        im = f.convert("RGB")
         s = min(im.size)
         left, top = (im.width - s) // 2, (im.height - s) // 2
         return np.asarray(im.crop((left, top, left + s, top + s)).resize((size, size), Image.Resampling.BICUBIC))

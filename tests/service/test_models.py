@@ -169,9 +169,7 @@ def test_vqtok_serve_process_sighup_reload_and_sigterm(model_repo: Path, tmp_pat
 def test_serve_help_and_bad_settings() -> None:
     r = subprocess.run([*VQTOK, "serve", "--help"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0 and "--max-batch-size" in r.stdout and "--model-repo" in r.stdout
-    r = subprocess.run(
-        [*VQTOK, "serve", "--max-batch-size", "0", "--model-repo", "."], cwd=REPO, capture_output=True, text=True
-    )
+    r = subprocess.run([*VQTOK, "serve", "--max-batch-size", "0", "--model-repo", "."], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and "max_batch_size" in r.stderr
     t0 = time.monotonic()
     r = subprocess.run([*VQTOK, "serve", "--model-repo", "/does/not/exist"], cwd=REPO, capture_output=True, text=True)

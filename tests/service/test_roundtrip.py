@@ -92,7 +92,9 @@ def test_decode_formats_agree_with_runtime(client: httpx.Client, runtimes: dict[
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(r.content))), expected[0])
 
     # int64 npy bodies and 2-D (one grid) bodies are accepted too
-    r = client.post("/v1/decode", content=npy(tokens[1].astype(np.int64)), params={"model": model}, headers={"Content-Type": NPY, "Accept": NPY})
+    r = client.post(
+        "/v1/decode", content=npy(tokens[1].astype(np.int64)), params={"model": model}, headers={"Content-Type": NPY, "Accept": NPY}
+    )
     np.testing.assert_array_equal(load_npy(r.content), expected[1:2])
 
 
