@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import multiprocessing as mp
 import os
@@ -269,13 +268,18 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             level = run_load(url, files, c, args.duration, args.client_procs, args.resize, per_req=args.images_per_request)
             result["levels"].append(level)
-            print(f"  concurrency {c:4d}: {level['images_per_s']:8.1f} img/s  p50 {level['p50_ms'] or 0:7.1f} ms  batch {level['mean_batch'] or 0:5.1f}", flush=True)
+            print(
+                f"  concurrency {c:4d}: {level['images_per_s']:8.1f} img/s  p50 {level['p50_ms'] or 0:7.1f} ms  batch {level['mean_batch'] or 0:5.1f}",
+                flush=True,
+            )
         if args.soak > 0 and result["levels"]:
             best = max(result["levels"], key=lambda lv: lv["images_per_s"])
             rate = args.soak_fraction * best["images_per_s"]
             seconds = min(args.soak * 60, max(0.0, left() - 60))
             rss0 = rss_mib(proc.pid)
-            soak = run_load(url, files, best["concurrency"], seconds, args.client_procs, args.resize, rate=rate, per_req=args.images_per_request)
+            soak = run_load(
+                url, files, best["concurrency"], seconds, args.client_procs, args.resize, rate=rate, per_req=args.images_per_request
+            )
             rss1 = rss_mib(proc.pid)
             soak.update(target_images_per_s=rate, seconds=seconds, rss_start_mib=rss0, rss_end_mib=rss1, rss_growth=(rss1 - rss0) / rss0)
             result["soak"] = soak
@@ -314,8 +318,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(result: dict[str, Any]) -> None:
     s = result.get("setup", {})
-    print(f"\nvqtok service load: model {s.get('model')} ({s.get('device')}), JPEGs (resize={s.get('resize')}), max batch {s.get('max_batch_size')}")
-    print("| concurrency | HTTP img/s | p50 ms | p95 ms | p99 ms | mean batch | queue ms | infer ms | raw img/s (same batch) | HTTP/raw | errors |")
+    print(
+        f"\nvqtok service load: model {s.get('model')} ({s.get('device')}), JPEGs (resize={s.get('resize')}), max batch {s.get('max_batch_size')}"
+    )
+    print(
+        "| concurrency | HTTP img/s | p50 ms | p95 ms | p99 ms | mean batch | queue ms | infer ms | raw img/s (same batch) | HTTP/raw | errors |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for lv in result["levels"]:
         ratio = f"{lv['http_over_raw']:.2f}" if lv.get("http_over_raw") else "-"
