@@ -330,3 +330,14 @@ def server_limits(response: httpx.Response) -> tuple[int, int] | None:
         return int(limits["max_images_per_request"]), int(limits["max_body_bytes"])
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def parse_default_model(response: httpx.Response) -> str:
+    body = response.json()
+    name = body.get("default_model") if isinstance(body, dict) else None
+    if not name:
+        cards = parse_models(response)
+        if not cards:
+            raise VqtokError("the server serves no model")
+        name = cards[0].name
+    return str(name)

@@ -179,6 +179,12 @@ class Client:
         _base.raise_for_status(response)
         return _base.parse_models(response)
 
+    def default_model(self) -> str:
+        """The model the server uses when a request names none."""
+        response = self._send(RequestSpec("GET", "/v1/models", {}))
+        _base.raise_for_status(response)
+        return _base.parse_default_model(response)
+
     def model(self, name: str) -> ModelCard:
         response = self._send(RequestSpec("GET", f"/v1/models/{name}", {}))
         _base.raise_for_status(response)
@@ -303,6 +309,12 @@ class AsyncClient:
         response = await self._send(RequestSpec("GET", "/v1/models", {}))
         _base.raise_for_status(response)
         return _base.parse_models(response)
+
+    async def default_model(self) -> str:
+        """The model the server uses when a request names none."""
+        response = await self._send(RequestSpec("GET", "/v1/models", {}))
+        _base.raise_for_status(response)
+        return _base.parse_default_model(response)
 
     async def model(self, name: str) -> ModelCard:
         response = await self._send(RequestSpec("GET", f"/v1/models/{name}", {}))

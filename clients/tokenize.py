@@ -73,10 +73,18 @@ class ModelSpec:
     downsample: int
     resolution: int
     manifest_sha256: str
+    precision: str  # fp32 / fp16 graphs: tokens may differ between them, so a job never mixes the two
 
     @classmethod
     def from_info(cls, info: Any) -> ModelSpec:
-        return cls(str(info.name), int(info.codebook_size), int(info.downsample), int(info.resolution), str(info.manifest_sha256))
+        return cls(
+            str(info.name),
+            int(info.codebook_size),
+            int(info.downsample),
+            int(info.resolution),
+            str(info.manifest_sha256),
+            str(info.precision),
+        )
 
 
 @dataclass(frozen=True)
@@ -237,6 +245,7 @@ def shard_table(buf: ShardBuffer, job: Job) -> pa.Table:
         "vqtok.manifest_sha256": m.manifest_sha256,
         "vqtok.codebook_size": str(m.codebook_size),
         "vqtok.downsample": str(m.downsample),
+        "vqtok.precision": m.precision,
         "vqtok.resize": job.resize,
         "vqtok.shard": str(buf.shard),
     }
@@ -321,9 +330,17 @@ class ServerEncoder:
     server's) and sent as lossless PNG with resize=none, so the tokens match the local engines."""
 
     def __init__(self, client: Any, model: str | None, concurrency: int = 4) -> None:
-        card = client.model(model) if model else client.models()[0]
+        card = client.model(model or client.default_model())
         self.client, self.model = client, card.name
-        self.spec = ModelSpec(card.name, card.codebook_size, card.downsample, card.resolution, str(card.raw.get("manifest_sha256", "")))
+        raw = card.raw
+        self.spec = ModelSpec(
+            card.name,
+            card.codebook_size,
+            card.downsample,
+            card.resolution,
+            str(raw.get("manifest_sha256", "")),
+            str(raw.get("precision", "")),
+        )
         self.concurrency = concurrency
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ the cluster. Image paths and the model directory must be readable from every Ray
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import time
@@ -178,24 +179,30 @@ def tokenize_ray(
     from service.runtime import ModelRuntime
 
     t0 = time.perf_counter()
-    probe = ModelRuntime.load(model_dir, device="cpu", precision="fp32")  # validates the directory, reads its info
-    spec = ModelSpec.from_info(probe.info)
-    del probe
-    source, job = plan(input_path, spec, resize, shard_size)
-    manifest = Manifest.open(Path(output_dir), job, str(Path(input_path).resolve()), overwrite)
-    ranges = [(k, *job.shard_range(k)) for k in manifest.pending()]
-    skipped = job.num_shards - len(ranges)
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        started = True
     stats = {"images": 0, "errors": 0, "shards": 0}
-    if ranges:
-        started = False
-        if not ray.is_initialized():
-            ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-            started = True
-        try:
-            _run(ray, source, job, ranges, manifest, stats, Path(model_dir).resolve(), batch_size, device, precision, num_actors, progress)
-        finally:
-            if started:
-                ray.shutdown()
+    try:
+        use_gpu = device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
+        if device == "cuda" and not use_gpu:
+            raise TokenizeError("device='cuda' but the Ray cluster has no GPUs")
+        # the precision the actors will run, resolved as ModelRuntime.load resolves "auto" on their device
+        exported = json.loads((Path(model_dir) / "manifest.json").read_text()).get("precisions", ["fp32"])
+        resolved = precision if precision != "auto" else ("fp16" if use_gpu and "fp16" in exported else "fp32")
+        probe = ModelRuntime.load(model_dir, device="cpu", precision=resolved)  # type: ignore[arg-type]  # validates the directory
+        spec = ModelSpec.from_info(probe.info)
+        del probe
+        source, job = plan(input_path, spec, resize, shard_size)
+        manifest = Manifest.open(Path(output_dir), job, str(Path(input_path).resolve()), overwrite)
+        ranges = [(k, *job.shard_range(k)) for k in manifest.pending()]
+        skipped = job.num_shards - len(ranges)
+        if ranges:
+            _run(ray, source, job, ranges, manifest, stats, Path(model_dir).resolve(), batch_size, use_gpu, resolved, num_actors, progress)
+    finally:
+        if started:
+            ray.shutdown()
     manifest.write_errors_file()
     if not manifest.complete:
         raise TokenizeError(f"{len(manifest.pending())} shards did not complete")
@@ -211,7 +218,7 @@ def _run(
     stats: dict[str, int],
     model_dir: Path,
     batch_size: int,
-    device: str,
+    use_gpu: bool,
     precision: str,
     num_actors: int | None,
     progress: bool | None,
@@ -221,7 +228,6 @@ def _run(
     ctx.enable_progress_bars = False  # ours below counts images
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
-    use_gpu = gpus > 0 and device != "cpu"
     actors = num_actors or (gpus if use_gpu else max(1, cpus // 4))
     # on CPU each actor's ORT session gets a share of the cores; decoding tasks get the rest
     actor_cpus = 1 if use_gpu else max(1, cpus // (2 * actors))

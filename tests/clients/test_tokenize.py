@@ -170,8 +170,9 @@ def test_interrupted_commit_is_redone_without_duplicates(cifar_subset: Path, run
 
 def _cli(args: list[str]) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    entry = "import sys; from clients.cli import main; sys.exit(main())"  # what the `vqtok` console command runs
     return subprocess.Popen(
-        [sys.executable, "-m", "clients.cli", "tokenize", *args],
+        [sys.executable, "-c", entry, "tokenize", *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
