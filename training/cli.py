@@ -1,26 +1,229 @@
-"""`vqtok train`, `vqtok eval` and `vqtok codebook retrain` (argparse only at import time)."""
+"""`vqtok train`, `vqtok eval` and `vqtok codebook retrain` (argparse only at import time:
+torch and the training modules are imported inside the handlers)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
 
 from clients.cli import CLIError
 
+EXIT_RUNTIME = 1
 
-def _not_yet(args: argparse.Namespace) -> int:
-    raise CLIError(f"'{args.command}' is not implemented yet (issue 3: training package)")
+
+def _need_path(path: str | None, what: str) -> Path:
+    if not path:
+        raise CLIError(f"{what} is required")
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(f"{what} {p} does not exist")
+    return p
+
+
+def _load_model(directory: str) -> Any:
+    _need_path(directory, "--model")
+    from models import CheckpointError, Tokenizer
+
+    try:
+        return Tokenizer.from_pretrained(directory)
+    except CheckpointError as exc:
+        raise CLIError(f"cannot load model directory {directory}: {exc}") from exc
+
+
+def _write_json(path: str | None, data: dict[str, Any]) -> None:
+    if path:
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
+# --- vqtok train ---
 
 
 def register_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a tokenizer (not yet implemented: issue 3)")
-    p.set_defaults(handler=_not_yet)
+    p = sub.add_parser(
+        "train",
+        help="train a tokenizer (single process, or under torchrun for DDP)",
+        description=(
+            "Train a tokenizer. Config from a YAML/JSON file plus dotted key=value overrides "
+            "(e.g. optim.lr=1e-4 model.preset=f8-simvq-16k data.cache_in_memory=true). Writes checkpoints, "
+            "metrics.jsonl, TensorBoard logs and the final model directory (EMA weights) to --out/model. "
+            "Multi-GPU: torchrun --nproc-per-node N -m clients.cli train ..."
+        ),
+    )
+    p.add_argument("--config", help="YAML or JSON training config (default: built-in defaults)")
+    p.add_argument("--data", help="training images: folder, parquet or webdataset .tar (sets data.train)")
+    p.add_argument("--val", help="validation images (sets data.val)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (uses its saved config unless --config is given)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides with dotted keys")
+    p.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.config import CONFIG_NAME, TrainConfigError, build_config, read_config_file
+    from training.data import DataError
+
+    run_dir = Path(args.out)
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.train={args.data}")
+    if args.val:
+        overrides.append(f"data.val={args.val}")
+    try:
+        if args.config:
+            _need_path(args.config, "--config")
+            data = read_config_file(args.config)
+        elif args.resume and (run_dir / CONFIG_NAME).is_file():
+            data = read_config_file(run_dir / CONFIG_NAME)
+        else:
+            data = {}
+        config = build_config(data, overrides)
+    except TrainConfigError as exc:
+        raise CLIError(str(exc)) from exc
+    if not config.data.train:
+        raise CLIError("no training data: pass --data PATH or set data.train in the config")
+    _need_path(config.data.train, "training data")
+    if config.data.val:
+        _need_path(config.data.val, "validation data")
+    if config.model.init_from:
+        _load_model(config.model.init_from)
+
+    from training.trainer import Trainer
+
+    try:
+        trainer = Trainer(config, run_dir, resume=args.resume)
+    except DataError as exc:
+        raise CLIError(str(exc)) from exc
+    result = trainer.train()
+    if trainer.dist.main:
+        state = "finished" if result.finished else f"stopped ({result.stop_reason})"
+        print(f"{state} at step {result.step}/{config.max_steps} in {result.elapsed_s:.0f} s, {result.images_per_s:.1f} images/s; model: {result.model_dir}")
+        if not result.finished:
+            print(f"continue with: vqtok train --out {run_dir} --resume")
+    return 0
+
+
+# --- vqtok eval ---
 
 
 def register_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a model directory (not yet implemented: issue 3)")
-    p.set_defaults(handler=_not_yet)
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a model directory: PSNR, SSIM, MS-SSIM, rFID, codebook usage, bpp, codecs at equal bpp",
+        description=(
+            "Evaluate a model directory on an image set. Sizes that are not multiples of the downsample factor f are "
+            "reflect-padded bottom/right to the next multiple and the reconstruction is cropped back; metrics use the "
+            "original pixels; bpp counts all tokens of the padded grid."
+        ),
+    )
+    p.add_argument("--model", required=True, help="model directory (config.json + model.safetensors)")
+    p.add_argument("--data", required=True, help="images: folder, parquet or webdataset .tar")
+    p.add_argument("--out", help="write the JSON report here")
+    p.add_argument("--compare-codecs", action="store_true", help="add JPEG and WebP (Pillow) at the same bits per pixel")
+    p.add_argument("--limit", type=int, default=0, help="evaluate at most N images (0 = all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--fid-min-images", type=int, default=100, help="compute rFID only with at least this many images (default 100)")
+    p.add_argument("--no-fid", action="store_true", help="skip rFID")
+    p.set_defaults(handler=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    _need_path(args.data, "--data")
+    if args.batch_size < 1 or args.limit < 0:
+        raise CLIError("--batch-size must be >= 1 and --limit >= 0")
+    model = _load_model(args.model)
+    from training.data import DataError
+    from training.evaluate import EvalOptions, evaluate, format_table
+
+    opts = EvalOptions(
+        batch_size=args.batch_size,
+        limit=args.limit,
+        device=args.device,
+        fid_min_images=args.fid_min_images,
+        fid=not args.no_fid,
+        compare_codecs=args.compare_codecs,
+    )
+    try:
+        report = evaluate(model, args.data, opts)
+    except DataError as exc:
+        raise CLIError(str(exc)) from exc
+    report["model"] = str(args.model)
+    print(format_table(report, model_name=Path(args.model).name or "tokenizer"))
+    _write_json(args.out, report)
+    return 0
+
+
+# --- vqtok codebook retrain ---
 
 
 def register_codebook(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("codebook", help="codebook tools: `codebook retrain` (not yet implemented: issue 3)")
-    p.set_defaults(handler=_not_yet)
+    p = sub.add_parser("codebook", help="codebook tools: `codebook retrain`")
+    csub = p.add_subparsers(dest="codebook_command", metavar="ACTION", required=True)
+    r = csub.add_parser(
+        "retrain",
+        help="re-initialise and retrain the codebook on new data with the encoder frozen",
+        description=(
+            "Freeze the encoder, re-initialise the codebook from encoder latents on --data (k-means++ for plain VQ; "
+            "for SimVQ a least-squares re-fit of W, keeping or redrawing C), train it (and optionally the decoder), "
+            "print usage and PSNR before and after, and write a new model directory. FSQ has no learned codebook: "
+            "only --finetune-decoder applies."
+        ),
+    )
+    r.add_argument("--model", required=True, help="model directory to start from")
+    r.add_argument("--data", required=True, help="images: folder, parquet or webdataset .tar")
+    r.add_argument("--out", required=True, help="new model directory")
+    r.add_argument("--codebook-size", type=int, help="new number of codes K (default: keep)")
+    r.add_argument("--init", choices=["kmeans", "keep"], default="kmeans")
+    r.add_argument("--steps", type=int, default=500)
+    r.add_argument("--finetune-decoder", action="store_true")
+    r.add_argument("--redraw-basis", action="store_true", help="SimVQ: draw a new frozen basis C")
+    r.add_argument("--batch-size", type=int, default=16)
+    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--resolution", type=int, default=0, help="training crop (default: the model's)")
+    r.add_argument("--eval-images", type=int, default=64, help="images for the before/after numbers")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(handler=_codebook_retrain)
+
+
+def _codebook_retrain(args: argparse.Namespace) -> int:
+    _need_path(args.data, "--data")
+    if args.steps < 0 or args.batch_size < 1 or (args.codebook_size is not None and args.codebook_size < 2):
+        raise CLIError("--steps must be >= 0, --batch-size >= 1 and --codebook-size >= 2")
+    model = _load_model(args.model)
+    from models import ConfigError
+    from training.codebook import CodebookError, RetrainOptions, retrain_codebook
+    from training.data import DataError
+
+    opts = RetrainOptions(
+        codebook_size=args.codebook_size,
+        init=args.init,
+        steps=args.steps,
+        finetune_decoder=args.finetune_decoder,
+        redraw_basis=args.redraw_basis,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        resolution=args.resolution,
+        eval_images=args.eval_images,
+        device=args.device,
+        seed=args.seed,
+    )
+    try:
+        new_model, report = retrain_codebook(model, args.data, opts)
+    except (CodebookError, DataError, ConfigError) as exc:
+        raise CLIError(str(exc)) from exc
+    out = new_model.save_pretrained(args.out)
+    b, a = report["before"], report["after"]
+    print(f"{'':8}{'usage':>10}{'perplexity':>12}{'PSNR dB':>10}")
+    print(f"{'before':8}{b['usage'] * 100:>9.2f}%{b['perplexity']:>12.1f}{b['psnr']:>10.2f}")
+    print(f"{'after':8}{a['usage'] * 100:>9.2f}%{a['perplexity']:>12.1f}{a['psnr']:>10.2f}")
+    print(f"({report['eval_images']} images; usage = codes used at least once ÷ K={report['codebook_size']})")
+    _write_json(str(out / "retrain_report.json"), report)
+    print(f"wrote model directory {out}", file=sys.stderr)
+    return 0

