@@ -20,12 +20,12 @@ PRESET = "f8-simvq-16k"
 log = logging.getLogger("vqtok.bootstrap")
 
 _BANNER = """
-###########################################################################################
-#  WARNING: NO TRAINED MODEL IS SHIPPED YET. Serving an UNTRAINED, randomly initialised     #
-#  '{preset}' tokenizer exported to {path}.
-#  Its tokens carry NO meaning and its decoded images are noise. Do not use them for anything #
-#  but trying the API. Pass --model-repo DIR to serve real models.                          #
-###########################################################################################"""
+################################################################################################
+# WARNING: NO TRAINED MODEL IS SHIPPED YET. Serving an UNTRAINED, randomly initialised
+# '{preset}' tokenizer exported to {path}
+# Its tokens carry NO meaning and its decoded images are noise: use it only to try the API.
+# Pass --model-repo DIR to serve real models.
+################################################################################################"""
 
 
 def cache_dir() -> Path:
