@@ -129,7 +129,9 @@ def ort_device_runner(session: Any, input_name: str, array: np.ndarray, device: 
     return run
 
 
-def bench_model(preset: str, device: str, sizes: list[int], batches: list[int], min_seconds: float, peak: float, compile_: bool) -> list[dict[str, Any]]:
+def bench_model(
+    preset: str, device: str, sizes: list[int], batches: list[int], min_seconds: float, peak: float, compile_: bool
+) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     tok = create_tokenizer(preset).eval()
     rows: list[dict[str, Any]] = []
@@ -166,7 +168,10 @@ def bench_model(preset: str, device: str, sizes: list[int], batches: list[int], 
                     ce, cd = compiled_enc, compiled_dec
                     paths["torch-compile"] = (lambda: ce(images), lambda: cd(tokens))
                 for name, (enc_s, dec_s) in sessions.items():
-                    paths[name] = (ort_device_runner(enc_s, "images", images_np, device), ort_device_runner(dec_s, "tokens", tokens_np, device))
+                    paths[name] = (
+                        ort_device_runner(enc_s, "images", images_np, device),
+                        ort_device_runner(dec_s, "tokens", tokens_np, device),
+                    )
                 if device == "cuda":
                     from service.runtime import ModelRuntime
 
@@ -177,8 +182,19 @@ def bench_model(preset: str, device: str, sizes: list[int], batches: list[int], 
                         try:
                             sec = time_fn(fn, device, min_seconds)
                         except Exception as exc:  # OOM or a backend refusing a shape: record, go on
-                            print(f"  {preset} {size} b{batch} {name} {direction}: FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-                            rows.append({"preset": preset, "size": size, "batch": batch, "path": name, "direction": direction, "error": str(exc)[:500]})
+                            print(
+                                f"  {preset} {size} b{batch} {name} {direction}: FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True
+                            )
+                            rows.append(
+                                {
+                                    "preset": preset,
+                                    "size": size,
+                                    "batch": batch,
+                                    "path": name,
+                                    "direction": direction,
+                                    "error": str(exc)[:500],
+                                }
+                            )
                             if device == "cuda":
                                 torch.cuda.empty_cache()
                             continue
@@ -197,7 +213,10 @@ def bench_model(preset: str, device: str, sizes: list[int], batches: list[int], 
                                 "pct_of_peak": 100 * tflops / peak if peak == peak else None,
                             }
                         )
-                        print(f"  {preset:14s} {size:4d} b{batch:<3d} {name:14s} {direction}: {batch / sec:9.1f} img/s  {tflops:7.2f} TFLOP/s", flush=True)
+                        print(
+                            f"  {preset:14s} {size:4d} b{batch:<3d} {name:14s} {direction}: {batch / sec:9.1f} img/s  {tflops:7.2f} TFLOP/s",
+                            flush=True,
+                        )
     return rows
 
 
@@ -215,7 +234,9 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{'preset':14s} {'size':>4s} {'batch':>5s} {'dir':6s} {'path':14s} {'img/s':>9s} {'TFLOP/s':>8s} {'%peak':>6s} {'x eager':>7s} {'x best':>6s}")
+    print(
+        f"\n{'preset':14s} {'size':>4s} {'batch':>5s} {'dir':6s} {'path':14s} {'img/s':>9s} {'TFLOP/s':>8s} {'%peak':>6s} {'x eager':>7s} {'x best':>6s}"
+    )
     for r in rows:
         if "images_per_s" not in r:
             print(f"{r['preset']:14s} {r['size']:4d} {r['batch']:5d} {r['direction']:6s} {r['path']:14s} FAILED")
