@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import create_tokenizer  # noqa: E402
-from models.export import DecoderGraph, EncoderGraph, export_model, git_revision  # noqa: E402
+from models import create_tokenizer
+from models.export import DecoderGraph, EncoderGraph, export_model, git_revision
 
 
 def sync(device: str) -> None:
@@ -161,12 +162,11 @@ def bench_model(
                 images = torch.from_numpy(images_np).to(device)
                 tokens = torch.from_numpy(tokens_np).to(device)
                 paths: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
-                    "torch-fp32": (lambda: tp.encode(images, False), lambda: tp.decode(tokens, False)),
-                    "torch-bf16": (lambda: tp.encode(images, True), lambda: tp.decode(tokens, True)),
+                    "torch-fp32": (partial(tp.encode, images, False), partial(tp.decode, tokens, False)),
+                    "torch-bf16": (partial(tp.encode, images, True), partial(tp.decode, tokens, True)),
                 }
                 if compiled_enc is not None and compiled_dec is not None:
-                    ce, cd = compiled_enc, compiled_dec
-                    paths["torch-compile"] = (lambda: ce(images), lambda: cd(tokens))
+                    paths["torch-compile"] = (partial(compiled_enc, images), partial(compiled_dec, tokens))
                 for name, (enc_s, dec_s) in sessions.items():
                     paths[name] = (
                         ort_device_runner(enc_s, "images", images_np, device),
@@ -176,7 +176,7 @@ def bench_model(
                     from service.runtime import ModelRuntime
 
                     rt = ModelRuntime.load(d, device="cuda", precision="fp16")
-                    paths["ort-fp16-host"] = (lambda: rt.encode(images_np), lambda: rt.decode(tokens_np))
+                    paths["ort-fp16-host"] = (partial(rt.encode, images_np), partial(rt.decode, tokens_np))
                 for name, (enc_fn, dec_fn) in paths.items():
                     for direction, fn, flops in (("encode", enc_fn, enc_flops), ("decode", dec_fn, dec_flops)):
                         try:

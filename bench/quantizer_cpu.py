@@ -24,8 +24,8 @@ from vector_quantize_pytorch import SimVQ, VectorQuantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.export import git_revision  # noqa: E402
-from models.quantizers import VectorQuantizer  # noqa: E402
+from models.export import git_revision
+from models.quantizers import VectorQuantizer
 
 
 def median_seconds(fn: Callable[[], None], repeats: int) -> float:
