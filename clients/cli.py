@@ -52,4 +52,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vqtok {args.command}: interrupted", file=sys.stderr)
         return 130
-
