@@ -192,19 +192,28 @@ class Batcher:
 
     async def _worker(self) -> None:
         while True:
-            while not self._buckets:
-                await self._wait_for_arrival(None)
-            # Oldest head first, so no shape waits behind a busy one for ever.
-            key = min(self._buckets, key=lambda k: self._buckets[k][0].enqueued)
-            head = self._buckets[key][0]
-            while self._bucket_images(key) < self.max_batch_size and key in self._buckets:
-                remaining = head.enqueued + self.max_delay_s - time.monotonic()
-                if remaining <= 0:
-                    break
-                await self._wait_for_arrival(remaining)
-            batch = self._take(key)
-            if batch:
-                await self._run(key, batch)
+            try:
+                await self._next_batch()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not silently stop the model's batching
+                log.exception("batcher worker error; continuing", extra={"model": self.model})
+                await asyncio.sleep(0.01)
+
+    async def _next_batch(self) -> None:
+        while not self._buckets:
+            await self._wait_for_arrival(None)
+        # Oldest head first, so no shape waits behind a busy one for ever.
+        key = min(self._buckets, key=lambda k: self._buckets[k][0].enqueued)
+        head = self._buckets[key][0]
+        while self._bucket_images(key) < self.max_batch_size and key in self._buckets:
+            remaining = head.enqueued + self.max_delay_s - time.monotonic()
+            if remaining <= 0:
+                break
+            await self._wait_for_arrival(remaining)
+        batch = self._take(key)
+        if batch:
+            await self._run(key, batch)
 
     def _take(self, key: Key) -> list[_Item]:
         """Pop up to max_batch_size images of `key`, failing items already past their deadline."""
@@ -215,6 +224,9 @@ class Batcher:
         while bucket and size + bucket[0].n <= self.max_batch_size:
             item = bucket.popleft()
             self._dequeue(item)
+            if item.future.done():  # cancelled; its done-callback has not run yet
+                self._metrics.rejected.labels(self.model, "cancelled").inc()
+                continue
             if item.deadline <= now:
                 self._metrics.rejected.labels(self.model, "deadline").inc()
                 item.future.set_exception(BatchDeadlineExceeded("deadline passed while queued"))
