@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, BatchDeadlineExceeded, _Item
+from service.batcher import BatchDeadlineExceeded, Batcher, _Item
 from service.metrics import Metrics
 
 
