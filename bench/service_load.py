@@ -251,15 +251,16 @@ def main(argv: list[str] | None = None) -> int:
         name = args.model or models["default_model"]
         info = next(m for m in models["models"] if m["name"] == name)
         result["setup"] = {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
             "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
             "host": platform.node(),
             "cpus": os.cpu_count(),
+            "load_average_at_start": os.getloadavg(),
             "python": platform.python_version(),
             "revision": _git_revision(),
             "model": name,
             "model_info": info,
             "images": len(files),
-            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out",)},
         }
         rss_start = rss_mib(proc.pid)
         for c in args.concurrency:
