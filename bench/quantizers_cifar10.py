@@ -139,7 +139,11 @@ def measure(model: Tokenizer, test: Tensor, k: int, batch: int) -> dict[str, flo
         counts += out.quantizer.counts
         mse = (to_uint8(out.reconstruction.clamp(-1, 1)) - chunk.float()).pow(2).flatten(1).mean(1)
         psnrs.append(10 * torch.log10(255.0**2 / mse.clamp_min(1e-10)))
-    return {"test_usage": usage_from_counts(counts), "test_perplexity": perplexity_from_counts(counts), "test_psnr": float(torch.cat(psnrs).mean())}
+    return {
+        "test_usage": usage_from_counts(counts),
+        "test_perplexity": perplexity_from_counts(counts),
+        "test_psnr": float(torch.cat(psnrs).mean()),
+    }
 
 
 def autocast(device: torch.device) -> Any:
@@ -153,7 +157,9 @@ def run_one(variant: str, k: int, train: Tensor, test: Tensor, args: argparse.Na
     model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99))
     warmup = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
+    )
     gen = torch.Generator(device=device).manual_seed(args.seed)
     start = time.monotonic()
     step, losses, last_counts = 0, [], torch.zeros(k_eff, dtype=torch.long, device=device)

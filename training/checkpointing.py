@@ -67,7 +67,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG a training step may touch, as tensors and ints (weights_only-loadable)."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()  # the legacy MT19937 tuple
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),

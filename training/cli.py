@@ -59,7 +59,11 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="training images: folder, parquet or webdataset .tar (sets data.train)")
     p.add_argument("--val", help="validation images (sets data.val)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (uses its saved config unless --config is given)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in --out (uses its saved config unless --config is given)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides with dotted keys")
     p.set_defaults(handler=_train)
 
@@ -102,7 +106,9 @@ def _train(args: argparse.Namespace) -> int:
     result = trainer.train()
     if trainer.dist.main:
         state = "finished" if result.finished else f"stopped ({result.stop_reason})"
-        print(f"{state} at step {result.step}/{config.max_steps} in {result.elapsed_s:.0f} s, {result.images_per_s:.1f} images/s; model: {result.model_dir}")
+        print(
+            f"{state} at step {result.step}/{config.max_steps} in {result.elapsed_s:.0f} s, {result.images_per_s:.1f} images/s; model: {result.model_dir}"
+        )
         if not result.finished:
             print(f"continue with: vqtok train --out {run_dir} --resume")
     return 0

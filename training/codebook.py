@@ -121,7 +121,11 @@ def measure(model: Tokenizer, images: Tensor, batch_size: int = 16) -> dict[str,
         out = model(to_float(chunk.to(model.device)))
         counts += out.quantizer.counts.cpu()
         scores.append(psnr(chunk, to_uint8(out.reconstruction.clamp(-1, 1)).cpu()))
-    return {"usage": usage_from_counts(counts), "perplexity": perplexity_from_counts(counts), "psnr": float(torch.cat(scores).clamp(max=100).mean())}
+    return {
+        "usage": usage_from_counts(counts),
+        "perplexity": perplexity_from_counts(counts),
+        "psnr": float(torch.cat(scores).clamp(max=100).mean()),
+    }
 
 
 @torch.no_grad()
@@ -166,7 +170,9 @@ def init_codebook(q: VectorQuantizer, latents: Tensor, opts: RetrainOptions, gen
 # --- the whole procedure ---
 
 
-def retrain_codebook(model: Tokenizer, data: str, opts: RetrainOptions, progress: Callable[[int], None] | None = None) -> tuple[Tokenizer, dict[str, Any]]:
+def retrain_codebook(
+    model: Tokenizer, data: str, opts: RetrainOptions, progress: Callable[[int], None] | None = None
+) -> tuple[Tokenizer, dict[str, Any]]:
     """Returns the retrained model and a report with usage and PSNR before and after."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device)
     torch.manual_seed(opts.seed)
@@ -191,7 +197,9 @@ def retrain_codebook(model: Tokenizer, data: str, opts: RetrainOptions, progress
     if isinstance(q, VectorQuantizer) and opts.init == "kmeans":
         latents = collect_latents(model, batches, max(opts.max_latents, q.codebook_size), generator)
         init_codebook(q, latents, opts, generator)
-        log.info("k-means over %d latents: usage %.2f%% after init", len(latents), 100 * measure(model, eval_images, opts.batch_size)["usage"])
+        log.info(
+            "k-means over %d latents: usage %.2f%% after init", len(latents), 100 * measure(model, eval_images, opts.batch_size)["usage"]
+        )
 
     _train(model, batches, opts, progress)
     after = measure(model, eval_images, opts.batch_size)

@@ -147,7 +147,7 @@ def resize_short_side(img: np.ndarray, size: int) -> np.ndarray:
         return img
     scale = size / min(h, w)
     new = (max(size, round(w * scale)), max(size, round(h * scale)))
-    return np.asarray(Image.fromarray(img).resize(new, Image.Resampling.BICUBIC))
+    return np.array(Image.fromarray(img).resize(new, Image.Resampling.BICUBIC))
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,9 @@ PAD_RULE = (
     "crop the reconstruction back; metrics on original pixels; bpp counts all tokens of the padded grid"
 )
 FID_MIN_IMAGES = 100
-FID_NOTE = "rFID from fewer than 2,048 images is biased upward (the 2,048-d covariance is rank-deficient); compare only at equal image counts"
+FID_NOTE = (
+    "rFID from fewer than 2,048 images is biased upward (the 2,048-d covariance is rank-deficient); compare only at equal image counts"
+)
 
 
 @dataclass
@@ -169,7 +171,9 @@ class _FidFeatures:
         return float(self.helper.compute_fid_score())
 
 
-def evaluate(model: Tokenizer, data: str | Path, options: EvalOptions | None = None, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+def evaluate(
+    model: Tokenizer, data: str | Path, options: EvalOptions | None = None, progress: Callable[[int], None] | None = None
+) -> dict[str, Any]:
     """Evaluate `model` on every readable image of `data`. Returns the JSON-able report."""
     opts = options or EvalOptions()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device)
@@ -240,7 +244,9 @@ def evaluate(model: Tokenizer, data: str | Path, options: EvalOptions | None = N
     if opts.compare_codecs:
         report["jpeg"] = {**jpeg.summary(), "quality_mean": float(np.mean(quality["jpeg"])) if quality["jpeg"] else None}
         report["webp"] = {**webp.summary(), "quality_mean": float(np.mean(quality["webp"])) if quality["webp"] else None}
-        report["codec_rule"] = "Pillow, per image: the highest quality (1..100, binary search) whose file is at most the tokenizer's bpp on that image"
+        report["codec_rule"] = (
+            "Pillow, per image: the highest quality (1..100, binary search) whose file is at most the tokenizer's bpp on that image"
+        )
     return report
 
 
@@ -258,7 +264,9 @@ def format_table(report: dict[str, Any], model_name: str = "tokenizer") -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     t = report["tokenizer"]
     lines.append("")
-    lines.append(f"images: {report['images']} (skipped unreadable: {report['skipped_images']}); f={report['downsample']}, K={report['codebook_size']}")
+    lines.append(
+        f"images: {report['images']} (skipped unreadable: {report['skipped_images']}); f={report['downsample']}, K={report['codebook_size']}"
+    )
     lines.append(f"codebook usage over the set: {t['usage'] * 100:.2f}%  perplexity: {t['perplexity']:.1f}")
     rfid = f"{t['rfid']:.2f} from {t['rfid_images']} images" if t["rfid"] is not None else "n/a"
     lines.append(f"rFID: {rfid}  ({report['rfid_note']})")

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -125,10 +125,15 @@ class Trainer:
             self.fwd = nn.parallel.DistributedDataParallel(self.fwd, device_ids=ids)
         self.ema = EMA(self.model, config.ema_decay) if config.ema_decay > 0 else None
         self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=config.optim.lr, betas=config.optim.betas, weight_decay=config.optim.weight_decay
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=config.optim.lr,
+            betas=config.optim.betas,
+            weight_decay=config.optim.weight_decay,
         )
         o = config.optim
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, o.warmup_steps, config.max_steps, o.min_lr_ratio))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, o.warmup_steps, config.max_steps, o.min_lr_ratio)
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.disc, self.disc_opt = self._build_discriminator()
         self.feature_loss = EfficientNetFeatureLoss().to(self.device) if config.loss.perceptual_weight > 0 else None
@@ -197,7 +202,11 @@ class Trainer:
             return None
         augment = Augment(self.resolution, "center_crop", flip=False)
         rng = np.random.default_rng(0)
-        images = [torch.from_numpy(augment(img, rng)).permute(2, 0, 1) for _, img in iter_images(dc.val, dc.val_limit, dc.image_column) if img is not None]
+        images = [
+            torch.from_numpy(augment(img, rng)).permute(2, 0, 1)
+            for _, img in iter_images(dc.val, dc.val_limit, dc.image_column)
+            if img is not None
+        ]
         return torch.stack(images) if images else None
 
     # --- checkpoints ---
@@ -255,8 +264,12 @@ class Trainer:
         """Write the model directory from the EMA weights (the raw weights if the EMA is off)."""
         if not self.dist.main:
             return None
-        final = self.ema.model if self.ema is not None else self.model
-        return final.save_pretrained(self.run_dir / MODEL_DIR)
+        return self.eval_model.save_pretrained(self.run_dir / MODEL_DIR)
+
+    @property
+    def eval_model(self) -> Tokenizer:
+        """The EMA model when there is one: what validation measures and what is exported."""
+        return cast(Tokenizer, self.ema.model) if self.ema is not None else self.model
 
     # --- the training step ---
 
@@ -331,8 +344,7 @@ class Trainer:
         """PSNR and whole-set codebook usage of the EMA model on the validation images."""
         if self.val_images is None:
             return {}
-        model = self.ema.model if self.ema is not None else self.model
-        model.eval()
+        model = self.eval_model.eval()
         counts = torch.zeros(model.codebook_size, dtype=torch.long, device=self.device)
         psnrs, losses = [], []
         for chunk in self.val_images.split(self.config.batch_size):
@@ -357,8 +369,7 @@ class Trainer:
     def write_images(self) -> None:
         if not self.dist.main or self.val_images is None:
             return
-        model = self.ema.model if self.ema is not None else self.model
-        model.eval()
+        model = self.eval_model.eval()
         x = self.val_images[:8]
         rec = model(to_float(x.to(self.device))).reconstruction.clamp(-1, 1)
         self.runlog.image(self.step, "reconstructions", reconstruction_grid(x, to_uint8(rec).cpu()))
@@ -446,7 +457,9 @@ class Trainer:
         if bar is not None:
             bar.close()
         model_dir = self.export()
-        result = TrainResult(self.step, self.step >= c.max_steps, reason, model_dir, call_seconds, images_total * self.dist.world / max(call_seconds, 1e-9))
+        result = TrainResult(
+            self.step, self.step >= c.max_steps, reason, model_dir, call_seconds, images_total * self.dist.world / max(call_seconds, 1e-9)
+        )
         self._write_summary(result)
         self.runlog.close()
         self._barrier()
@@ -465,7 +478,7 @@ class Trainer:
             return
         values = {
             **means,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": float(self.scheduler.get_last_lr()[0]),
             "images_per_s": images_per_s,
             "window_usage": usage_from_counts(counts),  # codes used in the last log_every steps ÷ K
             "window_perplexity": perplexity_from_counts(counts),
@@ -473,7 +486,9 @@ class Trainer:
         }
         self.runlog.scalars(self.step, "train", values)
         if bar is not None:
-            bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", img_s=f"{images_per_s:.0f}", usage=f"{values['window_usage']:.3f}")
+            bar.set_postfix(
+                loss=f"{means.get('loss', float('nan')):.4f}", img_s=f"{images_per_s:.0f}", usage=f"{values['window_usage']:.3f}"
+            )
 
     def _write_summary(self, result: TrainResult) -> None:
         if not self.dist.main:

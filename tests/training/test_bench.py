@@ -1,0 +1,28 @@
+"""bench/quantizers_cifar10.py on a sliver of real CIFAR-10, so GPU time is not spent on a broken script."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bench_runs_all_variants_on_cpu(cifar_test_parquet: Path, tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("quantizers_cifar10", REPO / "bench" / "quantizers_cifar10.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--data", str(cifar_test_parquet.parent), "--out", str(tmp_path), "--steps", "2", "--batch-size", "8", "--channels", "8"]
+    argv += ["--limit", "64", "--test-limit", "64", "--codebook-sizes", "64", "--threads", "2", "--device", "cpu"]
+    results = bench.main(argv, log=lambda _: None)
+    assert [r["variant"] for r in results] == [*bench.OURS, *bench.PEERS]
+    for r in results:
+        assert "error" not in r, r
+        assert r["steps"] == 2 and 0 < r["test_usage"] <= 1 and r["test_psnr"] > 5
+    fsq = next(r for r in results if r["variant"] == "fsq")
+    assert fsq["fsq_levels"] == [8, 6, 5]  # nearest FSQ level set to K = 64 (log scale): 2^8
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["meta"]["test_images"] == 64
+    assert "| vq-rotation | 64 |" in (tmp_path / "results.md").read_text()

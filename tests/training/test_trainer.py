@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from models import Tokenizer
+from training.checkpointing import list_checkpoints
+from training.config import build_config
+from training.data import Augment, ImageDataset, open_source, to_float
+from training.trainer import Trainer
+
+from .conftest import tiny_overrides
+from .ddp_worker import run_rank
+
+
+def _l1_on(model: Tokenizer, images: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        x = to_float(images)
+        return float((model(x).reconstruction - x).abs().mean())
+
+
+def test_few_steps_lower_the_loss(few_photos: Path, tmp_path: Path) -> None:
+    config = build_config({}, tiny_overrides(few_photos, max_steps=20, ema_decay=0.0, **{"optim.lr": 5e-3}))
+    trainer = Trainer(config, tmp_path / "run")
+    dataset = ImageDataset(open_source(few_photos), Augment(32, "center_crop", flip=False))
+    images = torch.stack([dataset[i] for i in range(8)])  # type: ignore[misc]
+    before = _l1_on(trainer.model, images)
+    result = trainer.train()
+    after = _l1_on(trainer.model, images)
+    assert result.finished and result.step == 20
+    assert after < 0.9 * before, (before, after)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"]
+    model = Tokenizer.from_pretrained(tmp_path / "run" / "model")  # the final artefact loads
+    assert model.codebook_size == 1000
+
+
+def _states_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_killed_and_resumed_equals_uninterrupted(few_photos: Path, tmp_path: Path) -> None:
+    overrides = tiny_overrides(few_photos, max_steps=6, **{"data.num_workers": 1})
+    straight = Trainer(build_config({}, overrides), tmp_path / "a")
+    straight.train()
+
+    first = Trainer(build_config({}, overrides), tmp_path / "b")
+    stopped = first.train(stop_at_step=3)  # the process "dies" after the step-3 checkpoint
+    assert (stopped.step, stopped.finished) == (3, False)
+    del first
+    resumed = Trainer(build_config({}, overrides), tmp_path / "b", resume=True)
+    assert resumed.step == 3
+    result = resumed.train()
+    assert result.step == straight.step == 6
+
+    _states_close(straight.model.state_dict(), resumed.model.state_dict())
+    assert straight.ema is not None and resumed.ema is not None
+    _states_close(straight.ema.model.state_dict(), resumed.ema.model.state_dict())
+    sa, sb = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    for key in sa:
+        torch.testing.assert_close(sa[key]["exp_avg_sq"], sb[key]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+    assert straight.scheduler.get_last_lr() == resumed.scheduler.get_last_lr()
+    # and the weights did change, so the comparison means something
+    fresh = Trainer(build_config({}, overrides), tmp_path / "c")
+    assert not torch.allclose(fresh.model.decoder.conv_out.weight, resumed.model.decoder.conv_out.weight)
+
+
+def test_time_budget_stops_checkpoints_and_resumes(few_photos: Path, tmp_path: Path) -> None:
+    overrides = tiny_overrides(few_photos, max_steps=1000, time_budget_minutes=0.0001, checkpoint_every=500, keep_checkpoints=1)
+    result = Trainer(build_config({}, overrides), tmp_path / "run").train()
+    assert not result.finished and result.stop_reason == "time_budget" and result.step < 1000
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [result.step]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stop_reason"] == "time_budget" and not summary["finished"]
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()  # usable after every call
+    more = Trainer(
+        build_config({}, [*overrides, "time_budget_minutes=0", "max_steps=" + str(result.step + 2)]), tmp_path / "run", resume=True
+    )
+    assert more.train().step == result.step + 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_two_process_ddp_keeps_replicas_identical(few_photos: Path, tmp_path: Path) -> None:
+    overrides = tiny_overrides(few_photos, max_steps=3, checkpoint_every=3)
+    mp.spawn(run_rank, args=(2, _free_port(), overrides, str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for key in r0:
+        torch.testing.assert_close(r0[key], r1[key], rtol=0, atol=0, msg=key)
+    init = Trainer(build_config({}, overrides), tmp_path / "init").model.state_dict()
+    assert any(not torch.equal(init[k], r0[k]) for k in r0), "DDP run did not train"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == 3
