@@ -86,6 +86,7 @@ class TrainConfig:
     seed: int = 0
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto = bf16 on CUDA, off on CPU
     compile: bool = False  # torch.compile the tokenizer
+    channels_last: bool = False  # NHWC activations: cuDNN's tensor-core convolutions need no transposes
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     progress: bool = True  # tqdm bar on rank 0
 

@@ -113,10 +113,14 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.dist = init_distributed()
         self.device = resolve_device(config.device, self.dist)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed training shapes: search the conv algorithms once
         seed_everything(config.seed + self.dist.rank)
         self.amp_dtype = self._amp_dtype()
 
         self.model = self._build_model().to(self.device)
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
         self.fwd: nn.Module = self.model
         if config.compile:
             self.fwd = torch.compile(self.model)  # type: ignore[assignment]
@@ -283,7 +287,7 @@ class Trainer:
 
     def train_step(self, images: Tensor) -> dict[str, Any]:
         lc = self.config.loss
-        x = to_float(images.to(self.device, non_blocking=True))
+        x = to_float(images.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
         self.fwd.train()
         with self._autocast():
             out = self.fwd(x)

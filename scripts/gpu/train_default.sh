@@ -28,10 +28,10 @@ pilot)
   done
   ;;
 full)
-  preset=${2:?preset}; steps=${3:?max steps}; minutes=${4:-9}
+  preset=${2:?preset}; steps=${3:?max steps}; minutes=${4:-9}; shift 4 || shift $#
   python3 -m clients train --config "configs/$preset.yaml" --out "$runs/full" --resume \
     model.preset="$preset" data.train="$data/train" data.val="$data/val" \
-    max_steps="$steps" time_budget_minutes="$minutes" 2>&1 | tail -c 4000 | tee "$out/full.log"
+    max_steps="$steps" time_budget_minutes="$minutes" "$@" 2>&1 | tail -c 4000 | tee "$out/full.log"
   cp "$runs/full/metrics.jsonl" "$runs/full/summary.json" "$runs/full/train_config.json" "$out/"
   if [ -d "$runs/full/model" ]; then cp "$runs/full/model/config.json" "$runs/full/model/model.safetensors" "$out/"; fi
   grep '"split": "val"' "$runs/full/metrics.jsonl" | tail -n 3
