@@ -4,7 +4,8 @@ Starts its own server (`vqtok serve`, a subprocess bound to 127.0.0.1), sends re
 multipart uploads from several client processes (httpx async, many connections each), sweeps
 concurrency, and reports images/s and p50/p95/p99 latency per level. It then runs the raw
 `ModelRuntime.encode` in this process on already-decoded batches at the batch size the server formed
-at each level, so `http / raw` is the serving overhead measured under the same conditions.
+at each level, right after that level (server idle), so `http / raw` is the serving overhead
+measured under the same conditions.
 
     python bench/service_load.py --model-repo DIR --device cuda --out $OUT/service_load.json
     python bench/service_load.py --model-repo DIR --soak 10 --out soak.json     # ~80 % of saturation
@@ -263,16 +264,33 @@ def main(argv: list[str] | None = None) -> int:
             "images": len(files),
         }
         rss_start = rss_mib(proc.pid)
+        # The raw runtime lives in this process; it is timed right after each level, while the
+        # server sits idle, so both numbers of a ratio are taken under the same machine conditions.
+        from service.runtime import ModelRuntime
+
+        model_dir = args.model_repo / name if (args.model_repo / name).is_dir() else args.model_repo
+        runtime = ModelRuntime.load(model_dir, device=args.device, precision=args.precision or "auto")
+        result["runtime_providers"] = runtime.providers
+        raw: dict[int, list[float]] = {}
         for c in args.concurrency:
             if left() < args.duration + 2 * args.raw_seconds + 30:
                 result["skipped_levels"].append(c)
                 continue
             level = run_load(url, files, c, args.duration, args.client_procs, args.resize, per_req=args.images_per_request)
             result["levels"].append(level)
+            b = max(1, round(level["mean_batch"] or 1))
+            raw.setdefault(b, []).append(raw_throughput(runtime, files, args.resize, b, args.raw_seconds))
+            level.update(raw_batch=b, raw_images_per_s=raw[b][-1], http_over_raw=level["images_per_s"] / raw[b][-1])
             print(
                 f"  concurrency {c:4d}: {level['images_per_s']:8.1f} img/s  p50 {level['p50_ms'] or 0:7.1f} ms  batch {level['mean_batch'] or 0:5.1f}",
                 flush=True,
             )
+        if left() > args.raw_seconds + 30:
+            raw.setdefault(args.max_batch_size, []).append(
+                raw_throughput(runtime, files, args.resize, args.max_batch_size, args.raw_seconds)
+            )
+        result["raw_images_per_s_by_batch"] = raw
+        del runtime
         if args.soak > 0 and result["levels"]:
             best = max(result["levels"], key=lambda lv: lv["images_per_s"])
             rate = args.soak_fraction * best["images_per_s"]
@@ -292,23 +310,6 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
 
-    # The raw runtime, once the server is gone (no competition for the device or the cores).
-    from service.runtime import ModelRuntime
-
-    model_dir = args.model_repo / name if (args.model_repo / name).is_dir() else args.model_repo
-    runtime = ModelRuntime.load(model_dir, device=args.device, precision=args.precision or "auto")
-    raw: dict[int, float] = {}
-    for level in result["levels"]:
-        b = max(1, round(level["mean_batch"] or 1))
-        if b not in raw and left() > args.raw_seconds + 5:
-            raw[b] = raw_throughput(runtime, files, args.resize, b, args.raw_seconds)
-        level["raw_batch"] = b
-        level["raw_images_per_s"] = raw.get(b)
-        level["http_over_raw"] = level["images_per_s"] / raw[b] if b in raw else None
-    if args.max_batch_size not in raw and left() > args.raw_seconds + 5:
-        raw[args.max_batch_size] = raw_throughput(runtime, files, args.resize, args.max_batch_size, args.raw_seconds)
-    result["raw_images_per_s_by_batch"] = raw
-    result["runtime_providers"] = runtime.providers
     result["wall_s"] = time.monotonic() - t_begin
     print_table(result)
     if args.out:

@@ -1,4 +1,6 @@
-"""Shared state and the dependencies routes declare (`Annotated` aliases, so handlers read like types)."""
+"""Shared state and the dependencies routes declare (`Annotated` aliases, so handlers read like types).
+
+All are `async def`: FastAPI runs a plain `def` dependency in a worker thread, one hop per request."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ class ServiceState:
     draining: bool = False  # shutdown has begun
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.vqtok  # type: ignore[no-any-return]
 
 
@@ -41,13 +43,13 @@ def _key_ok(creds: HTTPAuthorizationCredentials | None, keys: list[str]) -> bool
     return any(hmac.compare_digest(given, k.encode()) for k in keys)  # constant time per key
 
 
-def require_api_key(state: State, creds: Credentials) -> None:
+async def require_api_key(state: State, creds: Credentials) -> None:
     keys = state.settings.api_keys
     if keys and not _key_ok(creds, keys):
         raise Unauthorized("missing or wrong API key (Authorization: Bearer <key>)", headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_admin_key(state: State, creds: Credentials) -> None:
+async def require_admin_key(state: State, creds: Credentials) -> None:
     keys = state.settings.admin_keys
     if not keys:
         raise Forbidden("admin routes are off: set VQTOK_ADMIN_API_KEYS or VQTOK_API_KEYS (or send SIGHUP to reload)")

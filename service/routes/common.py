@@ -152,3 +152,11 @@ async def leased(state: ServiceState, model: str | None) -> AsyncIterator[Served
 
 def in_pool(state: ServiceState, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
     return asyncio.get_running_loop().run_in_executor(state.pool, fn, *args)
+
+
+INLINE_ELEMENTS = 1 << 16  # below this, serialising on the loop is cheaper than a thread hop
+
+
+async def small_inline(state: ServiceState, elements: int, fn: Callable[[], T]) -> T:
+    """`fn()` on the event loop when the data is small (a token grid), in the pool when it is not."""
+    return fn() if elements <= INLINE_ELEMENTS else await in_pool(state, fn)

@@ -20,7 +20,7 @@ from ..problems import BadRequest, NotAcceptable, PayloadTooLarge, Unprocessable
 from ..repository import ServedModel
 from ..schemas import EncodeJSONRequest, EncodeResponse, ModelName
 from ..settings import ResizeMode
-from .common import JSON, NPY, in_pool, infer, leased, media_type, negotiate, to_npy, unless_disconnected, with_deadline
+from .common import JSON, NPY, infer, leased, media_type, negotiate, small_inline, to_npy, unless_disconnected, with_deadline
 
 router = APIRouter(prefix="/v1", tags=["encode"], dependencies=[Depends(require_api_key)])
 
@@ -166,7 +166,8 @@ async def encode(
             if answer == NPY:
                 if len({t.shape for t in tokens}) > 1:
                     raise Unprocessable("images give different grids, which one npy array cannot hold; ask for JSON or use resize=crop")
-                return Response(await in_pool(state, lambda: to_npy(np.stack(tokens))), media_type=NPY, headers=headers)
+                npy = await small_inline(state, sum(t.size for t in tokens), lambda: to_npy(np.stack(tokens)))
+                return Response(npy, media_type=NPY, headers=headers)
             body = {
                 "model": served.name,
                 "codebook_size": info.codebook_size,
@@ -177,7 +178,9 @@ async def encode(
                 ],
             }
             return Response(
-                await in_pool(state, lambda: json.dumps(body, separators=(",", ":")).encode()), media_type=JSON, headers=headers
+                await small_inline(state, 8 * sum(t.size for t in tokens), lambda: json.dumps(body, separators=(",", ":")).encode()),
+                media_type=JSON,
+                headers=headers,
             )
 
     return await with_deadline(request, state, work)
