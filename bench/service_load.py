@@ -57,6 +57,8 @@ def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.P
     cmd += ["--warmup-batch-sizes", f"1,{args.max_batch_size}"]
     if args.precision:
         cmd += ["--precision", args.precision]
+    if args.intra_op_threads:
+        cmd += ["--intra-op-threads", str(args.intra_op_threads)]
     if args.model:
         cmd += ["--default-model", args.model]
     log = log_path.open("wb")
@@ -227,6 +229,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-batch-delay-ms", type=float, default=2.0)
     p.add_argument("--batch-workers", type=int, default=1)
+    p.add_argument("--intra-op-threads", type=int, default=None, help="ONNX Runtime threads (server and raw alike; CPU)")
     p.add_argument("--decode-threads", type=int, default=max(2, min(16, (os.cpu_count() or 2) // 2)))
     p.add_argument("--raw-seconds", type=float, default=3.0, help="seconds of raw runtime timing per batch size")
     p.add_argument("--soak", type=float, default=0.0, metavar="MINUTES", help="after the sweep, hold ~80%% of the best rate this long")
@@ -269,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         from service.runtime import ModelRuntime
 
         model_dir = args.model_repo / name if (args.model_repo / name).is_dir() else args.model_repo
-        runtime = ModelRuntime.load(model_dir, device=args.device, precision=args.precision or "auto")
+        runtime = ModelRuntime.load(
+            model_dir, device=args.device, precision=args.precision or "auto", intra_op_threads=args.intra_op_threads
+        )
         result["runtime_providers"] = runtime.providers
         raw: dict[int, list[float]] = {}
         for c in args.concurrency:
