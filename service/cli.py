@@ -26,7 +26,7 @@ _FLAGS: list[tuple[str, Any, str]] = [
     ("--warmup-batch-sizes", str, "comma-separated batch sizes warmed at load"),
     ("--host", str, "bind address (default 127.0.0.1)"),
     ("--port", int, "port (default 8000)"),
-    ("--api-keys", str, "comma-separated Bearer keys for /v1 (health and metrics stay open)"),
+    ("--api-keys", str, "comma-separated Bearer keys for /v1; health and metrics stay open (prefer VQTOK_API_KEYS: flags show in ps)"),
     ("--admin-api-keys", str, "comma-separated keys for /v1/admin (default: the API keys)"),
     ("--max-batch-size", int, "images per inference call (default 32)"),
     ("--max-batch-delay-ms", float, "how long a partial batch waits for company (default 2)"),
