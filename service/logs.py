@@ -39,8 +39,9 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
+        extras = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_"))
         rid = request_id_var.get()
-        return f"{line} [{rid}]" if rid else line
+        return line + (f" {extras}" if extras else "") + (f" [{rid}]" if rid else "")
 
 
 def configure(fmt: str = "json", level: str = "info") -> None:
