@@ -109,13 +109,17 @@ def verify_files(model_dir: Path, manifest: Mapping[str, Any], names: Sequence[s
             )
 
 
-def session_options(intra_op_threads: int | None) -> Any:
+def session_options(intra_op_threads: int | None, spin: bool = True) -> Any:
+    """Full graph optimisation; `spin=False` stops idle ORT worker threads from busy-waiting, which
+    a server needs on CPU so that its own threads (HTTP, image decoding) keep their cores."""
     ort = _import_ort()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     if intra_op_threads:
         opts.intra_op_num_threads = intra_op_threads
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
@@ -181,7 +185,9 @@ class ModelRuntime:
             )
         graphs = manifest["graphs"][precision]
         verify_files(model_dir, manifest, [graphs["encoder"], graphs["decoder"]])
-        opts = session_options(intra_op_threads)
+        # On the GPU the CPU threads only feed the device; on the CPU a spinning pool would starve
+        # the server's other threads between batches.
+        opts = session_options(intra_op_threads, spin=use_cuda)
         providers: list[Any] = ["CPUExecutionProvider"]
         if use_cuda:
             providers = [("CUDAExecutionProvider", cuda_provider_options(cuda_options)), "CPUExecutionProvider"]
