@@ -70,7 +70,14 @@ def main() -> None:
         t_build = time.perf_counter()
         step = make_step(args.preset, args.batch, args.size, "channels_last" in variant, "compile" in variant, args.device, overrides)
         sec = measure(step, args.device, args.steps)
-        rows.append({"variant": variant, "step_s": sec, "images_per_s": args.batch / sec, "setup_s": time.perf_counter() - t_build - sec * args.steps})
+        rows.append(
+            {
+                "variant": variant,
+                "step_s": sec,
+                "images_per_s": args.batch / sec,
+                "setup_s": time.perf_counter() - t_build - sec * args.steps,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     if args.device == "cuda":
         from torch.profiler import ProfilerActivity, profile
@@ -82,7 +89,9 @@ def main() -> None:
                 step()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
-    args.out.write_text(json.dumps({"preset": args.preset, "batch": args.batch, "size": args.size, "device": args.device, "rows": rows}, indent=1))
+    args.out.write_text(
+        json.dumps({"preset": args.preset, "batch": args.batch, "size": args.size, "device": args.device, "rows": rows}, indent=1)
+    )
     print("\n" + "\n".join(f"{r['variant']:24s} {r['images_per_s']:8.1f} img/s  (setup {r['setup_s']:.0f}s)" for r in rows))
 
 

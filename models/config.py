@@ -59,8 +59,8 @@ class TokenizerConfig:
             fail(f"gradient must be 'rotation' or 'ste', got {self.gradient!r}")
         if self.downsample not in (4, 8, 16):
             fail(f"channel_mult {self.channel_mult} gives downsample {self.downsample}; it must be 4, 8 or 16")
-        if any(m < 1 for m in self.channel_mult) or self.base_channels < 1 or self.num_res_blocks < 1:
-            fail("base_channels, channel_mult entries and num_res_blocks must be positive")
+        if any(m < 1 for m in self.channel_mult) or self.base_channels < 1 or self.num_res_blocks < 1 or self.norm_groups < 1:
+            fail("base_channels, channel_mult entries, num_res_blocks and norm_groups must be positive")
         for width in {self.base_channels * m for m in self.channel_mult}:
             if width % min(self.norm_groups, width):
                 fail(f"channel width {width} is not divisible by norm_groups={self.norm_groups}")

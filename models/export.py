@@ -261,7 +261,8 @@ def _real_parity_images(paths: Sequence[Path], size: tuple[int, int], count: int
 
 def find_parity_images(directory: str | Path | None) -> list[Path]:
     """Real photos to check parity on: --parity-images, $VQTOK_PARITY_IMAGES, or ../shared/data/kodak."""
-    candidates = [directory, os.environ.get("VQTOK_PARITY_IMAGES"), Path.cwd().parent / "shared" / "data" / "kodak"]
+    repo_data = Path(__file__).resolve().parents[2] / "shared" / "data" / "kodak"  # ../shared beside the checkout
+    candidates = [directory, os.environ.get("VQTOK_PARITY_IMAGES"), repo_data]
     for cand in candidates:
         if cand is None:
             continue
@@ -376,6 +377,8 @@ def export_model(
                 )
             parity[precision] = {"bounds": asdict(PARITY[precision]), "figures": figures}
             staged[precision] = paths
+        for stale in GRAPH_FILES["fp16"].values() if not fp16 else ():
+            (model_dir / stale).unlink(missing_ok=True)  # an earlier --fp16 export's graphs would be unlisted
         for precision, paths in staged.items():
             for role, src in paths.items():
                 name = GRAPH_FILES[precision][role]

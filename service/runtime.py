@@ -95,9 +95,11 @@ def verify_files(model_dir: Path, manifest: Mapping[str, Any], names: Sequence[s
     """Every named file exists and matches the manifest's SHA-256."""
     files = manifest.get("files", {})
     for name in names:
-        entry = files.get(name)
-        if entry is None:
-            raise ModelLoadError(f"{model_dir / MANIFEST_FILE} does not list {name}")
+        entry = files.get(name) if isinstance(files, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise ModelLoadError(
+                f"{model_dir / MANIFEST_FILE} does not list {name} with its sha256; re-run `vqtok export --model {model_dir}`"
+            )
         path = model_dir / name
         if not path.is_file():
             raise ModelLoadError(f"{path} is missing (listed in manifest.json); re-run `vqtok export --model {model_dir}`")
@@ -183,7 +185,15 @@ class ModelRuntime:
             raise ModelLoadError(
                 f"{model_dir} has no {precision} graphs (exported: {exported}); run `vqtok export --model {model_dir} --fp16`"
             )
-        graphs = manifest["graphs"][precision]
+        try:
+            graphs = manifest["graphs"][precision]
+            m = manifest["model"]
+            codebook_size, downsample, resolution = int(m["codebook_size"]), int(m["downsample"]), int(m["resolution"])
+            quantizer = str(m["quantizer"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(
+                f"{model_dir / MANIFEST_FILE} is incomplete or malformed ({exc!r}); re-run `vqtok export --model {model_dir}`"
+            ) from exc
         verify_files(model_dir, manifest, [graphs["encoder"], graphs["decoder"]])
         # On the GPU the CPU threads only feed the device; on the CPU a spinning pool would starve
         # the server's other threads between batches.
@@ -198,13 +208,12 @@ class ModelRuntime:
             raise ModelLoadError(f"ONNX Runtime could not load {model_dir}: {exc}") from exc
         _check_io(encoder, "images", "tokens", model_dir)
         _check_io(decoder, "tokens", "images", model_dir)
-        m = manifest["model"]
         info = ModelInfo(
             name=name or model_dir.name,
-            codebook_size=int(m["codebook_size"]),
-            downsample=int(m["downsample"]),
-            resolution=int(m["resolution"]),
-            quantizer=str(m["quantizer"]),
+            codebook_size=codebook_size,
+            downsample=downsample,
+            resolution=resolution,
+            quantizer=quantizer,
             precision=precision,
             opset=int(manifest.get("opset", 0)),
             revision=str(manifest.get("revision", "unknown")),
