@@ -118,6 +118,7 @@ def test_corrupt_checkpoints_are_clear_errors(tmp_path: Path) -> None:
         ({"resolution": 100}, "multiple"),
         ({"gradient": "magic"}, "gradient"),
         ({"base_channels": 10, "norm_groups": 4}, "divisible"),
+        ({"norm_groups": 0}, "must be positive"),
     ],
 )
 def test_invalid_config_combinations(changes: dict[str, object], message: str) -> None:

@@ -102,6 +102,11 @@ def test_hash_mismatch_missing_file_and_missing_export(copy_of: Path, tmp_path: 
     (copy_of / "decoder.onnx").unlink()
     with pytest.raises(ModelLoadError, match=r"decoder\.onnx is missing"):
         ModelRuntime.load(copy_of)
+    manifest = json.loads((copy_of / "manifest.json").read_text())
+    del manifest["graphs"]
+    (copy_of / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match="incomplete or malformed"):
+        ModelRuntime.load(copy_of)
     (copy_of / "manifest.json").write_text("{oops")
     with pytest.raises(ModelLoadError, match="corrupt"):
         ModelRuntime.load(copy_of)
