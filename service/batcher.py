@@ -5,11 +5,14 @@ Items with the same key wait in one bucket; a worker takes the bucket whose olde
 waits up to `max_delay_s` for the bucket to reach `max_batch_size` images, and runs the whole bucket
 as one inference call in a thread, so the event loop stays free for I/O while the model runs.
 
-- The queue is bounded in images: `submit` raises `QueueFull` at once rather than letting latency grow.
+- The queue is bounded in images: `submit` raises `QueueFull` at once rather than letting latency grow,
+  and `TooLarge` for a request that could never fit however empty the queue is.
 - An item whose future was cancelled (its client went away, or its deadline passed) leaves the
   queue immediately and never runs; an item found expired when a batch forms fails with
   `DeadlineExceeded`.
 - An exception from an inference call fails only the futures of that batch; the worker goes on.
+- `stop` fails whatever is still queued, and the batch running when its worker is cancelled, with
+  `ShuttingDown`, so no request waits for its deadline on a batcher that has gone.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ RunFn = Callable[[str, np.ndarray], np.ndarray]  # (op, batch) -> batch of resul
 
 class QueueFull(Exception):
     """The model's queue holds `max_queue_images` already."""
+
+
+class TooLarge(Exception):
+    """The request alone holds more images than `max_queue_images`: it can never be queued (413, not 503)."""
 
 
 class ShuttingDown(Exception):
@@ -112,6 +119,9 @@ class Batcher:
         if not self._accepting:
             raise ShuttingDown(f"model {self.model!r} is not taking new work")
         n = int(array.shape[0])
+        if n > self.max_queue_images:
+            self._metrics.rejected.labels(self.model, "too_large").inc()
+            raise TooLarge(f"{n} images in one request; model {self.model!r} queues at most {self.max_queue_images}")
         if self._queued_images + n > self.max_queue_images:
             self._metrics.rejected.labels(self.model, "queue_full").inc()
             raise QueueFull(f"model {self.model!r} has {self._queued_images} images queued (limit {self.max_queue_images})")
@@ -144,18 +154,26 @@ class Batcher:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for bucket in self._buckets.values():
-            for item in bucket:
-                if not item.future.done():
-                    item.future.set_exception(ShuttingDown(f"model {self.model!r} stopped"))
+        # Take every item out of the queue before failing its future, so that the done-callbacks
+        # (which run later) find nothing to remove.
+        left = [item for bucket in self._buckets.values() for item in bucket]
         self._buckets.clear()
+        for item in left:
+            item.queued = False
+            self._queued_images -= item.n
+        self._set_depth()
+        for item in left:
+            if not item.future.done():
+                item.future.set_exception(ShuttingDown(f"model {self.model!r} stopped"))
 
     # --- queue bookkeeping ---
 
     def _on_done(self, item: _Item) -> None:
         """A future finished while its item was still queued (cancelled by its client): drop the item now."""
         if item.queued:
-            self._buckets[item.key].remove(item)
+            bucket = self._buckets.get(item.key)
+            if bucket is not None and item in bucket:
+                bucket.remove(item)
             self._dequeue(item)
             self._metrics.rejected.labels(self.model, "cancelled").inc()
 
@@ -244,6 +262,13 @@ class Batcher:
         self._running_batches += 1
         try:
             out = await asyncio.get_running_loop().run_in_executor(self._executor, self._call, op, arrays)
+        except asyncio.CancelledError:
+            # The worker is being stopped while this batch runs (the thread goes on; its result is
+            # dropped): answer the batch's requests now rather than at their deadlines.
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(ShuttingDown(f"model {self.model!r} stopped while this batch ran"))
+            raise
         except Exception as exc:
             self._metrics.batch_failures.labels(self.model, op).inc()
             log.error(

@@ -1,5 +1,6 @@
-"""Request and response bodies. Limits that depend on settings are enforced in the routes; the caps
-here are the hard ones (a schema must not admit unbounded input whatever the settings say)."""
+"""Request and response bodies. Limits that depend on settings (images per request, grid size) are
+enforced in the routes, which answer 413; the body-size limit bounds everything else. The caps here
+are the hard ones that no setting changes."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class _Strict(BaseModel):
 
 class EncodeJSONRequest(_Strict):
     images: list[Annotated[str, Field(min_length=1)]] = Field(
-        min_length=1, max_length=1024, description="base64 image files (PNG, JPEG, WebP, BMP); a data: URL prefix is allowed"
+        min_length=1, description="base64 image files (PNG, JPEG, WebP, BMP); a data: URL prefix is allowed"
     )
     model: ModelName | None = Field(default=None, description="model name; default: the server's default model")
     resize: ResizeMode | None = Field(default=None, description="none | crop | pad; default: the server's default (none)")

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
             raise ValueError("warmup sizes and batch sizes must be positive")
         if any(len(k) < 8 for k in self.api_keys + self.admin_api_keys):
             raise ValueError("API keys must be at least 8 characters")
+        if self.max_queue_images < self.max_images_per_request:
+            raise ValueError(
+                f"max_queue_images ({self.max_queue_images}) must be at least max_images_per_request "
+                f"({self.max_images_per_request}): a request the queue can never hold could only ever be refused"
+            )
         return self
 
     @property

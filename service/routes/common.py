@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 import numpy as np
 from fastapi import Request
 
-from ..batcher import BatchDeadlineExceeded, BatchFailed, QueueFull, ShuttingDown
+from ..batcher import BatchDeadlineExceeded, BatchFailed, QueueFull, ShuttingDown, TooLarge
 from ..deps import ServiceState
-from ..problems import ClientClosed, DeadlineExceeded, NotFound, Problem, Unavailable, Unprocessable
+from ..problems import ClientClosed, DeadlineExceeded, NotFound, PayloadTooLarge, Problem, Unavailable, Unprocessable
 from ..repository import ModelNotReady, ServedModel, UnknownModel
 from ..runtime import InvalidInputError
 
@@ -92,7 +92,9 @@ async def with_deadline(request: Request, state: ServiceState, work: Callable[[f
     try:
         return await asyncio.wait_for(work(time.monotonic() + timeout), timeout)
     except asyncio.TimeoutError:
-        state.metrics.rejected.labels(request.query_params.get("model") or "-", "deadline").inc()
+        # Label with the model that was leased (a bounded set), never with a client-supplied string.
+        model = getattr(request.state, "served_model", None) or "-"
+        state.metrics.rejected.labels(model, "deadline").inc()
         raise DeadlineExceeded(f"request outlived its deadline of {timeout:g} s") from None
 
 
@@ -124,6 +126,8 @@ async def infer(state: ServiceState, served: ServedModel, op: str, batch: np.nda
     retry = {"Retry-After": str(state.settings.retry_after_s)}
     try:
         return await served.batcher.submit(op, batch, deadline)
+    except TooLarge as exc:
+        raise PayloadTooLarge(str(exc)) from None
     except QueueFull as exc:
         raise Unavailable(str(exc), slug="queue-full", headers=retry) from None
     except ShuttingDown as exc:
@@ -140,9 +144,13 @@ async def infer(state: ServiceState, served: ServedModel, op: str, batch: np.nda
 
 
 @asynccontextmanager
-async def leased(state: ServiceState, model: str | None) -> AsyncIterator[ServedModel]:
+async def leased(state: ServiceState, model: str | None, request: Request | None = None) -> AsyncIterator[ServedModel]:
+    """The served model; with `request`, its resolved name is kept on `request.state.served_model`
+    (for metric labels, which must not take client-supplied strings)."""
     try:
         async with state.repo.lease(model) as served:
+            if request is not None:
+                request.state.served_model = served.name
             yield served
     except UnknownModel as exc:
         raise NotFound(str(exc), slug="unknown-model") from None

@@ -121,7 +121,7 @@ async def decode(
         raw, body_model = await _read_tokens(request, state)
         if answer == PNG and raw.shape[0] != 1:
             raise NotAcceptable(f"image/png holds one image; this request has {raw.shape[0]} grids (ask for JSON or npy)")
-        async with leased(state, body_model or model) as served:
+        async with leased(state, body_model or model, request) as served:
             ids = _validate(raw, state, served)
             pixels = await unless_disconnected(request, infer(state, served, "decode", ids, deadline))
             state.metrics.images.labels(served.name, "decode").inc(len(pixels))

@@ -156,7 +156,7 @@ async def encode(
         mode = body_resize or resize or state.settings.default_resize
         if mode not in ("none", "crop", "pad"):
             raise Unprocessable(f"resize must be none, crop or pad, not {mode!r}")
-        async with leased(state, body_model or model) as served:
+        async with leased(state, body_model or model, request) as served:
             prepared = await _prepare(state, served, files, mode)  # type: ignore[arg-type]
             tokens = await unless_disconnected(request, _encode_grouped(state, served, [p.pixels for p in prepared], deadline))
             info = served.runtime.info

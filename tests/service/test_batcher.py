@@ -1,16 +1,19 @@
-"""The batcher on its own (no HTTP): grouping by shape, result order, and the cancel/expiry race."""
+"""The batcher on its own (no HTTP): grouping by shape, result order, the cancel/expiry race,
+stopping with work running or queued, and a request larger than the whole queue."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pytest
 
-from service.batcher import BatchDeadlineExceeded, Batcher, _Item
+from service.batcher import BatchDeadlineExceeded, Batcher, QueueFull, ShuttingDown, TooLarge, _Item
 from service.metrics import Metrics
 
 
@@ -60,5 +63,88 @@ def test_take_skips_items_cancelled_before_their_callback_ran() -> None:
         with pytest.raises(BatchDeadlineExceeded):
             items[1].future.result()
         await asyncio.sleep(0)  # the late callback finds the item already gone
+
+    asyncio.run(main())
+
+
+def blocking(gate: threading.Event, entered: threading.Event, **kw: Any) -> Batcher:
+    def run(op: str, x: np.ndarray) -> np.ndarray:
+        entered.set()
+        gate.wait(10)
+        return x
+
+    return Batcher("m", run, ThreadPoolExecutor(1), Metrics(), **kw)
+
+
+def test_stop_fails_the_running_batch_and_the_queue_at_once() -> None:
+    gate, entered = threading.Event(), threading.Event()
+    loop_errors: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: loop_errors.append(ctx))
+        b = blocking(gate, entered, max_batch_size=1, max_delay_s=0)
+        b.start()
+        deadline = time.monotonic() + 60
+        running = asyncio.ensure_future(b.submit("decode", np.zeros((1, 2)), deadline))
+        await asyncio.to_thread(entered.wait, 10)
+        queued = [asyncio.ensure_future(b.submit("decode", np.zeros((1, 2)), deadline)) for _ in range(2)]
+        queued.append(asyncio.ensure_future(b.submit("encode", np.zeros((1, 3)), deadline)))
+        await asyncio.sleep(0.01)
+        assert b.queued_images == 3
+        t0 = time.monotonic()
+        await b.stop(drain_timeout_s=0.05)
+        # every request is answered now, not at its deadline (a minute away)
+        done, pending = await asyncio.wait([running, *queued], timeout=2)
+        assert not pending, "requests left hanging after stop()"
+        assert time.monotonic() - t0 < 2
+        for f in done:
+            with pytest.raises(ShuttingDown):
+                f.result()
+        await asyncio.sleep(0.01)  # the done-callbacks of the queued items run now
+        assert b.queued_images == 0 and not b._buckets and not b.busy
+        with pytest.raises(ShuttingDown):
+            await b.submit("decode", np.zeros((1, 2)), deadline)
+
+    try:
+        asyncio.run(main())
+    finally:
+        gate.set()
+    assert loop_errors == []  # no KeyError from a done-callback looking for a cleared bucket
+
+
+def test_a_request_larger_than_the_queue_is_too_large_not_queue_full() -> None:
+    async def main() -> None:
+        b = make([], max_batch_size=2, max_queue_images=4)
+        b.start()
+        deadline = time.monotonic() + 10
+        with pytest.raises(TooLarge):
+            await b.submit("decode", np.zeros((5, 2)), deadline)
+        assert (await b.submit("decode", np.ones((4, 2)), deadline)).shape == (4, 2)  # a full queue's worth fits
+        await b.stop(1)
+
+    asyncio.run(main())
+    assert not issubclass(TooLarge, QueueFull)  # a retry can never help: not a 503
+
+
+def test_infer_maps_too_large_to_413_and_queue_full_to_503() -> None:
+    from types import SimpleNamespace
+
+    from service.problems import PayloadTooLarge, Unavailable
+    from service.routes.common import infer
+
+    class Raising:
+        def __init__(self, exc: Exception) -> None:
+            self.exc = exc
+
+        async def submit(self, *args: Any) -> np.ndarray:
+            raise self.exc
+
+    state: Any = SimpleNamespace(settings=SimpleNamespace(retry_after_s=1))
+
+    async def main() -> None:
+        with pytest.raises(PayloadTooLarge):
+            await infer(state, SimpleNamespace(batcher=Raising(TooLarge("x"))), "encode", np.zeros((1,)), 0.0)  # type: ignore[arg-type]
+        with pytest.raises(Unavailable):
+            await infer(state, SimpleNamespace(batcher=Raising(QueueFull("x"))), "encode", np.zeros((1,)), 0.0)  # type: ignore[arg-type]
 
     asyncio.run(main())

@@ -66,7 +66,7 @@ def test_200_concurrent_requests_equal_sequential_and_batch(serve, photos: list[
 
 
 def test_full_queue_answers_503_then_recovers(serve, faults: Faults) -> None:  # type: ignore[no-untyped-def]
-    s = serve(loader=faults.loader, max_batch_size=1, max_queue_images=3, max_batch_delay_ms=0, retry_after_s=2)
+    s = serve(loader=faults.loader, max_batch_size=1, max_queue_images=3, max_images_per_request=3, max_batch_delay_ms=0, retry_after_s=2)
     img = png_bytes(np.full((32, 32, 3), 50, np.uint8))
     faults.gate.clear()
     with httpx.Client(base_url=s.url, timeout=30) as c, ThreadPoolExecutor(8) as pool:
@@ -126,23 +126,33 @@ def test_disconnected_client_is_dropped_before_running(serve, faults: Faults) ->
 
 def test_failing_batch_fails_only_its_requests(serve, faults: Faults) -> None:  # type: ignore[no-untyped-def]
     s = serve(loader=faults.loader, max_batch_size=8, max_batch_delay_ms=50)
+    blocker = png_bytes(np.full((32, 32, 3), 10, np.uint8))
     good = png_bytes(np.full((32, 32, 3), 80, np.uint8))
     poison = np.full((32, 32, 3), 80, np.uint8)
     poison[0, 0] = FaultyRuntime.POISON
     oom = np.full((32, 32, 3), 80, np.uint8)
     oom[0, 0] = FaultyRuntime.OOM
     odd = png_bytes(np.full((32, 64, 3), 80, np.uint8))  # another shape: another bucket, another batch
+    faults.gate.clear()
     with httpx.Client(base_url=s.url, timeout=30) as c, ThreadPoolExecutor(8) as pool:
+        first = pool.submit(encode, c, blocker)
+        assert faults.entered.wait(10)  # the one worker is inside the model: everything below queues
         futures = [pool.submit(encode, c, png_bytes(poison)), pool.submit(encode, c, good), pool.submit(encode, c, odd)]
+        wait_until(lambda: queue_depth(c) == 3)
+        faults.gate.set()
+        assert first.result().status_code == 200
         statuses = [f.result().status_code for f in futures]
-        # poison and good share a shape and (within 50 ms) a batch; the other shape is untouched
-        assert statuses[0] == 500 and statuses[2] == 200
+        # poison and good were queued in one bucket together, so they ran (and failed) as one batch;
+        # the other shape ran in its own batch and is untouched
+        assert statuses == [500, 500, 200]
+        assert faults.batches[0] == 1 and sorted(faults.batches[1:]) == [1, 2]
         assert_problem(futures[0].result(), 500, "inference failed")
+        assert_problem(futures[1].result(), 500, "inference failed")
         r = encode(c, png_bytes(oom))
         assert_problem(r, 503, "out of memory")
         assert "retry-after" in r.headers
-        assert encode(c, good).status_code == 200  # the batcher keeps serving
-        assert metric_value(c.get("/metrics").text, "vqtok_batch_failures_total", model="fsq4") >= 2
+        assert encode(c, good).status_code == 200  # the batcher keeps serving; alone, good succeeds
+        assert metric_value(c.get("/metrics").text, "vqtok_batch_failures_total", model="fsq4") == 2
 
 
 def test_shutdown_drains_in_flight_requests(serve, faults: Faults) -> None:  # type: ignore[no-untyped-def]
@@ -159,3 +169,40 @@ def test_shutdown_drains_in_flight_requests(serve, faults: Faults) -> None:  # t
         assert pending.result().status_code == 200
         stopper.join(30)
         assert not s.thread.is_alive()
+
+
+def test_deadline_metric_is_labelled_with_the_served_model_not_the_query(serve, faults: Faults) -> None:  # type: ignore[no-untyped-def]
+    s = serve(loader=faults.loader, max_batch_size=1)
+    img = png_bytes(np.full((32, 32, 3), 65, np.uint8))
+    faults.gate.clear()
+    with httpx.Client(base_url=s.url, timeout=30) as c, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(encode, c, img)
+        assert faults.entered.wait(10)
+        # the form field names the model; the query string carries an arbitrary client string
+        r = c.post(
+            "/v1/encode?model=client-chosen-label-123",
+            files={"images": ("x.png", img, "image/png")},
+            data={"model": "fsq4"},
+            headers={"Accept": NPY, "X-Request-Timeout": "0.3"},
+        )
+        assert_problem(r, 504, "deadline")
+        metrics = c.get("/metrics").text
+        assert "client-chosen-label-123" not in metrics
+        assert metric_value(metrics, "vqtok_rejected_total", model="fsq4", reason="deadline") == 1
+        faults.gate.set()
+        first.result()
+
+
+def test_json_encode_over_1024_images_is_413_not_422(client: httpx.Client) -> None:
+    r = client.post("/v1/encode", json={"images": ["AAAA"] * 1100})
+    assert_problem(r, 413, "1100 images")
+
+
+def test_settings_require_the_queue_to_hold_one_full_request() -> None:
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError, match=r"max_queue_images \(8\) must be at least max_images_per_request \(9\)"):
+        Settings(max_queue_images=8, max_images_per_request=9)
+    Settings(max_queue_images=9, max_images_per_request=9)
