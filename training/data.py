@@ -237,8 +237,9 @@ class StreamSampler(Sampler):
     """An endless stream of (index, position) pairs, resumable at any position.
 
     The global stream is the concatenation of per-epoch permutations seeded by (seed, epoch);
-    rank r of `world` takes positions r, r + world, … . After `step` steps of `batch_size`
-    per rank, the next position is step·batch_size·world: that is the whole data-loader state.
+    rank r of `world` takes positions r, r + world, … . Every batch of `batch_size` per rank takes
+    batch_size·world positions, so the number of positions taken so far (the trainer's
+    `data_position`, counted per batch drawn, trained on or not) is the whole data-loader state.
     """
 
     def __init__(self, num_items: int, seed: int = 0, rank: int = 0, world: int = 1, start: int = 0) -> None:

@@ -38,7 +38,7 @@ from models.quantizers.functional import perplexity_from_counts, usage_from_coun
 
 from .checkpointing import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import CONFIG_NAME, TrainConfig
-from .data import Augment, ImageDataset, StreamSampler, collate_skip, iter_images, open_source, to_float, to_uint8
+from .data import Augment, DataError, ImageDataset, StreamSampler, collate_skip, iter_images, open_source, to_float, to_uint8
 from .ema import EMA
 from .losses import EfficientNetFeatureLoss, PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss, reconstruction_loss
 from .metrics import psnr
@@ -120,7 +120,7 @@ class Trainer:
 
         self.model = self._build_model().to(self.device)
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-        self.model = self.model.to(memory_format=self.memory_format)
+        self.model = self.model.to(memory_format=self.memory_format)  # type: ignore[call-overload]  # missing from the nn.Module stubs
         self.fwd: nn.Module = self.model
         if config.compile:
             self.fwd = torch.compile(self.model)  # type: ignore[assignment]
@@ -143,6 +143,9 @@ class Trainer:
         self.feature_loss = EfficientNetFeatureLoss().to(self.device) if config.loss.perceptual_weight > 0 else None
 
         self.step = 0
+        # Global sample-stream positions consumed so far (all ranks): where the data resumes. Not
+        # step·batch·world: a batch whose images were all unreadable consumes positions but no step.
+        self.data_position = 0
         self.skipped_images = 0
         self.train_seconds = 0.0  # training time over all calls
         self.runlog = RunLog(self.run_dir, enabled=self.dist.main)
@@ -185,8 +188,8 @@ class Trainer:
         dc = self.config.data
         augment = Augment(self.resolution, dc.augment, dc.flip)
         dataset = ImageDataset(self.train_source, augment, seed=self.config.seed, cache_in_memory=dc.cache_in_memory)
-        start = self.step * self.config.batch_size * self.dist.world  # the whole data-loader state
-        sampler = StreamSampler(len(dataset), self.config.seed, self.dist.rank, self.dist.world, start)
+        # the whole data-loader state: each batch takes batch_size positions per rank, interleaved
+        sampler = StreamSampler(len(dataset), self.config.seed, self.dist.rank, self.dist.world, self.data_position)
         workers = 0 if dc.cache_in_memory else dc.num_workers
         loader = DataLoader(
             dataset,
@@ -218,7 +221,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "step": self.step,
-            "samples_seen": self.step * self.config.batch_size * self.dist.world,
+            "samples_seen": self.data_position,
+            "data_position": self.data_position,
             "skipped_images": self.skipped_images,
             "train_seconds": self.train_seconds,
             "model": self.model.state_dict(),
@@ -251,6 +255,8 @@ class Trainer:
             _unwrap(self.disc).load_state_dict(state["disc"])
             self.disc_opt.load_state_dict(state["disc_opt"])
         self.step = int(state["step"])
+        # checkpoints older than the key: every batch was a step (exact unless a batch was all unreadable)
+        self.data_position = int(state.get("data_position", self.step * self.config.batch_size * self.dist.world))
         self.skipped_images = int(state["skipped_images"])
         self.train_seconds = float(state["train_seconds"])
         if self.dist.world == 1:
@@ -387,13 +393,16 @@ class Trainer:
         if self.dist.world > 1:
             dist.barrier()
 
-    def _agree(self, flag: bool) -> bool:
-        """True on every rank if it is True on any rank (so all ranks stop at the same step)."""
+    def _agree(self, stop: bool, batch_images: int) -> tuple[bool, int]:
+        """One collective per iteration, before the forward: (stop on any rank, fewest images in the
+        local batch of any rank). All ranks then stop, skip or train together: a rank never enters
+        DDP's backward all-reduce while another waits in a different collective."""
         if self.dist.world == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
+            return stop, batch_images
+        t = torch.tensor([1.0 if stop else 0.0, -float(batch_images)], device=self.device if self.device.type == "cuda" else "cpu")
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        flags = t.tolist()
+        return flags[0] > 0, int(-flags[1])
 
     def _reduce_window(self, sums: dict[str, float], n: int, counts: Tensor, skipped: int) -> tuple[dict[str, float], Tensor, int]:
         if self.dist.world == 1:
@@ -419,18 +428,28 @@ class Trainer:
         window_counts = torch.zeros(self.model.codebook_size, dtype=torch.long)
         window_start, images_total = time.monotonic(), 0
         reason, saved_at = "max_steps", -1
+        positions_per_batch = c.batch_size * self.dist.world
+        empty_run = 0  # stream positions consumed since the last trained step
         while self.step < c.max_steps:
-            if self._agree(time.monotonic() - start >= budget_s):
-                reason = "time_budget"
-                break
             if stop_at_step is not None and self.step >= stop_at_step:
                 reason = "stop_at_step"
                 break
             images, skipped = next(batches)
+            stop, fewest = self._agree(time.monotonic() - start >= budget_s, images.shape[0])
+            if stop:  # this batch is not consumed: a resumed run starts with it
+                reason = "time_budget"
+                break
+            self.data_position += positions_per_batch
             self.skipped_images += skipped
             window_skipped += skipped
-            if images.shape[0] == 0:
+            if fewest == 0:
+                # Every image of some rank's batch was unreadable: all ranks skip it together (no
+                # step, so no DDP collective); the positions are consumed all the same.
+                empty_run += positions_per_batch
+                if empty_run > len(self.train_source) + positions_per_batch:
+                    raise DataError(f"no readable image in a whole pass over {c.data.train}")
                 continue
+            empty_run = 0
             stats = self.train_step(images)
             self.step += 1
             window_counts += stats.pop("counts").cpu()

@@ -2,13 +2,14 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
 from models import Tokenizer
-from training.checkpointing import list_checkpoints
+from training.checkpointing import list_checkpoints, load_checkpoint
 from training.config import build_config
 from training.data import Augment, ImageDataset, open_source, to_float
 from training.trainer import Trainer
@@ -73,6 +74,38 @@ def test_killed_and_resumed_equals_uninterrupted(few_photos: Path, tmp_path: Pat
     assert not torch.allclose(fresh.model.decoder.conv_out.weight, resumed.model.decoder.conv_out.weight)
 
 
+def _with_broken(few_photos: Path, folder: Path, good: int, broken: int) -> Path:
+    """`good` real photos then `broken` undecodable files (they sort last: source indices good…)."""
+    folder.mkdir()
+    for src in sorted(few_photos.iterdir())[:good]:
+        (folder / src.name).symlink_to(src.resolve())
+    for i in range(broken):
+        (folder / f"zz_broken{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    return folder
+
+
+def test_resume_is_exact_across_empty_and_short_batches(few_photos: Path, tmp_path: Path) -> None:
+    # 2 readable + 2 broken, batch 2, seed 0: the stream's batches hold 2, 0, 1, 1 | 2, 0, 0, 2, 1 readable
+    # images, so the first call skips an empty batch and trains on short ones before its step-3 checkpoint
+    data = _with_broken(few_photos, tmp_path / "data", good=2, broken=2)
+    overrides = tiny_overrides(data, max_steps=6, batch_size=2)
+    straight = Trainer(build_config({}, overrides), tmp_path / "a")
+    straight.train()
+
+    first = Trainer(build_config({}, overrides), tmp_path / "b")
+    first.train(stop_at_step=3)
+    assert (first.step, first.data_position, first.skipped_images) == (3, 8, 4)  # 4 batches drawn for 3 steps
+    del first
+    resumed = Trainer(build_config({}, overrides), tmp_path / "b", resume=True)
+    assert (resumed.step, resumed.data_position) == (3, 8)
+    assert resumed.train().step == 6
+    assert resumed.data_position == straight.data_position == 18
+    assert resumed.skipped_images == straight.skipped_images == 9
+    _states_close(straight.model.state_dict(), resumed.model.state_dict())
+    assert straight.ema is not None and resumed.ema is not None
+    _states_close(straight.ema.model.state_dict(), resumed.ema.model.state_dict())
+
+
 def test_time_budget_stops_checkpoints_and_resumes(few_photos: Path, tmp_path: Path) -> None:
     overrides = tiny_overrides(few_photos, max_steps=1000, time_budget_minutes=0.0001, checkpoint_every=500, keep_checkpoints=1)
     result = Trainer(build_config({}, overrides), tmp_path / "run").train()
@@ -104,3 +137,25 @@ def test_two_process_ddp_keeps_replicas_identical(few_photos: Path, tmp_path: Pa
     assert any(not torch.equal(init[k], r0[k]) for k in r0), "DDP run did not train"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 3
+
+
+def test_two_process_ddp_skips_an_empty_batch_on_one_rank_together(few_photos: Path, tmp_path: Path) -> None:
+    # 3 readable + 1 broken, batch 1 per rank: with seed 0 the broken image falls to rank 0 on the
+    # 2nd batch and to rank 1 on the 3rd; both ranks must skip both (before this, a hang)
+    data = _with_broken(few_photos, tmp_path / "data", good=3, broken=1)
+    overrides = tiny_overrides(data, max_steps=3, checkpoint_every=3, batch_size=1, log_every=1)
+    ctx = mp.spawn(run_rank, args=(2, _free_port(), overrides, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            raise AssertionError("the DDP run hung on an empty batch")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for key in r0:
+        torch.testing.assert_close(r0[key], r1[key], rtol=0, atol=0, msg=key)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == 3 and summary["finished"]
+    [(_, path)] = list_checkpoints(tmp_path / "run")
+    assert load_checkpoint(path)["data_position"] == 10  # 5 batches of 2 drawn, 2 of them skipped
