@@ -45,7 +45,7 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "vqtok-onnx"
 MANIFEST_VERSION = 1
 DEFAULT_OPSET = 18
-SEARCH_CHUNK = 16384  # codes per distance block in the graph: bounds the N×K matrix ORT materialises
+SEARCH_CHUNK = 4096  # codes per distance block in the graph: ORT holds N×4096 scores at a time, not N×K
 GRAPH_FILES = {
     "fp32": {"encoder": "encoder.onnx", "decoder": "decoder.onnx"},
     "fp16": {"encoder": "encoder.fp16.onnx", "decoder": "decoder.fp16.onnx"},
