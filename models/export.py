@@ -347,6 +347,7 @@ def export_model(
     Raises ExportError (with the parity figures) if ORT does not reproduce torch within `PARITY`.
     """
     model_dir = Path(model_dir)
+    revision = git_revision()  # before this export rewrites tracked files in a checkout
     tok = Tokenizer.from_pretrained(model_dir).eval().float()
     cfg = tok.config
     real = find_parity_images(parity_images)
@@ -386,7 +387,7 @@ def export_model(
                 manifest_files[name] = {"sha256": sha256_file(model_dir / name), "bytes": (model_dir / name).stat().st_size}
     for name in ("config.json", "model.safetensors"):
         manifest_files[name] = {"sha256": sha256_file(model_dir / name), "bytes": (model_dir / name).stat().st_size}
-    manifest = build_manifest(cfg, manifest_files, precisions, opset, parity, real_images=len(real) > 0)
+    manifest = build_manifest(cfg, manifest_files, precisions, opset, parity, real_images=len(real) > 0, revision=revision)
     tmp_manifest = model_dir / f".{MANIFEST_FILE}.tmp"
     tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp_manifest, model_dir / MANIFEST_FILE)
@@ -394,7 +395,13 @@ def export_model(
 
 
 def build_manifest(
-    cfg: TokenizerConfig, files: dict[str, dict[str, Any]], precisions: list[str], opset: int, parity: dict[str, Any], real_images: bool
+    cfg: TokenizerConfig,
+    files: dict[str, dict[str, Any]],
+    precisions: list[str],
+    opset: int,
+    parity: dict[str, Any],
+    real_images: bool,
+    revision: str,
 ) -> dict[str, Any]:
     import onnx
 
@@ -431,7 +438,7 @@ def build_manifest(
         },
         "grid": {"downsample": f, "rule": f"tokens (h, w) = (H/{f}, W/{f}); H and W must be positive multiples of {f}"},
         "parity": {**parity, "real_images_checked": real_images},
-        "revision": git_revision(),
+        "revision": revision,
         "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__},
     }
