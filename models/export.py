@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .config import TokenizerConfig
 from .quantizers import FSQ, VectorQuantizer
-from .quantizers.fsq import FSQ_EPS
+from .quantizers.fsq import fsq_bound_constants
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -97,12 +97,11 @@ class _QuantizerConstants(nn.Module):
         self.search_chunk = search_chunk
         if isinstance(quantizer, FSQ):
             levels = quantizer.levels.detach().clone()
-            half_l = (levels - 1) * (1 + FSQ_EPS) / 2
-            offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+            half_l, offset, shift = fsq_bound_constants(levels)
             self.register_buffer("levels", levels)
             self.register_buffer("half_l", half_l)
             self.register_buffer("offset", offset)
-            self.register_buffer("shift", torch.atanh(offset / half_l))
+            self.register_buffer("shift", shift)
             self.register_buffer("half_width", quantizer.half_width.detach().clone())
             self.register_buffer("basis", quantizer.basis.detach().clone().float())
             self.cosine = False

@@ -29,7 +29,7 @@ class Metrics:
         self.tokens = Counter("vqtok_tokens_total", "token ids produced (encode) or consumed (decode)", ["model", "op"], registry=r)
         self.rejected = Counter(
             "vqtok_rejected_total", "requests refused or dropped by the batcher", ["model", "reason"], registry=r
-        )  # reason: queue_full, deadline, cancelled
+        )  # reason: queue_full, too_large, deadline, cancelled
         self.batch_failures = Counter("vqtok_batch_failures_total", "inference calls that raised", ["model", "op"], registry=r)
         self.model_state = Enum("vqtok_model_state", "model lifecycle state", ["model"], states=MODEL_STATES, registry=r)
         self.reloads = Counter("vqtok_model_reloads_total", "reload attempts", ["model", "result"], registry=r)

@@ -15,15 +15,18 @@ from .output import QuantizerOutput
 FSQ_EPS = 1e-3
 
 
-def fsq_bound(z: Tensor, levels: Tensor) -> Tensor:
-    """bound(z) = tanh(z + shift)·half_l − offset (arXiv 2309.15505, App. A.1 reference code).
-
-    half_l = (L−1)(1+ε)/2, offset = 0.5 for even L else 0, shift = atanh(offset/half_l).
-    z: (..., d), levels: (d,) float.
-    """
+def fsq_bound_constants(levels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(half_l, offset, shift): half_l = (L−1)(1+ε)/2, offset = 0.5 for even L else 0,
+    shift = atanh(offset/half_l). Shared by the torch quantizer and the ONNX graph."""
     half_l = (levels - 1) * (1 + FSQ_EPS) / 2
     offset = torch.where(levels % 2 == 0, 0.5, 0.0)
-    shift = torch.atanh(offset / half_l)
+    return half_l, offset, torch.atanh(offset / half_l)
+
+
+def fsq_bound(z: Tensor, levels: Tensor) -> Tensor:
+    """bound(z) = tanh(z + shift)·half_l − offset (arXiv 2309.15505, App. A.1 reference code).
+    z: (..., d), levels: (d,) float."""
+    half_l, offset, shift = fsq_bound_constants(levels)
     return torch.tanh(z + shift) * half_l - offset
 
 
