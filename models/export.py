@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import hashlib
 import json
 import logging
 import math
@@ -34,6 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# One definition of the manifest's name, format tag and file hash, shared with the runtime that reads it.
+from service.runtime import MANIFEST_FILE, MANIFEST_FORMAT, sha256_file
+
 from .config import TokenizerConfig
 from .quantizers import FSQ, VectorQuantizer
 from .quantizers.fsq import fsq_bound_constants
@@ -41,8 +43,6 @@ from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "vqtok-onnx"
 MANIFEST_VERSION = 1
 DEFAULT_OPSET = 18
 SEARCH_CHUNK = 4096  # codes per distance block in the graph: ORT holds N×4096 scores at a time, not N×K
@@ -215,14 +215,6 @@ def _export_graph(
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
         raise ExportError(f"onnx.checker rejected {path.name}: {exc}") from exc
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def git_revision() -> str:

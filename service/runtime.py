@@ -62,7 +62,7 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in _import_ort().get_available_providers()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -103,7 +103,7 @@ def verify_files(model_dir: Path, manifest: Mapping[str, Any], names: Sequence[s
         path = model_dir / name
         if not path.is_file():
             raise ModelLoadError(f"{path} is missing (listed in manifest.json); re-run `vqtok export --model {model_dir}`")
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if digest != entry["sha256"]:
             raise ModelLoadError(
                 f"{path} does not match manifest.json (sha256 {digest[:12]}… != {entry['sha256'][:12]}…): "
