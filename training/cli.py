@@ -52,7 +52,7 @@ def register_train(sub: argparse._SubParsersAction) -> None:
             "Train a tokenizer. Config from a YAML/JSON file plus dotted key=value overrides "
             "(e.g. optim.lr=1e-4 model.preset=f8-simvq-16k data.cache_in_memory=true). Writes checkpoints, "
             "metrics.jsonl, TensorBoard logs and the final model directory (EMA weights) to --out/model. "
-            "Multi-GPU: torchrun --nproc-per-node N -m clients.cli train ..."
+            "Multi-GPU: torchrun --nproc-per-node N -m clients train ..."
         ),
     )
     p.add_argument("--config", help="YAML or JSON training config (default: built-in defaults)")
