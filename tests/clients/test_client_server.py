@@ -147,9 +147,9 @@ def test_auth_size_and_deadline_errors(serve: Callable[..., Server]) -> None:
 
 
 def test_unreachable_server_raises_connection_error() -> None:
-    from .conftest import _free_port
+    from tests.helpers import free_port
 
-    with Client(f"http://127.0.0.1:{_free_port()}", max_retries=1, timeout=2) as client, pytest.raises(APIConnectionError):
+    with Client(f"http://127.0.0.1:{free_port()}", max_retries=1, timeout=2) as client, pytest.raises(APIConnectionError):
         client.health()
 
 

@@ -3,12 +3,7 @@ servers on free localhost ports (in a thread, so tests can wrap the runtime to i
 
 from __future__ import annotations
 
-import hashlib
 import io
-import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,56 +19,17 @@ from PIL import Image
 from service.app import create_app
 from service.runtime import ModelRuntime
 from service.settings import Settings
+from tests.helpers import exported_model_repo, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 # Two tiny untrained models (real graphs, fast on CPU): FSQ f=4 (K=1000) and SimVQ f=4 (K=1024).
 MODELS = {"fsq4": "cifar-fsq", "simvq4": "cifar-simvq"}
-_EXPORT = """
-import sys, torch
-from models import create_tokenizer
-from models.export import export_model
-torch.manual_seed(0)
-create_tokenizer(sys.argv[1], base_channels=8, norm_groups=4, num_res_blocks=1).save_pretrained(sys.argv[2])
-export_model(sys.argv[2])
-"""
-
-
-def _models_source_hash() -> str:
-    h = hashlib.sha256()
-    for p in [*sorted((REPO / "models").rglob("*.py")), REPO / "service" / "runtime.py"]:
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
 
 
 @pytest.fixture(scope="session")
 def model_repo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model repository with fsq4 and simvq4, exported in parallel; reused across runs while
-    models/ and the runtime are unchanged (pytest's cache folder, keyed by their source hash)."""
-    pytest_cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
-    store = pytest_cache.mkdir("vqtok-service-models") if pytest_cache else tmp_path_factory.mktemp("exports")
-    cache = Path(store) / _models_source_hash()
-    if not all((cache / name / "manifest.json").exists() for name in MODELS):
-        shutil.rmtree(cache, ignore_errors=True)
-        cache.mkdir(parents=True)
-        procs = [
-            subprocess.Popen([sys.executable, "-c", _EXPORT, preset, str(cache / name)], cwd=REPO, stderr=subprocess.PIPE, text=True)
-            for name, preset in MODELS.items()
-        ]
-        for p in procs:
-            _, err = p.communicate(timeout=300)
-            if p.returncode != 0:
-                shutil.rmtree(cache, ignore_errors=True)
-                pytest.fail(f"exporting a test model failed:\n{err[-3000:]}")
-    repo = tmp_path_factory.mktemp("repo")
-    for name in MODELS:
-        shutil.copytree(cache / name, repo / name)
-    return repo
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A model repository with fsq4 and simvq4 (real exported graphs)."""
+    return exported_model_repo(request, tmp_path_factory, MODELS)
 
 
 class ServerThread:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from models import Tokenizer
+from tests.helpers import free_port
 from training.checkpointing import list_checkpoints, load_checkpoint
 from training.config import build_config
 from training.data import Augment, ImageDataset, open_source, to_float
@@ -120,15 +120,9 @@ def test_time_budget_stops_checkpoints_and_resumes(few_photos: Path, tmp_path: P
     assert more.train().step == result.step + 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_two_process_ddp_keeps_replicas_identical(few_photos: Path, tmp_path: Path) -> None:
     overrides = tiny_overrides(few_photos, max_steps=3, checkpoint_every=3)
-    mp.spawn(run_rank, args=(2, _free_port(), overrides, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(run_rank, args=(2, free_port(), overrides, str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for key in r0:
@@ -144,7 +138,7 @@ def test_two_process_ddp_skips_an_empty_batch_on_one_rank_together(few_photos: P
     # 2nd batch and to rank 1 on the 3rd; both ranks must skip both (before this, a hang)
     data = _with_broken(few_photos, tmp_path / "data", good=3, broken=1)
     overrides = tiny_overrides(data, max_steps=3, checkpoint_every=3, batch_size=1, log_every=1)
-    ctx = mp.spawn(run_rank, args=(2, _free_port(), overrides, str(tmp_path)), nprocs=2, join=False)
+    ctx = mp.spawn(run_rank, args=(2, free_port(), overrides, str(tmp_path)), nprocs=2, join=False)
     deadline = time.monotonic() + 240
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:

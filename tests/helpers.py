@@ -1,0 +1,65 @@
+"""Helpers shared by the test packages: tiny exported models and free localhost ports."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_EXPORT = """
+import sys, torch
+from models import create_tokenizer
+from models.export import export_model
+torch.manual_seed(0)
+create_tokenizer(sys.argv[1], base_channels=8, norm_groups=4, num_res_blocks=1).save_pretrained(sys.argv[2])
+export_model(sys.argv[2])
+"""
+
+
+def _models_source_hash() -> str:
+    h = hashlib.sha256()
+    for p in [*sorted((REPO / "models").rglob("*.py")), REPO / "service" / "runtime.py"]:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def exported_model_repo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, models: dict[str, str]) -> Path:
+    """A model repository of tiny untrained presets ({name: preset}) exported to ONNX, each in its own
+    subprocess (torch stays out of the test process), in parallel. Reused across runs while models/
+    and the runtime are unchanged (pytest's cache folder, keyed by their source hash)."""
+    pytest_cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    store = pytest_cache.mkdir("vqtok-test-models") if pytest_cache else tmp_path_factory.mktemp("exports")
+    cache = Path(store) / _models_source_hash()
+    missing = {name: preset for name, preset in models.items() if not (cache / name / "manifest.json").exists()}
+    if missing:
+        cache.mkdir(parents=True, exist_ok=True)
+        for name in missing:
+            shutil.rmtree(cache / name, ignore_errors=True)
+        procs = [
+            (
+                name,
+                subprocess.Popen([sys.executable, "-c", _EXPORT, preset, str(cache / name)], cwd=REPO, stderr=subprocess.PIPE, text=True),
+            )
+            for name, preset in missing.items()
+        ]
+        for name, p in procs:
+            _, err = p.communicate(timeout=300)
+            if p.returncode != 0:
+                shutil.rmtree(cache / name, ignore_errors=True)
+                pytest.fail(f"exporting the test model {name} failed:\n{err[-3000:]}")
+    repo = tmp_path_factory.mktemp("repo")
+    for name in models:
+        shutil.copytree(cache / name, repo / name)
+    return repo
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
