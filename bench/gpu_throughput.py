@@ -131,11 +131,21 @@ def ort_device_runner(session: Any, input_name: str, array: np.ndarray, device: 
 
 
 def bench_model(
-    preset: str, device: str, sizes: list[int], batches: list[int], min_seconds: float, peak: float, compile_: bool
-) -> list[dict[str, Any]]:
+    preset: str,
+    device: str,
+    sizes: list[int],
+    batches: list[int],
+    min_seconds: float,
+    peak: float,
+    compile_: bool,
+    rows: list[dict[str, Any]],
+    on_row: Callable[[], None],
+    deadline: float,
+) -> None:
+    """Appends one row per (size, batch, path, direction) to `rows`, calling `on_row` after each so
+    a run cut short still leaves its results; shapes not started by `deadline` are recorded as skipped."""
     torch.manual_seed(0)
     tok = create_tokenizer(preset).eval()
-    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         d = tok.save_pretrained(Path(tmp) / preset)
         t0 = time.perf_counter()
@@ -157,6 +167,11 @@ def bench_model(
             enc_flops = count_flops(tp.enc.encoder, torch.zeros(1, 3, size, size, device=device))
             dec_flops = count_flops(tp.dec.decoder, torch.zeros(1, tok.config.latent_dim, size // f, size // f, device=device))
             for batch in batches:
+                if time.monotonic() > deadline:
+                    rows.append({"preset": preset, "size": size, "batch": batch, "skipped": "time budget"})
+                    print(f"  {preset} {size} b{batch}: skipped (time budget)", flush=True)
+                    on_row()
+                    continue
                 images_np = rng.integers(0, 256, size=(batch, size, size, 3), dtype=np.uint8)
                 tokens_np = rng.integers(0, tok.codebook_size, size=(batch, size // f, size // f), dtype=np.int32)
                 images = torch.from_numpy(images_np).to(device)
@@ -197,6 +212,7 @@ def bench_model(
                             )
                             if device == "cuda":
                                 torch.cuda.empty_cache()
+                            on_row()
                             continue
                         tflops = flops * batch / sec / 1e12
                         rows.append(
@@ -217,7 +233,7 @@ def bench_model(
                             f"  {preset:14s} {size:4d} b{batch:<3d} {name:14s} {direction}: {batch / sec:9.1f} img/s  {tflops:7.2f} TFLOP/s",
                             flush=True,
                         )
-    return rows
+                        on_row()
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -238,6 +254,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         f"\n{'preset':14s} {'size':>4s} {'batch':>5s} {'dir':6s} {'path':14s} {'img/s':>9s} {'TFLOP/s':>8s} {'%peak':>6s} {'x eager':>7s} {'x best':>6s}"
     )
     for r in rows:
+        if "skipped" in r:
+            print(f"{r['preset']:14s} {r['size']:4d} {r['batch']:5d} skipped ({r['skipped']})")
+            continue
         if "images_per_s" not in r:
             print(f"{r['preset']:14s} {r['size']:4d} {r['batch']:5d} {r['direction']:6s} {r['path']:14s} FAILED")
             continue
@@ -257,8 +276,11 @@ def main() -> None:
     ap.add_argument("--min-seconds", type=float, default=1.0, help="time each measurement at least this long")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--quick", action="store_true", help="CPU-sized sweep: 128 px, batches 1 and 4, no torch.compile")
+    ap.add_argument("--time-budget", type=float, default=0.0, help="seconds; shapes not started by then are skipped (0 = no limit)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    start = time.monotonic()
+    deadline = start + args.time_budget if args.time_budget > 0 else float("inf")
     if args.quick:
         args.sizes, args.batches, args.no_compile, args.min_seconds = [128], [1, 4], True, 0.5
     if args.device == "cuda":
@@ -279,10 +301,15 @@ def main() -> None:
     }
     print(json.dumps(meta), flush=True)
     rows: list[dict[str, Any]] = []
-    for preset in args.presets:
-        rows += bench_model(preset, args.device, args.sizes, args.batches, args.min_seconds, peak, not args.no_compile)
+
+    def write() -> None:
         add_ratios(rows)
+        meta["wall_s"] = round(time.monotonic() - start, 1)
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+    for preset in args.presets:
+        bench_model(preset, args.device, args.sizes, args.batches, args.min_seconds, peak, not args.no_compile, rows, write, deadline)
+    write()
     print_table(rows)
 
 

@@ -276,7 +276,13 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> l
         "seed": args.seed,
         "usage_definition": "codes used at least once over the whole test set ÷ K",
     }
-    results = []
+    results: list[dict[str, Any]] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:  # after every run, so a run cut short keeps what it measured
+        meta["total_seconds"] = round(time.monotonic() - t0, 1)
+        (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+
     for k in args.codebook_sizes:
         for variant in args.variants:
             try:
@@ -291,9 +297,8 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> l
                     f"{variant:16s} K={r['codebook_size']:<6d} steps={r['steps']:<5d} usage={100 * r['test_usage']:6.2f}% "
                     f"ppl={r['test_perplexity']:9.1f} psnr={r['test_psnr']:6.2f} ({r['train_seconds']:.0f} s)"
                 )
-    meta["total_seconds"] = round(time.monotonic() - t0, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+            write()
+    write()
     table = markdown(results, meta)
     (args.out / "results.md").write_text(table)
     log(table)

@@ -1,29 +1,64 @@
 #!/usr/bin/env bash
-# GPU benchmarks that need onnxruntime-gpu (installed to /tmp/site by the ort-gpu-parts calls) and
-# the wheels in .whl (fastapi, uvicorn, …, vector-quantize-pytorch for the CIFAR peers).
-#   bash scripts/gpu/ort_benches.sh throughput|cifar|serve
-set -euo pipefail
+# GPU benchmarks, one step per device call (each well inside the 10-minute call limit). Needs
+# onnxruntime-gpu in /tmp/site (the ort-gpu-parts calls) and, carried in .whl, fastapi, uvicorn, … and
+# vector-quantize-pytorch (CIFAR peers). Data and the served model travel in .gpudata/ (git-ignored):
+#   .gpudata/models/photo-f8-simvq-16k   the shipped model without its safetensors (ONNX + manifest)
+#   .gpudata/photos256/val               ../shared/data/photos256/val
+#   .gpudata/cifar10                     ../shared/data/cifar10
+# Every step writes its log and JSON under $OUT as it goes, so a step cut short still returns data.
+#   bash scripts/gpu/ort_benches.sh throughput PRESET   # bench/gpu_throughput.py, one preset, torch.compile included
+#   bash scripts/gpu/ort_benches.sh serve-start         # service load sweep + 10-min soak, in the background
+#   bash scripts/gpu/ort_benches.sh serve-wait SECONDS  # wait for it (at most SECONDS), collect its results
+#   bash scripts/gpu/ort_benches.sh tokenize            # bench/tokenize_throughput.py: local and server engines
+#   bash scripts/gpu/ort_benches.sh cifar               # bench/quantizers_cifar10.py
+set -uo pipefail
 cd "$(dirname "$0")/../.."
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-out=${OUT:-/tmp/out}; mkdir -p "$out"
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VQTOK_DATA=$PWD/.gpudata
+out=${OUT:-/tmp/out}
+mkdir -p "$out" /tmp/res
 if [ -d .whl ] && [ ! -f /tmp/site/.whl-done ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && touch /tmp/site/.whl-done
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl && touch /tmp/site/.whl-done
 fi
-python3 -c 'import onnxruntime as o; print(o.__version__, o.get_available_providers())'
-case "${1:?}" in
+python3 -c 'import onnxruntime as o; print("onnxruntime", o.__version__, o.get_available_providers())'
+nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv,noheader
+case "${1:?step}" in
 throughput)
-  python3 bench/gpu_throughput.py --min-seconds 0.4 --out "$out/gpu_throughput.json" 2>&1 | grep -v -i "warn\|onnx_ir\|torch.onnx\|^ *$" | tail -n 75
+  preset=${2:?preset}
+  python3 bench/gpu_throughput.py --presets "$preset" --min-seconds 0.4 --time-budget 470 \
+    --out "$out/gpu_throughput_$preset.json" 2>&1 | grep --line-buffered -v -i "warn\|onnx_ir\|torch.onnx\|^ *$" | tee "$out/throughput_$preset.log"
+  ;;
+serve-start)
+  # The sweep (~2 min) then the soak (10 min at 80 % of the best level) run detached from this call.
+  rm -f /tmp/res/serve.done
+  setsid nohup bash -c "python3 bench/service_load.py --model-repo .gpudata/models --images .gpudata/photos256/val --device cuda \
+    --concurrency 1,8,32,128 --duration 8 --client-procs 6 --decode-threads 8 --max-batch-size 64 --batch-workers 2 \
+    --soak 10 --time-budget 1000 --out /tmp/res/service_load_gpu.json --server-log /tmp/res/server.log; touch /tmp/res/serve.done" \
+    >/tmp/res/serve.log 2>&1 </dev/null &
+  sleep 5
+  ;&
+serve-wait)
+  limit=${2:-560}
+  t=0
+  while [ ! -f /tmp/res/serve.done ] && [ "$t" -lt "$limit" ]; do
+    sleep 10
+    t=$((t + 10))
+    cp /tmp/res/serve.log "$out/serve.log" 2>/dev/null
+  done
+  cp /tmp/res/serve.log /tmp/res/service_load_gpu.json "$out/" 2>/dev/null
+  tail -c 2000000 /tmp/res/server.log >"$out/server.log" 2>/dev/null
+  [ -f /tmp/res/serve.done ] && echo "service load run finished" || echo "service load run still going"
+  grep -v -i warn /tmp/res/serve.log | tail -n 30
+  ;;
+tokenize)
+  python3 bench/tokenize_throughput.py --model .gpudata/models/photo-f8-simvq-16k --batch-size 64 --engines local,server --images 20000 \
+    --device cuda --time-limit 300 --out "$out/tokenize_throughput_gpu.json" 2>&1 | grep --line-buffered -v -i warn | tee "$out/tokenize.log"
   ;;
 cifar)
-  python3 bench/quantizers_cifar10.py --data .gpudata/cifar10 --time-per-run 22 --out "$out/cifar" 2>&1 | grep -v -i warn | tail -n 40
-  cp "$out"/cifar/* "$out"/ 2>/dev/null || true
+  python3 bench/quantizers_cifar10.py --data .gpudata/cifar10 --time-per-run 22 --out "$out" 2>&1 \
+    | grep --line-buffered -v -i warn | tee "$out/cifar.log"
   ;;
-serve)
-  mkdir -p ../shared/data && ln -sfn "$PWD/.gpudata/photos256" ../shared/data/photos256
-  python3 bench/service_load.py --model-repo models/pretrained --images .gpudata/photos256/val --device cuda \
-    --concurrency 1,8,32,128 --duration 8 --client-procs 6 --decode-threads 8 --max-batch-size 64 \
-    --batch-workers 2 --time-budget 200 --out "$out/service_load_gpu.json" 2>&1 | grep -v -i warn | tail -n 25
-  python3 bench/tokenize_throughput.py --model models/pretrained/photo-f8-simvq-16k --batch-size 64 --engines local,server \
-    --device cuda --time-limit 150 --out "$out/tokenize_throughput_gpu.json" 2>&1 | grep -v -i warn | tail -n 15
+*)
+  echo "unknown step $1" >&2
+  exit 2
   ;;
 esac
