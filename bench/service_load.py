@@ -54,7 +54,6 @@ def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.P
     cmd += ["--device", args.device, "--max-batch-size", str(args.max_batch_size), "--max-batch-delay-ms", str(args.max_batch_delay_ms)]
     cmd += ["--batch-workers", str(args.batch_workers), "--decode-threads", str(args.decode_threads), "--log-level", "warning"]
     cmd += ["--max-queue-images", str(max(4096, 4 * max(args.concurrency))), "--warmup-sizes", str(args.warmup_size)]
-    cmd += ["--warmup-batch-sizes", f"1,{args.max_batch_size}"]
     if args.precision:
         cmd += ["--precision", args.precision]
     if args.intra_op_threads:
@@ -248,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         raise SystemExit(f"no JPEGs in {args.images}")
     log_path = args.server_log or (args.out.with_suffix(".server.log") if args.out else Path("/tmp/vqtok-service-load.log"))
+    t_server = time.monotonic()
     proc, url = start_server(args, log_path)
-    result: dict[str, Any] = {"levels": [], "skipped_levels": [], "soak": None}
+    result: dict[str, Any] = {"levels": [], "skipped_levels": [], "soak": None, "server_ready_s": round(time.monotonic() - t_server, 1)}
+    print(f"  server ready in {result['server_ready_s']} s (load + warm-up)", flush=True)
     try:
         models = httpx.get(f"{url}/v1/models", timeout=10).json()
         name = args.model or models["default_model"]
@@ -273,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
 
         model_dir = args.model_repo / name if (args.model_repo / name).is_dir() else args.model_repo
         runtime = ModelRuntime.load(
-            model_dir, device=args.device, precision=args.precision or "auto", intra_op_threads=args.intra_op_threads
+            model_dir,
+            device=args.device,
+            precision=args.precision or "auto",
+            intra_op_threads=args.intra_op_threads,
+            max_batch_size=args.max_batch_size,  # the server's batch buckets, so raw runs the same shapes
         )
         result["runtime_providers"] = runtime.providers
         raw: dict[int, list[float]] = {}

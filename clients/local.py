@@ -39,7 +39,7 @@ class LocalBackend:
     ) -> None:
         from service.runtime import ModelRuntime
 
-        self.runtime = ModelRuntime.load(model_dir, device=device, precision=precision)  # type: ignore[arg-type]
+        self.runtime = ModelRuntime.load(model_dir, device=device, precision=precision, max_batch_size=max_batch_size)  # type: ignore[arg-type]
         self.info = self.runtime.info
         self.max_batch_size = max_batch_size
         self._pool = ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 1) + 1), thread_name_prefix="vqtok-local")

@@ -131,7 +131,7 @@ def _run_engine(args: argparse.Namespace, progress: bool | None) -> Any:
 
     model_dir = resolve_model_dir(args.model)
     try:
-        runtime = ModelRuntime.load(model_dir, device=args.device, precision=args.precision)
+        runtime = ModelRuntime.load(model_dir, device=args.device, precision=args.precision, max_batch_size=args.batch_size)
     except ModelLoadError as exc:
         raise CLIError(str(exc), code=1) from exc
     return tokenize_local(args.input, args.output, RuntimeEncoder(runtime), decode_workers=args.decode_workers, **common)

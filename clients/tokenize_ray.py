@@ -98,10 +98,16 @@ def _decode(batch: pa.Table, spec: ModelSpec, resize: str) -> pa.Table:
 class _EncodeActor:
     """One ONNX Runtime session per actor; encodes same-shaped images together."""
 
-    def __init__(self, model_dir: str, device: str, precision: str, intra_op_threads: int | None) -> None:
+    def __init__(self, model_dir: str, device: str, precision: str, intra_op_threads: int | None, max_batch_size: int) -> None:
         from service.runtime import ModelRuntime
 
-        self.runtime = ModelRuntime.load(model_dir, device=device, precision=precision, intra_op_threads=intra_op_threads)  # type: ignore[arg-type]
+        self.runtime = ModelRuntime.load(
+            model_dir,
+            device=device,  # type: ignore[arg-type]
+            precision=precision,  # type: ignore[arg-type]
+            intra_op_threads=intra_op_threads,
+            max_batch_size=max_batch_size,
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from .sources import RawItem
@@ -251,6 +257,7 @@ def _run(
             "device": "cuda" if use_gpu else "cpu",
             "precision": precision,
             "intra_op_threads": None if use_gpu else actor_cpus,
+            "max_batch_size": batch_size,
         },
         batch_size=batch_size,
         batch_format="pyarrow",

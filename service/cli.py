@@ -23,7 +23,7 @@ _FLAGS: list[tuple[str, Any, str]] = [
     ("--precision", str, "auto | fp32 | fp16"),
     ("--intra-op-threads", int, "ONNX Runtime threads per session"),
     ("--warmup-sizes", str, "comma-separated square sizes warmed at load (e.g. 256,512)"),
-    ("--warmup-batch-sizes", str, "comma-separated batch sizes warmed at load"),
+    ("--warmup-batch-sizes", str, "comma-separated batch sizes warmed at load (default: every size the runtime runs)"),
     ("--host", str, "bind address (default 127.0.0.1)"),
     ("--port", int, "port (default 8000)"),
     ("--api-keys", str, "comma-separated Bearer keys for /v1; health and metrics stay open (prefer VQTOK_API_KEYS: flags show in ps)"),

@@ -202,11 +202,19 @@ class ModelRepository:
 
     def _load_and_warm(self, name: str, path: Path) -> ModelRuntime:
         s = self.settings
-        runtime = self._loader(path, name=name, device=s.device, precision=s.precision, intra_op_threads=s.intra_op_threads)
+        runtime = self._loader(
+            path,
+            name=name,
+            device=s.device,
+            precision=s.precision,
+            intra_op_threads=s.intra_op_threads,
+            max_batch_size=s.max_batch_size,
+        )
         f = runtime.info.downsample
         sizes = [(max(f, size // f * f),) * 2 for size in s.warmup_sizes]
         if sizes:
-            runtime.warmup(sizes, s.warmup_batch_sizes)  # type: ignore[arg-type]
+            # no batch sizes given: every shape the runtime runs (all its padding buckets on CUDA)
+            runtime.warmup(sizes, s.warmup_batch_sizes or None)  # type: ignore[arg-type]
         return runtime
 
     def _serve(self, name: str, path: Path, runtime: ModelRuntime) -> ServedModel:

@@ -144,16 +144,51 @@ def cuda_provider_options(overrides: Mapping[str, str] | None = None) -> dict[st
     return opts
 
 
+def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes a padding runtime runs: 1, 2, 3, 4, 6, 8, 12, 16, … and `max_batch_size`.
+
+    Each step is at most 1.5× the one before, so padding a batch up to its bucket wastes at most a
+    third of the work, and there are few enough shapes (12 up to 64) to warm every one at load.
+    """
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+    sizes = {max_batch_size}
+    p = 1
+    while p < max_batch_size:
+        sizes.add(p)
+        if p >= 2 and p * 3 // 2 < max_batch_size:
+            sizes.add(p * 3 // 2)
+        p *= 2
+    return tuple(sorted(sizes))
+
+
 class ModelRuntime:
     """One exported model directory, two ORT sessions (encoder, decoder).
 
     `encode` and `decode` are thread-safe (ORT sessions are; each call binds its own IO).
+
+    Batch padding (on by default on CUDA): the CUDA EP picks its cuDNN algorithms per input shape,
+    and that search costs about a second per new shape. A server's batches come in every size from 1
+    to its maximum, so each new size would stall the requests in it. A padding runtime instead
+    runs only the sizes of `batch_buckets(max_batch_size)`: a batch is padded (repeating its last
+    item) up to the next bucket, the padding's outputs are dropped, and a batch above the largest
+    bucket runs in chunks. `warmup` then covers every shape a given image size can produce. The
+    network treats images independently (GroupNorm, per-image attention), so results are the same.
     """
 
-    def __init__(self, model_dir: Path, info: ModelInfo, encoder: Any, decoder: Any, providers: list[str]) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        info: ModelInfo,
+        encoder: Any,
+        decoder: Any,
+        providers: list[str],
+        buckets: tuple[int, ...] | None = None,
+    ) -> None:
         self.model_dir = model_dir
         self.info = info
         self.providers = providers
+        self.buckets = buckets  # None: every batch runs at its own size
         self._encoder = encoder
         self._decoder = decoder
         self._on_cuda = providers[0] == "CUDAExecutionProvider"
@@ -168,8 +203,14 @@ class ModelRuntime:
         precision: Precision = "auto",
         intra_op_threads: int | None = None,
         cuda_options: Mapping[str, str] | None = None,
+        max_batch_size: int = 64,
+        pad_batches: bool | None = None,
     ) -> ModelRuntime:
+        """`pad_batches`: run only `batch_buckets(max_batch_size)` sizes (see the class docstring);
+        None = on when the model runs on CUDA, off on the CPU (where shapes cost nothing to change)."""
         ort = _import_ort()
+        if max_batch_size < 1:
+            raise ModelLoadError(f"max_batch_size must be at least 1, got {max_batch_size}")
         model_dir = Path(model_dir)
         manifest, manifest_sha = read_manifest(model_dir)
         if device not in ("auto", "cuda", "cpu"):
@@ -219,8 +260,17 @@ class ModelRuntime:
             revision=str(manifest.get("revision", "unknown")),
             manifest_sha256=manifest_sha,
         )
-        runtime = cls(model_dir, info, encoder, decoder, list(encoder.get_providers()))
-        log.info("loaded model %s from %s (%s, %s)", info.name, model_dir, precision, runtime.providers[0])
+        active = list(encoder.get_providers())
+        pad = active[0] == "CUDAExecutionProvider" if pad_batches is None else pad_batches
+        runtime = cls(model_dir, info, encoder, decoder, active, batch_buckets(max_batch_size) if pad else None)
+        log.info(
+            "loaded model %s from %s (%s, %s, batch sizes %s)",
+            info.name,
+            model_dir,
+            precision,
+            runtime.providers[0],
+            ",".join(map(str, runtime.buckets)) if runtime.buckets else "any",
+        )
         return runtime
 
     # --- validation ---
@@ -253,6 +303,19 @@ class ModelRuntime:
     # --- inference ---
 
     def _run(self, session: Any, input_name: str, array: np.ndarray) -> np.ndarray:
+        if self.buckets is None:
+            return self._run_session(session, input_name, array)
+        n, largest = len(array), self.buckets[-1]
+        if n > largest:
+            parts = [self._run(session, input_name, array[i : i + largest]) for i in range(0, n, largest)]
+            return np.concatenate(parts)
+        size = next(b for b in self.buckets if b >= n)
+        if size > n:
+            filler = np.broadcast_to(array[-1:], (size - n, *array.shape[1:]))
+            array = np.concatenate([array, filler])
+        return self._run_session(session, input_name, array)[:n]
+
+    def _run_session(self, session: Any, input_name: str, array: np.ndarray) -> np.ndarray:
         if not self._on_cuda:
             return session.run(None, {input_name: array})[0]
         # IO binding: the output stays in a device buffer ORT allocates for it and comes back in
@@ -272,10 +335,14 @@ class ModelRuntime:
         """integer token ids (B, h, w) in [0, K) -> uint8 images (B, h·f, w·f, 3)."""
         return self._run(self._decoder, "tokens", self.check_tokens(tokens))
 
-    def warmup(self, sizes: Sequence[tuple[int, int]], batch_sizes: Sequence[int] = (1,)) -> None:
-        """Run each (batch, size) once so cuDNN algorithm search and arena growth happen now."""
+    def warmup(self, sizes: Sequence[tuple[int, int]], batch_sizes: Sequence[int] | None = None) -> None:
+        """Run each (batch, size) once so cuDNN algorithm search and arena growth happen now.
+
+        `batch_sizes` None: every bucket of a padding runtime (all the shapes it can run), else 1."""
         rng = np.random.default_rng(0)
         f = self.info.downsample
+        if batch_sizes is None:
+            batch_sizes = self.buckets or (1,)
         for h, w in sizes:
             for b in batch_sizes:
                 self.encode(rng.integers(0, 256, size=(b, h, w, 3), dtype=np.uint8))

@@ -31,7 +31,10 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "fp16"] = "auto"
     intra_op_threads: int | None = Field(default=None, ge=1, description="ONNX Runtime threads per session (CPU); None = ORT's choice")
     warmup_sizes: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [256], description="square image sides warmed at load")
-    warmup_batch_sizes: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [1])
+    warmup_batch_sizes: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description="batch sizes warmed at load; empty = every batch size the runtime runs (its buckets on CUDA, 1 on CPU)",
+    )
 
     # --- network ---
     host: str = "127.0.0.1"

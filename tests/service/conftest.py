@@ -169,7 +169,7 @@ class FaultyRuntime:
         self._wait(len(tokens))
         return self._real.decode(tokens)
 
-    def warmup(self, sizes: Any, batch_sizes: Any = (1,)) -> None:
+    def warmup(self, sizes: Any, batch_sizes: Any = None) -> None:
         self._real.warmup(sizes, batch_sizes)
 
 

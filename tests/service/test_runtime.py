@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -125,3 +126,46 @@ def test_precision_and_device_requests(model_dir: Path) -> None:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(ModelLoadError, match="CUDAExecutionProvider"):
             ModelRuntime.load(model_dir, device="cuda")
+
+
+def test_batch_buckets() -> None:
+    from service.runtime import batch_buckets
+
+    assert batch_buckets(64) == (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+    assert batch_buckets(1) == (1,)
+    assert batch_buckets(20) == (1, 2, 3, 4, 6, 8, 12, 16, 20)
+    for m in range(1, 300):
+        b = batch_buckets(m)
+        assert b[0] == 1 and b[-1] == m and list(b) == sorted(set(b))
+        assert all(hi <= 1.5 * lo + 1e-9 or lo == 1 for lo, hi in itertools.pairwise(b))  # padding wastes ≤ a third
+    with pytest.raises(ValueError):
+        batch_buckets(0)
+
+
+def test_padded_batches_match_unpadded(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A padding runtime only ever shows ORT its bucket sizes, and answers exactly as an unpadded one."""
+    plain = ModelRuntime.load(model_dir)
+    padded = ModelRuntime.load(model_dir, pad_batches=True, max_batch_size=8)
+    assert plain.buckets is None and padded.buckets == (1, 2, 3, 4, 6, 8)
+    seen: list[int] = []
+    run_session = padded._run_session
+
+    def spy(session: object, name: str, array: np.ndarray) -> np.ndarray:
+        seen.append(len(array))
+        return run_session(session, name, array)
+
+    monkeypatch.setattr(padded, "_run_session", spy)
+    rng = np.random.default_rng(1)
+    for n, shapes in ((5, [6]), (8, [8]), (1, [1]), (19, [8, 8, 3])):
+        images = rng.integers(0, 256, size=(n, 32, 24, 3), dtype=np.uint8)
+        seen.clear()
+        ids = padded.encode(images)
+        assert seen == shapes, n
+        assert ids.shape == (n, 8, 6) and np.array_equal(ids, plain.encode(images))
+        seen.clear()
+        assert np.array_equal(padded.decode(ids), plain.decode(ids)) and seen == shapes
+    seen.clear()
+    padded.warmup([(16, 16)])  # no batch sizes: every bucket, each once per graph
+    assert seen == [1, 1, 2, 2, 3, 3, 4, 4, 6, 6, 8, 8]
+    with pytest.raises(ModelLoadError, match="max_batch_size"):
+        ModelRuntime.load(model_dir, max_batch_size=0)
