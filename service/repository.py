@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -167,7 +168,7 @@ class ModelRepository:
         entry = self._entries[name]
         t0 = time.monotonic()
         try:
-            runtime = await asyncio.get_running_loop().run_in_executor(None, self._load_and_warm, name, path)
+            runtime, executor = await asyncio.get_running_loop().run_in_executor(None, self._load_and_warm, name, path)
         except Exception as exc:
             reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
             entry.error = reason
@@ -179,7 +180,7 @@ class ModelRepository:
             else:
                 log.error("reload refused; the previous version keeps serving", extra={"model": name, "path": str(path), "reason": reason})
             return False
-        served = self._serve(name, path, runtime)
+        served = self._serve(name, path, runtime, executor)
         old, entry.served, entry.state, entry.error = entry.served, served, "ready", None
         self.metrics.model_state.labels(name).state("ready")
         self.metrics.reloads.labels(name, "ok").inc()
@@ -200,7 +201,13 @@ class ModelRepository:
         )
         return True
 
-    def _load_and_warm(self, name: str, path: Path) -> ModelRuntime:
+    def _load_and_warm(self, name: str, path: Path) -> tuple[ModelRuntime, ThreadPoolExecutor]:
+        """The runtime and its inference threads, each thread already warmed.
+
+        Warm-up runs on every inference thread, not on the loading thread: on the H100 a batch shape
+        warmed on one thread still stalled ~1.4 s on its first run in another (the CUDA EP's cuDNN
+        state is per thread), so a server warmed only on the loader stalled on every new batch size.
+        """
         s = self.settings
         runtime = self._loader(
             path,
@@ -212,14 +219,28 @@ class ModelRepository:
         )
         f = runtime.info.downsample
         sizes = [(max(f, size // f * f),) * 2 for size in s.warmup_sizes]
-        if sizes:
+        workers = s.batch_workers
+        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"infer-{name}")
+        if not sizes:
+            return runtime, executor
+        barrier = threading.Barrier(workers)
+
+        def warm() -> None:
+            # every task waits until all `workers` threads exist, so each thread takes exactly one
+            barrier.wait(timeout=600)
             # no batch sizes given: every shape the runtime runs (all its padding buckets on CUDA)
             runtime.warmup(sizes, s.warmup_batch_sizes or None)  # type: ignore[arg-type]
-        return runtime
 
-    def _serve(self, name: str, path: Path, runtime: ModelRuntime) -> ServedModel:
+        try:
+            for future in [executor.submit(warm) for _ in range(workers)]:
+                future.result()
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return runtime, executor
+
+    def _serve(self, name: str, path: Path, runtime: ModelRuntime, executor: ThreadPoolExecutor) -> ServedModel:
         s = self.settings
-        executor = ThreadPoolExecutor(max_workers=s.batch_workers, thread_name_prefix=f"infer-{name}")
 
         def run(op: str, batch: np.ndarray) -> np.ndarray:
             return runtime.encode(batch) if op == "encode" else runtime.decode(batch)

@@ -7,8 +7,9 @@
 #   .gpudata/cifar10                     ../shared/data/cifar10
 # Every step writes its log and JSON under $OUT as it goes, so a step cut short still returns data.
 #   bash scripts/gpu/ort_benches.sh throughput PRESET   # bench/gpu_throughput.py, one preset, torch.compile included
-#   bash scripts/gpu/ort_benches.sh serve-start         # service load sweep + 10-min soak, in the background
-#   bash scripts/gpu/ort_benches.sh serve-wait SECONDS  # wait for it (at most SECONDS), collect its results
+#   bash scripts/gpu/ort_benches.sh serve               # warm-up thread probe, then the service load sweep
+#   bash scripts/gpu/ort_benches.sh soak-start MINUTES  # soak at 80 % of saturation, detached from the call
+#   bash scripts/gpu/ort_benches.sh soak-wait SECONDS   # wait for it (at most SECONDS), collect its results
 #   bash scripts/gpu/ort_benches.sh tokenize            # bench/tokenize_throughput.py: local and server engines
 #   bash scripts/gpu/ort_benches.sh cifar               # bench/quantizers_cifar10.py
 set -uo pipefail
@@ -27,30 +28,39 @@ throughput)
   python3 bench/gpu_throughput.py --presets "$preset" --min-seconds 0.4 --time-budget 470 \
     --out "$out/gpu_throughput_$preset.json" 2>&1 | grep --line-buffered -v -i "warn\|onnx_ir\|torch.onnx\|^ *$" | tee "$out/throughput_$preset.log"
   ;;
-serve-start)
-  # The sweep (~2 min) then the soak (10 min at 80 % of the best level) run detached from this call.
-  rm -f /tmp/res/serve.done
-  setsid nohup bash -c "python3 bench/service_load.py --model-repo .gpudata/models --images .gpudata/photos256/val --device cuda \
+serve)
+  # does warm-up on one thread carry over to another? (it decides where the server warms up)
+  python3 bench/ort_profile.py --thread-probe --model .gpudata/models/photo-f8-simvq-16k --out "$out/thread_probe.json" 2>&1 | grep -v "plugin EP"
+  python3 bench/service_load.py --model-repo .gpudata/models --images .gpudata/photos256/val --device cuda \
     --concurrency 1,8,32,128 --duration 8 --client-procs 6 --decode-threads 8 --max-batch-size 64 --batch-workers 2 \
-    --soak 10 --time-budget 1000 --out /tmp/res/service_load_gpu.json --server-log /tmp/res/server.log; touch /tmp/res/serve.done" \
-    >/tmp/res/serve.log 2>&1 </dev/null &
+    --time-budget 280 --out "$out/service_load_gpu.json" 2>&1 | grep --line-buffered -v "plugin EP" | tee "$out/serve.log"
+  ;;
+soak-start)
+  # one level at concurrency 128, then MINUTES at 80 % of its rate, detached from this call
+  minutes=${2:-10}
+  rm -f /tmp/res/soak.done
+  setsid nohup bash -c "python3 bench/service_load.py --model-repo .gpudata/models --images .gpudata/photos256/val --device cuda \
+    --concurrency 128 --duration 8 --client-procs 6 --decode-threads 8 --max-batch-size 64 --batch-workers 2 \
+    --soak $minutes --time-budget $((minutes * 60 + 150)) --out /tmp/res/service_soak_gpu.json --server-log /tmp/res/server.log; touch /tmp/res/soak.done" \
+    >/tmp/res/soak.log 2>&1 </dev/null &
   sleep 5
+  set -- soak-wait 560
   ;&
-serve-wait)
+soak-wait)
   limit=${2:-560}
   t=0
-  while [ ! -f /tmp/res/serve.done ] && [ "$t" -lt "$limit" ]; do
+  while [ ! -f /tmp/res/soak.done ] && [ "$t" -lt "$limit" ]; do
     sleep 10
     t=$((t + 10))
-    cp /tmp/res/serve.log "$out/serve.log" 2>/dev/null
+    cp /tmp/res/soak.log "$out/soak.log" 2>/dev/null
   done
-  cp /tmp/res/serve.log /tmp/res/service_load_gpu.json "$out/" 2>/dev/null
+  cp /tmp/res/soak.log /tmp/res/service_soak_gpu.json "$out/" 2>/dev/null
   tail -c 2000000 /tmp/res/server.log >"$out/server.log" 2>/dev/null
-  [ -f /tmp/res/serve.done ] && echo "service load run finished" || echo "service load run still going"
-  grep -v -i warn /tmp/res/serve.log | tail -n 30
+  [ -f /tmp/res/soak.done ] && echo "soak finished" || echo "soak still going"
+  grep -v "plugin EP" /tmp/res/soak.log | tail -n 30
   ;;
 tokenize)
-  python3 bench/tokenize_throughput.py --model .gpudata/models/photo-f8-simvq-16k --batch-size 64 --engines local,server --images 20000 \
+  python3 bench/tokenize_throughput.py --model .gpudata/models/photo-f8-simvq-16k --batch-size 64 --engines local,server --images 40000 \
     --device cuda --time-limit 300 --out "$out/tokenize_throughput_gpu.json" 2>&1 | grep --line-buffered -v -i warn | tee "$out/tokenize.log"
   ;;
 cifar)

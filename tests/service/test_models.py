@@ -174,3 +174,36 @@ def test_serve_help_and_bad_settings() -> None:
     t0 = time.monotonic()
     r = subprocess.run([*VQTOK, "serve", "--model-repo", "/does/not/exist"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and "not a directory" in r.stderr and time.monotonic() - t0 < 30
+
+
+def test_every_inference_thread_is_warmed_before_ready(serve, model_repo: Path) -> None:  # type: ignore[no-untyped-def]
+    """Warm-up runs once on each batch worker's own thread (a CUDA runtime's per-shape state is per
+    thread), and inference later runs on those same threads."""
+    import threading
+
+    from service.runtime import ModelRuntime
+
+    warmed: list[str] = []
+    ran: set[str] = set()
+
+    class Recording:
+        def __init__(self, real: ModelRuntime) -> None:
+            self._real, self.info, self.providers = real, real.info, real.providers
+
+        def warmup(self, sizes: object, batch_sizes: object = None) -> None:
+            warmed.append(threading.current_thread().name)
+            self._real.warmup(sizes, batch_sizes)  # type: ignore[arg-type]
+
+        def encode(self, images: object) -> object:
+            ran.add(threading.current_thread().name)
+            return self._real.encode(images)  # type: ignore[arg-type]
+
+        def decode(self, tokens: object) -> object:
+            return self._real.decode(tokens)  # type: ignore[arg-type]
+
+    s = serve(loader=lambda path, **kw: Recording(ModelRuntime.load(path, **kw)), model_repo=model_repo / "simvq4", batch_workers=3)
+    assert len(warmed) == 3 and len(set(warmed)) == 3 and all(n.startswith("infer-") for n in warmed)
+    with httpx.Client(base_url=s.url, timeout=30) as c:
+        for _ in range(6):
+            assert encode(c, IMG).status_code == 200
+    assert ran and ran <= set(warmed)
