@@ -210,6 +210,46 @@ def thread_probe(model_dir: Path, precision: str, batches: tuple[int, ...] = (2,
     }
 
 
+SHAPE_PROBE_OPTIONS: dict[str, dict[str, str]] = {
+    "served": {},
+    "heuristic": {"cudnn_conv_algo_search": "HEURISTIC"},
+    "default-search": {"cudnn_conv_algo_search": "DEFAULT"},
+    "no-max-workspace": {"cudnn_conv_use_max_workspace": "0"},
+    "arena-pow2": {"arena_extend_strategy": "kNextPowerOfTwo"},
+}
+
+
+def shape_probe(
+    model_dir: Path, precision: str, settings: list[str] | None = None, batches: tuple[int, ...] = (2, 3, 4, 6, 16, 64)
+) -> dict[str, Any]:
+    """Per CUDA EP setting: load, warm every bucket (as the server does), then time each batch size
+    twice (ms). A setting under which warmed shapes stay slow shows up here."""
+    from service.runtime import ModelRuntime
+
+    rng = np.random.default_rng(0)
+    x = {b: rng.integers(0, 256, size=(b, 256, 256, 3), dtype=np.uint8) for b in batches}
+    out: dict[str, Any] = {}
+    for name, overrides in SHAPE_PROBE_OPTIONS.items():
+        if settings and name not in settings:
+            continue
+        rt = ModelRuntime.load(model_dir, device="cuda", precision=precision, max_batch_size=64, cuda_options=overrides)  # type: ignore[arg-type]
+        row0 = {"session_per_shape": bool(rt.session_shapes())}
+        t0 = time.perf_counter()
+        rt.warmup([(256, 256)])
+        row: dict[str, Any] = {**row0, "warmup_s": time.perf_counter() - t0}
+        for b in batches:
+            times = []
+            for _ in range(2):
+                t = time.perf_counter()
+                rt.encode(x[b])
+                times.append(round(1e3 * (time.perf_counter() - t), 2))
+            row[f"b{b}_ms"] = times
+        out[name] = row
+        print(name, json.dumps(row), flush=True)
+        del rt
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=REPO / "models" / "pretrained" / "photo-f8-simvq-16k")
@@ -222,12 +262,19 @@ def main() -> None:
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--shape-probe", action="store_true", help="only the warmed-shape timing per CUDA EP setting (CUDA)")
+    ap.add_argument("--probe-settings", nargs="*", default=None, choices=list(SHAPE_PROBE_OPTIONS), help="shape probe: these only")
     ap.add_argument("--thread-probe", action="store_true", help="only the warm-up-across-threads probe (CUDA)")
     args = ap.parse_args()
     import onnxruntime as ort
 
     cuda = args.device == "cuda" or (args.device == "auto" and "CUDAExecutionProvider" in ort.get_available_providers())
     precision = args.precision or ("fp16" if cuda else "fp32")
+    if args.shape_probe:
+        result = shape_probe(args.model, precision, args.probe_settings)
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+        return
     if args.thread_probe:
         probe = thread_probe(args.model, precision)
         print(json.dumps(probe))

@@ -204,9 +204,9 @@ class ModelRepository:
     def _load_and_warm(self, name: str, path: Path) -> tuple[ModelRuntime, ThreadPoolExecutor]:
         """The runtime and its inference threads, each thread already warmed.
 
-        Warm-up runs on every inference thread, not on the loading thread: on the H100 a batch shape
-        warmed on one thread still stalled ~1.4 s on its first run in another (the CUDA EP's cuDNN
-        state is per thread), so a server warmed only on the loader stalled on every new batch size.
+        Warm-up runs once on every inference thread rather than on the loading thread, so that what
+        ONNX Runtime creates lazily per thread (the CUDA EP keeps its cuDNN/cuBLAS handles per
+        thread) exists before the first request does.
         """
         s = self.settings
         runtime = self._loader(

@@ -12,8 +12,11 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -128,16 +131,18 @@ def session_options(intra_op_threads: int | None, spin: bool = True) -> Any:
 def cuda_provider_options(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
     """CUDA EP settings for a server whose request shapes vary.
 
-    - EXHAUSTIVE cuDNN search: a one-off cost per new input shape (paid in warm-up), then the
-      fastest convolution algorithm; HEURISTIC if shapes are unbounded.
+    - EXHAUSTIVE cuDNN search: the fastest convolution algorithms, chosen once per session (the
+      runtime keeps one session per input shape on CUDA, built in warm-up).
     - kSameAsRequested arena growth: no power-of-two over-allocation as shapes change.
-    - max cuDNN workspace: lets cuDNN pick the faster workspace-hungry algorithms.
+    - default cuDNN workspace limit: the max-workspace option made no difference to this model's
+      speed on the H100 (bench/ort_profile.py --shape-probe) and each per-shape session would hold
+      its own large workspace.
     """
     opts = {
         "device_id": os.environ.get("VQTOK_CUDA_DEVICE", "0"),
         "cudnn_conv_algo_search": "EXHAUSTIVE",
         "arena_extend_strategy": "kSameAsRequested",
-        "cudnn_conv_use_max_workspace": "1",
+        "cudnn_conv_use_max_workspace": "0",
         "do_copy_in_default_stream": "1",
     }
     opts.update(overrides or {})
@@ -162,18 +167,50 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
+class ShapeSessions:
+    """One ORT session per input shape for one graph, created on first use, least recently used
+    dropped past `capacity`. Each session only ever sees its own shape (see `ModelRuntime`)."""
+
+    def __init__(self, factory: Callable[[], Any], capacity: int = 24) -> None:
+        self._factory = factory
+        self._capacity = capacity
+        self._sessions: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, shape: tuple[int, ...]) -> Any:
+        with self._lock:  # creation under the lock: two threads never build the same shape twice
+            session = self._sessions.get(shape)
+            if session is None:
+                session = self._factory()
+                self._sessions[shape] = session
+                if len(self._sessions) > self._capacity:
+                    dropped, _ = self._sessions.popitem(last=False)
+                    log.info("dropped the ONNX Runtime session for shape %s (more than %d shapes)", dropped, self._capacity)
+            self._sessions.move_to_end(shape)
+            return session
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        with self._lock:
+            return list(self._sessions)
+
+
 class ModelRuntime:
     """One exported model directory, two ORT sessions (encoder, decoder).
 
     `encode` and `decode` are thread-safe (ORT sessions are; each call binds its own IO).
 
-    Batch padding (on by default on CUDA): the CUDA EP picks its cuDNN algorithms per input shape,
-    and that search costs about a second per new shape. A server's batches come in every size from 1
-    to its maximum, so each new size would stall the requests in it. A padding runtime instead
-    runs only the sizes of `batch_buckets(max_batch_size)`: a batch is padded (repeating its last
-    item) up to the next bucket, the padding's outputs are dropped, and a batch above the largest
-    bucket runs in chunks. `warmup` then covers every shape a given image size can produce. The
-    network treats images independently (GroupNorm, per-image attention), so results are the same.
+    On CUDA the runtime avoids ONNX Runtime's per-shape cost. Measured on the H100 with ORT 1.31
+    (bench/ort_profile.py --shape-probe): the CUDA EP redoes its cuDNN algorithm choice whenever a
+    session's input shape differs from its previous run, even for shapes it has run before —
+    0.6–1.0 s per switch with EXHAUSTIVE search, 70–270 ms with HEURISTIC — while a repeated shape
+    runs in 4–60 ms. A server whose batch sizes vary from batch to batch paid that on most batches.
+    So on CUDA (by default):
+    - batch padding: only the sizes of `batch_buckets(max_batch_size)` run; a batch is padded
+      (repeating its last item) up to the next bucket, the padding's outputs are dropped, and a
+      batch above the largest bucket runs in chunks. The network treats images independently
+      (GroupNorm, per-image attention), so results are unchanged;
+    - one session per input shape (`ShapeSessions`), so no session ever switches shape; `warmup`
+      builds the sessions of every bucket for the given image sizes.
     """
 
     def __init__(
@@ -184,13 +221,14 @@ class ModelRuntime:
         decoder: Any,
         providers: list[str],
         buckets: tuple[int, ...] | None = None,
+        per_shape: Mapping[str, ShapeSessions] | None = None,
     ) -> None:
         self.model_dir = model_dir
         self.info = info
         self.providers = providers
         self.buckets = buckets  # None: every batch runs at its own size
-        self._encoder = encoder
-        self._decoder = decoder
+        self._sessions = {"encoder": encoder, "decoder": decoder}
+        self._per_shape = dict(per_shape) if per_shape else None  # graph -> sessions by input shape
         self._on_cuda = providers[0] == "CUDAExecutionProvider"
 
     @classmethod
@@ -205,9 +243,11 @@ class ModelRuntime:
         cuda_options: Mapping[str, str] | None = None,
         max_batch_size: int = 64,
         pad_batches: bool | None = None,
+        session_per_shape: bool | None = None,
     ) -> ModelRuntime:
-        """`pad_batches`: run only `batch_buckets(max_batch_size)` sizes (see the class docstring);
-        None = on when the model runs on CUDA, off on the CPU (where shapes cost nothing to change)."""
+        """`pad_batches`: run only `batch_buckets(max_batch_size)` sizes; `session_per_shape`: one
+        ORT session per input shape (see the class docstring). None = on when the model runs on
+        CUDA, off on the CPU, where a shape costs nothing to change."""
         ort = _import_ort()
         if max_batch_size < 1:
             raise ModelLoadError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -261,8 +301,15 @@ class ModelRuntime:
             manifest_sha256=manifest_sha,
         )
         active = list(encoder.get_providers())
-        pad = active[0] == "CUDAExecutionProvider" if pad_batches is None else pad_batches
-        runtime = cls(model_dir, info, encoder, decoder, active, batch_buckets(max_batch_size) if pad else None)
+        on_cuda = active[0] == "CUDAExecutionProvider"
+        pad = on_cuda if pad_batches is None else pad_batches
+        per_shape = None
+        if on_cuda if session_per_shape is None else session_per_shape:
+            per_shape = {
+                part: ShapeSessions(partial(ort.InferenceSession, str(model_dir / graphs[part]), opts, providers=providers))
+                for part in ("encoder", "decoder")
+            }
+        runtime = cls(model_dir, info, encoder, decoder, active, batch_buckets(max_batch_size) if pad else None, per_shape)
         log.info(
             "loaded model %s from %s (%s, %s, batch sizes %s)",
             info.name,
@@ -302,18 +349,30 @@ class ModelRuntime:
 
     # --- inference ---
 
-    def _run(self, session: Any, input_name: str, array: np.ndarray) -> np.ndarray:
+    def _run(self, graph: str, input_name: str, array: np.ndarray) -> np.ndarray:
         if self.buckets is None:
-            return self._run_session(session, input_name, array)
+            return self._run_session(self._session(graph, array), input_name, array)
         n, largest = len(array), self.buckets[-1]
         if n > largest:
-            parts = [self._run(session, input_name, array[i : i + largest]) for i in range(0, n, largest)]
+            parts = [self._run(graph, input_name, array[i : i + largest]) for i in range(0, n, largest)]
             return np.concatenate(parts)
         size = next(b for b in self.buckets if b >= n)
         if size > n:
             filler = np.broadcast_to(array[-1:], (size - n, *array.shape[1:]))
             array = np.concatenate([array, filler])
-        return self._run_session(session, input_name, array)[:n]
+        return self._run_session(self._session(graph, array), input_name, array)[:n]
+
+    def _session(self, graph: str, array: np.ndarray) -> Any:
+        if self._per_shape is None:
+            return self._sessions[graph]
+        try:
+            return self._per_shape[graph].get(tuple(array.shape))
+        except Exception as exc:  # e.g. out of device memory while building it: this batch fails, not the runtime
+            raise RuntimeError(f"could not create an ONNX Runtime session for {graph} input shape {array.shape}: {exc}") from exc
+
+    def session_shapes(self) -> dict[str, list[tuple[int, ...]]]:
+        """Input shapes with a session of their own, per graph (empty without per-shape sessions)."""
+        return {g: s.shapes() for g, s in (self._per_shape or {}).items()}
 
     def _run_session(self, session: Any, input_name: str, array: np.ndarray) -> np.ndarray:
         if not self._on_cuda:
@@ -329,11 +388,11 @@ class ModelRuntime:
     def encode(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W, 3) -> int32 token ids (B, H/f, W/f)."""
         self.check_images(images)
-        return self._run(self._encoder, "images", np.ascontiguousarray(images))
+        return self._run("encoder", "images", np.ascontiguousarray(images))
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """integer token ids (B, h, w) in [0, K) -> uint8 images (B, h·f, w·f, 3)."""
-        return self._run(self._decoder, "tokens", self.check_tokens(tokens))
+        return self._run("decoder", "tokens", self.check_tokens(tokens))
 
     def warmup(self, sizes: Sequence[tuple[int, int]], batch_sizes: Sequence[int] | None = None) -> None:
         """Run each (batch, size) once so cuDNN algorithm search and arena growth happen now.

@@ -169,3 +169,27 @@ def test_padded_batches_match_unpadded(model_dir: Path, monkeypatch: pytest.Monk
     assert seen == [1, 1, 2, 2, 3, 3, 4, 4, 6, 6, 8, 8]
     with pytest.raises(ModelLoadError, match="max_batch_size"):
         ModelRuntime.load(model_dir, max_batch_size=0)
+
+
+def test_one_session_per_input_shape(model_dir: Path) -> None:
+    """With per-shape sessions each shape gets its own ORT session (a CUDA session re-picks its cuDNN
+    algorithms whenever its input shape changes); answers are unchanged."""
+    from service.runtime import ShapeSessions
+
+    plain = ModelRuntime.load(model_dir)
+    rt = ModelRuntime.load(model_dir, pad_batches=True, session_per_shape=True, max_batch_size=4)
+    assert plain.session_shapes() == {}
+    rng = np.random.default_rng(2)
+    for n in (3, 1, 2, 3):
+        images = rng.integers(0, 256, size=(n, 32, 24, 3), dtype=np.uint8)
+        ids = rt.encode(images)
+        assert np.array_equal(ids, plain.encode(images))
+        assert np.array_equal(rt.decode(ids), plain.decode(ids))
+    assert rt.session_shapes()["encoder"] == [(1, 32, 24, 3), (2, 32, 24, 3), (3, 32, 24, 3)]  # least recent first
+    assert sorted(rt.session_shapes()["decoder"]) == [(1, 8, 6), (2, 8, 6), (3, 8, 6)]
+
+    made: list[int] = []
+    cache = ShapeSessions(lambda: made.append(1) or len(made), capacity=2)
+    assert [cache.get((1,)), cache.get((2,)), cache.get((1,))] == [1, 2, 1]  # (1,) is now the most recent
+    assert cache.get((3,)) == 3 and cache.shapes() == [(1,), (3,)]  # (2,) was dropped
+    assert cache.get((2,)) == 4 and len(made) == 4
