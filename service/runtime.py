@@ -210,7 +210,9 @@ class ModelRuntime:
       batch above the largest bucket runs in chunks. The network treats images independently
       (GroupNorm, per-image attention), so results are unchanged;
     - one session per input shape (`ShapeSessions`), so no session ever switches shape; `warmup`
-      builds the sessions of every bucket for the given image sizes.
+      builds the sessions of every bucket for the given image sizes. Each session holds its own
+      CUDA memory arena; where one cannot be built (device memory), the shared session serves that
+      shape, slower.
     """
 
     def __init__(
@@ -367,8 +369,15 @@ class ModelRuntime:
             return self._sessions[graph]
         try:
             return self._per_shape[graph].get(tuple(array.shape))
-        except Exception as exc:  # e.g. out of device memory while building it: this batch fails, not the runtime
-            raise RuntimeError(f"could not create an ONNX Runtime session for {graph} input shape {array.shape}: {exc}") from exc
+        except Exception as exc:  # e.g. no device memory left for another session: serve, slower
+            log.warning(
+                "no ONNX Runtime session of its own for %s input shape %s (%s); using the shared session, "
+                "which re-selects its cuDNN algorithms when shapes change",
+                graph,
+                tuple(array.shape),
+                str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__,
+            )
+            return self._sessions[graph]
 
     def session_shapes(self) -> dict[str, list[tuple[int, ...]]]:
         """Input shapes with a session of their own, per graph (empty without per-shape sessions)."""

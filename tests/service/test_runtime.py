@@ -193,3 +193,18 @@ def test_one_session_per_input_shape(model_dir: Path) -> None:
     assert [cache.get((1,)), cache.get((2,)), cache.get((1,))] == [1, 2, 1]  # (1,) is now the most recent
     assert cache.get((3,)) == 3 and cache.shapes() == [(1,), (3,)]  # (2,) was dropped
     assert cache.get((2,)) == 4 and len(made) == 4
+
+
+def test_per_shape_session_failure_falls_back_to_the_shared_session(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A session that cannot be built (on a GPU: out of memory) costs speed, not the request."""
+    rt = ModelRuntime.load(model_dir, session_per_shape=True)
+    plain = ModelRuntime.load(model_dir)
+
+    def broken() -> None:
+        raise RuntimeError("CUDNN failure 4000: CUDNN_STATUS_INTERNAL_ERROR (injected)")
+
+    rt._per_shape["encoder"]._factory = broken  # type: ignore[index]
+    images = np.random.default_rng(3).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    with caplog.at_level("WARNING", logger="service.runtime"):
+        assert np.array_equal(rt.encode(images), plain.encode(images))
+    assert "shared session" in caplog.text and "CUDNN_STATUS_INTERNAL_ERROR" in caplog.text
