@@ -158,7 +158,14 @@ def main() -> int:
             t0 = time.perf_counter()
             s = tokenize_local(folder, work / "out-local", RuntimeEncoder(runtime), **common)
             wall = time.perf_counter() - t0
-            results["local"] = {"images": s.images, "errors": s.errors, "seconds": wall, "images_per_s": s.images / wall}
+            results["local"] = {
+                "images": s.images,
+                "errors": s.errors,
+                "seconds": wall,
+                "images_per_s": s.images / wall,
+                "driver_waited_for_decode_s": s.decode_wait_s,
+                "driver_waited_for_encode_s": s.encode_wait_s,
+            }
         del runtime  # free this process's ORT memory arena before Ray actors and the server load their own
         gc.collect()
         for engine in (e for e in engines if e != "local"):
@@ -227,6 +234,12 @@ def main() -> int:
     print(f"{'engine':<8} {'images':>7} {'seconds':>8} {'images/s':>9} {'vs raw':>7}")
     for name, r in report["results"].items():
         print(f"{name:<8} {r['images']:>7} {r['seconds']:>8.1f} {r['images_per_s']:>9.1f} {r['ratio_to_raw']:>7.0%}")
+    if "local" in report["results"]:
+        r = report["results"]["local"]
+        print(
+            f"local engine driver: waited {r['driver_waited_for_decode_s']:.1f} s for decoding, "
+            f"{r['driver_waited_for_encode_s']:.1f} s for the encoder, of {r['seconds']:.1f} s"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")

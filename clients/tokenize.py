@@ -290,19 +290,34 @@ def prepare_item(item: RawItem, spec: ModelSpec, resize: str) -> Prepared:
 
 
 def prepared_stream(
-    source: Source, shards: Sequence[tuple[int, int, int]], spec: ModelSpec, resize: str, pool: cf.Executor, window: int
+    source: Source,
+    shards: Sequence[tuple[int, int, int]],
+    spec: ModelSpec,
+    resize: str,
+    pool: cf.Executor,
+    window: int,
+    waited: list[float] | None = None,
 ) -> Iterator[tuple[int, Prepared]]:
-    """(shard, prepared image) for every item of `shards`, in order; up to `window` images decode ahead."""
+    """(shard, prepared image) for every item of `shards`, in order; up to `window` images decode ahead.
+    Seconds spent waiting for a decode are added to `waited[0]`."""
     ahead: deque[tuple[int, cf.Future[Prepared]]] = deque()
+    clock = waited if waited is not None else [0.0]
+
+    def result(fut: cf.Future[Prepared]) -> Prepared:
+        t = time.perf_counter()
+        out = fut.result()
+        clock[0] += time.perf_counter() - t
+        return out
+
     for shard, start, end in shards:
         for item in source.slice(start, end):
             ahead.append((shard, pool.submit(prepare_item, item, spec, resize)))
             if len(ahead) >= window:
                 s, fut = ahead.popleft()
-                yield s, fut.result()
+                yield s, result(fut)
     while ahead:
         s, fut = ahead.popleft()
-        yield s, fut.result()
+        yield s, result(fut)
 
 
 # ---------------------------------------------------------------- encoding
@@ -368,6 +383,10 @@ class Summary:
     shards_skipped: int  # already committed by an earlier run
     seconds: float
     engine: str = "local"
+    # where the local engine's driver thread waited: for decoded images (decoding is the bottleneck)
+    # or for the encoder (the model is); both small means the driver's own work bounds the run
+    decode_wait_s: float = 0.0
+    encode_wait_s: float = 0.0
 
     @property
     def images_per_s(self) -> float:
@@ -429,7 +448,12 @@ def tokenize_local(
             if on_commit is not None:
                 on_commit(shard)
 
+    decode_wait, encode_wait = [0.0], [0.0]
+
     def collect(fut: cf.Future[list[tuple[Prepared, np.ndarray | None, str | None]]], shard: int) -> None:
+        t = time.perf_counter()
+        fut.result()
+        encode_wait[0] += time.perf_counter() - t
         for p, tokens, error in fut.result():
             if tokens is None:
                 buffers[shard].add_error(p.item.index, p.item.key, error or "encode failed")
@@ -454,7 +478,7 @@ def tokenize_local(
     ):
         buckets: dict[tuple[int, ...], list[Prepared]] = {}  # same-shaped images of the current shard
         current = -1
-        for shard, p in prepared_stream(source, ranges, job.model, resize, decode_pool, window):
+        for shard, p in prepared_stream(source, ranges, job.model, resize, decode_pool, window, decode_wait):
             if shard != current:
                 for batch in buckets.values():
                     if batch:
@@ -484,7 +508,14 @@ def tokenize_local(
     if not manifest.complete:
         raise TokenizeError(f"{len(manifest.pending())} shards did not complete")
     return Summary(
-        str(output_dir), stats["images"], stats["errors"], stats["shards"], job.num_shards - len(pending), time.perf_counter() - t0
+        str(output_dir),
+        stats["images"],
+        stats["errors"],
+        stats["shards"],
+        job.num_shards - len(pending),
+        time.perf_counter() - t0,
+        decode_wait_s=decode_wait[0],
+        encode_wait_s=encode_wait[0],
     )
 
 

@@ -66,6 +66,7 @@ def files_of(out: Path) -> dict[str, bytes]:
 def test_folder_local_engine_matches_runtime_and_records_errors(image_folder: Path, runtime: Any, tmp_path: Path) -> None:
     s = tokenize_local(image_folder, tmp_path, RuntimeEncoder(runtime), resize="none", shard_size=4, batch_size=3, progress=False)
     assert (s.images, s.errors, s.shards_written) == (10, 1, 3)  # 11 images (the .txt is ignored) in shards of 4
+    assert s.decode_wait_s >= 0 and s.encode_wait_s > 0 and s.decode_wait_s + s.encode_wait_s <= s.seconds  # the stall accounting
     table = read_tokens(tmp_path)
     keys = table.column("key").to_pylist()
     assert keys == sorted(keys) and len(set(keys)) == 10 and "val/broken.jpg" not in keys and "kodim23.png" in keys
