@@ -169,19 +169,38 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
 
 class ShapeSessions:
     """One ORT session per input shape for one graph, created on first use, least recently used
-    dropped past `capacity`. Each session only ever sees its own shape (see `ModelRuntime`)."""
+    dropped past `capacity`. Each session only ever sees its own shape (see `ModelRuntime`).
 
-    def __init__(self, factory: Callable[[], Any], capacity: int = 24) -> None:
+    A shape whose session cannot be built (on a GPU: no device memory left for it) is logged once
+    and remembered: `get` then answers None for it without trying again."""
+
+    def __init__(self, factory: Callable[[], Any], capacity: int = 24, name: str = "graph") -> None:
         self._factory = factory
         self._capacity = capacity
+        self._name = name
         self._sessions: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+        self._failed: set[tuple[int, ...]] = set()
         self._lock = threading.Lock()
 
-    def get(self, shape: tuple[int, ...]) -> Any:
+    def get(self, shape: tuple[int, ...]) -> Any | None:
         with self._lock:  # creation under the lock: two threads never build the same shape twice
+            if shape in self._failed:
+                return None
             session = self._sessions.get(shape)
             if session is None:
-                session = self._factory()
+                try:
+                    session = self._factory()
+                except Exception as exc:
+                    self._failed.add(shape)
+                    first_line = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+                    log.warning(
+                        "no ONNX Runtime session of its own for %s input shape %s (%s); the shared session "
+                        "serves it, re-selecting its cuDNN algorithms when shapes change",
+                        self._name,
+                        shape,
+                        first_line,
+                    )
+                    return None
                 self._sessions[shape] = session
                 if len(self._sessions) > self._capacity:
                     dropped, _ = self._sessions.popitem(last=False)
@@ -308,7 +327,7 @@ class ModelRuntime:
         per_shape = None
         if on_cuda if session_per_shape is None else session_per_shape:
             per_shape = {
-                part: ShapeSessions(partial(ort.InferenceSession, str(model_dir / graphs[part]), opts, providers=providers))
+                part: ShapeSessions(partial(ort.InferenceSession, str(model_dir / graphs[part]), opts, providers=providers), name=part)
                 for part in ("encoder", "decoder")
             }
         runtime = cls(model_dir, info, encoder, decoder, active, batch_buckets(max_batch_size) if pad else None, per_shape)
@@ -365,19 +384,8 @@ class ModelRuntime:
         return self._run_session(self._session(graph, array), input_name, array)[:n]
 
     def _session(self, graph: str, array: np.ndarray) -> Any:
-        if self._per_shape is None:
-            return self._sessions[graph]
-        try:
-            return self._per_shape[graph].get(tuple(array.shape))
-        except Exception as exc:  # e.g. no device memory left for another session: serve, slower
-            log.warning(
-                "no ONNX Runtime session of its own for %s input shape %s (%s); using the shared session, "
-                "which re-selects its cuDNN algorithms when shapes change",
-                graph,
-                tuple(array.shape),
-                str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__,
-            )
-            return self._sessions[graph]
+        own = None if self._per_shape is None else self._per_shape[graph].get(tuple(array.shape))
+        return self._sessions[graph] if own is None else own
 
     def session_shapes(self) -> dict[str, list[tuple[int, ...]]]:
         """Input shapes with a session of their own, per graph (empty without per-shape sessions)."""
