@@ -8,6 +8,10 @@ The images are ../shared/data/photos256/val (200 JPEGs) repeated, through a fold
 each engine reads and decodes every file for real. Each engine gets an equal share of --time-limit:
 the image count is cut to what the raw rate says fits. The ratio column is engine images/s divided by
 raw images/s at the same batch size; the issue asks for local >= 0.8 on the GPU machine.
+
+`host` is a diagnostic, not an engine: the local pipeline (read, decode, batch, write shards) with
+the model replaced by an encoder that answers instantly with precomputed token ids, so its images/s
+is the ceiling the host side puts on the local engine on this machine.
 """
 
 from __future__ import annotations
@@ -30,7 +34,20 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = Path(os.environ.get("VQTOK_DATA", REPO.parent / "shared" / "data")) / "photos256" / "val"
-ENGINES = ("raw", "local", "ray", "server")
+ENGINES = ("raw", "local", "ray", "server", "host")
+
+
+class InstantEncoder:
+    """The model taken out of the pipeline: answers every batch at once with one real image's ids."""
+
+    def __init__(self, runtime: Any) -> None:
+        from clients.tokenize import RuntimeEncoder
+
+        self.spec, self.concurrency = RuntimeEncoder(runtime).spec, 1
+        self._tokens = runtime.encode(np.zeros((1, 256, 256, 3), np.uint8))[0]
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(self._tokens, (len(pixels), *self._tokens.shape)).copy()
 
 
 _EXPORT = """
@@ -154,6 +171,12 @@ def main() -> int:
         results: dict[str, Any] = {"raw": raw}
         common = {"resize": "none", "batch_size": args.batch_size, "shard_size": 1024, "progress": False}
         info, providers = runtime.info, runtime.providers
+        if "host" in engines:
+            t0 = time.perf_counter()
+            s = tokenize_local(folder, work / "out-host", InstantEncoder(runtime), **common)
+            wall = time.perf_counter() - t0
+            results["host"] = {"images": s.images, "errors": s.errors, "seconds": wall, "images_per_s": s.images / wall}
+            shutil.rmtree(work / "out-host", ignore_errors=True)
         if "local" in engines:
             t0 = time.perf_counter()
             s = tokenize_local(folder, work / "out-local", RuntimeEncoder(runtime), **common)
@@ -168,7 +191,7 @@ def main() -> int:
             }
         del runtime  # free this process's ORT memory arena before Ray actors and the server load their own
         gc.collect()
-        for engine in (e for e in engines if e != "local"):
+        for engine in (e for e in engines if e not in ("local", "host")):
             out = work / f"out-{engine}"
             t0 = time.perf_counter()
             if engine == "ray":
