@@ -60,7 +60,7 @@ soak-wait)
   grep -v "plugin EP" /tmp/res/soak.log | tail -n 30
   ;;
 tokenize)
-  python3 bench/tokenize_throughput.py --model .gpudata/models/photo-f8-simvq-16k --batch-size 64 --engines local,server --images 40000 \
+  python3 bench/tokenize_throughput.py --model .gpudata/models/photo-f8-simvq-16k --batch-size 64 --engines host,local,server --images 40000 \
     --device cuda --time-limit 300 --out "$out/tokenize_throughput_gpu.json" 2>&1 | grep --line-buffered -v -i warn | tee "$out/tokenize.log"
   ;;
 cifar)
