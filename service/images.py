@@ -15,11 +15,14 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .settings import ResizeMode
+# defined here, not in settings: the client's local backend and dataset tokenization use this
+# module without the server's settings (pydantic-settings)
+ResizeMode = Literal["none", "crop", "pad"]
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 

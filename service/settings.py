@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-ResizeMode = Literal["none", "crop", "pad"]
+from .images import ResizeMode
 
 
 def default_model_repo() -> Path:

@@ -248,3 +248,14 @@ def test_cli_user_errors(tmp_path: Path) -> None:
     empty.mkdir()
     pa.table({"x": [1]})  # pyarrow is importable; an empty folder is still no dataset
     assert main(["tokenize", "--input", str(empty), "--output", str(tmp_path / "o"), "--model", str(tmp_path)]) != 0
+
+
+def test_local_paths_import_neither_the_server_nor_torch() -> None:
+    """The local backend and dataset tokenization share the service's image rules, not its server
+    stack: no FastAPI, no pydantic-settings, no torch."""
+    code = (
+        "import sys, clients.local, clients.tokenize, service.images\n"
+        "heavy = {'fastapi', 'pydantic_settings', 'torch'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
