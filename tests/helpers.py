@@ -1,4 +1,4 @@
-"""Helpers shared by the test packages: tiny exported models and free localhost ports."""
+"""Helpers shared by the test packages: tiny exported models, free localhost ports, a server in a thread."""
 
 from __future__ import annotations
 
@@ -7,8 +7,13 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Self
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,3 +68,38 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class ServerThread:
+    """The real service app under uvicorn in a thread, on a free localhost port. `loader` replaces
+    `ModelRuntime.load` (tests wrap the real runtime to inject faults)."""
+
+    def __init__(self, settings: Any, loader: Callable[..., Any] | None = None) -> None:
+        import uvicorn
+
+        from service.app import create_app
+
+        self.port = free_port()
+        self.settings = settings.model_copy(update={"port": self.port})
+        self.app = create_app(self.settings, loader=loader)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None, access_log=False, timeout_graceful_shutdown=10)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self, ready: bool = True, timeout: float = 60) -> Self:
+        """Start; return once /readyz (or, with ready=False, /healthz) answers 200."""
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz" if ready else f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server on {self.url} did not become ready")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -3,16 +3,13 @@ models/ and the runtime are unchanged), a real uvicorn server on a free localhos
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.helpers import exported_model_repo, free_port
+from tests.helpers import ServerThread, exported_model_repo
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "tiny"
@@ -36,43 +33,20 @@ def runtime(model_dir: Path) -> Any:
     return ModelRuntime.load(model_dir, device="cpu")
 
 
-class Server:
-    """The real service app under uvicorn, in a thread, on a free localhost port."""
+Server = ServerThread  # the name the client tests annotate with
 
-    def __init__(self, model_repo: Path, **overrides: Any) -> None:
-        import uvicorn
 
-        from service.app import create_app
-        from service.settings import Settings
+def new_server(model_repo: Path, **overrides: Any) -> ServerThread:
+    """A (not yet started) server on `model_repo` with the tests' base settings plus `overrides`."""
+    from service.settings import Settings
 
-        self.port = free_port()
-        base: dict[str, Any] = {"model_repo": model_repo, "device": "cpu", "warmup_sizes": [32], "log_format": "text", "port": self.port}
-        self.app = create_app(Settings(**(base | overrides)))
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None, access_log=False)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 60) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"server on {self.url} did not become ready")
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+    base: dict[str, Any] = {"model_repo": model_repo, "device": "cpu", "warmup_sizes": [32], "log_format": "text"}
+    return ServerThread(Settings(**(base | overrides)))
 
 
 @pytest.fixture(scope="session")
 def server(model_repo: Path) -> Iterator[Server]:
-    s = Server(model_repo).start()
+    s = new_server(model_repo).start()
     yield s
     s.stop()
 
@@ -83,7 +57,7 @@ def serve(model_repo: Path) -> Iterator[Callable[..., Server]]:
     started: list[Server] = []
 
     def start(**overrides: Any) -> Server:
-        started.append(Server(model_repo, **overrides).start())
+        started.append(new_server(model_repo, **overrides).start())
         return started[-1]
 
     yield start

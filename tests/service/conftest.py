@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,13 +12,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
-from service.app import create_app
 from service.runtime import ModelRuntime
 from service.settings import Settings
-from tests.helpers import exported_model_repo, free_port
+from tests.helpers import ServerThread, exported_model_repo
 
 REPO = Path(__file__).resolve().parents[2]
 # Two tiny untrained models (real graphs, fast on CPU): FSQ f=4 (K=1000) and SimVQ f=4 (K=1024).
@@ -30,36 +27,6 @@ MODELS = {"fsq4": "cifar-fsq", "simvq4": "cifar-simvq"}
 def model_repo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model repository with fsq4 and simvq4 (real exported graphs)."""
     return exported_model_repo(request, tmp_path_factory, MODELS)
-
-
-class ServerThread:
-    """uvicorn.Server running create_app(settings, loader) in a thread, on a free localhost port."""
-
-    def __init__(self, settings: Settings, loader: Callable[..., Any] | None = None) -> None:
-        self.port = free_port()
-        self.settings = settings.model_copy(update={"port": self.port})
-        self.app = create_app(self.settings, loader=loader)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None, access_log=False, timeout_graceful_shutdown=10)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def start(self, ready: bool = True, timeout: float = 60) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                r = httpx.get(f"{self.url}/readyz" if ready else f"{self.url}/healthz", timeout=2)
-                if r.status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"server on {self.url} did not become ready")
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture

@@ -16,7 +16,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from .conftest import REPO, Faults, free_port, png_bytes
+from tests.helpers import free_port
+
+from .conftest import REPO, Faults, png_bytes
 from .test_batching import encode, wait_until
 from .test_errors import assert_problem
 
