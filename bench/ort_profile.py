@@ -175,41 +175,6 @@ def profile_child(model_dir: Path, precision: str, batch: int, size: int, iters:
     return result
 
 
-def thread_probe(model_dir: Path, precision: str, batches: tuple[int, ...] = (2, 3, 4, 6)) -> dict[str, Any]:
-    """Milliseconds of the first and second encode of each batch size: on the thread that warmed
-    every bucket, then on a fresh thread. Shows whether warm-up carries over to other threads."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from service.runtime import ModelRuntime
-
-    rt = ModelRuntime.load(model_dir, device="cuda", precision=precision, max_batch_size=64)  # type: ignore[arg-type]
-    rng = np.random.default_rng(0)
-    x = {b: rng.integers(0, 256, size=(b, 256, 256, 3), dtype=np.uint8) for b in batches}
-    t0 = time.perf_counter()
-    rt.warmup([(256, 256)])  # every bucket, on this thread
-    warm_s = time.perf_counter() - t0
-
-    def timed() -> list[float]:
-        out = []
-        for b in batches:
-            t = time.perf_counter()
-            rt.encode(x[b])
-            out.append(1e3 * (time.perf_counter() - t))
-        return out
-
-    same = timed()
-    with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(timed).result()
-        second = pool.submit(timed).result()
-    return {
-        "batches": list(batches),
-        "warmup_s": warm_s,
-        "warmed_thread_ms": same,
-        "new_thread_first_ms": first,
-        "new_thread_second_ms": second,
-    }
-
-
 SHAPE_PROBE_OPTIONS: dict[str, dict[str, str]] = {
     "served": {},
     "heuristic": {"cudnn_conv_algo_search": "HEURISTIC"},
@@ -264,7 +229,6 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--shape-probe", action="store_true", help="only the warmed-shape timing per CUDA EP setting (CUDA)")
     ap.add_argument("--probe-settings", nargs="*", default=None, choices=list(SHAPE_PROBE_OPTIONS), help="shape probe: these only")
-    ap.add_argument("--thread-probe", action="store_true", help="only the warm-up-across-threads probe (CUDA)")
     args = ap.parse_args()
     import onnxruntime as ort
 
@@ -274,12 +238,6 @@ def main() -> None:
         result = shape_probe(args.model, precision, args.probe_settings)
         if args.out:
             args.out.write_text(json.dumps(result, indent=1) + "\n")
-        return
-    if args.thread_probe:
-        probe = thread_probe(args.model, precision)
-        print(json.dumps(probe))
-        if args.out:
-            args.out.write_text(json.dumps(probe, indent=1) + "\n")
         return
     if args.child:
         print(json.dumps(profile_child(args.model, precision, args.profile_batch, args.size, args.profile_iters, cuda)))

@@ -208,6 +208,11 @@ class ShapeSessions:
             self._sessions.move_to_end(shape)
             return session
 
+    def reserve(self, n: int) -> None:
+        """Keep room for at least `n` shapes (warm-up calls this, so warmed sessions are not evicted)."""
+        with self._lock:
+            self._capacity = max(self._capacity, n)
+
     def shapes(self) -> list[tuple[int, ...]]:
         with self._lock:
             return list(self._sessions)
@@ -419,6 +424,8 @@ class ModelRuntime:
         f = self.info.downsample
         if batch_sizes is None:
             batch_sizes = self.buckets or (1,)
+        for sessions in (self._per_shape or {}).values():
+            sessions.reserve(2 * len(sizes) * len(batch_sizes))  # the warmed shapes, and as many others
         for h, w in sizes:
             for b in batch_sizes:
                 self.encode(rng.integers(0, 256, size=(b, h, w, 3), dtype=np.uint8))

@@ -7,7 +7,7 @@
 #   .gpudata/cifar10                     ../shared/data/cifar10
 # Every step writes its log and JSON under $OUT as it goes, so a step cut short still returns data.
 #   bash scripts/gpu/ort_benches.sh throughput PRESET   # bench/gpu_throughput.py, one preset, torch.compile included
-#   bash scripts/gpu/ort_benches.sh serve               # warm-up thread probe, then the service load sweep
+#   bash scripts/gpu/ort_benches.sh serve               # shape probe, then the service load sweep
 #   bash scripts/gpu/ort_benches.sh soak-start MINUTES  # soak at 80 % of saturation, detached from the call
 #   bash scripts/gpu/ort_benches.sh soak-wait SECONDS   # wait for it (at most SECONDS), collect its results
 #   bash scripts/gpu/ort_benches.sh tokenize            # bench/tokenize_throughput.py: local and server engines
@@ -29,10 +29,10 @@ throughput)
     --out "$out/gpu_throughput_$preset.json" 2>&1 | grep --line-buffered -v -i "warn\|onnx_ir\|torch.onnx\|^ *$" | tee "$out/throughput_$preset.log"
   ;;
 serve)
-  # does warm-up on one thread carry over to another? (it decides where the server warms up)
-  python3 bench/ort_profile.py --thread-probe --model .gpudata/models/photo-f8-simvq-16k --out "$out/thread_probe.json" 2>&1 | grep -v "plugin EP"
+  # first runs after warm-up per batch size (0.6-1 s each without per-shape sessions)
+  python3 bench/ort_profile.py --shape-probe --probe-settings served --model .gpudata/models/photo-f8-simvq-16k --out "$out/shape_probe.json" 2>&1 | grep -v "plugin EP"
   python3 bench/service_load.py --model-repo .gpudata/models --images .gpudata/photos256/val --device cuda \
-    --concurrency 1,8,32,128 --duration 8 --client-procs 6 --decode-threads 8 --max-batch-size 64 --batch-workers 2 \
+    --concurrency 1,8,32,128 --duration 6 --client-procs 6 --decode-threads 8 --max-batch-size 32 --batch-workers 1 \
     --time-budget 280 --out "$out/service_load_gpu.json" 2>&1 | grep --line-buffered -v "plugin EP" | tee "$out/serve.log"
   ;;
 soak-start)
@@ -40,7 +40,7 @@ soak-start)
   minutes=${2:-10}
   rm -f /tmp/res/soak.done
   setsid nohup bash -c "python3 bench/service_load.py --model-repo .gpudata/models --images .gpudata/photos256/val --device cuda \
-    --concurrency 128 --duration 8 --client-procs 6 --decode-threads 8 --max-batch-size 64 --batch-workers 2 \
+    --concurrency 128 --duration 8 --client-procs 6 --decode-threads 8 --max-batch-size 32 --batch-workers 1 \
     --soak $minutes --time-budget $((minutes * 60 + 150)) --out /tmp/res/service_soak_gpu.json --server-log /tmp/res/server.log; touch /tmp/res/soak.done" \
     >/tmp/res/soak.log 2>&1 </dev/null &
   sleep 5

@@ -193,6 +193,8 @@ def test_one_session_per_input_shape(model_dir: Path) -> None:
     assert [cache.get((1,)), cache.get((2,)), cache.get((1,))] == [1, 2, 1]  # (1,) is now the most recent
     assert cache.get((3,)) == 3 and cache.shapes() == [(1,), (3,)]  # (2,) was dropped
     assert cache.get((2,)) == 4 and len(made) == 4
+    cache.reserve(3)
+    assert cache.get((1,)) == 5 and sorted(cache.shapes()) == [(1,), (2,), (3,)]  # room for 3: nothing dropped
 
 
 def test_per_shape_session_failure_falls_back_to_the_shared_session(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
