@@ -452,16 +452,16 @@ def tokenize_local(
 
     def collect(fut: cf.Future[list[tuple[Prepared, np.ndarray | None, str | None]]], shard: int) -> None:
         t = time.perf_counter()
-        fut.result()
+        results = fut.result()
         encode_wait[0] += time.perf_counter() - t
-        for p, tokens, error in fut.result():
+        for p, tokens, error in results:
             if tokens is None:
                 buffers[shard].add_error(p.item.index, p.item.key, error or "encode failed")
                 stats["errors"] += 1
             else:
                 buffers[shard].add(p.item.index, p.item.key, tokens, p.source)
                 stats["images"] += 1
-        bar.update(len(fut.result()))
+        bar.update(len(results))
         finish_if_done(shard)
 
     in_flight: deque[tuple[cf.Future[Any], int]] = deque()
