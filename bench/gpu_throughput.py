@@ -193,40 +193,31 @@ def bench_model(
                     rt = ModelRuntime.load(d, device="cuda", precision="fp16")
                     paths["ort-fp16-host"] = (partial(rt.encode, images_np), partial(rt.decode, tokens_np))
                 for name, (enc_fn, dec_fn) in paths.items():
+                    if device == "cuda" and name.startswith("ort"):
+                        torch.cuda.empty_cache()  # torch's cached blocks would leave ORT's arena short of memory
                     for direction, fn, flops in (("encode", enc_fn, enc_flops), ("decode", dec_fn, dec_flops)):
+                        row: dict[str, Any] = {"preset": preset, "size": size, "batch": batch, "path": name, "direction": direction}
                         try:
                             sec = time_fn(fn, device, min_seconds)
                         except Exception as exc:  # OOM or a backend refusing a shape: record, go on
                             print(
                                 f"  {preset} {size} b{batch} {name} {direction}: FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True
                             )
-                            rows.append(
-                                {
-                                    "preset": preset,
-                                    "size": size,
-                                    "batch": batch,
-                                    "path": name,
-                                    "direction": direction,
-                                    "error": str(exc)[:500],
-                                }
-                            )
+                            rows.append(row | {"error": str(exc)[:500]})
                             if device == "cuda":
                                 torch.cuda.empty_cache()
                             on_row()
                             continue
                         tflops = flops * batch / sec / 1e12
+                        pct = 100 * tflops / peak if peak == peak else None
                         rows.append(
-                            {
-                                "preset": preset,
-                                "size": size,
-                                "batch": batch,
-                                "path": name,
-                                "direction": direction,
+                            row
+                            | {
                                 "seconds": sec,
                                 "images_per_s": batch / sec,
                                 "gflop_per_image": flops / 1e9,
                                 "tflops": tflops,
-                                "pct_of_peak": 100 * tflops / peak if peak == peak else None,
+                                "pct_of_peak": pct,
                             }
                         )
                         print(
