@@ -143,6 +143,8 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=2000, help="images per engine at most (cut to fit the time limit)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    ap.add_argument("--decode-pool", choices=("thread", "process"), default="thread", help="local, host and server engines' image decoding")
+    ap.add_argument("--encode-concurrency", type=int, default=None, help="local engine: batches in flight (default: RuntimeEncoder's)")
     ap.add_argument("--time-limit", type=float, default=600, help="seconds for the whole benchmark, roughly")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
@@ -170,22 +172,25 @@ def main() -> int:
         folder = image_folder(work, count)
         results: dict[str, Any] = {"raw": raw}
         common = {"resize": "none", "batch_size": args.batch_size, "shard_size": 1024, "progress": False}
+        decoding = {"decode_pool": args.decode_pool}
         info, providers = runtime.info, runtime.providers
         if "host" in engines:
             t0 = time.perf_counter()
-            s = tokenize_local(folder, work / "out-host", InstantEncoder(runtime), **common)
+            s = tokenize_local(folder, work / "out-host", InstantEncoder(runtime), **decoding, **common)
             wall = time.perf_counter() - t0
             results["host"] = {"images": s.images, "errors": s.errors, "seconds": wall, "images_per_s": s.images / wall}
             shutil.rmtree(work / "out-host", ignore_errors=True)
         if "local" in engines:
             t0 = time.perf_counter()
-            s = tokenize_local(folder, work / "out-local", RuntimeEncoder(runtime), **common)
+            encoder = RuntimeEncoder(runtime, args.encode_concurrency)
+            s = tokenize_local(folder, work / "out-local", encoder, **decoding, **common)
             wall = time.perf_counter() - t0
             results["local"] = {
                 "images": s.images,
                 "errors": s.errors,
                 "seconds": wall,
                 "images_per_s": s.images / wall,
+                "encoder_concurrency": encoder.concurrency,
                 "driver_waited_for_decode_s": s.decode_wait_s,
                 "driver_waited_for_encode_s": s.encode_wait_s,
             }
@@ -209,7 +214,7 @@ def main() -> int:
                 server, url = start_server(Path(model_dir), args.batch_size, args.device)
                 t0 = time.perf_counter()
                 with Client(url, max_retries=5) as client:
-                    s = tokenize_local(folder, out, ServerEncoder(client, None, concurrency=4), **common)
+                    s = tokenize_local(folder, out, ServerEncoder(client, None, concurrency=4), **decoding, **common)
                 server.should_exit = True
             wall = time.perf_counter() - t0
             results[engine] = {"images": s.images, "errors": s.errors, "seconds": wall, "images_per_s": s.images / wall}
@@ -235,6 +240,7 @@ def main() -> int:
             "providers": providers,
             "image_size": [256, 256],
             "batch_size": args.batch_size,
+            "decode_pool": args.decode_pool,
             "images_per_engine": count,
             "load_average_start": load_start,
             "machine": {

@@ -21,15 +21,17 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
+import multiprocessing
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -270,7 +272,12 @@ def commit_shard(manifest: Manifest, buf: ShardBuffer) -> None:
     manifest.commit(buf.shard, {"file": final.name, "rows": table.num_rows, "errors": errors, "sha256": digest})
 
 
-# ---------------------------------------------------------------- decoding (runs in worker threads)
+# ---------------------------------------------------------------- decoding (runs in worker threads or processes)
+DecodePool = Literal["thread", "process"]
+DECODE_POOLS: tuple[str, ...] = ("thread", "process")
+PROCESS_CHUNK = 8  # images per task sent to a decoding process (amortises the pickling round trip)
+
+
 @dataclass
 class Prepared:
     item: RawItem
@@ -289,6 +296,26 @@ def prepare_item(item: RawItem, spec: ModelSpec, resize: str) -> Prepared:
     return Prepared(item, prepared.pixels, prepared.source_size)
 
 
+Decoded = tuple[np.ndarray | None, tuple[int, int], str | None]  # pixels, source size, error
+
+
+def decode_items(items: Sequence[RawItem], spec: ModelSpec, resize: str) -> list[Decoded]:
+    """The unit of work of a decoding worker: what comes back is only what the driver lacks (not the
+    items themselves, whose bytes would otherwise cross a process boundary twice)."""
+    return [(p.pixels, p.source, p.error) for p in (prepare_item(item, spec, resize) for item in items)]
+
+
+def decode_executor(kind: str, workers: int) -> cf.Executor:
+    """Threads (Pillow and numpy release the GIL while decoding) or processes (no GIL at all, at the
+    price of pickling every image back). Processes are spawned, never forked: the parent may hold a
+    CUDA context and threads."""
+    if kind == "thread":
+        return cf.ThreadPoolExecutor(workers, thread_name_prefix="vqtok-decode")
+    if kind == "process":
+        return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    raise TokenizeError(f"unknown decode pool {kind!r}; expected one of {', '.join(DECODE_POOLS)}")
+
+
 def prepared_stream(
     source: Source,
     shards: Sequence[tuple[int, int, int]],
@@ -297,27 +324,33 @@ def prepared_stream(
     pool: cf.Executor,
     window: int,
     waited: list[float] | None = None,
+    chunk: int = 1,
 ) -> Iterator[tuple[int, Prepared]]:
-    """(shard, prepared image) for every item of `shards`, in order; up to `window` images decode ahead.
-    Seconds spent waiting for a decode are added to `waited[0]`."""
-    ahead: deque[tuple[int, cf.Future[Prepared]]] = deque()
+    """(shard, prepared image) for every item of `shards`, in order; up to `window` images decode
+    ahead, `chunk` images per task. Seconds spent waiting for a decode are added to `waited[0]`."""
+    ahead: deque[tuple[int, list[RawItem], cf.Future[list[Decoded]]]] = deque()
+    queued = 0
     clock = waited if waited is not None else [0.0]
 
-    def result(fut: cf.Future[Prepared]) -> Prepared:
+    def take() -> Iterator[tuple[int, Prepared]]:
+        nonlocal queued
+        shard, items, fut = ahead.popleft()
+        queued -= len(items)
         t = time.perf_counter()
-        out = fut.result()
+        decoded = fut.result()
         clock[0] += time.perf_counter() - t
-        return out
+        for item, (pixels, size, error) in zip(items, decoded, strict=True):
+            yield shard, Prepared(item, pixels, size, error)
 
     for shard, start, end in shards:
-        for item in source.slice(start, end):
-            ahead.append((shard, pool.submit(prepare_item, item, spec, resize)))
-            if len(ahead) >= window:
-                s, fut = ahead.popleft()
-                yield s, result(fut)
+        items = iter(source.slice(start, end))
+        while batch := list(itertools.islice(items, chunk)):
+            ahead.append((shard, batch, pool.submit(decode_items, batch, spec, resize)))
+            queued += len(batch)
+            while queued >= window:
+                yield from take()
     while ahead:
-        s, fut = ahead.popleft()
-        yield s, result(fut)
+        yield from take()
 
 
 # ---------------------------------------------------------------- encoding
@@ -333,8 +366,14 @@ class Encoder(Protocol):
 
 
 class RuntimeEncoder:
-    def __init__(self, runtime: Any) -> None:
-        self.runtime, self.spec, self.concurrency = runtime, ModelSpec.from_info(runtime.info), 1
+    """Encodes in-process through a `ModelRuntime`. `concurrency`: batches run at once; default 2 on
+    CUDA (the next batch is copied in and queued while one computes, so the device never waits for
+    the host between batches), 1 on the CPU (the session's thread pool already uses every core)."""
+
+    def __init__(self, runtime: Any, concurrency: int | None = None) -> None:
+        self.runtime, self.spec = runtime, ModelSpec.from_info(runtime.info)
+        on_cuda = bool(runtime.providers) and runtime.providers[0] == "CUDAExecutionProvider"
+        self.concurrency = concurrency or (2 if on_cuda else 1)
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         return np.asarray(self.runtime.encode(pixels), dtype=np.int32)
@@ -419,22 +458,30 @@ def tokenize_local(
     batch_size: int = DEFAULT_BATCH_SIZE,
     shard_size: int = DEFAULT_SHARD_SIZE,
     decode_workers: int | None = None,
+    decode_pool: DecodePool = "thread",
     overwrite: bool = False,
     progress: bool | None = None,
     on_commit: Callable[[int], None] | None = None,
 ) -> Summary:
     """Tokenize every image under `input_path` into `output_dir`, resuming a previous run there.
 
-    Decoding runs in a thread pool (Pillow and numpy release the GIL) up to a bounded window ahead of
-    the encoder, so memory is bounded by the window, the batch and one shard's token ids."""
+    Decoding runs in a pool of `decode_workers` threads (Pillow and numpy release the GIL) or, with
+    `decode_pool="process"`, processes, up to a bounded window ahead of the encoder, so memory is
+    bounded by the window, the batch and one shard's token ids."""
+    if decode_pool not in DECODE_POOLS:
+        raise TokenizeError(f"unknown decode pool {decode_pool!r}; expected one of {', '.join(DECODE_POOLS)}")
     t0 = time.perf_counter()
     source, job = plan(input_path, encoder.spec, resize, shard_size)
     manifest = Manifest.open(Path(output_dir), job, str(Path(input_path).resolve()), overwrite)
     pending = manifest.pending()
     ranges = [(k, *job.shard_range(k)) for k in pending]
     total = sum(e - s for _, s, e in ranges)
-    workers = decode_workers or min(32, (os.cpu_count() or 1) + 2)
-    window = max(4 * batch_size, 4 * workers)
+    cpus = os.cpu_count() or 1
+    if decode_pool == "process":  # the driver and the encoder's threads keep a core
+        workers, chunk = decode_workers or max(1, cpus - 1), PROCESS_CHUNK
+    else:
+        workers, chunk = decode_workers or min(32, cpus + 2), 1
+    window = max(4 * batch_size, 4 * workers * chunk)
     buffers = {k: ShardBuffer(k, e - s) for k, s, e in ranges}
     stats = {"images": 0, "errors": 0, "shards": 0}
     bar = progress_bar(total, f"tokenize {job.model.name}", progress)
@@ -473,12 +520,12 @@ def tokenize_local(
         in_flight.append((pool.submit(encode_batch, encoder, batch), shard))
 
     with (
-        cf.ThreadPoolExecutor(workers, thread_name_prefix="vqtok-decode") as decode_pool,
+        decode_executor(decode_pool, workers) as decoders,
         cf.ThreadPoolExecutor(encoder.concurrency, thread_name_prefix="vqtok-encode") as encode_pool,
     ):
         buckets: dict[tuple[int, ...], list[Prepared]] = {}  # same-shaped images of the current shard
         current = -1
-        for shard, p in prepared_stream(source, ranges, job.model, resize, decode_pool, window, decode_wait):
+        for shard, p in prepared_stream(source, ranges, job.model, resize, decoders, window, decode_wait, chunk):
             if shard != current:
                 for batch in buckets.values():
                     if batch:

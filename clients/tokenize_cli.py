@@ -61,7 +61,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=_positive, default=32, help="images per encode call")
     p.add_argument("--shard-size", type=_positive, default=4096, help="images per output shard (fixed for a job)")
-    p.add_argument("--decode-workers", type=_positive, default=None, help="image decoding threads (local/server; default: CPUs + 2)")
+    p.add_argument(
+        "--decode-workers",
+        type=_positive,
+        default=None,
+        help="image decoding workers (local/server; default: CPUs + 2 threads, CPUs - 1 processes)",
+    )
+    p.add_argument(
+        "--decode-pool",
+        choices=("thread", "process"),
+        default="thread",
+        help="decode images in threads, or in processes (no GIL: for many cores feeding a GPU)",
+    )
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto")
     p.add_argument(
@@ -98,6 +109,7 @@ def _run_engine(args: argparse.Namespace, progress: bool | None) -> Any:
     common: dict[str, Any] = dict(
         resize=args.resize, batch_size=args.batch_size, shard_size=args.shard_size, overwrite=args.overwrite, progress=progress
     )
+    decoding: dict[str, Any] = dict(decode_workers=args.decode_workers, decode_pool=args.decode_pool)
     if args.engine == "ray":
         from clients.tokenize_ray import tokenize_ray
 
@@ -120,7 +132,7 @@ def _run_engine(args: argparse.Namespace, progress: bool | None) -> Any:
         try:
             with Client(args.server, api_key=args.api_key) as client:
                 encoder = ServerEncoder(client, args.model)
-                summary = tokenize_local(args.input, args.output, encoder, decode_workers=args.decode_workers, **common)
+                summary = tokenize_local(args.input, args.output, encoder, **decoding, **common)
         except VqtokError as exc:
             raise CLIError(f"server: {exc}", code=1) from exc
         summary.engine = "server"
@@ -134,4 +146,4 @@ def _run_engine(args: argparse.Namespace, progress: bool | None) -> Any:
         runtime = ModelRuntime.load(model_dir, device=args.device, precision=args.precision, max_batch_size=args.batch_size)
     except ModelLoadError as exc:
         raise CLIError(str(exc), code=1) from exc
-    return tokenize_local(args.input, args.output, RuntimeEncoder(runtime), decode_workers=args.decode_workers, **common)
+    return tokenize_local(args.input, args.output, RuntimeEncoder(runtime), **decoding, **common)

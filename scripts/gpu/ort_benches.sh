@@ -10,7 +10,9 @@
 #   bash scripts/gpu/ort_benches.sh serve               # shape probe, then the service load sweep
 #   bash scripts/gpu/ort_benches.sh soak-start MINUTES  # soak at 80 % of saturation, detached from the call
 #   bash scripts/gpu/ort_benches.sh soak-wait SECONDS   # wait for it (at most SECONDS), collect its results
-#   bash scripts/gpu/ort_benches.sh tokenize            # bench/tokenize_throughput.py: local and server engines
+#   bash scripts/gpu/ort_benches.sh ray-install         # join and install Ray (carried as .raywhl/a, .raywhl/b parts)
+#   bash scripts/gpu/ort_benches.sh sweep               # bench/tokenize_local_sweep.py: local-engine settings
+#   bash scripts/gpu/ort_benches.sh tokenize [POOL] [ENGINES]  # bench/tokenize_throughput.py (default: thread, host,local,ray,server)
 #   bash scripts/gpu/ort_benches.sh cifar               # bench/quantizers_cifar10.py
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -59,9 +61,25 @@ soak-wait)
   [ -f /tmp/res/soak.done ] && echo "soak finished" || echo "soak still going"
   grep -v "plugin EP" /tmp/res/soak.log | tail -n 30
   ;;
+ray-install)
+  # Ray (80 MB) travels in two calls: `mkdir -p /tmp/rayparts && cp .raywhl/a/* /tmp/rayparts/`, then this
+  # step carrying .raywhl/b; the wheels of its pure-Python dependencies and pandas come with the parts
+  mkdir -p /tmp/rayparts && cp .raywhl/b/* /tmp/rayparts/
+  cat /tmp/rayparts/raypart* >/tmp/rayparts/ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site /tmp/rayparts/*.whl
+  python3 -c 'import ray, ray.data, pandas; print("ray", ray.__version__, "pandas", pandas.__version__)'
+  ;;
+sweep)
+  model=${MODEL:-.gpudata/fp16only/photo-f8-simvq-16k}
+  python3 bench/tokenize_local_sweep.py --model "$model" --device cuda --batch-size 64 --images 10000 --time-limit 420 \
+    --variants host:thread,host:process,local:thread:c1,local:thread:c2,local:process:c1,local:process:c2,local:thread:c2:t1,local:process:c2:t1,local:thread:c2:w8 \
+    --out "$out/tokenize_local_sweep_gpu.json" 2>&1 | grep --line-buffered -v -i warn | tee "$out/sweep.log"
+  ;;
 tokenize)
-  python3 bench/tokenize_throughput.py --model .gpudata/models/photo-f8-simvq-16k --batch-size 64 --engines host,local,server --images 40000 \
-    --device cuda --time-limit 300 --out "$out/tokenize_throughput_gpu.json" 2>&1 | grep --line-buffered -v -i warn | tee "$out/tokenize.log"
+  model=${MODEL:-.gpudata/fp16only/photo-f8-simvq-16k}
+  python3 bench/tokenize_throughput.py --model "$model" --batch-size 64 --engines "${3:-host,local,ray,server}" --images 20000 \
+    --decode-pool "${2:-thread}" --device cuda --time-limit 420 --out "$out/tokenize_throughput_gpu.json" 2>&1 \
+    | grep --line-buffered -v -i warn | tee "$out/tokenize.log"
   ;;
 cifar)
   python3 bench/quantizers_cifar10.py --data .gpudata/cifar10 --time-per-run 22 --out "$out" 2>&1 \

@@ -92,6 +92,23 @@ def test_folder_local_engine_matches_runtime_and_records_errors(image_folder: Pa
         tokenize_local(image_folder, tmp_path, RuntimeEncoder(runtime), resize="pad", shard_size=4, progress=False)
 
 
+def test_decoding_processes_and_batches_in_flight_change_nothing(image_folder: Path, runtime: Any, tmp_path: Path) -> None:
+    """Decoding in spawned processes, and two encoder batches in flight, write the same bytes and the
+    same errors as the thread pool with one batch at a time."""
+    common: dict[str, Any] = dict(resize="none", shard_size=4, batch_size=3, progress=False)
+    tokenize_local(image_folder, tmp_path / "threads", RuntimeEncoder(runtime, concurrency=1), **common)
+    s = tokenize_local(
+        image_folder, tmp_path / "procs", RuntimeEncoder(runtime, concurrency=2), decode_pool="process", decode_workers=2, **common
+    )
+    assert (s.images, s.errors, s.shards_written) == (10, 1, 3)
+    assert files_of(tmp_path / "procs") == files_of(tmp_path / "threads")
+    assert (tmp_path / "procs" / ERRORS).read_bytes() == (tmp_path / "threads" / ERRORS).read_bytes()
+    assert RuntimeEncoder(runtime).concurrency == 1  # on the CPU: the session's own threads use the cores
+    with pytest.raises(TokenizeError, match="unknown decode pool"):
+        tokenize_local(image_folder, tmp_path / "bad", RuntimeEncoder(runtime), decode_pool="fibers", **common)  # type: ignore[arg-type]
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
 def test_crop_mode_and_webdataset_tars_match_the_folder(image_folder: Path, photos_val_dir: Path, runtime: Any, tmp_path: Path) -> None:
     photos = sorted(photos_val_dir.glob("*.jpg"))[:5]
     shards = tmp_path / "wds"
