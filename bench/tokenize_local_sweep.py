@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from tokenize_throughput import InstantEncoder, bench_raw, decoded_batch, image_folder  # noqa: E402
+from tokenize_throughput import InstantEncoder, bench_raw, decoded_batch, image_folder, revision  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class TimedEncoder:
     """Wraps an encoder and records when each batch entered and left it."""
 
     def __init__(self, inner: Any, concurrency: int | None) -> None:
-        self.inner, self.spec = inner, inner.spec
+        self.inner, self.spec, self.decode_pool = inner, inner.spec, inner.decode_pool
         self.concurrency = concurrency or inner.concurrency
         self.spans: list[tuple[float, float]] = []
         self._lock = threading.Lock()
@@ -206,6 +206,7 @@ def main() -> int:
             "onnxruntime": onnxruntime.__version__,
             "platform": platform.platform(),
         },
+        "revision": revision(),
         "variants": rows,
         "total_seconds": time.perf_counter() - t_start,
     }

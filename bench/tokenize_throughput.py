@@ -43,7 +43,8 @@ class InstantEncoder:
     def __init__(self, runtime: Any) -> None:
         from clients.tokenize import RuntimeEncoder
 
-        self.spec, self.concurrency = RuntimeEncoder(runtime).spec, 1
+        real = RuntimeEncoder(runtime)
+        self.spec, self.concurrency, self.decode_pool = real.spec, 1, real.decode_pool
         self._tokens = runtime.encode(np.zeros((1, 256, 256, 3), np.uint8))[0]
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
@@ -58,6 +59,18 @@ torch.manual_seed(0)
 create_tokenizer(sys.argv[1]).save_pretrained(sys.argv[2])
 export_model(sys.argv[2])
 """
+
+
+def revision() -> str:
+    """The measured code's git revision: $VQTOK_REVISION (set where the tree travels without .git), else git's."""
+    import subprocess
+
+    if rev := os.environ.get("VQTOK_REVISION"):
+        return rev
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def export_preset(preset: str, into: Path) -> Path:
@@ -143,7 +156,9 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=2000, help="images per engine at most (cut to fit the time limit)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    ap.add_argument("--decode-pool", choices=("thread", "process"), default="thread", help="local, host and server engines' image decoding")
+    ap.add_argument(
+        "--decode-pool", choices=("auto", "thread", "process"), default="auto", help="local, host and server engines' image decoding"
+    )
     ap.add_argument("--encode-concurrency", type=int, default=None, help="local engine: batches in flight (default: RuntimeEncoder's)")
     ap.add_argument("--time-limit", type=float, default=600, help="seconds for the whole benchmark, roughly")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -191,6 +206,7 @@ def main() -> int:
                 "seconds": wall,
                 "images_per_s": s.images / wall,
                 "encoder_concurrency": encoder.concurrency,
+                "decode_pool": s.decode_pool,
                 "driver_waited_for_decode_s": s.decode_wait_s,
                 "driver_waited_for_encode_s": s.encode_wait_s,
             }
@@ -249,6 +265,7 @@ def main() -> int:
                 "onnxruntime": onnxruntime.__version__,
                 "platform": platform.platform(),
             },
+            "revision": revision(),
             "load_average_end": os.getloadavg(),
             "results": {k: v | {"ratio_to_raw": v["images_per_s"] / results["raw"]["images_per_s"]} for k, v in results.items()},
             "total_seconds": time.perf_counter() - t_start,
@@ -266,7 +283,8 @@ def main() -> int:
     if "local" in report["results"]:
         r = report["results"]["local"]
         print(
-            f"local engine driver: waited {r['driver_waited_for_decode_s']:.1f} s for decoding, "
+            f"local engine ({r['decode_pool']} decoding, {r['encoder_concurrency']} batches in flight): "
+            f"driver waited {r['driver_waited_for_decode_s']:.1f} s for decoding, "
             f"{r['driver_waited_for_encode_s']:.1f} s for the encoder, of {r['seconds']:.1f} s"
         )
     if args.out:

@@ -69,9 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--decode-pool",
-        choices=("thread", "process"),
-        default="thread",
-        help="decode images in threads, or in processes (no GIL: for many cores feeding a GPU)",
+        choices=("auto", "thread", "process"),
+        default="auto",
+        help="decode images in threads or in processes (no GIL: many cores feeding a GPU); auto: processes when the model runs on CUDA",
     )
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto")

@@ -173,13 +173,15 @@ def tokenize_ray(
     precision: str = "auto",
     ray_address: str | None = None,
     num_actors: int | None = None,
+    actor_concurrency: int | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> Summary:
     """Tokenize with Ray Data; same output format, manifest and resume rules as `tokenize_local`.
 
     Uses the Ray instance already initialised in this process if there is one; else connects to
-    `ray_address`, or starts a local Ray for the job (and stops it afterwards)."""
+    `ray_address`, or starts a local Ray for the job (and stops it afterwards). `actor_concurrency`:
+    batches each encoder actor runs at once (default 3 on GPUs, 1 on CPUs)."""
     import ray
 
     from service.runtime import ModelRuntime
@@ -205,7 +207,21 @@ def tokenize_ray(
         ranges = [(k, *job.shard_range(k)) for k in manifest.pending()]
         skipped = job.num_shards - len(ranges)
         if ranges:
-            _run(ray, source, job, ranges, manifest, stats, Path(model_dir).resolve(), batch_size, use_gpu, resolved, num_actors, progress)
+            _run(
+                ray,
+                source,
+                job,
+                ranges,
+                manifest,
+                stats,
+                Path(model_dir).resolve(),
+                batch_size,
+                use_gpu,
+                resolved,
+                num_actors,
+                actor_concurrency,
+                progress,
+            )
     finally:
         if started:
             ray.shutdown()
@@ -213,6 +229,15 @@ def tokenize_ray(
     if not manifest.complete:
         raise TokenizeError(f"{len(manifest.pending())} shards did not complete")
     return Summary(str(output_dir), stats["images"], stats["errors"], stats["shards"], skipped, time.perf_counter() - t0, engine="ray")
+
+
+def actor_pool(ray: Any, actors: int, concurrency: int) -> Any:
+    """`actors` encoder actors, each running up to `concurrency` batches at once (ORT sessions are
+    thread-safe): on a GPU the next batches are copied in and queued while one computes, as the
+    local engine does (`RuntimeEncoder`)."""
+    if concurrency == 1:
+        return ray.data.ActorPoolStrategy(size=actors)
+    return ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=concurrency, enable_true_multi_threading=True)
 
 
 def _run(
@@ -227,6 +252,7 @@ def _run(
     use_gpu: bool,
     precision: str,
     num_actors: int | None,
+    actor_concurrency: int | None,
     progress: bool | None,
 ) -> None:
     ctx = ray.data.DataContext.get_current()
@@ -261,7 +287,7 @@ def _run(
         },
         batch_size=batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=actor_pool(ray, actors, actor_concurrency or (3 if use_gpu else 1)),
         num_gpus=1 if use_gpu else 0,
         num_cpus=actor_cpus,
         scheduling_strategy="DEFAULT",

@@ -12,7 +12,7 @@
 #   bash scripts/gpu/ort_benches.sh soak-wait SECONDS   # wait for it (at most SECONDS), collect its results
 #   bash scripts/gpu/ort_benches.sh ray-install         # join and install Ray (carried as .raywhl/a, .raywhl/b parts)
 #   bash scripts/gpu/ort_benches.sh sweep               # bench/tokenize_local_sweep.py: local-engine settings
-#   bash scripts/gpu/ort_benches.sh tokenize [POOL] [ENGINES]  # bench/tokenize_throughput.py (default: thread, host,local,ray,server)
+#   bash scripts/gpu/ort_benches.sh tokenize [POOL] [ENGINES]  # bench/tokenize_throughput.py (default: auto, host,local,ray,server)
 #   bash scripts/gpu/ort_benches.sh cifar               # bench/quantizers_cifar10.py
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -78,7 +78,7 @@ sweep)
 tokenize)
   model=${MODEL:-.gpudata/fp16only/photo-f8-simvq-16k}
   python3 bench/tokenize_throughput.py --model "$model" --batch-size 64 --engines "${3:-host,local,ray,server}" --images 20000 \
-    --decode-pool "${2:-thread}" --device cuda --time-limit 420 --out "$out/tokenize_throughput_gpu.json" 2>&1 \
+    --decode-pool "${2:-auto}" --device cuda --time-limit 420 --out "$out/tokenize_throughput_gpu.json" 2>&1 \
     | grep --line-buffered -v -i warn | tee "$out/tokenize.log"
   ;;
 cifar)

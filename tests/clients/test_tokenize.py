@@ -136,7 +136,10 @@ def test_crop_mode_and_webdataset_tars_match_the_folder(image_folder: Path, phot
 # ---------------------------------------------------------------- engines agree
 def test_parquet_local_ray_and_runtime_agree(ray_local: Any, cifar_subset: Path, model_dir: Path, runtime: Any, tmp_path: Path) -> None:
     local = tokenize_local(cifar_subset, tmp_path / "local", RuntimeEncoder(runtime), shard_size=64, batch_size=32, progress=False)
-    ray = tokenize_ray(cifar_subset, tmp_path / "ray", model_dir, shard_size=64, batch_size=32, device="cpu", progress=False)
+    # two batches at once in the encoder actor (the GPU default is three): same bytes
+    ray = tokenize_ray(
+        cifar_subset, tmp_path / "ray", model_dir, shard_size=64, batch_size=32, device="cpu", actor_concurrency=2, progress=False
+    )
     assert local.images == ray.images == 300 and ray.shards_written == 5
     assert files_of(tmp_path / "local") == files_of(tmp_path / "ray")  # byte-identical shards
     table = read_tokens(tmp_path / "ray")
