@@ -29,6 +29,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -529,37 +530,45 @@ def tokenize_local(
             collect(fut, s)
         in_flight.append((pool.submit(encode_batch, encoder, batch), shard))
 
-    with (
-        decode_executor(decode_pool, workers) as decoders,
-        cf.ThreadPoolExecutor(encoder.concurrency, thread_name_prefix="vqtok-encode") as encode_pool,
-    ):
-        buckets: dict[tuple[int, ...], list[Prepared]] = {}  # same-shaped images of the current shard
-        current = -1
-        for shard, p in prepared_stream(source, ranges, job.model, resize, decoders, window, decode_wait, chunk):
-            if shard != current:
-                for batch in buckets.values():
-                    if batch:
-                        submit(encode_pool, current, batch)
-                buckets, current = {}, shard
-            if p.pixels is None:
-                buffers[shard].add_error(p.item.index, p.item.key, p.error or "unreadable")
-                stats["errors"] += 1
-                bar.update(1)
+    try:
+        with (
+            decode_executor(decode_pool, workers) as decoders,
+            cf.ThreadPoolExecutor(encoder.concurrency, thread_name_prefix="vqtok-encode") as encode_pool,
+        ):
+            buckets: dict[tuple[int, ...], list[Prepared]] = {}  # same-shaped images of the current shard
+            current = -1
+            for shard, p in prepared_stream(source, ranges, job.model, resize, decoders, window, decode_wait, chunk):
+                if shard != current:
+                    for batch in buckets.values():
+                        if batch:
+                            submit(encode_pool, current, batch)
+                    buckets, current = {}, shard
+                if p.pixels is None:
+                    buffers[shard].add_error(p.item.index, p.item.key, p.error or "unreadable")
+                    stats["errors"] += 1
+                    bar.update(1)
+                    finish_if_done(shard)
+                    continue
+                bucket = buckets.setdefault(p.pixels.shape, [])
+                bucket.append(p)
+                if len(bucket) >= batch_size:
+                    submit(encode_pool, shard, bucket)
+                    buckets[p.pixels.shape] = []
+            for batch in buckets.values():
+                if batch:
+                    submit(encode_pool, current, batch)
+            while in_flight:
+                fut, s = in_flight.popleft()
+                collect(fut, s)
+            for shard in list(buffers):  # shards whose every item was unreadable
                 finish_if_done(shard)
-                continue
-            bucket = buckets.setdefault(p.pixels.shape, [])
-            bucket.append(p)
-            if len(bucket) >= batch_size:
-                submit(encode_pool, shard, bucket)
-                buckets[p.pixels.shape] = []
-        for batch in buckets.values():
-            if batch:
-                submit(encode_pool, current, batch)
-        while in_flight:
-            fut, s = in_flight.popleft()
-            collect(fut, s)
-        for shard in list(buffers):  # shards whose every item was unreadable
-            finish_if_done(shard)
+    except BrokenProcessPool as exc:  # a decoding process was killed (out of memory, a signal)
+        bar.close()
+        manifest.write_errors_file()
+        raise TokenizeError(
+            f"a decoding process died ({exc}); the {len(manifest.shards)} shards committed so far are kept: "
+            "run the same command again to finish the job"
+        ) from exc
     bar.close()
     manifest.write_errors_file()
     if not manifest.complete:

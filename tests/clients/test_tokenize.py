@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -107,6 +108,28 @@ def test_decoding_processes_and_batches_in_flight_change_nothing(image_folder: P
     with pytest.raises(TokenizeError, match="unknown decode pool"):
         tokenize_local(image_folder, tmp_path / "bad", RuntimeEncoder(runtime), decode_pool="fibers", **common)  # type: ignore[arg-type]
     assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
+def test_a_killed_decoding_process_stops_the_run_with_a_clear_error_and_resume_completes_it(
+    cifar_subset: Path, runtime: Any, tmp_path: Path
+) -> None:
+    common: dict[str, Any] = dict(shard_size=64, batch_size=16, progress=False)
+    tokenize_local(cifar_subset, tmp_path / "clean", RuntimeEncoder(runtime), **common)
+
+    def kill_decoders(shard: int) -> None:  # after the first commit, SIGKILL every decoding process
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+
+    out = tmp_path / "killed"
+    with pytest.raises(TokenizeError, match=r"decoding process died.*run the same command again"):
+        tokenize_local(
+            cifar_subset, out, RuntimeEncoder(runtime), decode_pool="process", decode_workers=2, on_commit=kill_decoders, **common
+        )
+    done = json.loads((out / MANIFEST).read_text())["shards"]
+    assert 1 <= len(done) < 5  # what was committed before the kill is kept
+    s = tokenize_local(cifar_subset, out, RuntimeEncoder(runtime), decode_pool="process", decode_workers=2, **common)
+    assert s.shards_skipped == len(done) and s.shards_written == 5 - len(done)
+    assert files_of(out) == files_of(tmp_path / "clean")
 
 
 def test_crop_mode_and_webdataset_tars_match_the_folder(image_folder: Path, photos_val_dir: Path, runtime: Any, tmp_path: Path) -> None:
