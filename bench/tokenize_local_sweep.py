@@ -21,7 +21,6 @@ during which at least one batch was in the encoder; where the driver thread wait
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -40,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from tokenize_throughput import InstantEncoder, bench_raw, decoded_batch, image_folder, revision  # noqa: E402
+from tokenize_throughput import InstantEncoder, bench_raw, decoded_batch, image_folder, revision, write_report  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -221,10 +220,7 @@ def main() -> int:
             f"{r['variant']:<26} {r['images_per_s']:>8.1f} {r['ratio_to_raw']:>7.0%} {r['cpu_cores_busy']:>6.1f} {r['cpu_ms_per_image']:>10.2f} "
             f"{r['encoder_ms_per_batch']:>9.1f} {r['encoder_occupied']:>9.0%} {r['driver_waited_for_decode_s']:>10.1f} {r['driver_waited_for_encode_s']:>10.1f}"
         )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

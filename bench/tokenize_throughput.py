@@ -149,6 +149,13 @@ def start_server(model_dir: Path, batch_size: int, device: str) -> tuple[Any, An
     raise RuntimeError("the server did not become ready")
 
 
+def write_report(path: Path | None, report: dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {path}")
+
+
 def done(engine: str, r: dict[str, Any], raw: dict[str, Any]) -> None:
     """One engine's figure as soon as it is measured (a run cut short still shows it)."""
     print(
@@ -306,10 +313,7 @@ def main() -> int:
             f"driver waited {r['driver_waited_for_decode_s']:.1f} s for decoding, "
             f"{r['driver_waited_for_encode_s']:.1f} s for the encoder, of {r['seconds']:.1f} s"
         )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 
