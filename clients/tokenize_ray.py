@@ -235,9 +235,12 @@ def actor_pool(ray: Any, actors: int, concurrency: int) -> Any:
     """`actors` encoder actors, each running up to `concurrency` batches at once (ORT sessions are
     thread-safe): on a GPU the next batches are copied in and queued while one computes, as the
     local engine does (`RuntimeEncoder`)."""
-    if concurrency == 1:
-        return ray.data.ActorPoolStrategy(size=actors)
-    return ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=concurrency, enable_true_multi_threading=True)
+    if concurrency > 1:
+        try:
+            return ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=concurrency, enable_true_multi_threading=True)
+        except TypeError:  # a Ray older than these options (2026): one batch at a time
+            log.warning("this Ray (%s) cannot run %d batches at once per actor; running one", ray.__version__, concurrency)
+    return ray.data.ActorPoolStrategy(size=actors)
 
 
 def _run(

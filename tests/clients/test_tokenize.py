@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from PIL import Image
 
 from clients.client import Client
 from clients.tokenize import ERRORS, MANIFEST, RuntimeEncoder, ServerEncoder, TokenizeError, read_tokens, tokenize_local
-from clients.tokenize_ray import tokenize_ray
+from clients.tokenize_ray import actor_pool, tokenize_ray
 
 from .conftest import REPO, Server
 
@@ -170,6 +171,20 @@ def test_parquet_local_ray_and_runtime_agree(ray_local: Any, cifar_subset: Path,
     tokens = np.asarray(table.column("tokens").to_pylist(), np.int32).reshape(-1, 8, 8)
     expected = runtime.encode(np.stack(cifar_arrays(cifar_subset)))
     np.testing.assert_array_equal(tokens, expected)
+
+
+def test_actor_pool_runs_several_batches_per_actor_and_falls_back_on_an_older_ray(caplog: pytest.LogCaptureFixture) -> None:
+    import ray
+
+    pool = actor_pool(ray, 2, 3)
+    assert (pool.min_size, pool.max_concurrent_calls_per_actor, pool.enable_true_multi_threading) == (2, 3, True)
+
+    class OldStrategy:  # the options' signature before Ray had them
+        def __init__(self, *, size: int) -> None:
+            self.size = size
+
+    old_ray = types.SimpleNamespace(__version__="2.40.0", data=types.SimpleNamespace(ActorPoolStrategy=OldStrategy))
+    assert actor_pool(old_ray, 2, 3).size == 2 and "cannot run 3 batches at once" in caplog.text
 
 
 def test_ray_engine_on_folders_with_errors_and_resume(
