@@ -129,13 +129,9 @@ def grid_group(part: ImagePart, resize: str | None) -> tuple[Any, ...]:
     if resize == "crop":
         return ("crop",)
     try:
-        with Image.open(io.BytesIO(part.data)) as im:
-            w, h = im.size
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientations that swap width and height
-                w, h = h, w
+        return _images.source_size(part.data, max_pixels=1 << 62)  # the server judges the size
     except Exception:
         return ("unreadable", part.index)
-    return (h, w)
 
 
 def plan_encode(parts: Sequence[ImagePart], resize: str | None, max_images: int, max_bytes: int) -> list[list[ImagePart]]:

@@ -40,6 +40,14 @@ def prepare(data: bytes, *, downsample: int, resolution: int, resize: str, max_p
     )
 
 
+def source_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) after EXIF orientation from the header alone, by the service's rules (what a
+    server reports as `source_size`); raises what `prepare` raises for an unreadable header."""
+    from service import images as _service_images
+
+    return _service_images.probe_image(data, max_pixels=max_pixels)
+
+
 def image_errors() -> tuple[type[Exception], ...]:
     """What `prepare` raises for a bad image: undecodable (400), too large (413), wrong shape (422)."""
     from service import images as _service_images

@@ -12,8 +12,10 @@ file, renaming it into place, then rewriting the manifest atomically; a re-run s
 manifest lists and redoes the rest. A kill at any moment therefore loses no image and duplicates none,
 and a re-run writes byte-identical shards.
 
-Engines: `tokenize_local` (this module: decoding in a thread pool, a runtime or a server doing the
-encoding) and `clients.tokenize_ray.tokenize_ray` (Ray Data); both share the plan, writer and manifest.
+Engines: `tokenize_local` (this module) with a `RuntimeEncoder` (images decoded here, in threads or
+processes, and encoded in-process) or a `ServerEncoder` (the stored files sent as they are to a
+running service, which decodes them), and `clients.tokenize_ray.tokenize_ray` (Ray Data); all share
+the plan, writer and manifest.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import images as _images
+from .errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError, ValidationError
 from .sources import RawItem, Source, open_source
 
 log = logging.getLogger("vqtok.tokenize")
@@ -285,6 +288,11 @@ class Prepared:
     pixels: np.ndarray | None = None  # uint8 (H, W, 3), ready for the model
     source: tuple[int, int] = (0, 0)  # (height, width) before resizing
     error: str | None = None
+    data: bytes | None = None  # the stored bytes, for an encoder that takes them as they are
+
+    @property
+    def ready(self) -> bool:
+        return self.pixels is not None or self.data is not None
 
 
 def prepare_item(item: RawItem, spec: ModelSpec, resize: str) -> Prepared:
@@ -297,13 +305,27 @@ def prepare_item(item: RawItem, spec: ModelSpec, resize: str) -> Prepared:
     return Prepared(item, prepared.pixels, prepared.source_size)
 
 
-Decoded = tuple[np.ndarray | None, tuple[int, int], str | None]  # pixels, source size, error
+Decoded = tuple[np.ndarray | bytes | None, tuple[int, int], str | None]  # pixels or bytes, source size, error
 
 
 def decode_items(items: Sequence[RawItem], spec: ModelSpec, resize: str) -> list[Decoded]:
     """The unit of work of a decoding worker: what comes back is only what the driver lacks (not the
     items themselves, whose bytes would otherwise cross a process boundary twice)."""
     return [(p.pixels, p.source, p.error) for p in (prepare_item(item, spec, resize) for item in items)]
+
+
+def probe_items(items: Sequence[RawItem], spec: ModelSpec, resize: str) -> list[Decoded]:
+    """The work for an encoder that takes encoded images (a server, which decodes them itself): read
+    the bytes and the size from the header; nothing is decoded here."""
+    bad: tuple[type[Exception], ...] = (OSError, *_images.image_errors())
+    out: list[Decoded] = []
+    for item in items:
+        try:
+            data = item.read()
+            out.append((data, _images.source_size(data), None))
+        except bad as exc:
+            out.append((None, (0, 0), f"{type(exc).__name__}: {exc}"))
+    return out
 
 
 def decode_executor(kind: str, workers: int) -> cf.Executor:
@@ -326,9 +348,11 @@ def prepared_stream(
     window: int,
     waited: list[float] | None = None,
     chunk: int = 1,
+    work: Callable[[Sequence[RawItem], ModelSpec, str], list[Decoded]] = decode_items,
 ) -> Iterator[tuple[int, Prepared]]:
     """(shard, prepared image) for every item of `shards`, in order; up to `window` images decode
-    ahead, `chunk` images per task. Seconds spent waiting for a decode are added to `waited[0]`."""
+    ahead, `chunk` images per task. Seconds spent waiting for a decode are added to `waited[0]`.
+    `work`: `decode_items` (pixels), or `probe_items` (the stored bytes, for a server)."""
     ahead: deque[tuple[int, list[RawItem], cf.Future[list[Decoded]]]] = deque()
     queued = 0
     clock = waited if waited is not None else [0.0]
@@ -340,13 +364,16 @@ def prepared_stream(
         t = time.perf_counter()
         decoded = fut.result()
         clock[0] += time.perf_counter() - t
-        for item, (pixels, size, error) in zip(items, decoded, strict=True):
-            yield shard, Prepared(item, pixels, size, error)
+        for item, (payload, size, error) in zip(items, decoded, strict=True):
+            if isinstance(payload, bytes):
+                yield shard, Prepared(item, None, size, error, data=payload)
+            else:
+                yield shard, Prepared(item, payload, size, error)
 
     for shard, start, end in shards:
         items = iter(source.slice(start, end))
         while batch := list(itertools.islice(items, chunk)):
-            ahead.append((shard, batch, pool.submit(decode_items, batch, spec, resize)))
+            ahead.append((shard, batch, pool.submit(work, batch, spec, resize)))
             queued += len(batch)
             while queued >= window:
                 yield from take()
@@ -356,7 +383,7 @@ def prepared_stream(
 
 # ---------------------------------------------------------------- encoding
 class Encoder(Protocol):
-    """What turns a batch of same-sized images into token ids: a runtime, or a server through the client."""
+    """What turns a batch of same-sized decoded images into token ids (a runtime)."""
 
     spec: ModelSpec
     concurrency: int  # batches it may run at the same time
@@ -364,6 +391,18 @@ class Encoder(Protocol):
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W, 3) -> int32 (B, H/f, W/f)."""
+        ...
+
+
+class FileEncoder(Protocol):
+    """What turns encoded image files, as stored, into token ids (a server, which decodes them)."""
+
+    spec: ModelSpec
+    concurrency: int
+    decode_pool: str
+
+    def encode_files(self, files: Sequence[bytes], resize: str) -> list[np.ndarray]:
+        """Encoded images -> int32 (h, w) grids, in order, preprocessed by `service.images` rules."""
         ...
 
 
@@ -387,8 +426,10 @@ class RuntimeEncoder:
 
 
 class ServerEncoder:
-    """Encodes through a running vqtok service. Images are preprocessed here (the same rules as the
-    server's) and sent as lossless PNG with resize=none, so the tokens match the local engines."""
+    """Encodes through a running vqtok service. The stored bytes go as they are (a JPEG stays a
+    JPEG: nothing is decoded or re-encoded here) with the job's resize mode; the server preprocesses
+    them by the same rules (`service.images`) as the local engines, so the tokens match theirs. The
+    server's limits (pixels per image, tokens per request) apply."""
 
     def __init__(self, client: Any, model: str | None, concurrency: int = 4) -> None:
         card = client.model(model or client.default_model())
@@ -403,21 +444,32 @@ class ServerEncoder:
             str(raw.get("precision", "")),
         )
         self.concurrency = concurrency
-        self.decode_pool = "thread"  # the server, not decoding, bounds this engine
+        self.decode_pool = "thread"  # its workers only read files and headers
 
-    def encode(self, pixels: np.ndarray) -> np.ndarray:
-        return np.stack(self.client.encode(list(pixels), model=self.model, resize="none"))
+    def encode_files(self, files: Sequence[bytes], resize: str) -> list[np.ndarray]:
+        return list(self.client.encode(list(files), model=self.model, resize=resize))
 
 
-def encode_batch(encoder: Encoder, batch: list[Prepared]) -> list[tuple[Prepared, np.ndarray | None, str | None]]:
-    """Encode same-shaped images; when the batch is refused, retry image by image to isolate the cause."""
-    pixels = np.stack([p.pixels for p in batch])  # type: ignore[misc]
+# what refuses one image rather than the job: the runtime's InvalidInputError (a ValueError); the
+# server's 400 (undecodable), 413 (too large), 415 (format) and 422 (shape) answers
+REFUSALS: tuple[type[Exception], ...] = (ValueError, BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError, ValidationError)
+
+
+def encode_batch(
+    encoder: Encoder | FileEncoder, batch: list[Prepared], resize: str = "none"
+) -> list[tuple[Prepared, np.ndarray | None, str | None]]:
+    """Encode same-shaped images (or encoded files); when the batch is refused, retry image by image
+    to isolate the cause."""
     try:
-        return list(zip(batch, encoder.encode(pixels), [None] * len(batch), strict=True))
-    except ValueError as exc:  # the runtime's InvalidInputError, the client's ValidationError
+        if batch[0].pixels is None:
+            tokens = encoder.encode_files([p.data for p in batch], resize)  # type: ignore[union-attr,misc]
+        else:
+            tokens = encoder.encode(np.stack([p.pixels for p in batch]))  # type: ignore[union-attr,misc]
+        return list(zip(batch, tokens, [None] * len(batch), strict=True))
+    except REFUSALS as exc:
         if len(batch) == 1:
             return [(batch[0], None, f"{type(exc).__name__}: {exc}")]
-        return [r for p in batch for r in encode_batch(encoder, [p])]
+        return [r for p in batch for r in encode_batch(encoder, [p], resize)]
 
 
 # ---------------------------------------------------------------- the local engine
@@ -461,7 +513,7 @@ def progress_bar(total: int, desc: str, enabled: bool | None) -> Any:
 def tokenize_local(
     input_path: str | Path,
     output_dir: str | Path,
-    encoder: Encoder,
+    encoder: Encoder | FileEncoder,
     *,
     resize: str = "none",
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -487,6 +539,7 @@ def tokenize_local(
     pending = manifest.pending()
     ranges = [(k, *job.shard_range(k)) for k in pending]
     total = sum(e - s for _, s, e in ranges)
+    work = probe_items if hasattr(encoder, "encode_files") else decode_items
     cpus = os.cpu_count() or 1
     if decode_pool == "process":  # the driver and the encoder's threads keep a core
         workers, chunk = decode_workers or max(1, cpus - 1), PROCESS_CHUNK
@@ -528,32 +581,34 @@ def tokenize_local(
         while len(in_flight) >= encoder.concurrency:
             fut, s = in_flight.popleft()
             collect(fut, s)
-        in_flight.append((pool.submit(encode_batch, encoder, batch), shard))
+        in_flight.append((pool.submit(encode_batch, encoder, batch, resize), shard))
 
     try:
         with (
             decode_executor(decode_pool, workers) as decoders,
             cf.ThreadPoolExecutor(encoder.concurrency, thread_name_prefix="vqtok-encode") as encode_pool,
         ):
-            buckets: dict[tuple[int, ...], list[Prepared]] = {}  # same-shaped images of the current shard
+            buckets: dict[tuple[Any, ...], list[Prepared]] = {}  # same-shaped images of the current shard
             current = -1
-            for shard, p in prepared_stream(source, ranges, job.model, resize, decoders, window, decode_wait, chunk):
+            stream = prepared_stream(source, ranges, job.model, resize, decoders, window, decode_wait, chunk, work)
+            for shard, p in stream:
                 if shard != current:
                     for batch in buckets.values():
                         if batch:
                             submit(encode_pool, current, batch)
                     buckets, current = {}, shard
-                if p.pixels is None:
+                if not p.ready:
                     buffers[shard].add_error(p.item.index, p.item.key, p.error or "unreadable")
                     stats["errors"] += 1
                     bar.update(1)
                     finish_if_done(shard)
                     continue
-                bucket = buckets.setdefault(p.pixels.shape, [])
+                key = p.pixels.shape if p.pixels is not None else ("files",)  # the client groups files by grid
+                bucket = buckets.setdefault(key, [])
                 bucket.append(p)
                 if len(bucket) >= batch_size:
                     submit(encode_pool, shard, bucket)
-                    buckets[p.pixels.shape] = []
+                    buckets[key] = []
             for batch in buckets.values():
                 if batch:
                     submit(encode_pool, current, batch)

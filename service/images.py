@@ -12,8 +12,10 @@ The pixel count is checked from the header before any pixel is decoded, so a dec
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,31 +47,13 @@ class PreparedImage:
     source_size: tuple[int, int]  # (height, width) after EXIF orientation, before resizing
 
 
-def decode_image(data: bytes, *, max_pixels: int, draft_for: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
-    """Bytes -> (RGB PIL image, EXIF-oriented, alpha on white; its full (height, width) after orientation).
-    Raises ImageError / ImageTooLarge.
-
-    `draft_for`: the short side the caller will resize to; JPEGs then decode at the smallest DCT
-    scale (1/2, 1/4, 1/8) that still covers it, which is much faster for large photos."""
-    if not data:
-        raise ImageError("empty image")
+@contextlib.contextmanager
+def _pillow_errors() -> Iterator[None]:
+    """Pillow's exceptions (and its decompression-bomb warning) as ImageError / ImageTooLarge."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
-            w, h = im.size  # from the header; nothing decoded yet
-            if w <= 0 or h <= 0:
-                raise ImageError(f"image has no pixels ({w}×{h})")
-            if w * h > max_pixels:
-                raise ImageTooLarge(f"image is {w}×{h} = {w * h} pixels; the limit is {max_pixels}")
-            transposed = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the axes
-            source = (w, h) if transposed else (h, w)
-            if draft_for is not None and im.format == "JPEG":
-                scale = draft_for / min(w, h)
-                if scale < 0.5:
-                    im.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))
-            im.load()
-            im = ImageOps.exif_transpose(im) or im
+            yield
     except (ImageError, ImageTooLarge):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -78,6 +62,45 @@ def decode_image(data: bytes, *, max_pixels: int, draft_for: int | None = None) 
         raise ImageError(f"not an image in a supported format ({', '.join(FORMATS)})") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
         raise ImageError(f"cannot decode image: {exc}") from exc
+
+
+def _open_header(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
+    """(lazily opened image, (height, width) after EXIF orientation), from the header alone."""
+    if not data:
+        raise ImageError("empty image")
+    im: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
+    w, h = im.size  # from the header; nothing decoded yet
+    if w <= 0 or h <= 0:
+        raise ImageError(f"image has no pixels ({w}×{h})")
+    if w * h > max_pixels:
+        raise ImageTooLarge(f"image is {w}×{h} = {w * h} pixels; the limit is {max_pixels}")
+    transposed = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the axes
+    return im, ((w, h) if transposed else (h, w))
+
+
+def probe_image(data: bytes, *, max_pixels: int) -> tuple[int, int]:
+    """(height, width) after EXIF orientation, read from the header without decoding a pixel; the
+    same checks as `decode_image` up to there (format, empty, pixel limit). Raises ImageError /
+    ImageTooLarge. A file whose body is corrupt passes: only decoding finds that."""
+    with _pillow_errors():
+        return _open_header(data, max_pixels)[1]
+
+
+def decode_image(data: bytes, *, max_pixels: int, draft_for: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Bytes -> (RGB PIL image, EXIF-oriented, alpha on white; its full (height, width) after orientation).
+    Raises ImageError / ImageTooLarge.
+
+    `draft_for`: the short side the caller will resize to; JPEGs then decode at the smallest DCT
+    scale (1/2, 1/4, 1/8) that still covers it, which is much faster for large photos."""
+    with _pillow_errors():
+        im, source = _open_header(data, max_pixels)
+        w, h = im.size
+        if draft_for is not None and im.format == "JPEG":
+            scale = draft_for / min(w, h)
+            if scale < 0.5:
+                im.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))
+        im.load()
+        im = ImageOps.exif_transpose(im) or im
     return to_rgb(im), source
 
 

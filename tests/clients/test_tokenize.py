@@ -14,11 +14,13 @@ import sys
 import tarfile
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -208,6 +210,42 @@ def test_server_engine_matches_local(server: Server, cifar_subset: Path, runtime
         s = tokenize_local(cifar_subset, tmp_path / "server", ServerEncoder(client, None), shard_size=100, progress=False)
     assert s.images == 300
     assert files_of(tmp_path / "local") == files_of(tmp_path / "server")
+
+
+def test_server_engine_sends_stored_files_and_isolates_a_refused_one(
+    server: Server, serve: Callable[..., Server], image_folder: Path, runtime: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JPEGs and a PNG of another size go as stored (nothing decoded or re-encoded here) and match the
+    local engine byte for byte, source sizes included; the truncated JPEG is caught by the header read.
+    An image the server refuses (413: over its tokens-per-image limit) is retried alone and recorded,
+    and the rest of its batch is tokenized."""
+    sent: list[bytes] = []
+    real = Client.encode
+
+    def spy(self: Client, images: Any, **kw: Any) -> Any:
+        sent.extend(images)
+        return real(self, images, **kw)
+
+    monkeypatch.setattr(Client, "encode", spy)
+    common: dict[str, Any] = dict(resize="pad", shard_size=4, batch_size=8, progress=False)
+    tokenize_local(image_folder, tmp_path / "local", RuntimeEncoder(runtime), **common)
+    roomy = serve(max_grid_tokens=1 << 20)  # Kodak's 768×512 is over the default limit for this f=4 model
+    with Client(roomy.url) as client:
+        s = tokenize_local(image_folder, tmp_path / "server", ServerEncoder(client, None), **common)
+    assert (s.images, s.errors) == (10, 1)
+    assert files_of(tmp_path / "local") == files_of(tmp_path / "server")
+    errors = [json.loads(line) for line in (tmp_path / "server" / ERRORS).read_text().splitlines()]
+    assert [e["key"] for e in errors] == ["val/broken.jpg"]
+    stored = {p.read_bytes() for p in image_folder.rglob("*") if p.suffix in (".jpg", ".png")}
+    assert len(sent) >= 10 and set(sent) <= stored  # every file went as it is stored
+
+    with Client(server.url) as client:
+        s = tokenize_local(image_folder, tmp_path / "strict", ServerEncoder(client, None), **common)
+    assert (s.images, s.errors) == (9, 2)
+    refused = {e["key"]: e["reason"] for e in map(json.loads, (tmp_path / "strict" / ERRORS).read_text().splitlines())}
+    assert refused.keys() == {"kodim23.png", "val/broken.jpg"} and refused["kodim23.png"].startswith("PayloadTooLargeError: 413")
+    table = read_tokens(tmp_path / "strict")
+    assert table.equals(read_tokens(tmp_path / "local").filter(pc.field("key") != "kodim23.png"))
 
 
 # ---------------------------------------------------------------- faults
