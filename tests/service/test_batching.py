@@ -8,7 +8,7 @@ import asyncio
 import io
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -31,6 +31,15 @@ def wait_until(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.01)
+
+
+def occupy(faults: Faults, pool: ThreadPoolExecutor, c: httpx.Client, img: bytes) -> Future[httpx.Response]:
+    """Send one request and return once it is inside the (gated) model: what follows queues behind it."""
+    faults.gate.clear()
+    faults.entered.clear()
+    first = pool.submit(encode, c, img)
+    assert faults.entered.wait(10)
+    return first
 
 
 def queue_depth(c: httpx.Client, model: str = "fsq4") -> float:
@@ -68,11 +77,8 @@ def test_200_concurrent_requests_equal_sequential_and_batch(serve, photos: list[
 def test_full_queue_answers_503_then_recovers(serve, faults: Faults) -> None:  # type: ignore[no-untyped-def]
     s = serve(loader=faults.loader, max_batch_size=1, max_queue_images=3, max_images_per_request=3, max_batch_delay_ms=0, retry_after_s=2)
     img = png_bytes(np.full((32, 32, 3), 50, np.uint8))
-    faults.gate.clear()
     with httpx.Client(base_url=s.url, timeout=30) as c, ThreadPoolExecutor(8) as pool:
-        faults.entered.clear()
-        running = pool.submit(encode, c, img)
-        assert faults.entered.wait(10)  # the first request is inside the model, the queue is empty
+        running = occupy(faults, pool, c, img)  # inside the model; the queue is empty
         queued = [pool.submit(encode, c, img) for _ in range(3)]
         wait_until(lambda: queue_depth(c) == 3)
         r = encode(c, img)
@@ -88,10 +94,8 @@ def test_full_queue_answers_503_then_recovers(serve, faults: Faults) -> None:  #
 def test_deadline_answers_504_and_frees_the_queue(serve, faults: Faults) -> None:  # type: ignore[no-untyped-def]
     s = serve(loader=faults.loader, max_batch_size=1, request_timeout_s=0.5)
     img = png_bytes(np.full((32, 32, 3), 60, np.uint8))
-    faults.gate.clear()
     with httpx.Client(base_url=s.url, timeout=30) as c, ThreadPoolExecutor(4) as pool:
-        first = pool.submit(encode, c, img)
-        assert faults.entered.wait(10)
+        first = occupy(faults, pool, c, img)
         t0 = time.monotonic()
         r = encode(c, img)  # waits in the queue behind the blocked batch
         assert_problem(r, 504, "deadline")
@@ -109,10 +113,8 @@ def test_deadline_answers_504_and_frees_the_queue(serve, faults: Faults) -> None
 def test_disconnected_client_is_dropped_before_running(serve, faults: Faults) -> None:  # type: ignore[no-untyped-def]
     s = serve(loader=faults.loader, max_batch_size=1)
     img = png_bytes(np.full((32, 32, 3), 70, np.uint8))
-    faults.gate.clear()
     with httpx.Client(base_url=s.url, timeout=30) as c, ThreadPoolExecutor(4) as pool:
-        first = pool.submit(encode, c, img)
-        assert faults.entered.wait(10)
+        first = occupy(faults, pool, c, img)
         with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=s.url, timeout=httpx.Timeout(30, read=0.3)) as impatient:
             encode(impatient, img)
         wait_until(lambda: queue_depth(c) == 0)
@@ -133,10 +135,8 @@ def test_failing_batch_fails_only_its_requests(serve, faults: Faults) -> None:  
     oom = np.full((32, 32, 3), 80, np.uint8)
     oom[0, 0] = FaultyRuntime.OOM
     odd = png_bytes(np.full((32, 64, 3), 80, np.uint8))  # another shape: another bucket, another batch
-    faults.gate.clear()
     with httpx.Client(base_url=s.url, timeout=30) as c, ThreadPoolExecutor(8) as pool:
-        first = pool.submit(encode, c, blocker)
-        assert faults.entered.wait(10)  # the one worker is inside the model: everything below queues
+        first = occupy(faults, pool, c, blocker)  # the one worker is inside the model: everything below queues
         futures = [pool.submit(encode, c, png_bytes(poison)), pool.submit(encode, c, good), pool.submit(encode, c, odd)]
         wait_until(lambda: queue_depth(c) == 3)
         faults.gate.set()
@@ -158,10 +158,8 @@ def test_failing_batch_fails_only_its_requests(serve, faults: Faults) -> None:  
 def test_shutdown_drains_in_flight_requests(serve, faults: Faults) -> None:  # type: ignore[no-untyped-def]
     s = serve(loader=faults.loader)
     img = png_bytes(np.full((32, 32, 3), 90, np.uint8))
-    faults.gate.clear()
     with httpx.Client(base_url=s.url, timeout=30) as c, ThreadPoolExecutor(2) as pool:
-        pending = pool.submit(encode, c, img)
-        assert faults.entered.wait(10)
+        pending = occupy(faults, pool, c, img)
         stopper = threading.Thread(target=s.stop)
         stopper.start()
         time.sleep(0.3)
@@ -174,10 +172,8 @@ def test_shutdown_drains_in_flight_requests(serve, faults: Faults) -> None:  # t
 def test_deadline_metric_is_labelled_with_the_served_model_not_the_query(serve, faults: Faults) -> None:  # type: ignore[no-untyped-def]
     s = serve(loader=faults.loader, max_batch_size=1)
     img = png_bytes(np.full((32, 32, 3), 65, np.uint8))
-    faults.gate.clear()
     with httpx.Client(base_url=s.url, timeout=30) as c, ThreadPoolExecutor(2) as pool:
-        first = pool.submit(encode, c, img)
-        assert faults.entered.wait(10)
+        first = occupy(faults, pool, c, img)
         # the form field names the model; the query string carries an arbitrary client string
         r = c.post(
             "/v1/encode?model=client-chosen-label-123",
