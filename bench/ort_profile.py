@@ -96,13 +96,18 @@ def time_call(fn: Any, seconds: float) -> float:
     return statistics.median(times)
 
 
-VARIANTS: dict[str, dict[str, str]] = {
+# CUDA EP settings compared against the served ones, by name
+CUDA_OPTIONS: dict[str, dict[str, str]] = {
     "served": {},
     "nhwc": {"prefer_nhwc": "1"},
     "heuristic": {"cudnn_conv_algo_search": "HEURISTIC"},
     "no-tf32": {"use_tf32": "0"},
     "cuda-graph": {"enable_cuda_graph": "1"},
+    "default-search": {"cudnn_conv_algo_search": "DEFAULT"},
+    "no-max-workspace": {"cudnn_conv_use_max_workspace": "0"},
+    "arena-pow2": {"arena_extend_strategy": "kNextPowerOfTwo"},
 }
+VARIANTS = {k: CUDA_OPTIONS[k] for k in ("served", "nhwc", "heuristic", "no-tf32", "cuda-graph")}
 
 
 def variants(model_dir: Path, precision: str, batches: list[int], size: int, seconds: float, cuda: bool) -> list[dict[str, Any]]:
@@ -175,13 +180,7 @@ def profile_child(model_dir: Path, precision: str, batch: int, size: int, iters:
     return result
 
 
-SHAPE_PROBE_OPTIONS: dict[str, dict[str, str]] = {
-    "served": {},
-    "heuristic": {"cudnn_conv_algo_search": "HEURISTIC"},
-    "default-search": {"cudnn_conv_algo_search": "DEFAULT"},
-    "no-max-workspace": {"cudnn_conv_use_max_workspace": "0"},
-    "arena-pow2": {"arena_extend_strategy": "kNextPowerOfTwo"},
-}
+SHAPE_PROBE_OPTIONS = {k: CUDA_OPTIONS[k] for k in ("served", "heuristic", "default-search", "no-max-workspace", "arena-pow2")}
 
 
 def shape_probe(
