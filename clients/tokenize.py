@@ -465,11 +465,11 @@ def encode_batch(
             tokens = encoder.encode_files([p.data for p in batch], resize)  # type: ignore[union-attr,misc]
         else:
             tokens = encoder.encode(np.stack([p.pixels for p in batch]))  # type: ignore[union-attr,misc]
-        return list(zip(batch, tokens, [None] * len(batch), strict=True))
     except REFUSALS as exc:
         if len(batch) == 1:
             return [(batch[0], None, f"{type(exc).__name__}: {exc}")]
         return [r for p in batch for r in encode_batch(encoder, [p], resize)]
+    return list(zip(batch, tokens, [None] * len(batch), strict=True))  # a count mismatch is a bug, not a refusal
 
 
 # ---------------------------------------------------------------- the local engine
