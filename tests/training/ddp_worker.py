@@ -19,4 +19,7 @@ def run_rank(rank: int, world: int, port: int, overrides: list[str], out: str) -
     trainer = Trainer(build_config({}, overrides), Path(out) / "run")
     trainer.train()
     torch.save({k: v.clone() for k, v in trainer.model.state_dict().items()}, Path(out) / f"rank{rank}.pt")
+    # both ranks are done before either tears its gloo connections down (one rank's process once
+    # aborted in teardown under load, "terminate called without an active exception")
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
