@@ -191,8 +191,8 @@ def run_load(
 
 
 def decoded_batch(runtime: Any, files: list[bytes], resize: str, batch: int) -> np.ndarray:
-    """The server's own preprocessing (service.images.prepare), done once, outside the timing."""
-    from service.images import prepare
+    """The server's own preprocessing (models.core.pixels.prepare), done once, outside the timing."""
+    from models.core.pixels import prepare
 
     f, res = runtime.info.downsample, runtime.info.resolution
     arrays = [prepare(b, downsample=f, resolution=res, resize=resize, max_pixels=1 << 26, max_grid_tokens=1 << 30).pixels for b in files]  # type: ignore[arg-type]

@@ -17,7 +17,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from . import images as _images
+from models.core import pixels as _images
+
 from .errors import APIStatusError, VqtokError, error_from_response
 
 NPY = "application/x-npy"
@@ -113,7 +114,7 @@ def prepare_image(index: int, image: ImageInput) -> ImagePart:
         data = bytes(image)
         return ImagePart(index, f"image{index}", data, _sniff(data))
     if isinstance(image, Image.Image):
-        return ImagePart(index, f"image{index}.png", _images.encode_png(_images.to_rgb(image)), "image/png")
+        return ImagePart(index, f"image{index}.png", _images.encode_png(_images.pil_to_array(image)), "image/png")
     if isinstance(image, np.ndarray):
         try:
             pixels = _images.as_array(image)
@@ -129,7 +130,7 @@ def grid_group(part: ImagePart, resize: str | None) -> tuple[Any, ...]:
     if resize == "crop":
         return ("crop",)
     try:
-        return _images.source_size(part.data, max_pixels=1 << 62)  # the server judges the size
+        return _images.probe_image(part.data, max_pixels=1 << 62)  # the server judges the size
     except Exception:
         return ("unreadable", part.index)
 

@@ -1,7 +1,9 @@
-"""`vqtok` command line: one root parser; each package registers its own subcommands.
+"""`vqtok` command line: one root parser; each package registers its own subcommands with
+`register(subparsers)`. This module is a leaf: nothing in vqtok imports it (checked by the
+layering contract in pyproject.toml).
 
-The registering modules import only argparse at module level, so `vqtok serve` and
-`vqtok tokenize` never import torch; heavy imports happen inside each handler.
+The registering modules import only argparse (and the torch-free core) at module level, so
+`vqtok serve` and `vqtok tokenize` never import torch; heavy imports happen inside each handler.
 """
 
 from __future__ import annotations
@@ -11,32 +13,22 @@ import logging
 import sys
 from collections.abc import Sequence
 
-EXIT_USAGE = 2
-
-
-class CLIError(Exception):
-    """A user error the CLI reports in one line, with exit code `code`."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.code = code
+from models.core.errors import CLIError
 
 
 def build_parser() -> argparse.ArgumentParser:
     from clients import tokenize_cli
-    from models import export_cli
+    from models.export import cli as export_cli
     from service import cli as service_cli
     from training import cli as training_cli
 
     parser = argparse.ArgumentParser(prog="vqtok", description="Image tokenizers: train, evaluate, export, serve, tokenize datasets.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    training_cli.register_train(sub)
-    training_cli.register_eval(sub)
+    training_cli.register(sub)  # train, eval, codebook
     export_cli.register(sub)
     service_cli.register(sub)
     tokenize_cli.register(sub)
-    training_cli.register_codebook(sub)
     return parser
 
 

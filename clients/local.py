@@ -4,7 +4,7 @@
         grids = backend.encode(["a.jpg", "b.png"], resize="crop")
         images = backend.decode(grids)
 
-Images are preprocessed by the service's own rules (`service.images`), so the tokens equal what a
+Images are preprocessed by the one pixel rule (`models.core.pixels`) the service uses, so the tokens equal what a
 server running the same model returns; errors are the same typed exceptions a server answer maps to.
 """
 
@@ -14,12 +14,15 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
+from models.core import pixels as _images
+from models.core.errors import ImageError, ImageShapeError, ImageTooLarge, InvalidInputError
+from service.runtime import ModelRuntime
+
 from . import _base
-from . import images as _images
 from ._base import Images, ModelCard, Output
 from .errors import BadRequestError, NotFoundError, PayloadTooLargeError, ValidationError
 
@@ -37,8 +40,6 @@ class LocalBackend:
     def __init__(
         self, model_dir: str | Path, *, device: str = "auto", precision: str = "auto", max_batch_size: int = 32, workers: int | None = None
     ) -> None:
-        from service.runtime import ModelRuntime
-
         self.runtime = ModelRuntime.load(model_dir, device=device, precision=precision, max_batch_size=max_batch_size)  # type: ignore[arg-type]
         self.info = self.runtime.info
         self.max_batch_size = max_batch_size
@@ -49,22 +50,20 @@ class LocalBackend:
             raise NotFoundError(404, "Not Found", f"unknown model {model!r}; this backend runs {self.info.name!r}")
 
     def _prepare(self, index: int, image: Any, resize: str) -> _images.PreparedImage:
-        from service import images as service_images
-
         part = _base.prepare_image(index, image)
         try:
-            return _images.prepare(part.data, downsample=self.info.downsample, resolution=self.info.resolution, resize=resize)
-        except service_images.ImageTooLarge as exc:
+            return _images.prepare(
+                part.data, downsample=self.info.downsample, resolution=self.info.resolution, resize=cast(_images.ResizeMode, resize)
+            )
+        except ImageTooLarge as exc:
             raise PayloadTooLargeError(413, "Content Too Large", f"images[{index}]: {exc}") from exc
-        except service_images.ImageShapeError as exc:
+        except ImageShapeError as exc:
             raise ValidationError(422, "Unprocessable Content", f"images[{index}]: {exc}") from exc
-        except (service_images.ImageError, _images.ImageError) as exc:
+        except ImageError as exc:
             raise BadRequestError(400, "Bad Request", f"images[{index}]: {exc}") from exc
 
     def _batched(self, fn: Any, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Run `fn` on same-shaped arrays in batches of max_batch_size; results in input order."""
-        from service.runtime import InvalidInputError
-
         out: list[np.ndarray | None] = [None] * len(arrays)
         for idx in _base.group_grids(arrays, self.max_batch_size):
             try:

@@ -40,11 +40,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import images as _images
+from models.core import pixels as _images
+from models.core.errors import ImageError, ImageShapeError, ImageTooLarge
+from models.core.sources import FolderSource, ParquetSource, RawItem, TarSource, open_source
+
 from .errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError, ValidationError
-from .sources import RawItem, Source, open_source
 
 log = logging.getLogger("vqtok.tokenize")
+
+Source = FolderSource | ParquetSource | TarSource
 
 FORMAT = "vqtok-tokens/1"
 MANIFEST = "manifest.json"
@@ -296,10 +300,10 @@ class Prepared:
 
 
 def prepare_item(item: RawItem, spec: ModelSpec, resize: str) -> Prepared:
-    bad: tuple[type[Exception], ...] = (OSError, *_images.image_errors())
+    bad: tuple[type[Exception], ...] = (OSError, ImageError, ImageTooLarge, ImageShapeError)
     try:
         data = item.read()
-        prepared = _images.prepare(data, downsample=spec.downsample, resolution=spec.resolution, resize=resize)
+        prepared = _images.prepare(data, downsample=spec.downsample, resolution=spec.resolution, resize=_images.resize_mode(resize))
     except bad as exc:
         return Prepared(item, error=f"{type(exc).__name__}: {exc}")
     return Prepared(item, prepared.pixels, prepared.source_size)
@@ -317,12 +321,12 @@ def decode_items(items: Sequence[RawItem], spec: ModelSpec, resize: str) -> list
 def probe_items(items: Sequence[RawItem], spec: ModelSpec, resize: str) -> list[Decoded]:
     """The work for an encoder that takes encoded images (a server, which decodes them itself): read
     the bytes and the size from the header; nothing is decoded here."""
-    bad: tuple[type[Exception], ...] = (OSError, *_images.image_errors())
+    bad: tuple[type[Exception], ...] = (OSError, ImageError, ImageTooLarge, ImageShapeError)
     out: list[Decoded] = []
     for item in items:
         try:
             data = item.read()
-            out.append((data, _images.source_size(data), None))
+            out.append((data, _images.probe_image(data), None))
         except bad as exc:
             out.append((None, (0, 0), f"{type(exc).__name__}: {exc}"))
     return out
@@ -402,7 +406,7 @@ class FileEncoder(Protocol):
     decode_pool: str
 
     def encode_files(self, files: Sequence[bytes], resize: str) -> list[np.ndarray]:
-        """Encoded images -> int32 (h, w) grids, in order, preprocessed by `service.images` rules."""
+        """Encoded images -> int32 (h, w) grids, in order, preprocessed by the pixel rule of `models.core.pixels`."""
         ...
 
 
@@ -428,7 +432,7 @@ class RuntimeEncoder:
 class ServerEncoder:
     """Encodes through a running vqtok service. The stored bytes go as they are (a JPEG stays a
     JPEG: nothing is decoded or re-encoded here) with the job's resize mode; the server preprocesses
-    them by the same rules (`service.images`) as the local engines, so the tokens match theirs. The
+    them by the same pixel rule (`models.core.pixels`) as the local engines, so the tokens match theirs. The
     server's limits (pixels per image, tokens per request) apply."""
 
     def __init__(self, client: Any, model: str | None, concurrency: int = 4) -> None:

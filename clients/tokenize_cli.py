@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from clients.cli import CLIError
+from models.core.errors import CLIError
 
 ENGINES = ("local", "ray", "server")
 RESIZE_MODES = ("none", "crop", "pad")
@@ -85,8 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clients.sources import SourceError
     from clients.tokenize import TokenizeError
+    from models.core.errors import SourceError
 
     if not Path(args.input).exists():
         raise CLIError(f"--input {args.input} does not exist")

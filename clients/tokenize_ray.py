@@ -11,6 +11,7 @@ the cluster. Image paths and the model directory must be readable from every Ray
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pickle
@@ -20,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from models.core.sources import RawItem
 
 from .tokenize import (
     DEFAULT_BATCH_SIZE,
@@ -36,6 +39,8 @@ from .tokenize import (
 )
 
 log = logging.getLogger("vqtok.tokenize")
+
+_RAW_FIELDS = tuple(f.name for f in dataclasses.fields(RawItem))
 
 _DECODED = pa.schema(
     [
@@ -69,16 +74,14 @@ def _read_slice(row: dict[str, Any]) -> list[dict[str, Any]]:
     """One pending shard -> its raw items (bytes, or the path a decoder reads)."""
     out = []
     for item in pickle.loads(row["slice"]):  # a slice object the driver made (never untrusted input)
-        out.append({"shard": row["shard"], "index": item.index, "key": item.key, "data": item.data, "path": item.path, "error": item.error})
+        out.append({"shard": row["shard"], **dataclasses.asdict(item)})
     return out
 
 
 def _decode(batch: pa.Table, spec: ModelSpec, resize: str) -> pa.Table:
-    from .sources import RawItem
-
     rows: dict[str, list[Any]] = {name: [] for name in _DECODED.names}
     for r in batch.to_pylist():
-        p = prepare_item(RawItem(r["index"], r["key"], r["data"], r["path"], r["error"]), spec, resize)
+        p = prepare_item(RawItem(**{f: r[f] for f in _RAW_FIELDS}), spec, resize)
         ok = p.pixels is not None
         for name, value in (
             ("shard", r["shard"]),
@@ -110,7 +113,8 @@ class _EncodeActor:
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from .sources import RawItem
+        from models.core.sources import RawItem
+
         from .tokenize import Prepared, RuntimeEncoder, encode_batch
 
         n = batch.num_rows

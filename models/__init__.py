@@ -1,7 +1,7 @@
 """vqtok image tokenizers: quantizers, encoder/decoder networks, Tokenizer, presets, checkpoints.
 
 Re-exports are resolved lazily so that torch-free parts of vqtok (the CLI's argument parsing,
-the service) can import `models.export_cli` without importing torch.
+the service) can import `models.core` and `models.export.cli` without importing torch.
 """
 
 from __future__ import annotations

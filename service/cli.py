@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from clients.cli import CLIError
+from models.core.errors import CLIError
 
 # (flag, type, help); the setting's name is the flag's with '-' -> '_'.
 _FLAGS: list[tuple[str, Any, str]] = [

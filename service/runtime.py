@@ -1,56 +1,30 @@
 """ONNX Runtime inference for exported model directories.
 
-Torch-free: the service and dataset tokenization share it. A model directory holds
-`manifest.json` (written by `vqtok export`) naming the graphs and their SHA-256 hashes; loading
-verifies the hashes before any session is built, so a truncated or swapped file is a clear
-`ModelLoadError`, never a crash inside ONNX Runtime.
+Torch-free: the service, the client's local backend and dataset tokenization share it. The model
+directory is read and verified by `models.core.artefacts` (manifest, hashes, precision rule) before
+any session is built, so a truncated or swapped file is a clear `ModelLoadError`, never a crash
+inside ONNX Runtime.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from models.core.artefacts import Device, ExportedModel, ModelInfo, Precision, open_exported
+from models.core.errors import InvalidInputError, ModelLoadError
+
 log = logging.getLogger(__name__)
 
-Device = Literal["auto", "cuda", "cpu"]
-Precision = Literal["auto", "fp32", "fp16"]
-
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "vqtok-onnx"
-SUPPORTED_MANIFEST_VERSION = 1
-
-
-class ModelLoadError(Exception):
-    """A model directory that cannot be served: missing/corrupt files, hash mismatch, no ONNX export."""
-
-
-class InvalidInputError(ValueError):
-    """Images or token ids that do not fit the model (shape, dtype, grid, id range)."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    codebook_size: int
-    downsample: int  # f: token grid is (H/f, W/f); H and W must be multiples of f
-    resolution: int  # native training size (the "crop" resize mode uses it)
-    quantizer: str  # "vq" or "fsq"
-    precision: str  # "fp32" or "fp16": the graphs this runtime runs
-    opset: int
-    revision: str  # git revision that exported it
-    manifest_sha256: str  # hash of manifest.json: identifies the exact artefacts
+__all__ = ["Device", "InvalidInputError", "ModelInfo", "ModelLoadError", "ModelRuntime", "Precision", "batch_buckets", "cuda_available"]
 
 
 def _import_ort() -> Any:
@@ -63,55 +37,6 @@ def _import_ort() -> Any:
 
 def cuda_available() -> bool:
     return "CUDAExecutionProvider" in _import_ort().get_available_providers()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_manifest(model_dir: Path) -> tuple[dict[str, Any], str]:
-    """(manifest, sha256 of manifest.json); ModelLoadError with the fix when there is none."""
-    if not model_dir.is_dir():
-        raise ModelLoadError(f"model directory {model_dir} does not exist")
-    path = model_dir / MANIFEST_FILE
-    if not path.is_file():
-        if (model_dir / "config.json").is_file():
-            raise ModelLoadError(f"{model_dir} has no ONNX export (manifest.json is missing): run `vqtok export --model {model_dir}`")
-        raise ModelLoadError(f"{model_dir} is not a vqtok model directory (no manifest.json or config.json)")
-    raw = path.read_bytes()
-    try:
-        manifest = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path} is corrupt (not JSON): {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ModelLoadError(f"{path} is not a vqtok ONNX manifest")
-    if int(manifest.get("format_version", 0)) > SUPPORTED_MANIFEST_VERSION:
-        raise ModelLoadError(f"{path} has format_version {manifest['format_version']}; this vqtok reads up to {SUPPORTED_MANIFEST_VERSION}")
-    return manifest, hashlib.sha256(raw).hexdigest()
-
-
-def verify_files(model_dir: Path, manifest: Mapping[str, Any], names: Sequence[str]) -> None:
-    """Every named file exists and matches the manifest's SHA-256."""
-    files = manifest.get("files", {})
-    for name in names:
-        entry = files.get(name) if isinstance(files, dict) else None
-        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-            raise ModelLoadError(
-                f"{model_dir / MANIFEST_FILE} does not list {name} with its sha256; re-run `vqtok export --model {model_dir}`"
-            )
-        path = model_dir / name
-        if not path.is_file():
-            raise ModelLoadError(f"{path} is missing (listed in manifest.json); re-run `vqtok export --model {model_dir}`")
-        digest = sha256_file(path)
-        if digest != entry["sha256"]:
-            raise ModelLoadError(
-                f"{path} does not match manifest.json (sha256 {digest[:12]}… != {entry['sha256'][:12]}…): "
-                f"the file is corrupt or was replaced; re-run `vqtok export --model {model_dir}`"
-            )
 
 
 def session_options(intra_op_threads: int | None, spin: bool = True) -> Any:
@@ -278,30 +203,14 @@ class ModelRuntime:
         if max_batch_size < 1:
             raise ModelLoadError(f"max_batch_size must be at least 1, got {max_batch_size}")
         model_dir = Path(model_dir)
-        manifest, manifest_sha = read_manifest(model_dir)
         if device not in ("auto", "cuda", "cpu"):
             raise ModelLoadError(f"device must be auto, cuda or cpu, got {device!r}")
         has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
         if device == "cuda" and not has_cuda:
             raise ModelLoadError("device='cuda' but this onnxruntime has no CUDAExecutionProvider (pip install 'vqtok[gpu]')")
         use_cuda = device == "cuda" or (device == "auto" and has_cuda)
-        exported = list(manifest.get("precisions", ["fp32"]))
-        if precision == "auto":
-            precision = "fp16" if use_cuda and "fp16" in exported else "fp32"
-        if precision not in exported:
-            raise ModelLoadError(
-                f"{model_dir} has no {precision} graphs (exported: {exported}); run `vqtok export --model {model_dir} --fp16`"
-            )
-        try:
-            graphs = manifest["graphs"][precision]
-            m = manifest["model"]
-            codebook_size, downsample, resolution = int(m["codebook_size"]), int(m["downsample"]), int(m["resolution"])
-            quantizer = str(m["quantizer"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelLoadError(
-                f"{model_dir / MANIFEST_FILE} is incomplete or malformed ({exc!r}); re-run `vqtok export --model {model_dir}`"
-            ) from exc
-        verify_files(model_dir, manifest, [graphs["encoder"], graphs["decoder"]])
+        exported: ExportedModel = open_exported(model_dir, precision=precision, on_cuda=use_cuda, name=name)
+        info, graphs = exported.info, exported.graphs
         # On the GPU the CPU threads only feed the device; on the CPU a spinning pool would starve
         # the server's other threads between batches.
         opts = session_options(intra_op_threads, spin=use_cuda)
@@ -309,30 +218,19 @@ class ModelRuntime:
         if use_cuda:
             providers = [("CUDAExecutionProvider", cuda_provider_options(cuda_options)), "CPUExecutionProvider"]
         try:
-            encoder = ort.InferenceSession(str(model_dir / graphs["encoder"]), opts, providers=providers)
-            decoder = ort.InferenceSession(str(model_dir / graphs["decoder"]), opts, providers=providers)
+            encoder = ort.InferenceSession(str(graphs["encoder"]), opts, providers=providers)
+            decoder = ort.InferenceSession(str(graphs["decoder"]), opts, providers=providers)
         except Exception as exc:  # ORT raises its own exception types (InvalidProtobuf, Fail, …)
             raise ModelLoadError(f"ONNX Runtime could not load {model_dir}: {exc}") from exc
         _check_io(encoder, "images", "tokens", model_dir)
         _check_io(decoder, "tokens", "images", model_dir)
-        info = ModelInfo(
-            name=name or model_dir.name,
-            codebook_size=codebook_size,
-            downsample=downsample,
-            resolution=resolution,
-            quantizer=quantizer,
-            precision=precision,
-            opset=int(manifest.get("opset", 0)),
-            revision=str(manifest.get("revision", "unknown")),
-            manifest_sha256=manifest_sha,
-        )
         active = list(encoder.get_providers())
         on_cuda = active[0] == "CUDAExecutionProvider"
         pad = on_cuda if pad_batches is None else pad_batches
         per_shape = None
         if on_cuda if session_per_shape is None else session_per_shape:
             per_shape = {
-                part: ShapeSessions(partial(ort.InferenceSession, str(model_dir / graphs[part]), opts, providers=providers), name=part)
+                part: ShapeSessions(partial(ort.InferenceSession, str(graphs[part]), opts, providers=providers), name=part)
                 for part in ("encoder", "decoder")
             }
         runtime = cls(model_dir, info, encoder, decoder, active, batch_buckets(max_batch_size) if pad else None, per_shape)
@@ -340,7 +238,7 @@ class ModelRuntime:
             "loaded model %s from %s (%s, %s, batch sizes %s)",
             info.name,
             model_dir,
-            precision,
+            info.precision,
             runtime.providers[0],
             ",".join(map(str, runtime.buckets)) if runtime.buckets else "any",
         )

@@ -9,14 +9,13 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .images import ResizeMode
+from models.core.artefacts import pretrained_repo
+from models.core.pixels import ResizeMode
 
 
 def default_model_repo() -> Path:
-    """The repository shipped inside the `models` package (`import models` is torch-free)."""
-    import models
-
-    return Path(models.__file__).resolve().parent / "pretrained"
+    """The repository shipped inside the `models` package."""
+    return pretrained_repo()
 
 
 class Settings(BaseSettings):

@@ -29,7 +29,7 @@ export_model(sys.argv[2])
 
 def _models_source_hash() -> str:
     h = hashlib.sha256()
-    for p in [*sorted((REPO / "models").rglob("*.py")), REPO / "service" / "runtime.py"]:
+    for p in sorted((REPO / "models").rglob("*.py")):  # the artefact format lives in models/core
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
@@ -37,7 +37,7 @@ def _models_source_hash() -> str:
 def exported_model_repo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, models: dict[str, str]) -> Path:
     """A model repository of tiny untrained presets ({name: preset}) exported to ONNX, each in its own
     subprocess (torch stays out of the test process), in parallel. Reused across runs while models/
-    and the runtime are unchanged (pytest's cache folder, keyed by their source hash)."""
+    (networks, export, and the artefact format in models/core) is unchanged (pytest's cache folder, keyed by its source hash)."""
     pytest_cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
     store = pytest_cache.mkdir("vqtok-test-models") if pytest_cache else tmp_path_factory.mktemp("exports")
     cache = Path(store) / _models_source_hash()

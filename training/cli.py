@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from clients.cli import CLIError
+from models.core.errors import CLIError
 
 EXIT_RUNTIME = 1
 
@@ -39,6 +39,13 @@ def _write_json(path: str | None, data: dict[str, Any]) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(data, indent=2) + "\n")
         print(f"wrote {out}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """`vqtok train`, `vqtok eval`, `vqtok codebook retrain`."""
+    register_train(sub)
+    register_eval(sub)
+    register_codebook(sub)
 
 
 # --- vqtok train ---

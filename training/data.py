@@ -1,4 +1,5 @@
-"""Image data: folders (recursive), Hugging Face style parquet and webdataset tar shards.
+"""Training data: the sources of `models.core.sources` (folders, parquet, webdataset tars), decoded by
+the one pixel rule of `models.core.pixels`, augmented, sampled resumably.
 
 Every sample is decoded to uint8 RGB and stays uint8 until it reaches the device (4× less to copy
 than float). Augmentation is seeded per sample from (seed, position in the sample stream), so a
@@ -8,14 +9,11 @@ An unreadable image is logged, counted and skipped; it never ends a run.
 
 from __future__ import annotations
 
-import io
 import logging
-import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -23,131 +21,40 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from models.core import pixels
+from models.core.errors import SourceError
+from models.core.pixels import IMAGE_EXTENSIONS
+from models.core.sources import FolderSource, ParquetSource, TarSource
+from models.core.sources import open_source as _open_source
+
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+DataError = SourceError  # a data path that holds no usable images (missing, empty, or of an unknown kind)
+ImageSource = FolderSource | ParquetSource | TarSource
 
 
-class DataError(ValueError):
-    """A data path that holds no usable images (missing, empty, or of an unknown kind)."""
-
-
-# --- sources: index -> encoded bytes ---
-
-
-class ImageSource(Protocol):
-    def __len__(self) -> int: ...
-    def read(self, index: int) -> bytes: ...
-    def name(self, index: int) -> str: ...
-
-
-class FolderSource:
-    """All images under a folder, recursively, in sorted path order."""
-
-    def __init__(self, root: Path) -> None:
-        self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def read(self, index: int) -> bytes:
-        return self.paths[index].read_bytes()
-
-    def name(self, index: int) -> str:
-        return str(self.paths[index])
-
-
-class ParquetSource:
-    """Parquet files with an image column in the Hugging Face convention: struct{bytes, path}."""
-
-    def __init__(self, files: Sequence[Path], column: str = "image") -> None:
-        import pyarrow.parquet as pq
-
-        self.blobs: list[bytes] = []
-        self.names: list[str] = []
-        for file in files:
-            table = pq.read_table(file, columns=[column])
-            for row, cell in enumerate(table.column(column).to_pylist()):
-                blob = cell.get("bytes") if isinstance(cell, dict) else cell
-                self.blobs.append(blob or b"")
-                self.names.append(f"{file.name}[{row}]")
-
-    def __len__(self) -> int:
-        return len(self.blobs)
-
-    def read(self, index: int) -> bytes:
-        return self.blobs[index]
-
-    def name(self, index: int) -> str:
-        return self.names[index]
-
-
-class TarSource:
-    """Webdataset shards: every image member of every .tar, read by offset (workers reopen lazily)."""
-
-    def __init__(self, shards: Sequence[Path]) -> None:
-        self.members: list[tuple[Path, int, int, str]] = []  # (shard, data offset, size, member name)
-        for shard in shards:
-            with tarfile.open(shard) as tar:
-                for m in tar:
-                    if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS:
-                        self.members.append((shard, m.offset_data, m.size, m.name))
-
-    def __len__(self) -> int:
-        return len(self.members)
-
-    def read(self, index: int) -> bytes:
-        shard, offset, size, _ = self.members[index]
-        with open(shard, "rb") as f:
-            f.seek(offset)
-            return f.read(size)
-
-    def name(self, index: int) -> str:
-        shard, _, _, member = self.members[index]
-        return f"{shard.name}:{member}"
-
-
-def open_source(path: str | Path, image_column: str = "image") -> ImageSource:
-    """A folder of images, a parquet file or folder of them, or a .tar shard or folder of them."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data path {path} does not exist")
-    source: ImageSource
-    if path.is_file():
-        if path.suffix == ".parquet":
-            source = ParquetSource([path], image_column)
-        elif path.suffix == ".tar":
-            source = TarSource([path])
-        else:
-            raise DataError(f"{path} is neither a folder, a .parquet nor a .tar file")
-    elif shards := sorted(path.rglob("*.tar")):
-        source = TarSource(shards)
-    elif files := sorted(path.rglob("*.parquet")):
-        source = ParquetSource(files, image_column)
-    else:
-        source = FolderSource(path)
+def open_source(path: str | Path, image_column: str | None = None) -> ImageSource:
+    """A folder of images, a parquet file or folder of them, or a .tar shard or folder of them
+    (`models.core.sources`, the reader dataset tokenization uses too); DataError if it holds none."""
+    source = _open_source(path, image_column)
     if len(source) == 0:
-        raise DataError(f"no images found in {path} (looked for {', '.join(IMAGE_EXTENSIONS)}, .parquet, .tar)")
+        raise DataError(f"no images found in {path} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, .parquet, .tar)")
     return source
 
 
 def decode_image(blob: bytes) -> np.ndarray:
-    """Encoded bytes -> uint8 (H, W, 3) RGB. Raises on anything undecodable."""
-    with Image.open(io.BytesIO(blob)) as im:
-        im.load()
-        return np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy
+    """Encoded bytes -> uint8 (H, W, 3) RGB by the one pixel rule (EXIF, alpha on white, grey).
+    Raises on anything undecodable."""
+    return pixels.decode_pixels(blob)
 
 
 # --- augmentation ---
 
 
 def resize_short_side(img: np.ndarray, size: int) -> np.ndarray:
-    h, w = img.shape[:2]
-    if min(h, w) == size:
+    if min(img.shape[:2]) == size:
         return img
-    scale = size / min(h, w)
-    new = (max(size, round(w * scale)), max(size, round(h * scale)))
-    return np.array(Image.fromarray(img).resize(new, Image.Resampling.BICUBIC))
+    return np.array(pixels.resize_short_side(Image.fromarray(img), size))
 
 
 @dataclass(frozen=True)
@@ -199,9 +106,9 @@ class ImageDataset(Dataset):
 
     def _decode_one(self, index: int) -> np.ndarray | None:
         try:
-            return decode_image(self.source.read(index))
+            return decode_image(self.source.item(index).read())
         except Exception as exc:  # PIL raises many types; any of them means "skip this file"
-            log.warning("skipping unreadable image %s: %s", self.source.name(index), exc)
+            log.warning("skipping unreadable image %s: %s", self.source.item(index).key, exc)
             return None
 
     def _decode_all(self, threads: int) -> list[np.ndarray | None]:
@@ -263,16 +170,16 @@ class StreamSampler(Sampler):
         return 2**62
 
 
-def iter_images(path: str | Path, limit: int = 0, image_column: str = "image") -> Iterator[tuple[str, np.ndarray | None]]:
+def iter_images(path: str | Path, limit: int = 0, image_column: str | None = None) -> Iterator[tuple[str, np.ndarray | None]]:
     """Whole images for evaluation, in source order: (name, uint8 HWC) or (name, None) if unreadable."""
     source = open_source(path, image_column)
     n = len(source) if limit <= 0 else min(limit, len(source))
-    for i in range(n):
+    for item in source.slice(0, n):
         try:
-            yield source.name(i), decode_image(source.read(i))
+            yield item.key, decode_image(item.read())
         except Exception as exc:
-            log.warning("skipping unreadable image %s: %s", source.name(i), exc)
-            yield source.name(i), None
+            log.warning("skipping unreadable image %s: %s", item.key, exc)
+            yield item.key, None
 
 
 def to_float(images: Tensor) -> Tensor:

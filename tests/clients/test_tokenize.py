@@ -350,7 +350,7 @@ def test_local_paths_import_neither_the_server_nor_torch() -> None:
     """The local backend and dataset tokenization share the service's image rules, not its server
     stack: no FastAPI, no pydantic-settings, no torch."""
     code = (
-        "import sys, clients.local, clients.tokenize, service.images\n"
+        "import sys, clients.local, clients.tokenize, models.core.pixels\n"
         "heavy = {'fastapi', 'pydantic_settings', 'torch'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )

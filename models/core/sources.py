@@ -1,9 +1,11 @@
-"""Dataset sources for tokenization: image folders, Hugging Face-style parquet, webdataset tar shards.
+"""Datasets of images: folders (recursive), Hugging Face-style parquet, webdataset tar shards.
 
-A source is an ordered, indexable list of images: item `i` always has the same key, so a job can be
-cut into fixed shards (items [k·S, (k+1)·S)) that are recomputed identically after an interruption.
-Listing a source reads names and sizes only; image bytes are read lazily, one shard slice at a time.
-Slices are small picklable objects, so Ray workers can read them without the whole index.
+One reader for training, evaluation and dataset tokenization. A source is an ordered, indexable list
+of images: item `i` always has the same key, so a job can be cut into fixed shards (items
+[k·S, (k+1)·S)) that are recomputed identically after an interruption, and a training sampler can
+address items by index. Listing a source reads names and sizes only; image bytes are read lazily.
+Slices are small picklable objects, so worker processes (data loaders, Ray tasks) can read them
+without the whole index.
 """
 
 from __future__ import annotations
@@ -15,28 +17,25 @@ import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from .images import IMAGE_EXTENSIONS
+from .errors import SourceError
+from .pixels import IMAGE_EXTENSIONS
 
 TAR_IMAGE_EXTENSIONS = tuple(e.lstrip(".") for e in sorted(IMAGE_EXTENSIONS))
-
-
-class SourceError(ValueError):
-    """An input that cannot be read as a dataset (missing, empty, no image column, ...)."""
+IMAGE_COLUMNS = ("image", "img", "jpg", "png")  # parquet columns looked for, in this order
 
 
 @dataclass(frozen=True)
 class RawItem:
-    """One image as stored: its bytes, or the path to read them from (read by the decoding worker)."""
+    """One image as stored: its bytes, or where to read them (a file, or a span of one)."""
 
     index: int  # position in the source; shard k holds indices [k·S, (k+1)·S)
     key: str  # stable name: relative path, "file.parquet:row" or "shard.tar/sample"
     data: bytes | None = None
     path: str | None = None
+    offset: int = 0  # with `path`: the bytes [offset, offset + size) of the file (a tar member)
+    size: int = -1  # -1: to the end of the file
     error: str | None = None  # the stored item itself could not be read
 
     def read(self) -> bytes:
@@ -44,8 +43,31 @@ class RawItem:
             raise OSError(self.error)
         if self.data is not None:
             return self.data
-        assert self.path is not None
-        return Path(self.path).read_bytes()
+        if self.path is None:
+            raise OSError(f"{self.key}: no bytes and no path")
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read(self.size)
+        if self.size >= 0 and len(data) != self.size:
+            raise OSError(f"{self.key}: truncated ({len(data)} of {self.size} bytes)")
+        return data
+
+
+class Source(Protocol):
+    kind: str
+
+    def __len__(self) -> int: ...
+    def fingerprint(self) -> str: ...
+    def slice(self, start: int, end: int) -> Iterable[RawItem]: ...
+    def item(self, index: int) -> RawItem: ...
+
+
+def _digest(lines: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(line.encode())
+        h.update(b"\n")
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- folders
@@ -61,7 +83,8 @@ class FolderSlice:
 
 
 class FolderSource:
-    """Every image file under `root`, recursively, in sorted relative-path order."""
+    """Every image file under `root`, recursively (hidden files and folders skipped), in sorted
+    relative-path order."""
 
     kind = "folder"
 
@@ -87,18 +110,27 @@ class FolderSource:
     def slice(self, start: int, end: int) -> FolderSlice:
         return FolderSlice(str(self.root), start, self.files[start:end])
 
+    def item(self, index: int) -> RawItem:
+        return RawItem(index, self.files[index], path=os.path.join(self.root, self.files[index]))
+
 
 # ---------------------------------------------------------------- parquet
-def _image_column(schema: pa.Schema, path: Path) -> tuple[str, bool]:
+def image_column(schema: object, path: Path, wanted: str | None = None) -> tuple[str, bool]:
     """(column name, is it the HF struct{bytes, path}) for the image column of a parquet file."""
-    for name in ("image", "img", "jpg", "png"):
+    import pyarrow as pa
+
+    assert isinstance(schema, pa.Schema)
+    for name in (wanted,) if wanted else IMAGE_COLUMNS:
         if name in schema.names:
             t = schema.field(name).type
             if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:
                 return name, True
             if pa.types.is_binary(t) or pa.types.is_large_binary(t):
                 return name, False
-    raise SourceError(f"{path}: no image column (expected 'image' as struct{{bytes, path}} or binary); columns: {', '.join(schema.names)}")
+    expected = f"'{wanted}'" if wanted else "'image'"
+    raise SourceError(
+        f"{path}: no image column (expected {expected} as struct{{bytes, path}} or binary); columns: {', '.join(schema.names)}"
+    )
 
 
 @dataclass(frozen=True)
@@ -108,6 +140,7 @@ class ParquetSegment:
     row_start: int  # rows [row_start, row_end) of this file
     row_end: int
     index_start: int  # global index of row_start
+    column: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,8 +153,10 @@ class ParquetSlice:
 
 
 def _read_segment(seg: ParquetSegment) -> Iterator[RawItem]:
+    import pyarrow.parquet as pq
+
     pf = pq.ParquetFile(seg.file)
-    column, is_struct = _image_column(pf.schema_arrow, Path(seg.file))
+    column, is_struct = image_column(pf.schema_arrow, Path(seg.file), seg.column)
     # only the row groups that overlap the wanted rows are read
     groups, first_row, row = [], None, 0
     for g in range(pf.metadata.num_row_groups):
@@ -151,17 +186,21 @@ class ParquetSource:
 
     kind = "parquet"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, column: str | None = None) -> None:
+        import pyarrow.parquet as pq
+
         files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
         self.root = path.parent if path.is_file() else path
+        self.column = column
         self.files: list[tuple[str, str, int, int]] = []  # (path, relative name, rows, bytes)
         for f in files:
             pf = pq.ParquetFile(f)
-            _image_column(pf.schema_arrow, f)
+            image_column(pf.schema_arrow, f, column)
             self.files.append((str(f), f.relative_to(self.root).as_posix(), pf.metadata.num_rows, f.stat().st_size))
         self._starts = [0]
         for _, _, n, _ in self.files:
             self._starts.append(self._starts[-1] + n)
+        self._rows: dict[int, list[RawItem]] = {}  # file -> its items, for random access
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -176,10 +215,18 @@ class ParquetSource:
             file, rel, n, _ = self.files[k]
             lo, hi = start - self._starts[k], min(end - self._starts[k], n)
             if hi > lo:
-                segments.append(ParquetSegment(file, rel, lo, hi, start))
+                segments.append(ParquetSegment(file, rel, lo, hi, start, self.column))
                 start += hi - lo
             k += 1
         return ParquetSlice(tuple(segments))
+
+    def item(self, index: int) -> RawItem:
+        """Random access (training): the first access to a file reads its whole image column."""
+        k = bisect.bisect_right(self._starts, index) - 1
+        if k not in self._rows:
+            file, rel, n, _ = self.files[k]
+            self._rows[k] = list(_read_segment(ParquetSegment(file, rel, 0, n, self._starts[k], self.column)))
+        return self._rows[k][index - self._starts[k]]
 
 
 # ---------------------------------------------------------------- webdataset tar shards
@@ -215,7 +262,7 @@ class TarSlice:
                 f.close()
 
 
-def _sample_key(name: str) -> tuple[str, str]:
+def sample_key(name: str) -> tuple[str, str]:
     """webdataset convention: 'dir/abc.seg.jpg' -> ('dir/abc', 'seg.jpg') (key ends at the first dot of the basename)."""
     directory, _, base = name.rpartition("/")
     stem, _, ext = base.partition(".")
@@ -238,7 +285,7 @@ class TarSource:
                     for m in tf:
                         if not m.isfile():
                             continue
-                        key, ext = _sample_key(m.name)
+                        key, ext = sample_key(m.name)
                         if ext.rsplit(".", 1)[-1] in TAR_IMAGE_EXTENSIONS and key not in seen:
                             seen.add(key)
                             members.append(TarMember(str(t), f"{rel}/{key}", m.offset_data, m.size))
@@ -255,32 +302,26 @@ class TarSource:
     def slice(self, start: int, end: int) -> TarSlice:
         return TarSlice(start, self.members[start:end])
 
+    def item(self, index: int) -> RawItem:
+        m = self.members[index]
+        return RawItem(index, m.key, path=m.tar, offset=m.offset, size=m.size)
+
 
 # ---------------------------------------------------------------- dispatch
-Source = FolderSource | ParquetSource | TarSource
-
-
-def open_source(path: str | Path) -> Source:
-    """A folder of images, a parquet file/folder of parquet files, or a tar/folder of tar shards."""
+def open_source(path: str | Path, image_column: str | None = None) -> FolderSource | ParquetSource | TarSource:
+    """A folder of images, a parquet file/folder of parquet files, or a tar/folder of tar shards.
+    `image_column`: the parquet column holding the images (default: the first of IMAGE_COLUMNS)."""
     p = Path(path)
     if not p.exists():
         raise SourceError(f"input {p} does not exist")
     if p.is_file():
         if p.suffix == ".parquet":
-            return ParquetSource(p)
+            return ParquetSource(p, image_column)
         if p.suffix == ".tar":
             return TarSource(p)
         raise SourceError(f"input file {p} is neither .parquet nor .tar; pass a folder of images, parquet files or tar shards")
     if any(p.rglob("*.parquet")):
-        return ParquetSource(p)
+        return ParquetSource(p, image_column)
     if any(p.rglob("*.tar")):
         return TarSource(p)
     return FolderSource(p)
-
-
-def _digest(lines: Iterable[str]) -> str:
-    h = hashlib.sha256()
-    for line in lines:
-        h.update(line.encode())
-        h.update(b"\n")
-    return h.hexdigest()

@@ -1,4 +1,4 @@
-"""The image rules (service/images.py), checked pixel by pixel against independent constructions."""
+"""The one pixel rule (models/core/pixels.py), checked pixel by pixel against independent constructions."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import images
+from models.core import pixels as images
 
 LIMITS = dict(max_pixels=10_000_000, max_grid_tokens=100_000)
 

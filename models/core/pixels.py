@@ -1,0 +1,245 @@
+"""The one pixel rule: image bytes -> uint8 RGB arrays -> model input, for every path in vqtok
+(training, evaluation, export parity, the service, the client's local backend, dataset tokenization).
+Pure functions, torch-free, defended against hostile input; callers run them in threads or
+processes (Pillow releases the GIL while decoding).
+
+Colour rule: EXIF orientation is applied first; images with transparency (RGBA, LA, PA, P or RGB
+with a transparency key) are composited on **white**; greyscale (1, L, I;16, I, F) is replicated to
+three channels (16-bit values scaled by 1/257); CMYK and YCbCr go through Pillow's conversion.
+
+The pixel count is checked from the header before any pixel is decoded, so a decompression bomb
+(a small file that would expand to gigapixels) is refused without expanding it.
+
+Value rule: uint8 v <-> model float x = v / 127.5 − 1 in [−1, 1]; back: round((x + 1)·127.5)
+after clamping to [−1, 1].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal, cast
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError, ImageShapeError, ImageTooLarge
+
+ResizeMode = Literal["none", "crop", "pad"]
+RESIZE_MODES: tuple[ResizeMode, ...] = ("none", "crop", "pad")
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what is decoded; anything else is refused (415 on the service)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})  # the file names datasets list
+MAX_PIXELS = 8192 * 8192  # default decoded-size limit for offline work (the service sets its own)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    pixels: np.ndarray  # uint8 (H, W, 3), H and W multiples of the model's downsample factor
+    source_size: tuple[int, int]  # (height, width) after EXIF orientation, before resizing
+
+
+def resize_mode(value: str) -> ResizeMode:
+    if value not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {value!r}; expected one of {', '.join(RESIZE_MODES)}")
+    return cast(ResizeMode, value)
+
+
+# --- decoding ---
+
+
+@contextlib.contextmanager
+def _pillow_errors() -> Iterator[None]:
+    """Pillow's exceptions (and its decompression-bomb warning) as ImageError / ImageTooLarge."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (ImageError, ImageTooLarge):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"not an image in a supported format ({', '.join(FORMATS)})") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
+        raise ImageError(f"cannot decode image: {exc}") from exc
+
+
+def _open_header(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
+    """(lazily opened image, (height, width) after EXIF orientation), from the header alone."""
+    if not data:
+        raise ImageError("empty image")
+    im: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
+    w, h = im.size  # from the header; nothing decoded yet
+    if w <= 0 or h <= 0:
+        raise ImageError(f"image has no pixels ({w}×{h})")
+    if w * h > max_pixels:
+        raise ImageTooLarge(f"image is {w}×{h} = {w * h} pixels; the limit is {max_pixels}")
+    transposed = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the axes
+    return im, ((w, h) if transposed else (h, w))
+
+
+def probe_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) after EXIF orientation, read from the header without decoding a pixel; the
+    same checks as `decode_image` up to there (format, empty, pixel limit). Raises ImageError /
+    ImageTooLarge. A file whose body is corrupt passes: only decoding finds that."""
+    with _pillow_errors():
+        return _open_header(data, max_pixels)[1]
+
+
+def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, draft_for: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Bytes -> (RGB PIL image, EXIF-oriented, by the colour rule; its full (height, width) after
+    orientation). Raises ImageError / ImageTooLarge.
+
+    `draft_for`: the short side the caller will resize to; JPEGs then decode at the smallest DCT
+    scale (1/2, 1/4, 1/8) that still covers it, which is much faster for large photos."""
+    with _pillow_errors():
+        im, source = _open_header(data, max_pixels)
+        w, h = im.size
+        if draft_for is not None and im.format == "JPEG":
+            scale = draft_for / min(w, h)
+            if scale < 0.5:
+                im.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))
+        im.load()
+        im = ImageOps.exif_transpose(im) or im
+        return to_rgb(im), source
+
+
+def decode_pixels(data: bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Bytes -> uint8 (H, W, 3) by the colour rule, full size (a writable copy)."""
+    im, _ = decode_image(data, max_pixels=max_pixels)
+    return np.array(im, dtype=np.uint8)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """A decoded PIL image (any mode) -> RGB by the colour rule (no EXIF handling: see `orient`)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+    elif im.mode in ("RGB", "L") and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        scale = 257.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 1.0
+        grey = np.clip(np.rint(a / scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
+    return im.convert("RGB")
+
+
+def pil_to_array(image: Image.Image) -> np.ndarray:
+    """A caller's PIL image -> uint8 (H, W, 3): EXIF orientation, then the colour rule."""
+    image = ImageOps.exif_transpose(image) or image
+    return np.asarray(to_rgb(image), dtype=np.uint8)
+
+
+def as_array(image: np.ndarray) -> np.ndarray:
+    """A caller's numpy image: uint8 (H, W, 3), or (H, W) greyscale replicated -> uint8 (H, W, 3)."""
+    if image.dtype != np.uint8:
+        raise ImageError(f"numpy images must be uint8, got {image.dtype}")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ImageError(f"numpy images must be (H, W, 3) or (H, W), got shape {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ImageError("empty (0-pixel) image")
+    return np.ascontiguousarray(image)
+
+
+# --- geometry ---
+
+
+def resize_short_side(im: Image.Image, size: int) -> Image.Image:
+    """Short side to `size` (bicubic), aspect kept; the long side is at least `size`."""
+    w, h = im.size
+    if min(w, h) == size:
+        return im
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    return im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def fit(im: Image.Image, height: int, width: int) -> Image.Image:
+    """Resize to cover (height, width) with the aspect kept (bicubic), then crop the centre."""
+    w, h = im.size
+    scale = max(width / w, height / h)
+    nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (nw - width) // 2, (nh - height) // 2
+    return im.crop((left, top, left + width, top + height))
+
+
+def center_crop(im: Image.Image, size: int) -> Image.Image:
+    """The `crop` resize mode: short side to `size`, then the central size×size window."""
+    return fit(im, size, size)
+
+
+def pad_to_multiple(pixels: np.ndarray, multiple: int) -> np.ndarray:
+    """Edge-replicate the bottom and right up to the next multiple (original pixels stay top-left)."""
+    h, w = pixels.shape[:2]
+    ph, pw = -h % multiple, -w % multiple
+    if ph or pw:
+        pixels = np.pad(pixels, ((0, ph), (0, pw), (0, 0)), mode="edge")
+    return pixels
+
+
+def prepare(
+    data: bytes, *, downsample: int, resolution: int, resize: ResizeMode, max_pixels: int = MAX_PIXELS, max_grid_tokens: int = 1 << 30
+) -> PreparedImage:
+    """Bytes -> model input (H, W, 3) uint8 under the resize mode:
+    `none`: sizes must be multiples of `downsample` (else ImageShapeError);
+    `crop`: short side resized to `resolution` (bicubic), then a centred resolution×resolution crop;
+    `pad`:  edge-replicated on the bottom and right up to the next multiple of `downsample`
+            (the original pixels stay at the top-left, so `source_size` is all a client needs to crop back).
+    """
+    if resize not in RESIZE_MODES:
+        raise ImageError(f"unknown resize mode {resize!r}; expected one of {', '.join(RESIZE_MODES)}")
+    im, source = decode_image(data, max_pixels=max_pixels, draft_for=resolution if resize == "crop" else None)
+    if resize == "crop":
+        im = center_crop(im, resolution)
+    pixels = np.asarray(im, dtype=np.uint8)
+    if resize == "pad":
+        pixels = pad_to_multiple(pixels, downsample)
+    h, w = pixels.shape[:2]
+    if h % downsample or w % downsample:
+        raise ImageShapeError(f"image is {w}×{h}; with resize=none both sides must be multiples of {downsample} (or use resize=pad|crop)")
+    grid = (h // downsample) * (w // downsample)
+    if grid > max_grid_tokens:
+        raise ImageTooLarge(f"image of {w}×{h} gives {grid} tokens; the limit is {max_grid_tokens} a image")
+    return PreparedImage(np.ascontiguousarray(pixels), source)
+
+
+# --- values ---
+
+
+def to_unit(pixels: np.ndarray) -> np.ndarray:
+    """uint8 in [0, 255] -> float32 in [−1, 1] (any layout)."""
+    return pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def from_unit(x: np.ndarray) -> np.ndarray:
+    """float in [−1, 1] -> uint8, clamped and rounded (any layout)."""
+    return np.clip(np.rint((np.clip(x, -1.0, 1.0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+# --- encoding ---
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """uint8 (H, W, 3) -> PNG bytes (fast zlib level: the answer is transient)."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG (or any image) bytes from a server -> uint8 (H, W, 3)."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)

@@ -1,0 +1,67 @@
+"""The inference graphs `vqtok export` writes, as torch modules:
+
+- encoder: images uint8 (B, H, W, 3) -> tokens int32 (B, H/f, W/f). Normalisation to [−1, 1] and
+  the quantizer (`VQGraph` / `FSQGraph`, beside the quantizers they mirror) are inside the graph.
+- decoder: tokens int32 (B, h, w) -> images uint8 (B, h·f, w·f, 3), clamp and round inside.
+
+fp16 variants run the networks in half precision and keep the quantizer in float32 (distances in
+fp16 would flip near-tied codes).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from ..quantizers import FSQ
+from ..quantizers.fsq_graph import FSQGraph
+from ..quantizers.vq_graph import SEARCH_CHUNK, VQGraph
+from ..tokenizer import Tokenizer
+
+
+def images_to_input(images: Tensor) -> Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [−1, 1] (the value rule of `models.core.pixels`)."""
+    return images.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
+
+
+def output_to_images(y: Tensor) -> Tensor:
+    """float (B, 3, H, W), nominally [−1, 1] -> uint8 (B, H, W, 3), clamped and rounded."""
+    y = ((y.clamp(-1.0, 1.0) + 1.0) * 127.5).round().clamp(0, 255)
+    return y.to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def quantizer_graph(tok: Tokenizer, search_chunk: int = SEARCH_CHUNK) -> VQGraph | FSQGraph:
+    q = tok.quantizer
+    return FSQGraph(q) if isinstance(q, FSQ) else VQGraph(q, search_chunk)
+
+
+class EncoderGraph(nn.Module):
+    def __init__(self, tok: Tokenizer, half: bool, search_chunk: int = SEARCH_CHUNK) -> None:
+        super().__init__()
+        self.half_precision = half
+        self.encoder = copy.deepcopy(tok.encoder).float()
+        if half:
+            self.encoder = self.encoder.half()
+        self.quant = quantizer_graph(tok, search_chunk)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = images_to_input(images)
+        z = self.encoder(x.half() if self.half_precision else x).float()
+        return self.quant.indices(z)
+
+
+class DecoderGraph(nn.Module):
+    def __init__(self, tok: Tokenizer, half: bool, search_chunk: int = SEARCH_CHUNK) -> None:
+        super().__init__()
+        self.half_precision = half
+        self.decoder = copy.deepcopy(tok.decoder).float()
+        if half:
+            self.decoder = self.decoder.half()
+        self.quant = quantizer_graph(tok, search_chunk)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        codes = self.quant.codes(tokens)
+        y = self.decoder(codes.half() if self.half_precision else codes).float()
+        return output_to_images(y)

@@ -1,0 +1,129 @@
+"""The parity gate: an exported graph is kept only if ONNX Runtime reproduces torch float32 on real
+and random images at two sizes, within `PARITY`. Real photos are prepared by the one pixel rule
+(`models.core.pixels`), exactly as the service and training see them."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import TokenizerConfig
+from ..core import pixels
+from ..tokenizer import Tokenizer
+from .graphs import images_to_input, output_to_images
+
+
+class ExportError(RuntimeError):
+    """Export failed: the exporter broke, onnx.checker refused the graph, or parity was not met."""
+
+
+@dataclass(frozen=True)
+class ParityBounds:
+    min_token_agreement: float  # fraction of token ids equal to torch float32's
+    min_decode_psnr_db: float  # PSNR of ORT's decoded uint8 image against torch's
+
+
+PARITY = {"fp32": ParityBounds(0.999, 50.0), "fp16": ParityBounds(0.99, 40.0)}
+PSNR_CAP_DB = 100.0  # reported for identical images (keeps the manifest valid JSON)
+
+
+def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(255.0**2 / mse))
+
+
+def parity_sizes(config: TokenizerConfig) -> list[tuple[int, int]]:
+    """Two sizes, multiples of f: the native square and a non-square one (3/4 × 5/4 of it)."""
+    f, r = config.downsample, config.resolution
+    return [(r, r), (max(f, (3 * r // 4) // f * f), max(f, (5 * r // 4) // f * f))]
+
+
+def real_parity_images(paths: Sequence[Path], size: tuple[int, int], count: int) -> np.ndarray:
+    """Up to `count` photos decoded by the pixel rule and fitted (cover + centre crop) to `size`."""
+    out = []
+    for p in list(paths)[:count]:
+        im, _ = pixels.decode_image(p.read_bytes())
+        out.append(np.asarray(pixels.fit(im, size[0], size[1]), dtype=np.uint8))
+    return np.stack(out)
+
+
+def find_parity_images(directory: str | Path | None) -> list[Path]:
+    """Real photos to check parity on: --parity-images, $VQTOK_PARITY_IMAGES, or ../shared/data/kodak."""
+    repo_data = Path(__file__).resolve().parents[3] / "shared" / "data" / "kodak"  # ../shared beside the checkout
+    candidates = [directory, os.environ.get("VQTOK_PARITY_IMAGES"), repo_data]
+    for cand in candidates:
+        if cand is None:
+            continue
+        d = Path(cand)
+        files = sorted(p for p in d.iterdir() if p.suffix.lower() in pixels.IMAGE_EXTENSIONS) if d.is_dir() else []
+        if files:
+            return files
+        if directory is not None and cand == directory:
+            raise ExportError(f"--parity-images {directory}: no PNG/JPEG/WebP/BMP images found there")
+    return []
+
+
+def parity_image_sets(config: TokenizerConfig, real: list[Path], seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    sets: dict[str, np.ndarray] = {}
+    for h, w in parity_sizes(config):
+        if real:
+            sets[f"real_{h}x{w}"] = real_parity_images(real, (h, w), count=8)
+        sets[f"random_{h}x{w}"] = rng.integers(0, 256, size=(2, h, w, 3), dtype=np.uint8)
+    return sets
+
+
+def check_parity(tok: Tokenizer, files: dict[str, Path], precision: str, image_sets: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Run ORT (CPU) against torch float32 on every image set; returns the figures per set."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    enc = ort.InferenceSession(str(files["encoder"]), opts, providers=["CPUExecutionProvider"])
+    dec = ort.InferenceSession(str(files["decoder"]), opts, providers=["CPUExecutionProvider"])
+    figures: dict[str, Any] = {}
+    for label, images in image_sets.items():
+        with torch.no_grad():
+            ref_ids = tok.encode(images_to_input(torch.from_numpy(images)))
+            ref_img = output_to_images(tok.decoder(tok.quantizer.indices_to_codes(ref_ids))).numpy()
+        ids = enc.run(None, {"images": images})[0]
+        out = dec.run(None, {"tokens": ref_ids.numpy().astype(np.int32)})[0]
+        if ids.dtype != np.int32 or ids.shape != tuple(ref_ids.shape):
+            raise ExportError(f"{precision} encoder returned {ids.dtype}{ids.shape}, expected int32{tuple(ref_ids.shape)}")
+        if out.dtype != np.uint8 or out.shape != images.shape:
+            raise ExportError(f"{precision} decoder returned {out.dtype}{out.shape}, expected uint8{images.shape}")
+        figures[label] = {
+            "token_agreement": float((ids == ref_ids.numpy()).mean()),
+            "decode_psnr_db": psnr_uint8(out, ref_img),
+            "images": int(images.shape[0]),
+            "size": list(images.shape[1:3]),
+        }
+    return figures
+
+
+def parity_failures(figures: dict[str, Any], bounds: ParityBounds) -> list[str]:
+    bad = []
+    for label, fig in figures.items():
+        if fig["token_agreement"] < bounds.min_token_agreement:
+            bad.append(f"{label}: token agreement {fig['token_agreement']:.4%} < {bounds.min_token_agreement:.1%}")
+        if fig["decode_psnr_db"] < bounds.min_decode_psnr_db:
+            bad.append(f"{label}: decoded PSNR {fig['decode_psnr_db']:.1f} dB < {bounds.min_decode_psnr_db:.0f} dB")
+    return bad
+
+
+def format_parity(parity: dict[str, Any]) -> str:
+    """The parity table, one line per precision and image set."""
+    lines = []
+    for precision, result in parity.items():
+        if not isinstance(result, dict):
+            continue
+        for label, fig in result["figures"].items():
+            lines.append(f"{precision:5s} {label:18s} tokens {fig['token_agreement']:8.4%}  decoded PSNR {fig['decode_psnr_db']:6.1f} dB")
+    return "\n".join(lines)
