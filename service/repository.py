@@ -105,7 +105,22 @@ class ModelRepository:
 
     @property
     def ready(self) -> bool:
-        return self.loaded and any(e.state == "ready" for e in self._entries.values())
+        return self.not_ready_reason() is None
+
+    def not_ready_reason(self) -> str | None:
+        """Why the service cannot answer requests yet (None: it can)."""
+        if not self.loaded:
+            return "models are loading"
+        default = self.settings.default_model
+        if default and default not in self._entries:
+            known = ", ".join(sorted(self._entries)) or "none"
+            return f"the default model {default!r} is not in the model repository {self.settings.model_repo} (models: {known})"
+        if default and self._entries[default].state != "ready":
+            entry = self._entries[default]
+            return f"the default model {default!r} is {entry.state}" + (f": {entry.error}" if entry.error else "")
+        if not any(e.state == "ready" for e in self._entries.values()):
+            return "no model is ready"
+        return None
 
     @asynccontextmanager
     async def lease(self, name: str | None) -> AsyncIterator[ServedModel]:
@@ -139,7 +154,10 @@ class ModelRepository:
                 await self._load_one(name, path)
             self.loaded = True
             if self.settings.default_model and self.settings.default_model not in self._entries:
-                log.error("the configured default model is not in the repository", extra={"model": self.settings.default_model})
+                log.error(
+                    "the configured default model is not in the repository: the service stays not ready",
+                    extra={"model": self.settings.default_model, "models": sorted(self._entries)},
+                )
 
     async def reload(self, name: str | None = None) -> list[dict[str, Any]]:
         """Reload one model (or rescan the whole repository: new directories load, removed ones retire)."""

@@ -39,6 +39,28 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in _import_ort().get_available_providers()
 
 
+def gpu_visible() -> bool:
+    """An NVIDIA GPU and its driver are present on this host (whatever the installed runtimes can use)."""
+    return Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir()) or Path("/dev/nvidia0").exists()
+
+
+_warned_gpu = False
+
+
+def _warn_unused_gpu() -> None:
+    """One clear warning per process when device=auto falls back to the CPU on a host with a GPU."""
+    global _warned_gpu
+    if not _warned_gpu and gpu_visible():
+        _warned_gpu = True
+        ort = _import_ort()
+        log.warning(
+            "an NVIDIA GPU is visible but this onnxruntime %s has no CUDAExecutionProvider (providers: %s): serving on the CPU. "
+            "Install the GPU runtime: pip uninstall -y onnxruntime && pip install 'vqtok[gpu]' (scripts/setup.sh does this when it sees a GPU)",
+            ort.__version__,
+            ", ".join(ort.get_available_providers()),
+        )
+
+
 def session_options(intra_op_threads: int | None, spin: bool = True) -> Any:
     """Full graph optimisation; `spin=False` stops idle ORT worker threads from busy-waiting, which
     a server needs on CPU so that its own threads (HTTP, image decoding) keep their cores."""
@@ -181,6 +203,8 @@ class ModelRuntime:
         self._sessions = {"encoder": encoder, "decoder": decoder}
         self._per_shape = dict(per_shape) if per_shape else None  # graph -> sessions by input shape
         self._on_cuda = providers[0] == "CUDAExecutionProvider"
+        self.device = "cuda" if self._on_cuda else "cpu"
+        self.runtime_name = f"onnxruntime {_import_ort().__version__}"
 
     @classmethod
     def load(
@@ -209,6 +233,8 @@ class ModelRuntime:
         if device == "cuda" and not has_cuda:
             raise ModelLoadError("device='cuda' but this onnxruntime has no CUDAExecutionProvider (pip install 'vqtok[gpu]')")
         use_cuda = device == "cuda" or (device == "auto" and has_cuda)
+        if device == "auto" and not has_cuda:
+            _warn_unused_gpu()
         exported: ExportedModel = open_exported(model_dir, precision=precision, on_cuda=use_cuda, name=name)
         info, graphs = exported.info, exported.graphs
         # On the GPU the CPU threads only feed the device; on the CPU a spinning pool would starve

@@ -81,6 +81,8 @@ class ModelOut(BaseModel):
     opset: int | None = None
     revision: str | None = None
     manifest_sha256: str | None = None
+    device: str | None = Field(default=None, description="cuda | cpu: where this model runs")
+    runtime: str | None = Field(default=None, description="the runtime serving it, with its version (e.g. onnxruntime 1.23.2)")
     providers: list[str] = []
     queue_depth: int = 0
     loaded_at: float | None = Field(default=None, description="unix time the serving version was loaded")

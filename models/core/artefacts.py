@@ -77,7 +77,9 @@ def resolve_model_dir(name_or_path: str | Path | None) -> Path:
     if "/" not in text and "\\" not in text and candidate.is_dir():
         return candidate
     known = ", ".join(shipped_models()) or "none"
-    raise ModelNotFound(f"model {text!r} is neither a directory nor a shipped model (shipped: {known})")
+    if path.exists():
+        raise ModelNotFound(f"{text} is a file, not a model directory (shipped models: {known})")
+    raise ModelNotFound(f"{text}: no such directory, and no shipped model of that name (shipped: {known})")
 
 
 # --- the manifest ---

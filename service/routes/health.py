@@ -20,8 +20,8 @@ async def healthz() -> Health:
 @router.get("/readyz", response_model=Health, summary="Readiness: models loaded and warmed", responses={503: {"description": "not ready"}})
 async def readyz(state: State) -> Health:
     models = {e.name: e.state for e in state.repo.entries()}
-    if not state.repo.ready or state.draining:
-        why = "draining for shutdown" if state.draining else "models are loading" if not state.repo.loaded else "no model is ready"
+    why = "draining for shutdown" if state.draining else state.repo.not_ready_reason()
+    if why is not None:
         raise Unavailable(why, slug="not-ready", headers={"Retry-After": "1"}, models=models)
     return Health(status="ready", models=models)
 

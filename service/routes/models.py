@@ -29,6 +29,8 @@ def model_out(entry: ModelEntry) -> ModelOut:
                 opset=info.opset,
                 revision=info.revision,
                 manifest_sha256=info.manifest_sha256,
+                device=served.runtime.device,
+                runtime=served.runtime.runtime_name,
                 providers=list(served.runtime.providers),
                 queue_depth=served.batcher.queued_images,
                 loaded_at=served.loaded_at,

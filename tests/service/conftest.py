@@ -116,6 +116,7 @@ class FaultyRuntime:
     def __init__(self, real: ModelRuntime, gate: threading.Event, entered: threading.Event, batches: list[int]) -> None:
         self._real, self._gate, self._entered, self.batches = real, gate, entered, batches
         self.info, self.providers = real.info, real.providers
+        self.device, self.runtime_name = real.device, real.runtime_name
 
     def _wait(self, n: int) -> None:
         self.batches.append(n)

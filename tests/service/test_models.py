@@ -191,6 +191,7 @@ def test_every_inference_thread_is_warmed_before_ready(serve, model_repo: Path) 
     class Recording:
         def __init__(self, real: ModelRuntime) -> None:
             self._real, self.info, self.providers = real, real.info, real.providers
+            self.device, self.runtime_name = real.device, real.runtime_name
 
         def warmup(self, sizes: object, batch_sizes: object = None) -> None:
             warmed.append(threading.current_thread().name)
