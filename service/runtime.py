@@ -41,7 +41,8 @@ def cuda_available() -> bool:
 
 def gpu_visible() -> bool:
     """An NVIDIA GPU and its driver are present on this host (whatever the installed runtimes can use)."""
-    return Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir()) or Path("/dev/nvidia0").exists()
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/nvidia0").exists()
 
 
 _warned_gpu = False
