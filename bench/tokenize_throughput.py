@@ -236,7 +236,7 @@ def main() -> int:
             if engine == "ray":
                 import ray
 
-                from clients.tokenize_ray import tokenize_ray
+                from clients.tokenize import tokenize_ray
 
                 ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
                 t0 = time.perf_counter()  # Ray start-up (seconds, once per cluster) is not the pipeline's cost

@@ -17,7 +17,7 @@ from models.core.errors import CLIError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from clients import tokenize_cli
+    from clients.tokenize import cli as tokenize_cli
     from models.export import cli as export_cli
     from service import cli as service_cli
     from training import cli as training_cli

@@ -27,7 +27,7 @@ from PIL import Image
 
 from clients.client import Client
 from clients.tokenize import ERRORS, MANIFEST, RuntimeEncoder, ServerEncoder, TokenizeError, read_tokens, tokenize_local
-from clients.tokenize_ray import actor_pool, tokenize_ray
+from clients.tokenize.ray import actor_pool, tokenize_ray
 
 from .conftest import REPO, Server
 

@@ -1,18 +1,19 @@
-"""`--engine ray`: the tokenization pipeline on Ray Data, for datasets larger than one machine.
+"""The Ray engine (`--engine ray`): the tokenization pipeline on Ray Data, for datasets larger than one machine.
 
     pending shards ─▶ flat_map(read slice) ─▶ map_batches(decode + resize, CPU tasks)
         ─▶ map_batches(_EncodeActor, actor pool: one runtime per actor, num_gpus=1 each on GPU)
-        ─▶ driver: rows gathered per shard, committed with the same writer and manifest as `--engine local`
+        ─▶ driver: rows into the same `JobRun` as the local engine (buffers, commits, manifest)
 
 The driver writes the shards (token ids are small: a few KB per image) so that a shard is committed
 atomically and the manifest has a single writer; the heavy work (reading, decoding, encoding) runs on
 the cluster. Image paths and the model directory must be readable from every Ray node.
+
+(`import ray` in this module is the Ray package: imports are absolute.)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pickle
 import time
@@ -22,21 +23,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from models.core.artefacts import Device, Precision, open_exported
 from models.core.sources import RawItem
 
-from .tokenize import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_SHARD_SIZE,
-    Manifest,
-    ModelSpec,
-    ShardBuffer,
-    Summary,
-    TokenizeError,
-    commit_shard,
-    plan,
-    prepare_item,
-    progress_bar,
-)
+from .decoding import Prepared, prepare_item
+from .encoders import RuntimeEncoder, encode_batch
+from .format import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, ModelSpec, TokenizeError
+from .job import JobRun, Summary
 
 log = logging.getLogger("vqtok.tokenize")
 
@@ -101,22 +94,14 @@ def _decode(batch: pa.Table, spec: ModelSpec, resize: str) -> pa.Table:
 class _EncodeActor:
     """One ONNX Runtime session per actor; encodes same-shaped images together."""
 
-    def __init__(self, model_dir: str, device: str, precision: str, intra_op_threads: int | None, max_batch_size: int) -> None:
+    def __init__(self, model_dir: str, device: Device, precision: Precision, intra_op_threads: int | None, max_batch_size: int) -> None:
         from service.runtime import ModelRuntime
 
         self.runtime = ModelRuntime.load(
-            model_dir,
-            device=device,  # type: ignore[arg-type]
-            precision=precision,  # type: ignore[arg-type]
-            intra_op_threads=intra_op_threads,
-            max_batch_size=max_batch_size,
+            model_dir, device=device, precision=precision, intra_op_threads=intra_op_threads, max_batch_size=max_batch_size
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from models.core.sources import RawItem
-
-        from .tokenize import Prepared, RuntimeEncoder, encode_batch
-
         n = batch.num_rows
         cols = {name: batch.column(name).to_pylist() for name in _DECODED.names}
         tokens: list[np.ndarray | None] = [None] * n
@@ -150,18 +135,18 @@ class _EncodeActor:
         )
 
 
-def _gather(table: pa.Table, buffers: dict[int, ShardBuffer]) -> int:
-    """Add encoded rows to their shard buffers; returns the row count."""
+def _gather(table: pa.Table, run: JobRun) -> int:
+    """Hand encoded rows to the run (which commits each shard as it completes); returns the row count."""
     cols = {name: table.column(name).to_pylist() for name in ("shard", "index", "key", "grid_h", "grid_w", "source_h", "source_w", "error")}
     tok = table.column("tokens").combine_chunks()
     offsets, values = tok.offsets.to_numpy(), tok.values.to_numpy(zero_copy_only=False)
     for i in range(table.num_rows):
-        buf = buffers[cols["shard"][i]]
-        if cols["error"][i] is not None:
-            buf.add_error(cols["index"][i], cols["key"][i], cols["error"][i])
+        shard, index, key, error = cols["shard"][i], cols["index"][i], cols["key"][i], cols["error"][i]
+        if error is not None:
+            run.add_error(shard, index, key, error)
         else:
             grid = values[offsets[i] : offsets[i + 1]].astype(np.int32).reshape(cols["grid_h"][i], cols["grid_w"][i])
-            buf.add(cols["index"][i], cols["key"][i], grid, (cols["source_h"][i], cols["source_w"][i]))
+            run.add(shard, index, key, grid, (cols["source_h"][i], cols["source_w"][i]))
     return table.num_rows
 
 
@@ -188,51 +173,25 @@ def tokenize_ray(
     batches each encoder actor runs at once (default 3 on GPUs, 1 on CPUs)."""
     import ray
 
-    from service.runtime import ModelRuntime
-
     t0 = time.perf_counter()
     started = False
     if not ray.is_initialized():
         ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
         started = True
-    stats = {"images": 0, "errors": 0, "shards": 0}
     try:
         use_gpu = device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
         if device == "cuda" and not use_gpu:
             raise TokenizeError("device='cuda' but the Ray cluster has no GPUs")
-        # the precision the actors will run, resolved as ModelRuntime.load resolves "auto" on their device
-        exported = json.loads((Path(model_dir) / "manifest.json").read_text()).get("precisions", ["fp32"])
-        resolved = precision if precision != "auto" else ("fp16" if use_gpu and "fp16" in exported else "fp32")
-        probe = ModelRuntime.load(model_dir, device="cpu", precision=resolved)  # type: ignore[arg-type]  # validates the directory
-        spec = ModelSpec.from_info(probe.info)
-        del probe
-        source, job = plan(input_path, spec, resize, shard_size)
-        manifest = Manifest.open(Path(output_dir), job, str(Path(input_path).resolve()), overwrite)
-        ranges = [(k, *job.shard_range(k)) for k in manifest.pending()]
-        skipped = job.num_shards - len(ranges)
-        if ranges:
-            _run(
-                ray,
-                source,
-                job,
-                ranges,
-                manifest,
-                stats,
-                Path(model_dir).resolve(),
-                batch_size,
-                use_gpu,
-                resolved,
-                num_actors,
-                actor_concurrency,
-                progress,
-            )
+        # the model as the actors will run it: the precision rule applied for their device, the graphs verified
+        exported = open_exported(model_dir, precision=precision, on_cuda=use_gpu)
+        spec = ModelSpec.from_info(exported.info)
+        with JobRun.open(input_path, output_dir, spec, resize=resize, shard_size=shard_size, overwrite=overwrite, started=t0) as run:
+            if run.ranges:
+                _run(ray, run, Path(model_dir).resolve(), batch_size, use_gpu, spec.precision, num_actors, actor_concurrency, progress)
     finally:
         if started:
             ray.shutdown()
-    manifest.write_errors_file()
-    if not manifest.complete:
-        raise TokenizeError(f"{len(manifest.pending())} shards did not complete")
-    return Summary(str(output_dir), stats["images"], stats["errors"], stats["shards"], skipped, time.perf_counter() - t0, engine="ray")
+    return run.summary(engine="ray")
 
 
 def actor_pool(ray: Any, actors: int, concurrency: int) -> Any:
@@ -249,11 +208,7 @@ def actor_pool(ray: Any, actors: int, concurrency: int) -> Any:
 
 def _run(
     ray: Any,
-    source: Any,
-    job: Any,
-    ranges: list[tuple[int, int, int]],
-    manifest: Manifest,
-    stats: dict[str, int],
+    run: JobRun,
     model_dir: Path,
     batch_size: int,
     use_gpu: bool,
@@ -271,14 +226,14 @@ def _run(
     # on CPU each actor's ORT session gets a share of the cores; decoding tasks get the rest
     actor_cpus = 1 if use_gpu else max(1, cpus // (2 * actors))
 
-    specs = [{"shard": k, "slice": pickle.dumps(source.slice(s, e))} for k, s, e in ranges]
+    specs = [{"shard": k, "slice": pickle.dumps(run.source.slice(s, e))} for k, s, e in run.ranges]
     ds = ray.data.from_items(specs, override_num_blocks=len(specs))
     ds = ds.flat_map(_read_slice)
     # Decoding runs as CPU tasks spread over the cluster. The differing scheduling strategies also keep
     # Ray from fusing the decode step into the encoder actors, where it would run serially before each batch.
     ds = ds.map_batches(
         _decode,
-        fn_kwargs={"spec": job.model, "resize": job.resize},
+        fn_kwargs={"spec": run.job.model, "resize": run.job.resize},
         batch_size=batch_size,
         batch_format="pyarrow",
         scheduling_strategy="SPREAD",
@@ -299,17 +254,6 @@ def _run(
         num_cpus=actor_cpus,
         scheduling_strategy="DEFAULT",
     )
-    buffers = {k: ShardBuffer(k, e - s) for k, s, e in ranges}
-    bar = progress_bar(sum(e - s for _, s, e in ranges), f"tokenize {job.model.name} (ray, {actors} actor{'s' * (actors > 1)})", progress)
+    run.show_progress(f"tokenize {run.job.model.name} (ray, {actors} actor{'s' * (actors > 1)})", progress)
     for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        n = _gather(table, buffers)
-        bar.update(n)
-        for shard in {int(s) for s in table.column("shard").to_pylist()}:
-            buf = buffers[shard]
-            if buf.received == buf.expected:
-                commit_shard(manifest, buf)
-                stats["images"] += len(buf.indices)
-                stats["errors"] += len(buf.errors)
-                stats["shards"] += 1
-                del buffers[shard]
-    bar.close()
+        run.advance(_gather(table, run))

@@ -1,34 +1,28 @@
-"""`vqtok tokenize` (argparse only at import time; numpy, pyarrow, onnxruntime and ray load in the handler)."""
+"""`vqtok tokenize`: registration and handler (argparse and the torch-free core only at import time;
+numpy, pyarrow, onnxruntime and ray load in the handler, with the engine it runs)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from models.core.errors import CLIError
+from models.core.artefacts import resolve_model_dir
+from models.core.errors import CLIError, ModelNotFound
+
+if TYPE_CHECKING:
+    from .job import Summary
 
 ENGINES = ("local", "ray", "server")
-RESIZE_MODES = ("none", "crop", "pad")
+RESIZE_MODES = ("none", "crop", "pad")  # models.core.pixels.RESIZE_MODES, not imported here: it loads numpy and Pillow
 
 
-def default_model_repo() -> Path:
-    import models  # torch-free at import
-
-    return Path(models.__file__).resolve().parent / "pretrained"
-
-
-def resolve_model_dir(name_or_dir: str) -> Path:
-    """A model directory path, or a model NAME inside the default repository `models/pretrained/`."""
-    path = Path(name_or_dir)
-    if path.is_dir():
-        return path
-    repo = default_model_repo()
-    candidate = repo / name_or_dir
-    if "/" not in name_or_dir and candidate.is_dir():
-        return candidate
-    known = sorted(p.name for p in repo.iterdir() if p.is_dir()) if repo.is_dir() else []
-    raise CLIError(f"model {name_or_dir!r} is neither a directory nor a model in {repo} (known: {', '.join(known) or 'none'})")
+def model_dir(name_or_dir: str) -> Path:
+    """A model directory path, or the NAME of a model shipped in `models/pretrained/`."""
+    try:
+        return resolve_model_dir(name_or_dir)
+    except ModelNotFound as exc:
+        raise CLIError(str(exc)) from exc
 
 
 def _positive(text: str) -> int:
@@ -85,8 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clients.tokenize import TokenizeError
     from models.core.errors import SourceError
+
+    from .format import TokenizeError
 
     if not Path(args.input).exists():
         raise CLIError(f"--input {args.input} does not exist")
@@ -105,29 +100,35 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_engine(args: argparse.Namespace, progress: bool | None) -> Any:
+def _run_engine(args: argparse.Namespace, progress: bool | None) -> Summary:
+    from models.core.errors import ModelLoadError
+
     common: dict[str, Any] = dict(
         resize=args.resize, batch_size=args.batch_size, shard_size=args.shard_size, overwrite=args.overwrite, progress=progress
     )
     decoding: dict[str, Any] = dict(decode_workers=args.decode_workers, decode_pool=args.decode_pool)
     if args.engine == "ray":
-        from clients.tokenize_ray import tokenize_ray
+        from .ray import tokenize_ray
 
-        model_dir = resolve_model_dir(args.model)
-        return tokenize_ray(
-            args.input,
-            args.output,
-            model_dir,
-            device=args.device,
-            precision=args.precision,
-            ray_address=args.ray_address,
-            num_actors=args.num_actors,
-            **common,
-        )
+        try:
+            return tokenize_ray(
+                args.input,
+                args.output,
+                model_dir(args.model),
+                device=args.device,
+                precision=args.precision,
+                ray_address=args.ray_address,
+                num_actors=args.num_actors,
+                **common,
+            )
+        except ModelLoadError as exc:
+            raise CLIError(str(exc), code=1) from exc
     if args.engine == "server":
         from clients.client import Client
         from clients.errors import VqtokError
-        from clients.tokenize import ServerEncoder, tokenize_local
+
+        from .encoders import ServerEncoder
+        from .local import tokenize_local
 
         try:
             with Client(args.server, api_key=args.api_key) as client:
@@ -138,12 +139,14 @@ def _run_engine(args: argparse.Namespace, progress: bool | None) -> Any:
         summary.engine = "server"
         return summary
 
-    from clients.tokenize import RuntimeEncoder, tokenize_local
-    from service.runtime import ModelLoadError, ModelRuntime
+    from service.runtime import ModelRuntime
 
-    model_dir = resolve_model_dir(args.model)
+    from .encoders import RuntimeEncoder
+    from .local import tokenize_local
+
+    path = model_dir(args.model)
     try:
-        runtime = ModelRuntime.load(model_dir, device=args.device, precision=args.precision, max_batch_size=args.batch_size)
+        runtime = ModelRuntime.load(path, device=args.device, precision=args.precision, max_batch_size=args.batch_size)
     except ModelLoadError as exc:
         raise CLIError(str(exc), code=1) from exc
     return tokenize_local(args.input, args.output, RuntimeEncoder(runtime), **decoding, **common)

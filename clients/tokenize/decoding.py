@@ -1,0 +1,129 @@
+"""Reading and decoding the images of a job, in worker threads or processes, ahead of the encoder.
+
+The pixels come from the one pixel rule (`models.core.pixels`), so every engine feeds the model the
+same arrays. For an encoder that takes encoded files (a server, which decodes them itself) the
+workers only read the stored bytes and the size from the header (`probe_items`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import itertools
+import multiprocessing
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from models.core import pixels
+from models.core.errors import ImageError, ImageShapeError, ImageTooLarge
+from models.core.sources import RawItem, Source
+
+from .format import ModelSpec, TokenizeError
+
+DecodePool = Literal["auto", "thread", "process"]
+DECODE_POOLS: tuple[str, ...] = ("auto", "thread", "process")
+PROCESS_CHUNK = 8  # images per task sent to a decoding process (amortises the pickling round trip)
+
+_UNREADABLE: tuple[type[Exception], ...] = (OSError, ImageError, ImageTooLarge, ImageShapeError)
+
+
+@dataclass
+class Prepared:
+    item: RawItem
+    pixels: np.ndarray | None = None  # uint8 (H, W, 3), ready for the model
+    source: tuple[int, int] = (0, 0)  # (height, width) before resizing
+    error: str | None = None
+    data: bytes | None = None  # the stored bytes, for an encoder that takes them as they are
+
+    @property
+    def ready(self) -> bool:
+        return self.pixels is not None or self.data is not None
+
+
+def prepare_item(item: RawItem, spec: ModelSpec, resize: str) -> Prepared:
+    """Read and decode one image by the pixel rule, for `spec`'s model; a failure is the item's error."""
+    try:
+        data = item.read()
+        prepared = pixels.prepare(data, downsample=spec.downsample, resolution=spec.resolution, resize=pixels.resize_mode(resize))
+    except _UNREADABLE as exc:
+        return Prepared(item, error=f"{type(exc).__name__}: {exc}")
+    return Prepared(item, prepared.pixels, prepared.source_size)
+
+
+Decoded = tuple[np.ndarray | bytes | None, tuple[int, int], str | None]  # pixels or bytes, source size, error
+
+
+def decode_items(items: Sequence[RawItem], spec: ModelSpec, resize: str) -> list[Decoded]:
+    """The unit of work of a decoding worker: what comes back is only what the driver lacks (not the
+    items themselves, whose bytes would otherwise cross a process boundary twice)."""
+    return [(p.pixels, p.source, p.error) for p in (prepare_item(item, spec, resize) for item in items)]
+
+
+def probe_items(items: Sequence[RawItem], spec: ModelSpec, resize: str) -> list[Decoded]:
+    """The work for an encoder that takes encoded images (a server, which decodes them itself): read
+    the bytes and the size from the header; nothing is decoded here."""
+    out: list[Decoded] = []
+    for item in items:
+        try:
+            data = item.read()
+            out.append((data, pixels.probe_image(data), None))
+        except _UNREADABLE as exc:
+            out.append((None, (0, 0), f"{type(exc).__name__}: {exc}"))
+    return out
+
+
+def decode_executor(kind: str, workers: int) -> cf.Executor:
+    """Threads (Pillow and numpy release the GIL while decoding) or processes (no GIL at all, at the
+    price of pickling every image back). Processes are spawned, never forked: the parent may hold a
+    CUDA context and threads."""
+    if kind == "thread":
+        return cf.ThreadPoolExecutor(workers, thread_name_prefix="vqtok-decode")
+    if kind == "process":
+        return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    raise TokenizeError(f"unknown decode pool {kind!r}; expected thread or process")
+
+
+def prepared_stream(
+    source: Source,
+    shards: Sequence[tuple[int, int, int]],
+    spec: ModelSpec,
+    resize: str,
+    pool: cf.Executor,
+    window: int,
+    waited: list[float] | None = None,
+    chunk: int = 1,
+    work: Callable[[Sequence[RawItem], ModelSpec, str], list[Decoded]] = decode_items,
+) -> Iterator[tuple[int, Prepared]]:
+    """(shard, prepared image) for every item of `shards` ((shard, start, end) each), in order; up to
+    `window` images decode ahead, `chunk` images per task. Seconds spent waiting for a decode are added
+    to `waited[0]`. `work`: `decode_items` (pixels), or `probe_items` (the stored bytes, for a server)."""
+    ahead: deque[tuple[int, list[RawItem], cf.Future[list[Decoded]]]] = deque()
+    queued = 0
+    clock = waited if waited is not None else [0.0]
+
+    def take() -> Iterator[tuple[int, Prepared]]:
+        nonlocal queued
+        shard, items, fut = ahead.popleft()
+        queued -= len(items)
+        t = time.perf_counter()
+        decoded = fut.result()
+        clock[0] += time.perf_counter() - t
+        for item, (payload, size, error) in zip(items, decoded, strict=True):
+            if isinstance(payload, bytes):
+                yield shard, Prepared(item, None, size, error, data=payload)
+            else:
+                yield shard, Prepared(item, payload, size, error)
+
+    for shard, start, end in shards:
+        items = iter(source.slice(start, end))
+        while batch := list(itertools.islice(items, chunk)):
+            ahead.append((shard, batch, pool.submit(work, batch, spec, resize)))
+            queued += len(batch)
+            while queued >= window:
+                yield from take()
+    while ahead:
+        yield from take()

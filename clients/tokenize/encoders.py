@@ -1,0 +1,111 @@
+"""What turns prepared images into token ids: a runtime in this process (`RuntimeEncoder`, fed decoded
+pixels) or a running service (`ServerEncoder`, fed the stored files), and `encode_batch`, which
+isolates the image a batch was refused for."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError, ValidationError
+from .decoding import Prepared
+from .format import ModelSpec
+
+if TYPE_CHECKING:
+    from service.runtime import ModelRuntime
+
+    from ..client import Client
+
+
+@runtime_checkable
+class PixelEncoder(Protocol):
+    """What turns a batch of same-sized decoded images into token ids (a runtime)."""
+
+    spec: ModelSpec
+    concurrency: int  # batches it may run at the same time
+    decode_pool: str  # the decoding pool that keeps it fed ("thread" or "process"), for decode_pool="auto"
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (B, H, W, 3) -> int32 (B, H/f, W/f)."""
+        ...
+
+
+@runtime_checkable
+class FileEncoder(Protocol):
+    """What turns encoded image files, as stored, into token ids (a server, which decodes them)."""
+
+    spec: ModelSpec
+    concurrency: int
+    decode_pool: str
+
+    def encode_files(self, files: Sequence[bytes], resize: str) -> list[np.ndarray]:
+        """Encoded images -> int32 (h, w) grids, in order, preprocessed by the pixel rule of `models.core.pixels`."""
+        ...
+
+
+class RuntimeEncoder:
+    """Encodes in-process through a `ModelRuntime`.
+
+    On CUDA, by default, three batches run at once (the next ones are copied in and queued while one
+    computes, so the device does not wait on the host between batches) and images decode in processes
+    (threads, held back by the GIL, fed an H100 at most ~1,100 images/s on 16 cores); on the CPU one
+    batch at a time (the session's thread pool already uses every core) and decoding threads. Measured
+    in bench/results/tokenize_local_sweep_gpu_h100*.json."""
+
+    def __init__(self, runtime: ModelRuntime, concurrency: int | None = None) -> None:
+        self.runtime, self.spec = runtime, ModelSpec.from_info(runtime.info)
+        on_cuda = bool(runtime.providers) and runtime.providers[0] == "CUDAExecutionProvider"
+        self.concurrency = concurrency or (3 if on_cuda else 1)
+        self.decode_pool = "process" if on_cuda else "thread"
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        return np.asarray(self.runtime.encode(pixels), dtype=np.int32)
+
+
+class ServerEncoder:
+    """Encodes through a running vqtok service. The stored bytes go as they are (a JPEG stays a
+    JPEG: nothing is decoded or re-encoded here) with the job's resize mode; the server preprocesses
+    them by the same pixel rule (`models.core.pixels`) as the local engines, so the tokens match theirs. The
+    server's limits (pixels per image, tokens per request) apply."""
+
+    def __init__(self, client: Client, model: str | None, concurrency: int = 4) -> None:
+        card = client.model(model or client.default_model())
+        self.client, self.model = client, card.name
+        raw = card.raw
+        self.spec = ModelSpec(
+            card.name,
+            card.codebook_size,
+            card.downsample,
+            card.resolution,
+            str(raw.get("manifest_sha256", "")),
+            str(raw.get("precision", "")),
+        )
+        self.concurrency = concurrency
+        self.decode_pool = "thread"  # its workers only read files and headers
+
+    def encode_files(self, files: Sequence[bytes], resize: str) -> list[np.ndarray]:
+        return list(self.client.encode(list(files), model=self.model, resize=resize))
+
+
+# what refuses one image rather than the job: the runtime's InvalidInputError (a ValueError); the
+# server's 400 (undecodable), 413 (too large), 415 (format) and 422 (shape) answers
+REFUSALS: tuple[type[Exception], ...] = (ValueError, BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError, ValidationError)
+
+Encoded = tuple[Prepared, np.ndarray | None, str | None]  # the image, its token grid or None, why not
+
+
+def encode_batch(encoder: PixelEncoder | FileEncoder, batch: list[Prepared], resize: str = "none") -> list[Encoded]:
+    """Encode same-shaped images (or encoded files, for a `FileEncoder`); when the batch is refused,
+    retry image by image to isolate the cause."""
+    try:
+        if isinstance(encoder, FileEncoder):
+            tokens: Sequence[np.ndarray] | np.ndarray = encoder.encode_files([p.data for p in batch if p.data is not None], resize)
+        else:
+            tokens = encoder.encode(np.stack([p.pixels for p in batch if p.pixels is not None]))
+    except REFUSALS as exc:
+        if len(batch) == 1:
+            return [(batch[0], None, f"{type(exc).__name__}: {exc}")]
+        return [r for p in batch for r in encode_batch(encoder, [p], resize)]
+    return list(zip(batch, tokens, [None] * len(batch), strict=True))  # a count mismatch is a bug, not a refusal

@@ -1,0 +1,234 @@
+"""The job flow, written once for every engine: plan → open the manifest → pending shards → rows into
+per-shard buffers, each committed when complete → errors file → `Summary`.
+
+    with JobRun.open(input_path, output_dir, spec, resize=..., shard_size=...) as run:
+        run.show_progress("tokenize NAME", progress)
+        for each pending shard (run.ranges): produce rows → run.add(...) / run.add_error(...); run.advance(n)
+    return run.summary(engine="...")
+
+A shard is committed in two steps: its parquet file is renamed into place (`format.commit_shard`), then
+the manifest is rewritten atomically with it listed. A re-run skips the shards the manifest lists and
+redoes the rest, so a kill at any moment loses no image and duplicates none, and a re-run writes
+byte-identical shards. Only the driver writes the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from models.core import pixels
+from models.core.fileio import atomic_write, is_temporary
+from models.core.sources import Source, open_source
+
+from .format import ERRORS, MANIFEST, Job, ModelSpec, ShardBuffer, ShardRecord, TokenizeError, commit_shard
+
+
+def plan(input_path: str | Path, spec: ModelSpec, resize: str, shard_size: int) -> tuple[Source, Job]:
+    """The source to read and the job it makes; refuses a job that cannot run before anything is written."""
+    if resize not in pixels.RESIZE_MODES:
+        raise TokenizeError(f"unknown resize mode {resize!r}; expected one of {', '.join(pixels.RESIZE_MODES)}")
+    if shard_size < 1:
+        raise TokenizeError(f"shard size must be positive, got {shard_size}")
+    source = open_source(input_path)
+    if len(source) == 0:
+        raise TokenizeError(f"no images found in {input_path}")
+    return source, Job(source.kind, len(source), source.fingerprint(), shard_size, resize, spec)
+
+
+class JobManifest:
+    """`manifest.json` of an output folder: the job and its committed shards. Only the driver writes it."""
+
+    def __init__(self, out_dir: Path, job: Job, input_path: str, shards: dict[int, ShardRecord]) -> None:
+        self.out_dir, self.job, self.input_path, self.shards = out_dir, job, input_path, shards
+
+    @classmethod
+    def open(cls, out_dir: Path, job: Job, input_path: str, overwrite: bool = False) -> JobManifest:
+        """Resume the job in `out_dir` (refused when the folder holds another job's output, unless
+        `overwrite`), or start it there."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / MANIFEST
+        shards: dict[int, ShardRecord] = {}
+        if path.exists() and not overwrite:
+            try:
+                body = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise TokenizeError(f"{path} is unreadable ({exc}); remove it or pass --overwrite") from exc
+            if body.get("job") != job.to_json():
+                raise TokenizeError(
+                    f"{out_dir} holds the output of a different job (input, model, resize or shard size differ): "
+                    f"use another --output, or --overwrite to start over\n  there: {json.dumps(body.get('job'))}\n  now:   {json.dumps(job.to_json())}"
+                )
+            for k, rec in body.get("shards", {}).items():
+                if (out_dir / rec["file"]).exists():  # a committed shard whose file was deleted is redone
+                    shards[int(k)] = rec
+        for stale in out_dir.glob(".*.tmp-*"):  # leftovers of an interrupted write of this folder's files
+            final = stale.name[1:].partition(".tmp-")[0]
+            if is_temporary(stale) and (final.startswith("part-") or final in (MANIFEST, ERRORS)):
+                stale.unlink(missing_ok=True)
+        manifest = cls(out_dir, job, input_path, shards)
+        if overwrite:
+            for old in out_dir.glob("part-*.parquet"):
+                old.unlink()
+        manifest._write()
+        return manifest
+
+    @property
+    def complete(self) -> bool:
+        return len(self.shards) == self.job.num_shards
+
+    def pending(self) -> list[int]:
+        return [k for k in range(self.job.num_shards) if k not in self.shards]
+
+    def commit(self, shard: int, record: ShardRecord) -> None:
+        self.shards[shard] = record
+        self._write()
+
+    def _write(self) -> None:
+        body = {
+            "job": self.job.to_json(),
+            "input": self.input_path,
+            "complete": self.complete,
+            "totals": {
+                "images": sum(r["rows"] for r in self.shards.values()),
+                "errors": sum(len(r["errors"]) for r in self.shards.values()),
+                "shards": len(self.shards),
+            },
+            "shards": {f"{k:05d}": self.shards[k] for k in sorted(self.shards)},
+        }
+        atomic_write(self.out_dir / MANIFEST, json.dumps(body, indent=1) + "\n")
+
+    def write_errors_file(self) -> None:
+        lines = [json.dumps(e) + "\n" for k in sorted(self.shards) for e in self.shards[k]["errors"]]
+        atomic_write(self.out_dir / ERRORS, "".join(lines))
+
+
+@dataclass
+class Summary:
+    output: str
+    images: int  # tokenized in this run
+    errors: int  # unreadable images in this run
+    shards_written: int
+    shards_skipped: int  # already committed by an earlier run
+    seconds: float
+    engine: str = "local"
+    # where the local engine's driver thread waited: for decoded images (decoding is the bottleneck)
+    # or for the encoder (the model is); both small means the driver's own work bounds the run
+    decode_wait_s: float = 0.0
+    encode_wait_s: float = 0.0
+    decode_pool: str = ""  # the local engine's decoding workers: thread or process
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def progress_bar(total: int, desc: str, enabled: bool | None) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", smoothing=0.1, dynamic_ncols=True, disable=None if enabled is None else not enabled)
+
+
+class JobRun:
+    """One run of a job, whatever produces its rows: the pending shards, a buffer for each, the commit
+    of a shard as soon as its last row (or error) arrives, the counts and the progress bar.
+
+    As a context manager it closes the progress bar and rewrites errors.jsonl from the manifest on
+    the way out, whether the run finished or not (what was committed stays committed)."""
+
+    def __init__(self, output: str, source: Source, manifest: JobManifest, started: float, on_commit: Callable[[int], None] | None) -> None:
+        self.output, self.source, self.manifest, self.started = output, source, manifest, started
+        self.job = manifest.job
+        self.ranges = [(k, *self.job.shard_range(k)) for k in manifest.pending()]  # (shard, start, end) still to do
+        self.buffers = {k: ShardBuffer(k, end - start) for k, start, end in self.ranges}
+        self.shards_skipped = self.job.num_shards - len(self.ranges)
+        self.images = self.errors = self.shards_written = 0  # committed in this run
+        self._on_commit = on_commit
+        self._bar: Any = None
+
+    @classmethod
+    def open(
+        cls,
+        input_path: str | Path,
+        output_dir: str | Path,
+        spec: ModelSpec,
+        *,
+        resize: str,
+        shard_size: int,
+        overwrite: bool = False,
+        started: float | None = None,
+        on_commit: Callable[[int], None] | None = None,
+    ) -> JobRun:
+        """Plan the job and open (resume, or start) its manifest in `output_dir`. `started`: the
+        `time.perf_counter()` the run's seconds count from (default: now); `on_commit(shard)` is
+        called after each commit."""
+        t0 = time.perf_counter() if started is None else started
+        source, job = plan(input_path, spec, resize, shard_size)
+        manifest = JobManifest.open(Path(output_dir), job, str(Path(input_path).resolve()), overwrite)
+        return cls(str(output_dir), source, manifest, t0, on_commit)
+
+    @property
+    def total(self) -> int:
+        """Items of the pending shards."""
+        return sum(end - start for _, start, end in self.ranges)
+
+    def show_progress(self, desc: str, enabled: bool | None) -> None:
+        """A progress bar over the pending items (`enabled` None: only on a terminal)."""
+        self._bar = progress_bar(self.total, desc, enabled)
+
+    def advance(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def add(self, shard: int, index: int, key: str, tokens: np.ndarray, source: tuple[int, int]) -> None:
+        buf = self.buffers[shard]
+        buf.add(index, key, tokens, source)
+        if buf.full:
+            self._commit(buf)
+
+    def add_error(self, shard: int, index: int, key: str, reason: str) -> None:
+        buf = self.buffers[shard]
+        buf.add_error(index, key, reason)
+        if buf.full:
+            self._commit(buf)
+
+    def _commit(self, buf: ShardBuffer) -> None:
+        self.manifest.commit(buf.shard, commit_shard(self.manifest.out_dir, self.job, buf))
+        del self.buffers[buf.shard]
+        self.images += len(buf.indices)
+        self.errors += len(buf.errors)
+        self.shards_written += 1
+        if self._on_commit is not None:
+            self._on_commit(buf.shard)
+
+    def __enter__(self) -> JobRun:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self.manifest.write_errors_file()
+
+    def summary(self, engine: str = "local", *, decode_wait_s: float = 0.0, encode_wait_s: float = 0.0, decode_pool: str = "") -> Summary:
+        """The run's `Summary`; TokenizeError when a shard is still pending."""
+        if not self.manifest.complete:
+            raise TokenizeError(f"{len(self.manifest.pending())} shards did not complete")
+        return Summary(
+            self.output,
+            self.images,
+            self.errors,
+            self.shards_written,
+            self.shards_skipped,
+            time.perf_counter() - self.started,
+            engine,
+            decode_wait_s,
+            encode_wait_s,
+            decode_pool,
+        )

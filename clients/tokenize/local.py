@@ -1,0 +1,111 @@
+"""The local engine: images read and decoded in this machine's worker threads or processes, encoded by a
+`RuntimeEncoder` in this process or sent, as stored, to a running service by a `ServerEncoder`.
+
+    pending shards ─▶ prepared_stream (decode pool, a bounded window ahead)
+        ─▶ same-shaped batches ─▶ encode_batch (up to `encoder.concurrency` in flight) ─▶ JobRun
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+from .decoding import DECODE_POOLS, PROCESS_CHUNK, DecodePool, Prepared, decode_executor, decode_items, prepared_stream, probe_items
+from .encoders import Encoded, FileEncoder, PixelEncoder, encode_batch
+from .format import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, TokenizeError
+from .job import JobRun, Summary
+
+
+def tokenize_local(
+    input_path: str | Path,
+    output_dir: str | Path,
+    encoder: PixelEncoder | FileEncoder,
+    *,
+    resize: str = "none",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    decode_workers: int | None = None,
+    decode_pool: DecodePool = "auto",
+    overwrite: bool = False,
+    progress: bool | None = None,
+    on_commit: Callable[[int], None] | None = None,
+) -> Summary:
+    """Tokenize every image under `input_path` into `output_dir`, resuming a previous run there.
+
+    Decoding runs in a pool of `decode_workers` threads (Pillow and numpy release the GIL) or
+    processes ("auto": the encoder's choice), up to a bounded window ahead of the encoder, so memory
+    is bounded by the window, the batch and one shard's token ids. `on_commit(shard)` is called after
+    each shard is committed."""
+    if decode_pool not in DECODE_POOLS:
+        raise TokenizeError(f"unknown decode pool {decode_pool!r}; expected one of {', '.join(DECODE_POOLS)}")
+    pool_kind = decode_pool if decode_pool != "auto" else ("process" if encoder.decode_pool == "process" else "thread")
+    run = JobRun.open(input_path, output_dir, encoder.spec, resize=resize, shard_size=shard_size, overwrite=overwrite, on_commit=on_commit)
+    work = probe_items if isinstance(encoder, FileEncoder) else decode_items
+    cpus = os.cpu_count() or 1
+    if pool_kind == "process":  # the driver and the encoder's threads keep a core
+        workers, chunk = decode_workers or max(1, cpus - 1), PROCESS_CHUNK
+    else:
+        workers, chunk = decode_workers or min(32, cpus + 2), 1
+    window = max(4 * batch_size, 4 * workers * chunk)
+    decode_wait, encode_wait = [0.0], [0.0]
+    in_flight: deque[tuple[cf.Future[list[Encoded]], int]] = deque()
+
+    def collect() -> None:
+        fut, shard = in_flight.popleft()
+        t = time.perf_counter()
+        results = fut.result()
+        encode_wait[0] += time.perf_counter() - t
+        for p, tokens, error in results:
+            if tokens is None:
+                run.add_error(shard, p.item.index, p.item.key, error or "encode failed")
+            else:
+                run.add(shard, p.item.index, p.item.key, tokens, p.source)
+        run.advance(len(results))
+
+    def submit(pool: cf.Executor, shard: int, batch: list[Prepared]) -> None:
+        while len(in_flight) >= encoder.concurrency:
+            collect()
+        in_flight.append((pool.submit(encode_batch, encoder, batch, resize), shard))
+
+    with run:
+        run.show_progress(f"tokenize {run.job.model.name}", progress)
+        try:
+            with (
+                decode_executor(pool_kind, workers) as decoders,
+                cf.ThreadPoolExecutor(encoder.concurrency, thread_name_prefix="vqtok-encode") as encode_pool,
+            ):
+                buckets: dict[tuple[int, ...], list[Prepared]] = {}  # same-shaped images of the current shard
+                current = -1
+                stream = prepared_stream(run.source, run.ranges, run.job.model, resize, decoders, window, decode_wait, chunk, work)
+                for shard, p in stream:
+                    if shard != current:
+                        for batch in buckets.values():
+                            if batch:
+                                submit(encode_pool, current, batch)
+                        buckets, current = {}, shard
+                    if not p.ready:
+                        run.add_error(shard, p.item.index, p.item.key, p.error or "unreadable")
+                        run.advance(1)
+                        continue
+                    key = p.pixels.shape if p.pixels is not None else ()  # files: one bucket (the client groups them by grid)
+                    bucket = buckets.setdefault(key, [])
+                    bucket.append(p)
+                    if len(bucket) >= batch_size:
+                        submit(encode_pool, shard, bucket)
+                        buckets[key] = []
+                for batch in buckets.values():
+                    if batch:
+                        submit(encode_pool, current, batch)
+                while in_flight:
+                    collect()
+        except BrokenProcessPool as exc:  # a decoding process was killed (out of memory, a signal)
+            raise TokenizeError(
+                f"a decoding process died ({exc}); the {len(run.manifest.shards)} shards committed so far are kept: "
+                "run the same command again to finish the job"
+            ) from exc
+    return run.summary(decode_wait_s=decode_wait[0], encode_wait_s=encode_wait[0], decode_pool=pool_kind)
