@@ -4,8 +4,8 @@
   the quantizer (`VQGraph` / `FSQGraph`, beside the quantizers they mirror) are inside the graph.
 - decoder: tokens int32 (B, h, w) -> images uint8 (B, h·f, w·f, 3), clamp and round inside.
 
-fp16 variants run the networks in half precision and keep the quantizer in float32 (distances in
-fp16 would flip near-tied codes).
+fp16 (and, for compiled runtimes, bf16) variants run the networks in that precision and keep the
+quantizer in float32 (distances in half precision would flip near-tied codes).
 """
 
 from __future__ import annotations
@@ -32,36 +32,41 @@ def output_to_images(y: Tensor) -> Tensor:
     return y.to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def quantizer_graph(tok: Tokenizer, search_chunk: int = SEARCH_CHUNK) -> VQGraph | FSQGraph:
+def quantizer_graph(tok: Tokenizer, search_chunk: int = SEARCH_CHUNK, fused: bool = False) -> VQGraph | FSQGraph:
     q = tok.quantizer
-    return FSQGraph(q) if isinstance(q, FSQ) else VQGraph(q, search_chunk)
+    return FSQGraph(q) if isinstance(q, FSQ) else VQGraph(q, search_chunk, fused)
+
+
+def network_dtype(half: bool | torch.dtype) -> torch.dtype:
+    """`half`: True = float16 (the ONNX fp16 graphs), False = float32, or a dtype."""
+    if isinstance(half, torch.dtype):
+        return half
+    return torch.float16 if half else torch.float32
 
 
 class EncoderGraph(nn.Module):
-    def __init__(self, tok: Tokenizer, half: bool, search_chunk: int = SEARCH_CHUNK) -> None:
+    """`half`: the network's precision; `fused`: the fused Triton code search (compiled runtimes)."""
+
+    def __init__(self, tok: Tokenizer, half: bool | torch.dtype, search_chunk: int = SEARCH_CHUNK, fused: bool = False) -> None:
         super().__init__()
-        self.half_precision = half
-        self.encoder = copy.deepcopy(tok.encoder).float()
-        if half:
-            self.encoder = self.encoder.half()
-        self.quant = quantizer_graph(tok, search_chunk)
+        self.dtype = network_dtype(half)
+        self.encoder = copy.deepcopy(tok.encoder).to(self.dtype)
+        self.quant = quantizer_graph(tok, search_chunk, fused)
 
     def forward(self, images: Tensor) -> Tensor:
-        x = images_to_input(images)
-        z = self.encoder(x.half() if self.half_precision else x).float()
+        x = images_to_input(images)  # (B, 3, H, W) in channels-last memory order: NHWC input, permuted
+        z = self.encoder(x.to(self.dtype)).float()
         return self.quant.indices(z)
 
 
 class DecoderGraph(nn.Module):
-    def __init__(self, tok: Tokenizer, half: bool, search_chunk: int = SEARCH_CHUNK) -> None:
+    def __init__(self, tok: Tokenizer, half: bool | torch.dtype, search_chunk: int = SEARCH_CHUNK) -> None:
         super().__init__()
-        self.half_precision = half
-        self.decoder = copy.deepcopy(tok.decoder).float()
-        if half:
-            self.decoder = self.decoder.half()
+        self.dtype = network_dtype(half)
+        self.decoder = copy.deepcopy(tok.decoder).to(self.dtype)
         self.quant = quantizer_graph(tok, search_chunk)
 
     def forward(self, tokens: Tensor) -> Tensor:
         codes = self.quant.codes(tokens)
-        y = self.decoder(codes.half() if self.half_precision else codes).float()
+        y = self.decoder(codes.to(self.dtype)).float()
         return output_to_images(y)

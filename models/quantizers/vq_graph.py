@@ -21,8 +21,11 @@ class VQGraph(nn.Module):
     codebook: Tensor
     codebook_sq: Tensor
 
-    def __init__(self, quantizer: VectorQuantizer, search_chunk: int = SEARCH_CHUNK) -> None:
+    def __init__(self, quantizer: VectorQuantizer, search_chunk: int = SEARCH_CHUNK, fused: bool = False) -> None:
+        """`fused`: search with the fused Triton kernel (`vqtok::nearest_code`, CUDA graphs only:
+        compiled runtimes) instead of the chunked matmul + min (portable: ONNX)."""
         super().__init__()
+        self.fused = fused
         codebook = quantizer.codebook().detach().float().clone()  # (K, D): C·W folded into one constant
         self.register_buffer("codebook", codebook)
         self.register_buffer("codebook_sq", codebook.pow(2).sum(-1))
@@ -35,6 +38,9 @@ class VQGraph(nn.Module):
         zf = z.permute(0, 2, 3, 1).reshape(b, h * w, d)
         if self.cosine:
             zf = F.normalize(zf, dim=-1)
+        if self.fused:
+            ids = torch.ops.vqtok.nearest_code(zf.reshape(b * h * w, d).contiguous(), self.codebook, self.codebook_sq)
+            return ids.to(torch.int32).reshape(b, h, w)
         best_val: Tensor | None = None
         best_idx: Tensor | None = None
         k = self.codebook.shape[0]
