@@ -13,6 +13,8 @@ Paths, each timed with CUDA events (warm-up, then the median of --repeats single
   triton-ieee     the fused kernel, float32 FMA dot (autotuned tile)
   triton-tf32     the fused kernel, TF32 tensor-core dot
   triton-tf32x3   the fused kernel, 3×TF32 dot (near-float32 accuracy on tensor cores)
+Up to --graph-max-rows rows, each path is also timed as 20 calls captured in a CUDA graph ("graph
+ms"): the GPU's own time per call, without the host overhead that dominates at batch 1.
 Each path's tokens are compared with eager-fp32 (agreement, and how much farther a disagreeing
 pick is, in float64) and with a float64 argmin.
 
@@ -152,6 +154,31 @@ def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, repeats
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def time_graph(fn: Callable[[], Any], device: torch.device, repeats: int, calls: int = 20) -> list[float]:
+    """Milliseconds per call with `calls` calls captured in one CUDA graph and replayed: the GPU's
+    own time, without the Python and launch overhead that dominates at batch 1."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize(device)
+    del graph
+    return [start.elapsed_time(end) / calls for start, end in events]
 
 
 def sync(device: torch.device) -> None:
@@ -307,6 +334,13 @@ def run_size(n: int, base: Tensor, codebook: Tensor, csq: Tensor, args: argparse
             )
             if device.type == "cuda":
                 entry["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+                if args.graphs and n <= args.graph_max_rows:
+                    try:
+                        graph_ms = time_graph(functools.partial(fn, z), device, args.repeats)
+                        entry["graph_median_ms"] = statistics.median(graph_ms)
+                    except Exception as exc:  # a path that cannot be captured is a result, not a crash
+                        entry["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                        torch.cuda.synchronize(device)
             if name == REFERENCE:
                 ref = got
             if ref is not None:
@@ -322,7 +356,7 @@ def run_size(n: int, base: Tensor, codebook: Tensor, csq: Tensor, args: argparse
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    head = f"{'N':>7} {'path':<16} {'median ms':>10} {'min ms':>9} {'GFLOP/s':>9} {'× eager':>8} {'× shipped':>9} {'agree ref':>10} {'≠ref':>6} {'agree f64':>10} {'peak MiB':>9}"
+    head = f"{'N':>7} {'path':<16} {'median ms':>10} {'min ms':>9} {'graph ms':>9} {'GFLOP/s':>9} {'× eager':>8} {'× shipped':>9} {'agree ref':>10} {'≠ref':>6} {'agree f64':>10} {'peak MiB':>9}"
     print(head)
     print("-" * len(head))
     for res in results:
@@ -340,8 +374,9 @@ def print_table(results: list[dict[str, Any]]) -> None:
             f64 = f"{100 * e['agree_fp64']:.4f}%" if "agree_fp64" in e else "-"
             mism = str(e.get("mismatch_ref", "-"))
             peak = f"{e['peak_mem_mib']:.0f}" if "peak_mem_mib" in e else "-"
+            graph = f"{e['graph_median_ms']:.3f}" if "graph_median_ms" in e else "-"
             print(
-                f"{res['rows']:>7} {name:<16} {t:>10.3f} {e['min_ms']:>9.3f} {e['gflops']:>9.0f} {x_eager:>8} {x_ship:>9} {agree:>10} {mism:>6} {f64:>10} {peak:>9}"
+                f"{res['rows']:>7} {name:<16} {t:>10.3f} {e['min_ms']:>9.3f} {graph:>9} {e['gflops']:>9.0f} {x_eager:>8} {x_ship:>9} {agree:>10} {mism:>6} {f64:>10} {peak:>9}"
             )
         gaps = res["gap_fp64"]["rows_gap_below"]
         print(f"{res['rows']:>7} rows whose best two codes are closer than t (float64 squared distance): {gaps}")
@@ -364,6 +399,10 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip compile-chunked")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for compile-chunked (default: default mode)")
     ap.add_argument("--sweep", action="store_true", help="also time every Triton tile config at every N")
+    ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="skip the CUDA-graph replay timings")
+    ap.add_argument(
+        "--graph-max-rows", type=int, default=8192, help="CUDA-graph timings only up to this N (host overhead is negligible above)"
+    )
     ap.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="torch CPU threads")
     ap.add_argument("--revision", default=None, help="git revision to record (default: git rev-parse here)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "search_gpu.json")

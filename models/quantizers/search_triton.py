@@ -206,12 +206,17 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
     return plain, tuned
 
 
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
 def _split_count(n: int, k: int, device: torch.device) -> int:
     """How many slices of the code range to search in parallel: enough programs to fill the GPU
     when N alone gives too few row blocks (batch 1: 1,024 rows = 16 blocks of 64 on 132 SMs)."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     row_blocks = math.ceil(n / _MIN_BLOCK_N)
     want = math.ceil(_PROGRAMS_PER_SM * sms / row_blocks)
     return max(1, min(want, math.ceil(k / _SPLIT_ALIGN)))
@@ -282,7 +287,10 @@ def nearest_code_triton(
         codebook.stride(1),
         max(0, (n - 1).bit_length()),
     )
-    with torch.cuda.device(z.device) if z.device.type == "cuda" else contextlib.nullcontext():
+    # Triton launches on the current device: switch only when z lives elsewhere (the switch costs
+    # microseconds, which show at batch 1).
+    on_other_gpu = z.device.type == "cuda" and z.device.index != torch.cuda.current_device()
+    with torch.cuda.device(z.device) if on_other_gpu else contextlib.nullcontext():
         if config is None and not interpret:
             grid = lambda meta: (triton_cdiv(n, meta["BLOCK_N"]), n_splits)  # noqa: E731
             tuned[grid](*args, K_PER_SPLIT=k_per_split, D_PAD=d_pad, PRECISION=precision)
