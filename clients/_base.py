@@ -27,7 +27,8 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = httpx.Timeout(120.0, connect=5.0)  # encode of a large batch on CPU can take a while
 DEFAULT_MAX_RETRIES = 2
 
-ImageInput = str | os.PathLike[str] | bytes | bytearray | Image.Image | np.ndarray
+SingleImage = str | os.PathLike[str] | bytes | bytearray | Image.Image  # always one image
+ImageInput = SingleImage | np.ndarray  # an array is one image (H, W, 3) or (H, W), or a batch (B, H, W, 3)
 Images = ImageInput | Sequence[ImageInput]
 Wire = Literal["npy", "json"]
 Output = Literal["pil", "numpy"]
@@ -149,8 +150,14 @@ def assemble(chunks: Sequence[Sequence[ImagePart]], results: Sequence[Sequence[n
     for chunk, grids in zip(chunks, results, strict=True):
         for part, grid in zip(chunk, grids, strict=True):
             out[part.index] = grid
-    assert all(g is not None for g in out)
-    return out  # type: ignore[return-value]
+    return filled(out)
+
+
+def filled(slots: list[np.ndarray | None]) -> list[np.ndarray]:
+    """A list filled slot by slot (results put back in input order), every slot now set."""
+    done = [item for item in slots if item is not None]
+    assert len(done) == len(slots), "a result is missing"
+    return done
 
 
 def chunk_parts(parts: Sequence[ImagePart], max_images: int, max_bytes: int) -> list[list[ImagePart]]:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import httpx
 import numpy as np
+from PIL import Image
 
 from . import _base
-from ._base import ImagePart, Images, ModelCard, Output, RequestSpec, Wire
+from ._base import ImageInput, ImagePart, Images, ModelCard, Output, RequestSpec, SingleImage, Wire
 from ._retry import NO_RETRY, AsyncRetryTransport, RetryPolicy, RetryTransport
 from .errors import APIConnectionError, APIStatusError, APITimeoutError, VqtokError
 
@@ -115,7 +116,19 @@ class Client:
             return list(pool.map(fn, items))
 
     # --- API ---
-    def encode(self, images: Images, *, model: str | None = None, resize: str | None = None, wire: Wire = "npy") -> Any:
+    @overload
+    def encode(  # type: ignore[overload-overlap]  # a str is a Sequence too: this overload takes it first
+        self, images: SingleImage, *, model: str | None = None, resize: str | None = None, wire: Wire = "npy"
+    ) -> np.ndarray: ...
+    @overload
+    def encode(
+        self, images: Sequence[ImageInput], *, model: str | None = None, resize: str | None = None, wire: Wire = "npy"
+    ) -> list[np.ndarray]: ...
+    @overload  # an array is one image or a batch: only its ndim says which
+    def encode(self, images: np.ndarray, *, model: str | None = None, resize: str | None = None, wire: Wire = "npy") -> Any: ...
+    def encode(
+        self, images: Images, *, model: str | None = None, resize: str | None = None, wire: Wire = "npy"
+    ) -> np.ndarray | list[np.ndarray]:
         """Images -> int32 token grids (h, w).
 
         `images` is one image or a sequence of them; each may be a path, encoded bytes, a PIL image or
@@ -150,7 +163,21 @@ class Client:
             a, b = _split(parts)
             return self._encode_chunk(a, model, resize, wire) + self._encode_chunk(b, model, resize, wire)
 
-    def decode(self, tokens: np.ndarray | Sequence[Any], *, model: str | None = None, output: Output = "pil", wire: Wire = "npy") -> Any:
+    @overload
+    def decode(
+        self, tokens: Sequence[np.ndarray], *, model: str | None = None, output: Literal["pil"] = "pil", wire: Wire = "npy"
+    ) -> list[Image.Image]: ...
+    @overload
+    def decode(
+        self, tokens: Sequence[np.ndarray], *, model: str | None = None, output: Literal["numpy"], wire: Wire = "npy"
+    ) -> list[np.ndarray]: ...
+    @overload  # an array is one grid or a batch (only its ndim says which); nested lists are one grid
+    def decode(
+        self, tokens: np.ndarray | Sequence[Sequence[Any]], *, model: str | None = None, output: Output = "pil", wire: Wire = "npy"
+    ) -> Any: ...
+    def decode(
+        self, tokens: np.ndarray | Sequence[Any], *, model: str | None = None, output: Output = "pil", wire: Wire = "npy"
+    ) -> Image.Image | np.ndarray | list[Image.Image] | list[np.ndarray]:
         """Token grids -> images. `tokens` is one (h, w) grid, a (B, h, w) array or a list of grids
         (shapes may differ). Returns one image or a list, as PIL images or uint8 (H, W, 3) arrays."""
         single, grids = _base.as_grid_list(tokens)
@@ -252,7 +279,19 @@ class AsyncClient:
 
         return list(await asyncio.gather(*(one(x) for x in items)))
 
-    async def encode(self, images: Images, *, model: str | None = None, resize: str | None = None, wire: Wire = "npy") -> Any:
+    @overload
+    async def encode(  # type: ignore[overload-overlap]  # a str is a Sequence too: this overload takes it first
+        self, images: SingleImage, *, model: str | None = None, resize: str | None = None, wire: Wire = "npy"
+    ) -> np.ndarray: ...
+    @overload
+    async def encode(
+        self, images: Sequence[ImageInput], *, model: str | None = None, resize: str | None = None, wire: Wire = "npy"
+    ) -> list[np.ndarray]: ...
+    @overload  # an array is one image or a batch: only its ndim says which
+    async def encode(self, images: np.ndarray, *, model: str | None = None, resize: str | None = None, wire: Wire = "npy") -> Any: ...
+    async def encode(
+        self, images: Images, *, model: str | None = None, resize: str | None = None, wire: Wire = "npy"
+    ) -> np.ndarray | list[np.ndarray]:
         """See `Client.encode`. File reading and PNG encoding run in a worker thread."""
         single, items = _base.as_image_list(images)
         parts = await asyncio.to_thread(lambda: [_base.prepare_image(i, x) for i, x in enumerate(items)])
@@ -281,9 +320,21 @@ class AsyncClient:
             a, b = _split(parts)
             return await self._encode_chunk(a, model, resize, wire) + await self._encode_chunk(b, model, resize, wire)
 
+    @overload
+    async def decode(
+        self, tokens: Sequence[np.ndarray], *, model: str | None = None, output: Literal["pil"] = "pil", wire: Wire = "npy"
+    ) -> list[Image.Image]: ...
+    @overload
+    async def decode(
+        self, tokens: Sequence[np.ndarray], *, model: str | None = None, output: Literal["numpy"], wire: Wire = "npy"
+    ) -> list[np.ndarray]: ...
+    @overload  # an array is one grid or a batch (only its ndim says which); nested lists are one grid
+    async def decode(
+        self, tokens: np.ndarray | Sequence[Sequence[Any]], *, model: str | None = None, output: Output = "pil", wire: Wire = "npy"
+    ) -> Any: ...
     async def decode(
         self, tokens: np.ndarray | Sequence[Any], *, model: str | None = None, output: Output = "pil", wire: Wire = "npy"
-    ) -> Any:
+    ) -> Image.Image | np.ndarray | list[Image.Image] | list[np.ndarray]:
         """See `Client.decode`."""
         single, grids = _base.as_grid_list(tokens)
         if len(grids) > 1:

@@ -11,19 +11,21 @@ server running the same model returns; errors are the same typed exceptions a se
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast, overload
 
 import numpy as np
+from PIL import Image
 
 from models.core import pixels as _images
+from models.core.artefacts import Device, Precision
 from models.core.errors import ImageError, ImageShapeError, ImageTooLarge, InvalidInputError
 from service.runtime import ModelRuntime
 
 from . import _base
-from ._base import Images, ModelCard, Output
+from ._base import ImageInput, Images, ModelCard, Output, SingleImage
 from .errors import BadRequestError, NotFoundError, PayloadTooLargeError, ValidationError
 
 
@@ -38,9 +40,15 @@ class LocalBackend:
     """
 
     def __init__(
-        self, model_dir: str | Path, *, device: str = "auto", precision: str = "auto", max_batch_size: int = 32, workers: int | None = None
+        self,
+        model_dir: str | Path,
+        *,
+        device: Device = "auto",
+        precision: Precision = "auto",
+        max_batch_size: int = 32,
+        workers: int | None = None,
     ) -> None:
-        self.runtime = ModelRuntime.load(model_dir, device=device, precision=precision, max_batch_size=max_batch_size)  # type: ignore[arg-type]
+        self.runtime = ModelRuntime.load(model_dir, device=device, precision=precision, max_batch_size=max_batch_size)
         self.info = self.runtime.info
         self.max_batch_size = max_batch_size
         self._pool = ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 1) + 1), thread_name_prefix="vqtok-local")
@@ -49,7 +57,7 @@ class LocalBackend:
         if model is not None and model != self.info.name:
             raise NotFoundError(404, "Not Found", f"unknown model {model!r}; this backend runs {self.info.name!r}")
 
-    def _prepare(self, index: int, image: Any, resize: str) -> _images.PreparedImage:
+    def _prepare(self, index: int, image: ImageInput, resize: str) -> _images.PreparedImage:
         part = _base.prepare_image(index, image)
         try:
             return _images.prepare(
@@ -62,7 +70,7 @@ class LocalBackend:
         except ImageError as exc:
             raise BadRequestError(400, "Bad Request", f"images[{index}]: {exc}") from exc
 
-    def _batched(self, fn: Any, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def _batched(self, fn: Callable[[np.ndarray], np.ndarray], arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Run `fn` on same-shaped arrays in batches of max_batch_size; results in input order."""
         out: list[np.ndarray | None] = [None] * len(arrays)
         for idx in _base.group_grids(arrays, self.max_batch_size):
@@ -72,9 +80,21 @@ class LocalBackend:
                 raise ValidationError(422, "Unprocessable Content", str(exc)) from exc
             for j, i in enumerate(idx):
                 out[i] = result[j]
-        return out  # type: ignore[return-value]
+        return _base.filled(out)
 
-    def encode(self, images: Images, *, model: str | None = None, resize: str | None = None, wire: str = "npy") -> Any:
+    @overload
+    def encode(  # type: ignore[overload-overlap]  # a str is a Sequence too: this overload takes it first
+        self, images: SingleImage, *, model: str | None = None, resize: str | None = None, wire: str = "npy"
+    ) -> np.ndarray: ...
+    @overload
+    def encode(
+        self, images: Sequence[ImageInput], *, model: str | None = None, resize: str | None = None, wire: str = "npy"
+    ) -> list[np.ndarray]: ...
+    @overload  # an array is one image or a batch: only its ndim says which
+    def encode(self, images: np.ndarray, *, model: str | None = None, resize: str | None = None, wire: str = "npy") -> Any: ...
+    def encode(
+        self, images: Images, *, model: str | None = None, resize: str | None = None, wire: str = "npy"
+    ) -> np.ndarray | list[np.ndarray]:
         """See `Client.encode`; `wire` is accepted for compatibility and ignored."""
         self._check_model(model)
         single, items = _base.as_image_list(images)
@@ -83,7 +103,21 @@ class LocalBackend:
         grids = [g.astype(np.int32, copy=False) for g in self._batched(self.runtime.encode, [p.pixels for p in prepared])]
         return grids[0] if single else grids
 
-    def decode(self, tokens: np.ndarray | Sequence[Any], *, model: str | None = None, output: Output = "pil", wire: str = "npy") -> Any:
+    @overload
+    def decode(
+        self, tokens: Sequence[np.ndarray], *, model: str | None = None, output: Literal["pil"] = "pil", wire: str = "npy"
+    ) -> list[Image.Image]: ...
+    @overload
+    def decode(
+        self, tokens: Sequence[np.ndarray], *, model: str | None = None, output: Literal["numpy"], wire: str = "npy"
+    ) -> list[np.ndarray]: ...
+    @overload  # an array is one grid or a batch (only its ndim says which); nested lists are one grid
+    def decode(
+        self, tokens: np.ndarray | Sequence[Sequence[Any]], *, model: str | None = None, output: Output = "pil", wire: str = "npy"
+    ) -> Any: ...
+    def decode(
+        self, tokens: np.ndarray | Sequence[Any], *, model: str | None = None, output: Output = "pil", wire: str = "npy"
+    ) -> Image.Image | np.ndarray | list[Image.Image] | list[np.ndarray]:
         """See `Client.decode`."""
         self._check_model(model)
         single, grids = _base.as_grid_list(tokens)

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from models.core.artefacts import pretrained_repo
+from models.core.artefacts import Device, Precision, pretrained_repo
 from models.core.pixels import ResizeMode
 
 
@@ -19,48 +19,83 @@ def default_model_repo() -> Path:
 
 
 class Settings(BaseSettings):
+    """Every field is a `VQTOK_<NAME>` environment variable and a `vqtok serve --<name>` flag; its
+    `description` is the flag's help (the flags are generated from these fields by `service.cli`)."""
+
     model_config = SettingsConfigDict(env_prefix="VQTOK_", protected_namespaces=(), extra="ignore")
 
     # --- models ---
-    model_repo: Path = Field(default_factory=default_model_repo, description="folder of model directories, one per model name")
-    default_model: str | None = Field(
-        default=None, description="model used when a request names none; default: the only/first model by name"
+    model_repo: Path = Field(
+        default_factory=default_model_repo,
+        description="folder of exported model directories, one per model name (or one model directory); when neither the flag "
+        "nor the variable is set and the shipped models/pretrained holds no model, an untrained demo model is exported and served",
     )
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    precision: Literal["auto", "fp32", "fp16"] = "auto"
-    intra_op_threads: int | None = Field(default=None, ge=1, description="ONNX Runtime threads per session (CPU); None = ORT's choice")
-    warmup_sizes: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [256], description="square image sides warmed at load")
+    default_model: str | None = Field(default=None, description="model used when a request names none; unset = the first model by name")
+    device: Device = Field(default="auto", description="where ONNX Runtime runs: auto (CUDA when available, else CPU), cuda or cpu")
+    precision: Precision = Field(
+        default="auto", description="graphs to run: auto (fp16 on CUDA where fp16 graphs were exported, else fp32), fp32 or fp16"
+    )
+    intra_op_threads: int | None = Field(
+        default=None, ge=1, description="ONNX Runtime threads per session (CPU); unset = ONNX Runtime's choice"
+    )
+    warmup_sizes: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [256], description="comma-separated square image sides in pixels warmed at load, e.g. 256,512"
+    )
     warmup_batch_sizes: Annotated[list[int], NoDecode] = Field(
         default_factory=list,
-        description="batch sizes warmed at load; empty = every batch size the runtime runs (its buckets on CUDA, 1 on CPU)",
+        description="comma-separated batch sizes warmed at load; empty = every batch size the runtime runs (its buckets on CUDA, 1 on CPU)",
     )
 
     # --- network ---
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Bearer keys; empty = no auth on /v1")
-    admin_api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="keys for /v1/admin; empty = api_keys")
+    host: str = Field(default="127.0.0.1", description="address to bind (0.0.0.0 for every interface)")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated Bearer keys for /v1, at least 8 characters each; empty = no auth; health and metrics stay open "
+        "(prefer the variable: flags show in ps)",
+    )
+    admin_api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated Bearer keys for /v1/admin; empty = the API keys"
+    )
 
     # --- dynamic batcher ---
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="images per inference call")
-    max_batch_delay_ms: float = Field(default=2.0, ge=0, le=1000, description="how long a partial batch waits for company")
-    max_queue_images: int = Field(default=512, ge=1, description="images waiting per model before 503")
+    max_batch_delay_ms: float = Field(
+        default=2.0, ge=0, le=1000, description="milliseconds a partial batch waits for more images before it runs"
+    )
+    max_queue_images: int = Field(
+        default=512, ge=1, description="images waiting per model before requests are refused with 503; at least max-images-per-request"
+    )
     batch_workers: int = Field(default=1, ge=1, le=16, description="batches one model runs at the same time")
-    request_timeout_s: float = Field(default=30.0, gt=0, description="per-request deadline; past it the answer is 504")
-    retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 503")
+    request_timeout_s: float = Field(default=30.0, gt=0, description="per-request deadline in seconds; past it the answer is 504")
+    retry_after_s: int = Field(default=1, ge=1, description="seconds sent in the Retry-After header of a 503")
 
     # --- limits ---
-    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
-    max_images_per_request: int = Field(default=64, ge=1)
-    max_image_pixels: int = Field(default=4096 * 4096, ge=1, description="decoded size limit, checked from the header before decoding")
-    max_grid_tokens: int = Field(default=128 * 128, ge=1, description="token grid h·w per image, both directions")
+    max_body_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="request body limit in bytes (64 MiB by default); larger bodies get 413"
+    )
+    max_images_per_request: int = Field(default=64, ge=1, description="images (encode) or token grids (decode) in one request")
+    max_image_pixels: int = Field(
+        default=4096 * 4096,
+        ge=1,
+        description="decoded image size limit in pixels, width·height (4096² by default), checked from the header before decoding",
+    )
+    max_grid_tokens: int = Field(
+        default=128 * 128, ge=1, description="token grid limit per image in tokens, h·w (128² by default), for encode and decode"
+    )
     decode_threads: int = Field(default=4, ge=1, le=64, description="threads decoding and encoding images (Pillow)")
-    default_resize: ResizeMode = "none"
+    default_resize: ResizeMode = Field(
+        default="none",
+        description="resize mode when a request names none: none (sides must be multiples of the model's downsample factor), "
+        "crop (short side to the model's resolution, centre square) or pad (edge-replicated up to the next multiple)",
+    )
 
     # --- operations ---
-    log_format: Literal["json", "text"] = "json"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    shutdown_timeout_s: float = Field(default=30.0, ge=0, description="how long shutdown waits for in-flight work")
+    log_format: Literal["json", "text"] = Field(default="json", description="log lines as JSON objects or plain text")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="least severe level logged (`vqtok -v serve`: debug)"
+    )
+    shutdown_timeout_s: float = Field(default=30.0, ge=0, description="seconds shutdown waits for in-flight work")
 
     @field_validator("api_keys", "admin_api_keys", mode="before")
     @classmethod

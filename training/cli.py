@@ -7,9 +7,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from models.core.errors import CLIError
+
+if TYPE_CHECKING:
+    from models.tokenizer import Tokenizer
 
 EXIT_RUNTIME = 1
 
@@ -23,7 +26,7 @@ def _need_path(path: str | None, what: str) -> Path:
     return p
 
 
-def _load_model(directory: str) -> Any:
+def _load_model(directory: str) -> Tokenizer:
     _need_path(directory, "--model")
     from models import CheckpointError, Tokenizer
 

@@ -14,7 +14,14 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    from models.config import TokenizerConfig
+
+D = TypeVar("D", bound="DataclassInstance")
 
 CONFIG_NAME = "train_config.json"
 
@@ -139,7 +146,7 @@ class TrainConfig:
         if self.model.preset not in list_presets():
             fail("model.preset", f"unknown preset {self.model.preset!r}; known: {', '.join(list_presets())}")
 
-    def tokenizer_config(self) -> Any:
+    def tokenizer_config(self) -> TokenizerConfig:
         """The TokenizerConfig this run trains (preset + overrides), validated by models/."""
         from models.config import ConfigError
         from models.presets import preset_config
@@ -174,10 +181,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return TrainConfigError(f"invalid config value for '{key}': expected {expected}, got {value!r}")
 
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad("a mapping")
-        return _from_dict(tp, value, prefix=key + ".")  # type: ignore[arg-type]
+        return _from_dict(tp, value, prefix=key + ".")
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise bad(f"one of {list(typing.get_args(tp))}")
@@ -219,7 +226,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def _from_dict(cls: type[D], data: dict[str, Any], prefix: str = "") -> D:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
@@ -294,7 +301,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def build_config(data: dict[str, Any] | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Plain data (from a file) + dotted overrides -> validated TrainConfig."""
     merged = apply_overrides(data or {}, overrides)
-    config: TrainConfig = _from_dict(TrainConfig, merged)
+    config = _from_dict(TrainConfig, merged)
     config.validate()
     config.tokenizer_config()  # the model part must build too
     return config
