@@ -17,7 +17,7 @@ from .deps import ServiceState
 from .metrics import Metrics
 from .middleware import BodyLimit, RequestContext
 from .repository import Loader, ModelRepository
-from .routes import ROUTERS
+from .routes import ROUTERS, docs, playground
 from .settings import Settings
 
 log = logging.getLogger("vqtok.service")
@@ -56,12 +56,14 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
         summary="Image tokenizer service: images to discrete token ids and back.",
         version="0.1.0",
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,  # /docs and /redoc come from routes.docs, on assets served here (no CDN)
         redoc_url=None,
     )
     problems.install(app)
     for router in ROUTERS:
         app.include_router(router)
+    docs.install(app)
+    app.include_router(playground.router)
     # Outermost first: the request id exists before anything can fail, the body limit wraps every read.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, metrics=metrics)
