@@ -110,6 +110,11 @@ def main() -> None:
     ap.add_argument("--variants", default="bf16-fused,fp16-fused,tf32-fused,fp32-fused,bf16-chunked")
     ap.add_argument("--skip-torch-compile", action="store_true")
     ap.add_argument("--dynamic-batch", action="store_true", help="one AOTI package per graph with a dynamic batch axis")
+    ap.add_argument(
+        "--compile-variants",
+        default="",
+        help="torch.compile (in process, static shapes, default mode) of the export graphs, replayed as CUDA graphs: e.g. fp16-fused,tf32-fused",
+    )
     args = ap.parse_args()
     torch.set_num_threads(min(8, os.cpu_count() or 1))
     dev = torch.device("cuda")
@@ -222,11 +227,53 @@ def main() -> None:
                 print(label, "failed:", exc, flush=True)
                 save(args.out)
 
-    # --- AOTInductor packages of the export graphs ---
     from models.quantizers.search_op import register
 
     RESULTS["triton_op"] = register()
+    save(args.out)
     dtypes = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+    # --- torch.compile of the export graphs, one static shape per batch size, as CUDA graphs ---
+    for variant in [v for v in args.compile_variants.split(",") if v]:
+        prec, search = variant.split("-")
+        autocast = prec.endswith("a")  # "fp16a": float32 weights, autocast to fp16 (norms stay float32)
+        prec = prec.rstrip("a")
+        torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
+        torch.backends.cudnn.allow_tf32 = prec == "tf32"
+        label = f"compile-{variant}"
+        try:
+            weights = torch.float32 if autocast else dtypes[prec]
+            eg = EncoderGraph(tok_cpu, weights, fused=search == "fused").to(dev).eval().to(memory_format=torch.channels_last)
+            dg = DecoderGraph(tok_cpu, weights).to(dev).eval().to(memory_format=torch.channels_last)
+            enc_c = torch.compile(eg, dynamic=False)
+            dec_c = torch.compile(dg, dynamic=False)
+            cast = dtypes[prec]
+
+            def enc_run(x: torch.Tensor, f: Any = enc_c, on: bool = autocast, dt: torch.dtype = cast) -> torch.Tensor:
+                with torch.no_grad(), torch.autocast("cuda", dt, enabled=on):
+                    return f(x)
+
+            def dec_run(t: torch.Tensor, f: Any = dec_c, on: bool = autocast, dt: torch.dtype = cast) -> torch.Tensor:
+                with torch.no_grad(), torch.autocast("cuda", dt, enabled=on):
+                    return f(t)
+
+            t0 = time.perf_counter()
+            acc = agreement(enc_run, dec_run)
+            first = time.perf_counter() - t0
+            measure(
+                label,
+                lambda b, f=enc_run: graphed(f, batch_of(gpu_images, b)),
+                lambda b, f=dec_run: graphed(f, batch_of(gpu_tokens, b)),
+                compile_s_first_shape=first,
+                cuda_graph=True,
+                **acc,
+            )
+        except Exception as exc:
+            RESULTS["errors"].append({"path": label, "error": traceback.format_exc()[-3000:]})
+            print(label, "failed:", exc, flush=True)
+            save(args.out)
+
+    # --- AOTInductor packages of the export graphs ---
     workdir = Path(tempfile.mkdtemp(prefix="aoti-"))
     for variant in [v for v in args.variants.split(",") if v]:
         prec, search = variant.split("-")
