@@ -33,3 +33,9 @@ class Metrics:
         self.batch_failures = Counter("vqtok_batch_failures_total", "inference calls that raised", ["model", "op"], registry=r)
         self.model_state = Enum("vqtok_model_state", "model lifecycle state", ["model"], states=MODEL_STATES, registry=r)
         self.reloads = Counter("vqtok_model_reloads_total", "reload attempts", ["model", "result"], registry=r)
+        self.model_runtime = Gauge(
+            "vqtok_model_runtime_info",
+            "the runtime serving each model (1 for the serving version)",
+            ["model", "runtime", "device", "precision"],
+            registry=r,
+        )

@@ -10,6 +10,8 @@ version leaves the old one serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import threading
 import time
@@ -25,6 +27,7 @@ import numpy as np
 from .batcher import Batcher
 from .metrics import Metrics
 from .runtime import ModelLoadError, ModelRuntime
+from .runtimes import load_runtime
 from .settings import Settings
 
 log = logging.getLogger("vqtok.repository")
@@ -74,11 +77,15 @@ def discover(repo: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(repo.iterdir()) if p.is_dir() and not p.name.startswith((".", "_"))}
 
 
+def _runtime_labels(runtime: Any) -> tuple[str, str, str]:
+    return str(getattr(runtime, "runtime_name", "")), str(getattr(runtime, "device", "")), str(runtime.info.precision)
+
+
 class ModelRepository:
     def __init__(self, settings: Settings, metrics: Metrics, loader: Loader | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
-        self._loader: Loader = loader or ModelRuntime.load
+        self._loader: Loader = loader or functools.partial(load_runtime, runtime=settings.runtime)
         self._entries: dict[str, ModelEntry] = {}
         self._lock = asyncio.Lock()
         self._stopping: set[asyncio.Task[None]] = set()
@@ -203,7 +210,10 @@ class ModelRepository:
         self.metrics.model_state.labels(name).state("ready")
         self.metrics.reloads.labels(name, "ok").inc()
         if old is not None:
+            with contextlib.suppress(KeyError):
+                self.metrics.model_runtime.remove(name, *_runtime_labels(old.runtime))
             self._retire(old)
+        self.metrics.model_runtime.labels(name, *_runtime_labels(runtime)).set(1)
         info = runtime.info
         log.info(
             "model ready",
@@ -212,6 +222,7 @@ class ModelRepository:
                 "codebook_size": info.codebook_size,
                 "downsample": info.downsample,
                 "precision": info.precision,
+                "runtime": runtime.runtime_name,
                 "providers": list(runtime.providers),
                 "manifest_sha256": info.manifest_sha256,
                 "load_s": round(time.monotonic() - t0, 3),

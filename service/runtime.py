@@ -19,12 +19,22 @@ from typing import Any
 
 import numpy as np
 
+from models.core import gate
 from models.core.artefacts import Device, ExportedModel, ModelInfo, Precision, open_exported
 from models.core.errors import InvalidInputError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Device", "InvalidInputError", "ModelInfo", "ModelLoadError", "ModelRuntime", "Precision", "batch_buckets", "cuda_available"]
+__all__ = [
+    "Device",
+    "InvalidInputError",
+    "ModelInfo",
+    "ModelLoadError",
+    "ModelRuntime",
+    "Precision",
+    "batch_buckets",
+    "cuda_available",
+]
 
 
 def _import_ort() -> Any:
@@ -113,6 +123,33 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
             sizes.add(p * 3 // 2)
         p *= 2
     return tuple(sorted(sizes))
+
+
+def check_images(images: np.ndarray, f: int) -> None:
+    """What every runtime accepts: uint8 (B, H, W, 3), H and W positive multiples of f."""
+    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[-1] != 3:
+        shape = getattr(images, "shape", type(images).__name__)
+        raise InvalidInputError(f"expected uint8 images (B, H, W, 3), got {shape}")
+    if images.dtype != np.uint8:
+        raise InvalidInputError(f"expected uint8 images, got dtype {images.dtype}")
+    b, h, w, _ = images.shape
+    if b == 0 or h == 0 or w == 0 or h % f or w % f:
+        raise InvalidInputError(f"image height and width must be positive multiples of {f} (got {h}x{w}, batch {b})")
+
+
+def check_tokens(tokens: np.ndarray, codebook_size: int) -> np.ndarray:
+    """Validated int32 copy-free view of `tokens` (B, h, w) with ids in [0, K)."""
+    if not isinstance(tokens, np.ndarray) or tokens.ndim != 3:
+        shape = getattr(tokens, "shape", type(tokens).__name__)
+        raise InvalidInputError(f"expected token ids (B, h, w), got {shape}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise InvalidInputError(f"token ids must be integers, got dtype {tokens.dtype}")
+    if 0 in tokens.shape:
+        raise InvalidInputError(f"token grid must be non-empty, got {tokens.shape}")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= codebook_size:
+        raise InvalidInputError(f"token ids must lie in [0, {codebook_size}), got [{lo}, {hi}]")
+    return np.ascontiguousarray(tokens, dtype=np.int32)
 
 
 class ShapeSessions:
@@ -261,6 +298,24 @@ class ModelRuntime:
                 for part in ("encoder", "decoder")
             }
         runtime = cls(model_dir, info, encoder, decoder, active, batch_buckets(max_batch_size) if pad else None, per_shape)
+        if on_cuda:
+            try:
+                runtime.check_parity()
+            except ModelLoadError as exc:
+                if precision != "auto" or info.precision == "fp32":
+                    raise
+                log.warning("%s; loading the fp32 graphs instead", exc)
+                return cls.load(
+                    model_dir,
+                    name=name,
+                    device=device,
+                    precision="fp32",
+                    intra_op_threads=intra_op_threads,
+                    cuda_options=cuda_options,
+                    max_batch_size=max_batch_size,
+                    pad_batches=pad_batches,
+                    session_per_shape=session_per_shape,
+                )
         log.info(
             "loaded model %s from %s (%s, %s, batch sizes %s)",
             info.name,
@@ -271,32 +326,24 @@ class ModelRuntime:
         )
         return runtime
 
+    def check_parity(self) -> dict[str, float] | None:
+        """The GPU gate: refuse (ModelLoadError with the numbers) a CUDA session that does not
+        reproduce the CPU float32 reference on the model's parity photos."""
+        parity = gate.read_parity_set(self.model_dir)
+        if parity is None:
+            log.warning("%s has no parity set (exported before parity.npz existed): its GPU sessions are not gated", self.model_dir)
+            return None
+        figures = gate.measure(self.encode, self.decode, parity)
+        gate.enforce(figures, f"ONNX Runtime {self.info.precision} on {self.providers[0]} for {self.info.name}")
+        return figures
+
     # --- validation ---
 
     def check_images(self, images: np.ndarray) -> None:
-        f = self.info.downsample
-        if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[-1] != 3:
-            shape = getattr(images, "shape", type(images).__name__)
-            raise InvalidInputError(f"expected uint8 images (B, H, W, 3), got {shape}")
-        if images.dtype != np.uint8:
-            raise InvalidInputError(f"expected uint8 images, got dtype {images.dtype}")
-        b, h, w, _ = images.shape
-        if b == 0 or h == 0 or w == 0 or h % f or w % f:
-            raise InvalidInputError(f"image height and width must be positive multiples of {f} (got {h}x{w}, batch {b})")
+        check_images(images, self.info.downsample)
 
     def check_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        """Validated int32 copy-free view of `tokens` (B, h, w) with ids in [0, K)."""
-        if not isinstance(tokens, np.ndarray) or tokens.ndim != 3:
-            shape = getattr(tokens, "shape", type(tokens).__name__)
-            raise InvalidInputError(f"expected token ids (B, h, w), got {shape}")
-        if not np.issubdtype(tokens.dtype, np.integer):
-            raise InvalidInputError(f"token ids must be integers, got dtype {tokens.dtype}")
-        if 0 in tokens.shape:
-            raise InvalidInputError(f"token grid must be non-empty, got {tokens.shape}")
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.info.codebook_size:
-            raise InvalidInputError(f"token ids must lie in [0, {self.info.codebook_size}), got [{lo}, {hi}]")
-        return np.ascontiguousarray(tokens, dtype=np.int32)
+        return check_tokens(tokens, self.info.codebook_size)
 
     # --- inference ---
 

@@ -31,9 +31,16 @@ class Settings(BaseSettings):
         "nor the variable is set and the shipped models/pretrained holds no model, an untrained demo model is exported and served",
     )
     default_model: str | None = Field(default=None, description="model used when a request names none; unset = the first model by name")
-    device: Device = Field(default="auto", description="where ONNX Runtime runs: auto (CUDA when available, else CPU), cuda or cpu")
+    runtime: Literal["auto", "onnxruntime", "compiled"] = Field(
+        default="auto",
+        description="what runs the models: auto (the compiled torch runtime on a CUDA host where it can run and passes its parity gate, "
+        "else ONNX Runtime), onnxruntime, or compiled (torch.compile + CUDA graphs + the fused code search; needs torch with CUDA)",
+    )
+    device: Device = Field(default="auto", description="where the models run: auto (CUDA when available, else CPU), cuda or cpu")
     precision: Precision = Field(
-        default="auto", description="graphs to run: auto (fp16 on CUDA where fp16 graphs were exported, else fp32), fp32 or fp16"
+        default="auto",
+        description="ONNX graphs to run: auto (fp16 on CUDA where fp16 graphs were exported and pass the GPU parity gate, else fp32), "
+        "fp32 or fp16",
     )
     intra_op_threads: int | None = Field(
         default=None, ge=1, description="ONNX Runtime threads per session (CPU); unset = ONNX Runtime's choice"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import socket
 import subprocess
@@ -43,21 +44,29 @@ def exported_model_repo(request: pytest.FixtureRequest, tmp_path_factory: pytest
     cache = Path(store) / _models_source_hash()
     missing = {name: preset for name, preset in models.items() if not (cache / name / "manifest.json").exists()}
     if missing:
+        # each export goes to a folder of its own and is renamed into the cache when complete, so
+        # test runs in parallel (several sessions, xdist) never see or remove a half-written model
         cache.mkdir(parents=True, exist_ok=True)
-        for name in missing:
-            shutil.rmtree(cache / name, ignore_errors=True)
+        staging = {name: cache / f".{name}.tmp-{os.getpid()}" for name in missing}
+        for tmp in staging.values():
+            shutil.rmtree(tmp, ignore_errors=True)
         procs = [
             (
                 name,
-                subprocess.Popen([sys.executable, "-c", _EXPORT, preset, str(cache / name)], cwd=REPO, stderr=subprocess.PIPE, text=True),
+                subprocess.Popen([sys.executable, "-c", _EXPORT, preset, str(staging[name])], cwd=REPO, stderr=subprocess.PIPE, text=True),
             )
             for name, preset in missing.items()
         ]
         for name, p in procs:
             _, err = p.communicate(timeout=300)
             if p.returncode != 0:
-                shutil.rmtree(cache / name, ignore_errors=True)
+                shutil.rmtree(staging[name], ignore_errors=True)
                 pytest.fail(f"exporting the test model {name} failed:\n{err[-3000:]}")
+            if (cache / name / "manifest.json").exists():  # another run finished it first
+                shutil.rmtree(staging[name], ignore_errors=True)
+            else:
+                shutil.rmtree(cache / name, ignore_errors=True)
+                os.replace(staging[name], cache / name)
     repo = tmp_path_factory.mktemp("repo")
     for name in models:
         shutil.copytree(cache / name, repo / name)

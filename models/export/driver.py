@@ -4,6 +4,7 @@ in place. Nothing is written into the model directory until every graph has pass
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -11,6 +12,7 @@ import os
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,14 +24,31 @@ from torch import Tensor, nn
 from ..config import TokenizerConfig
 from ..core.artefacts import CONFIG_FILE, GRAPH_FILES, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, WEIGHTS_FILE, file_record
 from ..core.fileio import atomic_write
+from ..core.gate import PARITY_FILE, ParitySet, write_parity_set
 from ..quantizers.vq_graph import SEARCH_CHUNK
 from ..tokenizer import Tokenizer
 from .graphs import DecoderGraph, EncoderGraph
-from .parity import PARITY, ExportError, check_parity, find_parity_images, parity_failures, parity_image_sets
+from .parity import PARITY, ExportError, check_gpu_parity, check_parity, find_parity_images, parity_failures, parity_image_sets
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
+# the exporter's own chatter (hundreds of INFO lines per graph: rewrite passes, constant folding,
+# "torchvision is not installed"): only its warnings that matter reach the user
+_NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch._export", "torch.export")
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def export_graph(
@@ -40,7 +59,7 @@ def export_graph(
     batch = dim("batch", min=1, max=4096)
     height, width = dim("height_units", min=1, max=8192), dim("width_units", min=1, max=8192)
     dynamic = {0: batch, 1: spatial_multiple * height, 2: spatial_multiple * width}
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
@@ -85,11 +104,19 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     parity_images: str | Path | None = None,
     search_chunk: int = SEARCH_CHUNK,
+    progress: bool | None = None,
+    gpu: bool | None = None,
 ) -> dict[str, Any]:
     """Export `model_dir` (config.json + model.safetensors) to ONNX in place; returns the manifest.
 
     Raises ExportError (with the parity figures) if ORT does not reproduce torch within `PARITY`.
+    Also writes the parity set (`parity.npz`: the real photos, the CPU float32 tokens and decodes)
+    that GPU runtimes are gated on at load. `gpu` (None: where CUDA is available) also gates the GPU
+    runtimes here, and refuses the export when none of them passes.
+    `progress`: a bar on stderr (None: when stderr is a terminal).
     """
+    from tqdm import tqdm
+
     model_dir = Path(model_dir)
     revision = git_revision()  # before this export rewrites tracked files in a checkout
     tok = Tokenizer.from_pretrained(model_dir).eval().float()
@@ -105,15 +132,24 @@ def export_model(
     # Example inputs with every dynamic axis > 1: torch.export specialises axes of size 0 or 1.
     example_images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, size=(2, 2 * f, 3 * f, 3), dtype=np.uint8))
     example_tokens = torch.zeros(2, 2, 3, dtype=torch.int32)
+    bar = tqdm(
+        total=3 * len(precisions) + 1, desc=f"export {model_dir.name}", unit="step", disable=None if progress is None else not progress
+    )
     with tempfile.TemporaryDirectory(prefix=".export-", dir=model_dir) as tmp:
         staged: dict[str, dict[str, Path]] = {}
         for precision in precisions:
             half = precision == "fp16"
             paths = {role: Path(tmp) / name for role, name in GRAPH_FILES[precision].items()}
             log.info("exporting %s graphs (opset %d)", precision, opset)
+            bar.set_postfix_str(f"{precision} encoder")
             export_graph(EncoderGraph(tok, half, search_chunk), example_images, paths["encoder"], "images", "tokens", f, opset)
+            bar.update()
+            bar.set_postfix_str(f"{precision} decoder")
             export_graph(DecoderGraph(tok, half, search_chunk), example_tokens, paths["decoder"], "tokens", "images", 1, opset)
+            bar.update()
+            bar.set_postfix_str(f"{precision} parity")
             figures = check_parity(tok, paths, precision, image_sets)
+            bar.update()
             bad = parity_failures(figures, PARITY[precision])
             if bad:
                 raise ExportError(
@@ -121,6 +157,15 @@ def export_model(
                 )
             parity[precision] = {"bounds": asdict(PARITY[precision]), "figures": figures}
             staged[precision] = paths
+        reference = reference_set(tok, image_sets)
+        gpu_figures: dict[str, Any] = {}
+        if reference is not None and (gpu if gpu is not None else torch.cuda.is_available()):
+            bar.set_postfix_str("GPU parity")
+            gpu_figures = check_gpu_parity(tok, staged, reference)
+        bar.update()
+        bar.close()
+        if reference is not None:
+            write_parity_set(Path(tmp) / PARITY_FILE, reference)
         for stale in GRAPH_FILES["fp16"].values() if not fp16 else ():
             (model_dir / stale).unlink(missing_ok=True)  # an earlier --fp16 export's graphs would be unlisted
         for precision, paths in staged.items():
@@ -128,11 +173,32 @@ def export_model(
                 name = GRAPH_FILES[precision][role]
                 os.replace(src, model_dir / name)
                 manifest_files[name] = file_record(model_dir / name)
+            if reference is not None:
+                os.replace(Path(tmp) / PARITY_FILE, model_dir / PARITY_FILE)
+                manifest_files[PARITY_FILE] = file_record(model_dir / PARITY_FILE)
+            else:
+                (model_dir / PARITY_FILE).unlink(missing_ok=True)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         manifest_files[name] = file_record(model_dir / name)
     manifest = build_manifest(cfg, manifest_files, precisions, opset, parity, real_images=len(real) > 0, revision=revision)
+    if gpu_figures:
+        manifest["parity"]["gpu"] = gpu_figures
     atomic_write(model_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def reference_set(tok: Tokenizer, image_sets: dict[str, np.ndarray]) -> ParitySet | None:
+    """The CPU float32 reference on the native-size real photos (None without real photos)."""
+    from .graphs import images_to_input, output_to_images
+
+    r = tok.config.resolution
+    images = image_sets.get(f"real_{r}x{r}")
+    if images is None:
+        return None
+    with torch.no_grad():
+        tokens = tok.encode(images_to_input(torch.from_numpy(images)))
+        decoded = output_to_images(tok.decoder(tok.quantizer.indices_to_codes(tokens))).numpy()
+    return ParitySet(images, tokens.numpy().astype(np.int32), decoded)
 
 
 def build_manifest(

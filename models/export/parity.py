@@ -4,7 +4,7 @@ and random images at two sizes, within `PARITY`. Real photos are prepared by the
 
 from __future__ import annotations
 
-import math
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from ..config import TokenizerConfig
-from ..core import pixels
+from ..core import gate, pixels
+from ..core.gate import PSNR_CAP_DB, ParitySet, psnr_uint8
 from ..tokenizer import Tokenizer
 from .graphs import images_to_input, output_to_images
 
@@ -31,12 +32,7 @@ class ParityBounds:
 
 
 PARITY = {"fp32": ParityBounds(0.999, 50.0), "fp16": ParityBounds(0.99, 40.0)}
-PSNR_CAP_DB = 100.0  # reported for identical images (keeps the manifest valid JSON)
-
-
-def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(255.0**2 / mse))
+__all__ = ["PARITY", "PSNR_CAP_DB", "ExportError", "ParityBounds", "psnr_uint8"]
 
 
 def parity_sizes(config: TokenizerConfig) -> list[tuple[int, int]]:
@@ -122,8 +118,63 @@ def format_parity(parity: dict[str, Any]) -> str:
     """The parity table, one line per precision and image set."""
     lines = []
     for precision, result in parity.items():
+        if precision == "gpu" and isinstance(result, dict):
+            for runtime, fig in result.items():
+                verdict = "ok" if fig.get("passed") else "REFUSED at load"
+                lines.append(
+                    f"GPU   {runtime:24s} tokens {fig['token_agreement']:8.4%}  decoded PSNR {fig['decode_psnr_db']:6.1f} dB  {verdict}"
+                )
+            continue
         if not isinstance(result, dict):
             continue
         for label, fig in result["figures"].items():
             lines.append(f"{precision:5s} {label:18s} tokens {fig['token_agreement']:8.4%}  decoded PSNR {fig['decode_psnr_db']:6.1f} dB")
     return "\n".join(lines)
+
+
+def check_gpu_parity(tok: Tokenizer, graphs: dict[str, dict[str, Path]], reference: ParitySet) -> dict[str, Any]:
+    """The GPU gate at export: every GPU runtime this host has (ONNX Runtime's CUDA EP with each
+    exported precision, the compiled graphs) against the CPU float32 reference on the real photos.
+    Returns the figures of each (with `passed`); ExportError when none passes."""
+    import onnxruntime as ort
+
+    figures: dict[str, Any] = {}
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        for precision, files in graphs.items():
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            enc = ort.InferenceSession(str(files["encoder"]), opts, providers=providers)
+            dec = ort.InferenceSession(str(files["decoder"]), opts, providers=providers)
+
+            def run_enc(x: np.ndarray, s: Any = enc) -> np.ndarray:
+                return s.run(None, {"images": x})[0]
+
+            def run_dec(t: np.ndarray, s: Any = dec) -> np.ndarray:
+                return s.run(None, {"tokens": t})[0]
+
+            figures[f"onnxruntime-cuda-{precision}"] = gate.measure(run_enc, run_dec, reference)
+    if torch.cuda.is_available():
+        from .compiled import compiled_graphs
+
+        device = torch.device("cuda")
+        compiled = compiled_graphs(tok, device)
+
+        def encode(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return compiled.encoder(torch.from_numpy(x).to(device)).cpu().numpy()
+
+        def decode(t: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return compiled.decoder(torch.from_numpy(t).to(device)).cpu().numpy()
+
+        figures[f"compiled-{compiled.precision}"] = gate.measure(encode, decode, reference)
+    for fig in figures.values():
+        fig["passed"] = not gate.failures(fig, gate.GPU_PARITY)
+    if figures and not any(f["passed"] for f in figures.values()):
+        raise ExportError(
+            "no GPU runtime reproduces the CPU float32 reference within the gate "
+            f"(tokens >= {gate.GPU_PARITY.min_token_agreement:.1%}, decoded >= {gate.GPU_PARITY.min_decode_psnr_db:.0f} dB); "
+            f"nothing was written: {json.dumps(figures)}"
+        )
+    return figures

@@ -1,0 +1,250 @@
+"""The compiled GPU runtime: the export graphs under `torch.compile` (static shapes), each shape
+replayed as a CUDA graph, the code search fused into one Triton kernel.
+
+Why it exists (H100, shipped model, 256², bench/results/compiled_probe_h100/): ONNX Runtime's CUDA
+EP runs this model at 0.35–0.42× of compiled PyTorch, and batch-1 encode takes 4.3 ms there
+against 0.53 ms here. The encoder network runs in float16 (99.64 % token agreement with the CPU
+float32 reference; bfloat16 keeps only 97.3 %), the search in float32-accurate 3×TF32 inside the
+Triton kernel, the decoder in bfloat16 (56 dB from the reference decode).
+
+Shapes: batches are padded (repeating the last item) to a power of two up to `max_batch_size`, and
+each (batch, height, width) is compiled and captured once, in `warmup`; a shape nobody warmed runs
+on the ONNX Runtime `fallback` (same tokens within the parity bounds), so an odd image size never
+waits for a compile in a request. Compiled kernels persist in Inductor's cache (`$VQTOK_CACHE/
+inductor`): the first start compiles (≈20 s a shape), later starts load them.
+
+This module is the service's one door to torch: it is imported only when the compiled runtime is
+chosen (`load_runtime`), never by the torch-free serving install. The layering contract lists the
+exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.core import gate
+from models.core.artefacts import Device, ModelInfo, open_exported
+from models.core.errors import InvalidInputError, ModelLoadError
+
+from .runtime import ModelRuntime, check_images, check_tokens
+
+log = logging.getLogger(__name__)
+
+
+def compiled_available() -> str | None:
+    """None when this process can run the compiled runtime, else why not."""
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed (the compiled runtime needs torch with CUDA: pip install 'vqtok[torch]')"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA device"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (it ships with torch's CUDA wheels)"
+    return None
+
+
+def power_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """1, 2, 4, … up to `max_batch_size` (and it): each is one compiled shape per image size, so
+    few shapes (a first start compiles each), at most 2× padding."""
+    sizes = {max_batch_size}
+    p = 1
+    while p < max_batch_size:
+        sizes.add(p)
+        p *= 2
+    return tuple(sorted(sizes))
+
+
+class _Graph:
+    """One compiled shape captured as a CUDA graph: static input and output buffers, replayed under a
+    lock (a graph's buffers are shared, so two threads must not replay it at once)."""
+
+    def __init__(self, fn: Callable[[Any], Any], example: Any, pool: Any) -> None:
+        import torch
+
+        self.input = example.clone()
+        self.lock = threading.Lock()
+        self.fn, self.graph = fn, None
+        if example.device.type != "cuda":  # the eager CPU mode (tests): no capture
+            return
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(3):  # compile, autotune and settle before capture
+                fn(self.input)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool), torch.no_grad():
+            self.output = fn(self.input)
+
+    def run(self, host: np.ndarray) -> np.ndarray:
+        import torch
+
+        with self.lock:
+            self.input.copy_(torch.from_numpy(host), non_blocking=False)
+            if self.graph is None:
+                with torch.no_grad():
+                    return self.fn(self.input).cpu().numpy()
+            self.graph.replay()
+            return self.output.cpu().numpy()
+
+
+class CompiledRuntime:
+    """The same contract as `ModelRuntime` (`encode`, `decode`, `warmup`, `info`, …)."""
+
+    runtime_kind = "compiled"
+
+    def __init__(
+        self, model_dir: Path, info: ModelInfo, graphs: Any, device: Any, buckets: tuple[int, ...], fallback: ModelRuntime
+    ) -> None:
+        import torch
+
+        self.model_dir = model_dir
+        self.info = info
+        self.buckets = buckets
+        self.fallback = fallback
+        self.device_handle = device
+        self.device = device.type
+        on_cuda = device.type == "cuda"
+        self.runtime_name = f"{'compiled' if on_cuda else 'eager'} torch {torch.__version__}"
+        self.providers = ["torch.compile+cudagraph", f"cuda:{device.index or 0}"] if on_cuda else ["torch-eager", "cpu"]
+        self._graphs = graphs
+        self._captured: dict[tuple[str, tuple[int, ...]], _Graph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if on_cuda else None  # one memory pool for every captured shape
+        self._capture_lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        *,
+        name: str | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        intra_op_threads: int | None = None,
+        max_batch_size: int = 64,
+        eager_cpu: bool = False,
+    ) -> CompiledRuntime:
+        """`eager_cpu`: the same graphs, padding and fallback on the CPU without compiling or CUDA
+        graphs (tests check the runtime's contract with it); otherwise CUDA only."""
+        if not eager_cpu:
+            why = compiled_available()
+            if why is not None:
+                raise ModelLoadError(f"the compiled runtime cannot run here: {why}")
+            if device == "cpu":
+                raise ModelLoadError("the compiled runtime runs on CUDA only; use runtime=onnxruntime on the CPU")
+        if precision not in ("auto",):
+            raise ModelLoadError(
+                f"the compiled runtime chooses its own precisions (fp16 encoder, bf16 decoder); got precision={precision!r}"
+            )
+        import torch
+
+        from models.export.compiled import compiled_graphs
+        from models.tokenizer import Tokenizer
+
+        model_dir = Path(model_dir)
+        t0 = time.perf_counter()
+        exported = open_exported(model_dir, precision="fp32", on_cuda=True, name=name)  # verifies the artefacts
+        ort_device: Device = "cpu" if eager_cpu else "cuda"
+        fallback = ModelRuntime.load(
+            model_dir, name=name, device=ort_device, intra_op_threads=intra_op_threads, max_batch_size=max_batch_size
+        )
+        dev = torch.device("cpu") if eager_cpu else torch.device("cuda", int(os.environ.get("VQTOK_CUDA_DEVICE", "0")))
+        tok = Tokenizer.from_pretrained(model_dir).eval()
+        graphs = compiled_graphs(tok, dev, compile=not eager_cpu)
+        info = ModelInfo(**{**exported.info.__dict__, "precision": graphs.precision})
+        runtime = cls(model_dir, info, graphs, dev, power_buckets(max_batch_size), fallback)
+        runtime.check_parity()
+        log.info("compiled runtime for %s ready in %.1f s (before warm-up)", info.name, time.perf_counter() - t0)
+        return runtime
+
+    # --- the GPU parity gate ---
+
+    def check_parity(self) -> dict[str, float] | None:
+        parity = gate.read_parity_set(self.model_dir)
+        if parity is None:
+            log.warning("%s has no parity set (exported before parity.npz existed): the compiled runtime is not gated", self.model_dir)
+            return None
+        n, h, w = parity.images.shape[:3]
+        self.warmup([(h, w)], [n])  # the gate measures the compiled graphs, not the fallback
+        figures = gate.measure(self.encode, self.decode, parity)
+        gate.enforce(figures, f"the compiled runtime ({self.info.precision}) of {self.info.name}")
+        log.info("compiled runtime parity: %s", figures)
+        return figures
+
+    # --- inference ---
+
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def _graph(self, part: str, shape: tuple[int, ...], example: np.ndarray) -> _Graph:
+        key = (part, shape)
+        graph = self._captured.get(key)
+        if graph is None:
+            import torch
+
+            with self._capture_lock:
+                graph = self._captured.get(key)
+                if graph is None:
+                    fn = self._graphs.encoder if part == "encode" else self._graphs.decoder
+                    graph = _Graph(fn, torch.from_numpy(example).to(self.device_handle), self._pool)
+                    self._captured[key] = graph
+        return graph
+
+    def _run(self, part: str, array: np.ndarray, fallback: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        n, largest = len(array), self.buckets[-1]
+        if n > largest:
+            return np.concatenate([self._run(part, array[i : i + largest], fallback) for i in range(0, n, largest)])
+        size = self._bucket(n)
+        shape = (size, *array.shape[1:])
+        if (part, shape) not in self._captured:
+            return fallback(array)  # never warmed: no compile inside a request
+        if size > n:
+            array = np.concatenate([array, np.broadcast_to(array[-1:], (size - n, *array.shape[1:]))])
+        return self._captured[(part, shape)].run(np.ascontiguousarray(array))[:n]
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (B, H, W, 3) -> int32 token ids (B, H/f, W/f)."""
+        check_images(images, self.info.downsample)
+        return self._run("encode", images, self.fallback.encode).astype(np.int32, copy=False)
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """integer token ids (B, h, w) in [0, K) -> uint8 images (B, h·f, w·f, 3)."""
+        return self._run("decode", check_tokens(tokens, self.info.codebook_size), self.fallback.decode)
+
+    def warmup(self, sizes: Sequence[tuple[int, int]], batch_sizes: Sequence[int] | None = None) -> None:
+        """Compile and capture every (bucket, size) now; the ONNX fallback warms its own shapes."""
+        f = self.info.downsample
+        rng = np.random.default_rng(0)
+        for h, w in sizes:
+            for b in batch_sizes or self.buckets:
+                size = self._bucket(b)
+                images = rng.integers(0, 256, size=(size, h, w, 3), dtype=np.uint8)
+                tokens = rng.integers(0, self.info.codebook_size, size=(size, h // f, w // f), dtype=np.int32)
+                self._graph("encode", images.shape, images)
+                self._graph("decode", tokens.shape, tokens)
+
+    def check_images(self, images: np.ndarray) -> None:
+        check_images(images, self.info.downsample)
+
+    def check_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        return check_tokens(tokens, self.info.codebook_size)
+
+    def session_shapes(self) -> dict[str, list[tuple[int, ...]]]:
+        out: dict[str, list[tuple[int, ...]]] = {"encoder": [], "decoder": []}
+        for part, shape in self._captured:
+            out["encoder" if part == "encode" else "decoder"].append(shape)
+        return out
+
+
+__all__ = ["CompiledRuntime", "InvalidInputError", "compiled_available", "power_buckets"]

@@ -1,0 +1,98 @@
+"""Runtime selection and the GPU parity gate, on the CPU: a forced runtime that cannot run is a clear
+error, auto picks ONNX Runtime without a GPU, the compiled runtime's graphs (eager on the CPU) give
+the ONNX tokens within the gate's bounds, and a runtime that disagrees with the model's parity set
+is refused with the numbers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.core import gate
+from models.core.artefacts import file_record
+from models.core.errors import ModelLoadError
+from service import runtimes
+from service.runtime import ModelRuntime
+from service.runtimes import load_runtime
+
+from .conftest import photo_crop
+
+
+def test_export_writes_the_parity_set_and_lists_it(model_repo: Path) -> None:
+    d = model_repo / "simvq4"
+    parity = gate.read_parity_set(d)
+    assert parity is not None
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert gate.PARITY_FILE in manifest["files"]
+    assert parity.images.dtype == np.uint8 and parity.images.shape[1:] == (32, 32, 3)  # the model's native size
+    assert parity.tokens.shape == (len(parity.images), 8, 8)
+    ort = ModelRuntime.load(d, device="cpu")
+    figures = ort.check_parity()  # ORT on the CPU reproduces the torch float32 reference
+    assert figures is not None and figures["token_agreement"] >= 0.999 and figures["decode_psnr_db"] >= 50
+
+
+def test_forced_and_unknown_runtimes(model_repo: Path) -> None:
+    with pytest.raises(ModelLoadError, match="runtime must be one of"):
+        load_runtime(model_repo / "fsq4", runtime="tensorrt")
+    with pytest.raises(ModelLoadError, match="compiled runtime"):
+        load_runtime(model_repo / "fsq4", runtime="compiled", device="cpu")
+    with pytest.raises(ModelLoadError, match="(sees no CUDA device|CUDA only)"):
+        load_runtime(model_repo / "fsq4", runtime="compiled")
+
+
+def test_auto_is_onnxruntime_without_a_usable_gpu(model_repo: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    rt = load_runtime(model_repo / "fsq4", runtime="auto", device="auto")
+    assert isinstance(rt, ModelRuntime) and rt.device == "cpu"
+    # a GPU that torch cannot use: auto says why and serves with ONNX Runtime
+    monkeypatch.setattr(runtimes, "gpu_visible", lambda: True)
+    with caplog.at_level(logging.INFO, logger="service.runtimes"):
+        rt = load_runtime(model_repo / "fsq4", runtime="auto")
+    assert isinstance(rt, ModelRuntime)
+    assert any("compiled runtime unavailable" in r.getMessage() for r in caplog.records)
+
+
+def test_compiled_graphs_match_onnxruntime_and_pad_to_their_buckets(model_repo: Path, photos: list[Path]) -> None:
+    from service.compiled import CompiledRuntime
+
+    d = model_repo / "simvq4"
+    ort = ModelRuntime.load(d, device="cpu")
+    rt = CompiledRuntime.load(d, eager_cpu=True, max_batch_size=8)  # passes its parity gate at load
+    assert rt.buckets == (1, 2, 4, 8) and rt.runtime_name.startswith("eager torch")
+    images = np.stack([photo_crop(p, 32) for p in photos[:11]])
+    rt.warmup([(32, 32)])
+    shapes = rt.session_shapes()["encoder"]
+    assert (8, 32, 32, 3) in shapes and (3, 32, 32, 3) not in shapes
+    got, want = rt.encode(images), ort.encode(images)  # 11 = a chunk of 8, and 3 padded to 4
+    assert got.dtype == np.int32 and got.shape == want.shape
+    assert (got == want).mean() >= gate.GPU_PARITY.min_token_agreement
+    decoded = rt.decode(want)
+    assert gate.psnr_uint8(decoded, ort.decode(want)) >= gate.GPU_PARITY.min_decode_psnr_db
+    # a size nobody warmed runs on the ONNX fallback, not a compile inside a request
+    odd = np.stack([photo_crop(p, 40) for p in photos[:2]])
+    np.testing.assert_array_equal(rt.encode(odd), ort.encode(odd))
+    assert (2, 40, 40, 3) not in rt.session_shapes()["encoder"]
+
+
+def test_the_gate_refuses_a_runtime_that_disagrees(model_repo: Path, tmp_path: Path) -> None:
+    from service.compiled import CompiledRuntime
+
+    d = tmp_path / "simvq4"
+    shutil.copytree(model_repo / "simvq4", d)
+    parity = gate.read_parity_set(d)
+    assert parity is not None
+    wrong = gate.ParitySet(parity.images, (parity.tokens + 1) % 1024, parity.decoded)  # every token off by one
+    gate.write_parity_set(d / gate.PARITY_FILE, wrong)
+    with pytest.raises(ModelLoadError, match="does not match manifest.json"):  # a swapped parity file is caught
+        gate.read_parity_set(d)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["files"][gate.PARITY_FILE] = file_record(d / gate.PARITY_FILE)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match=r"token agreement \d+\.\d+% < 99\.5%"):
+        CompiledRuntime.load(d, eager_cpu=True, max_batch_size=8)
+    with pytest.raises(ModelLoadError, match="ONNX Runtime fp32"):
+        ModelRuntime.load(d, device="cpu").check_parity()
