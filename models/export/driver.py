@@ -173,11 +173,11 @@ def export_model(
                 name = GRAPH_FILES[precision][role]
                 os.replace(src, model_dir / name)
                 manifest_files[name] = file_record(model_dir / name)
-            if reference is not None:
-                os.replace(Path(tmp) / PARITY_FILE, model_dir / PARITY_FILE)
-                manifest_files[PARITY_FILE] = file_record(model_dir / PARITY_FILE)
-            else:
-                (model_dir / PARITY_FILE).unlink(missing_ok=True)
+        if reference is not None:
+            os.replace(Path(tmp) / PARITY_FILE, model_dir / PARITY_FILE)
+            manifest_files[PARITY_FILE] = file_record(model_dir / PARITY_FILE)
+        else:
+            (model_dir / PARITY_FILE).unlink(missing_ok=True)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         manifest_files[name] = file_record(model_dir / name)
     manifest = build_manifest(cfg, manifest_files, precisions, opset, parity, real_images=len(real) > 0, revision=revision)
