@@ -1,7 +1,9 @@
-"""`python -m clients ...` runs the `vqtok` command line (handy where the console script is not installed)."""
+"""`python -m clients ...` runs the `vqtok` command line, as `python -m vqtok ...` does (kept for
+scripts and `torchrun ... -m clients train` written before the `vqtok` package existed)."""
 
 import sys
 
 from clients.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

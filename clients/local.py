@@ -1,6 +1,6 @@
 """`LocalBackend`: the `Client` interface, run in-process on a model directory (no HTTP, no server).
 
-    with LocalBackend("models/pretrained/f8-simvq-16k") as backend:
+    with LocalBackend("photo-f8-simvq-16k") as backend:    # a shipped name, a directory, or ORG/NAME on the hub
         grids = backend.encode(["a.jpg", "b.png"], resize="crop")
         images = backend.decode(grids)
 
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from models.core import pixels as _images
-from models.core.artefacts import Device, Precision
+from models.core.artefacts import Device, Precision, model_name, resolve_model_dir
 from models.core.errors import ImageError, ImageShapeError, ImageTooLarge, InvalidInputError
 from service.runtime import ModelRuntime
 
@@ -33,7 +33,10 @@ class LocalBackend:
     """One model directory served in-process through `service.runtime.ModelRuntime`.
 
     Args:
-        model_dir: an exported model directory (config.json, encoder.onnx, decoder.onnx, manifest.json).
+        model_dir: an exported model (manifest.json, encoder.onnx, decoder.onnx), named as everywhere in
+            vqtok (`models.core.artefacts.resolve_model_dir`): a directory, the NAME of a shipped model,
+            ORG/NAME[@REVISION] on the Hugging Face hub (needs huggingface_hub), or None for the default
+            model. Raises `models.core.errors.ModelNotFound` / `ModelLoadError` when it cannot be used.
         device, precision: as for `ModelRuntime.load` ("auto" picks CUDA when available).
         max_batch_size: images per runtime call.
         workers: threads decoding and resizing images.
@@ -41,14 +44,15 @@ class LocalBackend:
 
     def __init__(
         self,
-        model_dir: str | Path,
+        model_dir: str | Path | None = None,
         *,
         device: Device = "auto",
         precision: Precision = "auto",
         max_batch_size: int = 32,
         workers: int | None = None,
     ) -> None:
-        self.runtime = ModelRuntime.load(model_dir, device=device, precision=precision, max_batch_size=max_batch_size)
+        path = resolve_model_dir(model_dir)
+        self.runtime = ModelRuntime.load(path, name=model_name(path), device=device, precision=precision, max_batch_size=max_batch_size)
         self.info = self.runtime.info
         self.max_batch_size = max_batch_size
         self._pool = ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 1) + 1), thread_name_prefix="vqtok-local")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -14,11 +15,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import ConfigError, TokenizerConfig
+from .core.artefacts import resolve_model_dir
+from .core.errors import ModelNotFound
 from .networks import Decoder, Encoder
 from .quantizers import FSQ, QuantizerOutput, VectorQuantizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+HUB_CARD_FILE = "README.md"  # the model card the Hugging Face hub shows (its front matter is the metadata)
 
 
 class CheckpointError(RuntimeError):
@@ -128,17 +132,35 @@ class Tokenizer(nn.Module):
 
     # --- checkpoints: config.json + model.safetensors, never pickle ---
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, *, model_card: bool = False, license: str = "other") -> Path:
+        """Write `config.json` and `model.safetensors` to `directory`; with `model_card=True`, also a
+        `README.md` model card (unless the directory has one) whose front matter the Hugging Face hub
+        reads (library_name vqtok, pipeline tag, tags, `license`), with the codebook size and downsample
+        factor: the directory is then ready for `huggingface-cli upload ORG/NAME DIRECTORY` and
+        `Tokenizer.from_pretrained("ORG/NAME")`."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         _atomic_write(directory / CONFIG_FILE, self.config.save)
+        card = directory / HUB_CARD_FILE
+        if model_card and not card.exists():
+            params = sum(p.numel() for p in self.parameters())
+            text = _hub_card(self.config, directory.resolve().name or "vqtok-tokenizer", params, license)
+            _atomic_write(card, lambda p: p.write_text(text, encoding="utf-8"))
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Tokenizer:
-        directory = Path(directory)
+    def from_pretrained(cls, name_or_path: str | Path, map_location: str | torch.device = "cpu") -> Tokenizer:
+        """Load a model directory (config.json + model.safetensors), named as everywhere in vqtok
+        (`models.core.artefacts.resolve_model_dir`): a path, the NAME of a shipped model (from any
+        working directory), or ORG/NAME[@REVISION] on the Hugging Face hub (needs huggingface_hub).
+        Raises CheckpointError when the name names no directory (its cause: the rule's ModelNotFound)
+        or the directory's files are missing, corrupt or do not match."""
+        try:
+            directory = resolve_model_dir(name_or_path)
+        except ModelNotFound as exc:
+            raise CheckpointError(f"model directory missing: {exc}") from exc
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for path in (config_path, weights_path):
             if not path.is_file():
@@ -157,6 +179,54 @@ class Tokenizer(nn.Module):
         except RuntimeError as exc:
             raise CheckpointError(f"{weights_path} does not match {config_path}: {exc}") from exc
         return model.to(map_location)
+
+
+def _hub_card(config: TokenizerConfig, name: str, params: int, license: str) -> str:
+    """A model card for the Hugging Face hub: YAML front matter, then what the model is and how to load it."""
+    k, f = config.codebook_size, config.downsample
+    bits = math.log2(k)
+    if config.quantizer == "fsq":
+        tags = ["fsq"]
+        quantizer = f"FSQ, levels {list(config.fsq_levels)} (arXiv 2309.15505)"
+    else:
+        tags = ["vector-quantization"] + (["simvq"] if config.linear_codebook else [])
+        kind = "SimVQ (frozen random C, learned linear W; arXiv 2411.02038)" if config.linear_codebook else "VQ"
+        grad = "rotation-trick gradients (arXiv 2410.06424)" if config.gradient == "rotation" else "straight-through gradients"
+        quantizer = f"{kind}, {grad}, code dimension {config.latent_dim}"
+        tags += ["rotation-trick"] if config.gradient == "rotation" else []
+    front = "\n".join(
+        ["---", "library_name: vqtok", f"license: {license}", "pipeline_tag: image-feature-extraction", "tags:"]
+        + [f"- {t}" for t in ["vqtok", "image-tokenizer", *tags]]
+        + ["---"]
+    )
+    rows = [
+        ("quantizer", quantizer),
+        ("codebook size", f"K = {k:,} ({bits:.3g} bits per token)"),
+        ("downsample", f"f = {f}: an H×W image is (H/{f})×(W/{f}) tokens, {bits / f**2:.3g} bits per pixel; H and W multiples of {f}"),
+        ("training resolution", f"{config.resolution}×{config.resolution}"),
+        ("parameters", f"{params / 1e6:.1f} M"),
+        ("preset", config.preset or "(custom)"),
+    ]
+    table = "\n".join(["| | |", "| --- | --- |", *(f"| {a} | {b} |" for a, b in rows)])
+    return f"""{front}
+
+# {name}
+
+A vqtok image tokenizer: images to a grid of discrete token ids and back.
+`config.json` rebuilds the network, `model.safetensors` holds the weights (no pickle).
+
+{table}
+
+## Use
+
+```python
+import vqtok
+
+tok = vqtok.Tokenizer.from_pretrained("ORG/{name}")  # this repository (pip install 'vqtok[hub]'), or a local directory
+ids = tok.encode(x)   # x: float (B, 3, H, W) in [-1, 1] -> int64 (B, H/{f}, W/{f})
+y = tok.decode(ids)   # -> float (B, 3, H, W) in [-1, 1]
+```
+"""
 
 
 def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:

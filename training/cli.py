@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.core.errors import CLIError
+from models.core.artefacts import model_name, resolve_model_dir
+from models.core.errors import CLIError, ModelNotFound
 
 if TYPE_CHECKING:
     from models.tokenizer import Tokenizer
@@ -26,14 +27,24 @@ def _need_path(path: str | None, what: str) -> Path:
     return p
 
 
-def _load_model(directory: str) -> Tokenizer:
-    _need_path(directory, "--model")
+def _model_dir(name_or_dir: str, what: str = "--model") -> Path:
+    """The model directory `name_or_dir` names (`models.core.artefacts.resolve_model_dir`: a path, a
+    shipped NAME, or ORG/NAME on the Hugging Face hub); torch-free, so a wrong name fails at once."""
+    if not name_or_dir:
+        raise CLIError(f"{what} is required")
+    try:
+        return resolve_model_dir(name_or_dir)
+    except ModelNotFound as exc:
+        raise CLIError(f"{what}: {exc}") from exc
+
+
+def _load_model(model_dir: Path) -> Tokenizer:
     from models import CheckpointError, Tokenizer
 
     try:
-        return Tokenizer.from_pretrained(directory)
+        return Tokenizer.from_pretrained(model_dir)
     except CheckpointError as exc:
-        raise CLIError(f"cannot load model directory {directory}: {exc}") from exc
+        raise CLIError(f"cannot load model directory {model_dir}: {exc}") from exc
 
 
 def _write_json(path: str | None, data: dict[str, Any]) -> None:
@@ -62,7 +73,7 @@ def register_train(sub: argparse._SubParsersAction) -> None:
             "Train a tokenizer. Config from a YAML/JSON file plus dotted key=value overrides "
             "(e.g. optim.lr=1e-4 model.preset=f8-simvq-16k data.cache_in_memory=true). Writes checkpoints, "
             "metrics.jsonl, TensorBoard logs and the final model directory (EMA weights) to --out/model. "
-            "Multi-GPU: torchrun --nproc-per-node N -m clients train ..."
+            "Multi-GPU: torchrun --nproc-per-node N -m vqtok train ..."
         ),
     )
     p.add_argument("--config", help="YAML or JSON training config (default: built-in defaults)")
@@ -105,7 +116,7 @@ def _train(args: argparse.Namespace) -> int:
     if config.data.val:
         _need_path(config.data.val, "validation data")
     if config.model.init_from:
-        _load_model(config.model.init_from)
+        _load_model(_model_dir(config.model.init_from, "model.init_from"))
 
     from training.trainer import Trainer
 
@@ -137,7 +148,11 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
             "original pixels; bpp counts all tokens of the padded grid."
         ),
     )
-    p.add_argument("--model", required=True, help="model directory (config.json + model.safetensors)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model directory (config.json + model.safetensors), shipped model NAME, or ORG/NAME on the Hugging Face hub",
+    )
     p.add_argument("--data", required=True, help="images: folder, parquet or webdataset .tar")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--compare-codecs", action="store_true", help="add JPEG and WebP (Pillow) at the same bits per pixel")
@@ -150,10 +165,11 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    model_dir = _model_dir(args.model)
     _need_path(args.data, "--data")
     if args.batch_size < 1 or args.limit < 0:
         raise CLIError("--batch-size must be >= 1 and --limit >= 0")
-    model = _load_model(args.model)
+    model = _load_model(model_dir)
     from training.data import DataError
     from training.evaluate import EvalOptions, evaluate, format_table
 
@@ -170,7 +186,7 @@ def _eval(args: argparse.Namespace) -> int:
     except DataError as exc:
         raise CLIError(str(exc)) from exc
     report["model"] = str(args.model)
-    print(format_table(report, model_name=Path(args.model).name or "tokenizer"))
+    print(format_table(report, model_name=model_name(model_dir) or "tokenizer"))
     _write_json(args.out, report)
     return 0
 
@@ -191,7 +207,7 @@ def register_codebook(sub: argparse._SubParsersAction) -> None:
             "only --finetune-decoder applies."
         ),
     )
-    r.add_argument("--model", required=True, help="model directory to start from")
+    r.add_argument("--model", required=True, help="model to start from: directory, shipped model NAME, or ORG/NAME on the Hugging Face hub")
     r.add_argument("--data", required=True, help="images: folder, parquet or webdataset .tar")
     r.add_argument("--out", required=True, help="new model directory")
     r.add_argument("--codebook-size", type=int, help="new number of codes K (default: keep)")
@@ -209,10 +225,11 @@ def register_codebook(sub: argparse._SubParsersAction) -> None:
 
 
 def _codebook_retrain(args: argparse.Namespace) -> int:
+    model_dir = _model_dir(args.model)
     _need_path(args.data, "--data")
     if args.steps < 0 or args.batch_size < 1 or (args.codebook_size is not None and args.codebook_size < 2):
         raise CLIError("--steps must be >= 0, --batch-size >= 1 and --codebook-size >= 2")
-    model = _load_model(args.model)
+    model = _load_model(model_dir)
     from models import ConfigError
     from training.codebook import CodebookError, RetrainOptions, retrain_codebook
     from training.data import DataError

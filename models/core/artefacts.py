@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,21 +65,80 @@ def shipped_models() -> list[str]:
     return sorted(p.name for p in repo.iterdir() if is_model_dir(p)) if repo.is_dir() else []
 
 
+# Files fetched from the Hugging Face hub for a model directory: never a pickle.
+HUB_FILES = ("*.json", "*.safetensors", "*.onnx", "*.md")
+HUB_INSTALL = "pip install huggingface_hub (or pip install 'vqtok[hub]')"
+_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?", re.ASCII)
+
+
+def hub_id(text: str) -> tuple[str, str | None] | None:
+    """(repo id, revision) when `text` reads as a Hugging Face hub id, `ORG/NAME` or `ORG/NAME@REVISION`; else None."""
+    match = _HUB_ID.fullmatch(text)
+    if match is None or ".." in match["repo"] or "--" in match["repo"] or match["repo"].endswith((".", "-")):
+        return None
+    return match["repo"], match["revision"]
+
+
+def model_name(model_dir: Path) -> str:
+    """The name a model directory is served and reported under: its folder name, or NAME for a
+    snapshot of the hub repository ORG/NAME (`…/models--ORG--NAME/snapshots/<commit>`)."""
+    model_dir = Path(model_dir)
+    cached = model_dir.parent.parent.name
+    if model_dir.parent.name == "snapshots" and cached.startswith("models--") and cached.count("--") == 2:
+        return cached.rsplit("--", 1)[1]
+    return model_dir.name
+
+
+def _from_hub(text: str, repo_id: str, revision: str | None, known: str) -> Path:
+    """A snapshot of the hub repository in the local Hugging Face cache, downloaded if need be;
+    HF_HUB_OFFLINE=1, HF_HOME, HF_HUB_CACHE and HF_TOKEN apply as everywhere in huggingface_hub."""
+    not_local = f"{text}: no such directory, and no shipped model of that name (shipped: {known})"
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise ModelNotFound(f"{not_local}; to load it as a Hugging Face hub id: {HUB_INSTALL}") from exc
+    try:
+        from importlib.metadata import version
+
+        library_version = version("vqtok")
+    except Exception:
+        library_version = None
+    try:
+        folder = snapshot_download(
+            repo_id, revision=revision, allow_patterns=list(HUB_FILES), library_name="vqtok", library_version=library_version
+        )
+    except Exception as exc:  # huggingface_hub's errors differ between versions: each becomes one line
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ModelNotFound(f"{not_local}; as a Hugging Face hub id: {type(exc).__name__}: {reason}") from exc
+    path = Path(folder)
+    if not is_model_dir(path):
+        raise ModelNotFound(f"{text}: the Hugging Face hub repository holds no vqtok model (no config.json or manifest.json in {path})")
+    return path
+
+
 def resolve_model_dir(name_or_path: str | Path | None) -> Path:
-    """The one name → directory rule: an existing directory is itself; a bare NAME is a model shipped
-    in `models/pretrained/`; None is the default model. Raises ModelNotFound naming what exists."""
+    """The one name → directory rule, used by every command, `Tokenizer.from_pretrained` and `LocalBackend`:
+    1. None is the default model (`DEFAULT_MODEL`);
+    2. an existing directory is itself (relative to the working directory);
+    3. a bare NAME is a model shipped in `models/pretrained/`, from any working directory;
+    4. ORG/NAME (optionally ORG/NAME@REVISION) is a Hugging Face hub repository, fetched into the local
+       Hugging Face cache (or found there under HF_HUB_OFFLINE=1); needs `huggingface_hub`.
+    Raises ModelNotFound, one line naming the shipped models, otherwise."""
     if name_or_path is None:
         name_or_path = DEFAULT_MODEL
     path = Path(name_or_path)
     if path.is_dir():
         return path
     text = str(name_or_path)
-    candidate = pretrained_repo() / text
-    if "/" not in text and "\\" not in text and candidate.is_dir():
-        return candidate
     known = ", ".join(shipped_models()) or "none"
     if path.exists():
         raise ModelNotFound(f"{text} is a file, not a model directory (shipped models: {known})")
+    candidate = pretrained_repo() / text
+    if "/" not in text and "\\" not in text and candidate.is_dir():
+        return candidate
+    hub = hub_id(text)
+    if hub is not None:
+        return _from_hub(text, *hub, known)
     raise ModelNotFound(f"{text}: no such directory, and no shipped model of that name (shipped: {known})")
 
 
