@@ -1,0 +1,182 @@
+"""The served GPU path against the best PyTorch paths, in one run on one GPU.
+
+Measures the runtime the service picks on a CUDA host (`service.runtimes.load_runtime`, runtime=auto:
+the compiled runtime), its time to ready (cold Inductor cache, then warm in a second process), its
+parity against the CPU float32 reference (the load-time gate's own figures), and images/s at batch
+1/16/64 for encode and decode, next to torch eager fp32 and torch.compile bf16 (autocast,
+channels_last, default mode) on the same GPU in the same run. Prints a table, writes JSON.
+
+  PYTHONUNBUFFERED=1 python bench/serving_gpu.py --images .gpudata/val --out $OUT/serving_gpu.json [--part runtime|torch|all]
+
+The HTTP sweep, Ray scaling and the soak are separate steps (not in this script yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.core import gate, pixels  # noqa: E402
+
+MODEL = ROOT / "models" / "pretrained" / "photo-f8-simvq-16k"
+
+
+def load_images(folder: Path, count: int, size: int) -> np.ndarray:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in pixels.IMAGE_EXTENSIONS)[:count]
+    return np.stack([pixels.prepare(p.read_bytes(), downsample=8, resolution=size, resize="crop").pixels for p in files])
+
+
+def tile(x: np.ndarray, b: int) -> np.ndarray:
+    return np.ascontiguousarray(np.concatenate([x] * math.ceil(b / len(x)))[:b])
+
+
+def time_host(fn: Callable[[], Any], warmup: int = 3, repeats: int = 15) -> float:
+    """Median ms of a host-to-host call (numpy in, numpy out: what the service's batcher sees)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def runtime_part(images: np.ndarray, batches: list[int], out: dict[str, Any]) -> None:
+    from service.runtimes import load_runtime
+
+    t0 = time.perf_counter()
+    rt = load_runtime(MODEL, runtime="auto", max_batch_size=max(batches))
+    out["load_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    rt.warmup([(256, 256)], batches)
+    out["warmup_s"] = time.perf_counter() - t1
+    out["runtime"] = rt.runtime_name
+    out["precision"] = rt.info.precision
+    parity = gate.read_parity_set(MODEL)
+    assert parity is not None
+    out["gate"] = gate.measure(rt.encode, rt.decode, parity)
+    tokens = rt.encode(images)
+    row: dict[str, Any] = {}
+    for b in batches:
+        x, t = tile(images, b), tile(tokens, b)
+        row[f"encode_b{b}_ms"] = time_host(lambda x=x: rt.encode(x))
+        row[f"decode_b{b}_ms"] = time_host(lambda t=t: rt.decode(t))
+    out["served"] = row
+
+
+def torch_part(images: np.ndarray, batches: list[int], out: dict[str, Any]) -> None:
+    import torch
+
+    from models import Tokenizer
+    from models.export.graphs import images_to_input, output_to_images
+
+    dev = torch.device("cuda")
+    tok = Tokenizer.from_pretrained(MODEL).eval().to(dev)
+    tokens = torch.from_numpy(
+        np.concatenate(
+            [tok.encode(images_to_input(torch.from_numpy(images[i : i + 16]).to(dev))).cpu().numpy() for i in range(0, len(images), 16)]
+        )
+    )
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+    def eager_enc(x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return tok.encode(images_to_input(x.to(dev))).cpu().numpy()
+
+    def eager_dec(t: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return output_to_images(tok.decoder(tok.quantizer.indices_to_codes(t.to(dev)))).cpu().numpy()
+
+    cl = tok.to(memory_format=torch.channels_last)
+    enc_c = torch.compile(lambda x: cl.encode(images_to_input(x)), dynamic=False)
+    dec_c = torch.compile(lambda t: output_to_images(cl.decoder(cl.quantizer.indices_to_codes(t))), dynamic=False)
+
+    def comp_enc(x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+            return enc_c(x.to(dev)).cpu().numpy()
+
+    def comp_dec(t: torch.Tensor) -> np.ndarray:
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+            return dec_c(t.to(dev)).cpu().numpy()
+
+    for label, enc, dec in (("torch-eager-fp32", eager_enc, eager_dec), ("torch-compile-bf16", comp_enc, comp_dec)):
+        row: dict[str, Any] = {}
+        for b in batches:
+            x, t = torch.from_numpy(tile(images, b)), torch.from_numpy(tile(tokens.numpy(), b))
+            row[f"encode_b{b}_ms"] = time_host(lambda x=x, f=enc: f(x))
+            row[f"decode_b{b}_ms"] = time_host(lambda t=t, f=dec: f(t))
+        out[label] = row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--part", choices=("runtime", "torch", "all"), default="all")
+    ap.add_argument("--revision", default=None, help="the measured commit (the GPU machine's copy may carry another .git)")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    images = load_images(args.images, 64, 256)
+    out: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
+    import torch
+
+    out.update(
+        gpu=torch.cuda.get_device_name(0),
+        torch=torch.__version__,
+        revision=args.revision
+        or subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        or "unknown",
+        cache=os.environ.get("VQTOK_CACHE", ""),
+    )
+    if args.part in ("runtime", "all"):
+        runtime_part(images, batches, out)
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+    if args.part in ("torch", "all"):
+        torch_part(images, batches, out)
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+    rows = {k: v for k, v in out.items() if k in ("served", "torch-eager-fp32", "torch-compile-bf16")}
+    print(f"{'path':22s}" + "".join(f"  enc b{b:<3d} dec b{b:<3d}" for b in batches) + "   (images/s, host to host)")
+    for name, r in rows.items():
+        print(f"{name:22s}" + "".join(f"  {b * 1000 / r[f'encode_b{b}_ms']:8.0f} {b * 1000 / r[f'decode_b{b}_ms']:8.0f}" for b in batches))
+    if "served" in out and "torch-compile-bf16" in out:
+        best = {p: min(out[k][f"{p}_b64_ms"] for k in ("torch-eager-fp32", "torch-compile-bf16")) for p in ("encode", "decode")}
+        summary = {
+            "revision": out["revision"],
+            "gpu": out["gpu"],
+            "runtime": out.get("runtime"),
+            "encode_served_img_s": 64 * 1000 / out["served"]["encode_b64_ms"],
+            "encode_b1_ms": out["served"]["encode_b1_ms"],
+            "encode_served_over_best_torch": best["encode"] / out["served"]["encode_b64_ms"],
+            "decode_served_over_best_torch": best["decode"] / out["served"]["decode_b64_ms"],
+            "gpu_token_agreement": out["gate"]["token_agreement"],
+            "gpu_decode_psnr_db": out["gate"]["decode_psnr_db"],
+            "load_s": out.get("load_s"),
+            "warmup_s": out.get("warmup_s"),
+            "http_over_raw": None,
+            "soak_minutes": None,
+            "soak_errors": None,
+        }
+        out["summary"] = summary
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
