@@ -1,11 +1,38 @@
 """Dataset tokenization: images in, parquet shards of token ids out, resumable after any interruption.
 
-Layout of an output folder:
-    part-00000.parquet ...   one row per image: key, index, tokens (int32 list, row-major h·w),
-                             grid_h, grid_w, source_h, source_w; file metadata names the model
-    manifest.json            the job (input fingerprint, model, resize, shard size) and every
-                             committed shard with its row count, errors and sha256
-    errors.jsonl             one line per unreadable image: key, index, reason (rebuilt from the manifest)
+    vqtok tokenize --input photos/ --output out/      # the default model, resize crop, every column carried
+
+Layout of an output folder (a parquet dataset as it is: `pq.read_table(out)`, `pd.read_parquet(out)`,
+`pyarrow.dataset.dataset(out)` and `datasets.load_dataset("parquet", data_dir=out)` open it; the job
+files sit in `__vqtok__/`, which pyarrow and `datasets` skip):
+    part-00000.parquet ...   one row per image, sorted by index (schema below)
+    __vqtok__/job.json       the job (input fingerprint, model, resize, carried columns, shard size) and
+                             every committed shard with its row count, errors and sha256
+    __vqtok__/errors.jsonl   one line per image not tokenized: index, key, reason, kind ("unreadable":
+                             missing or undecodable; "refused": too large, or the wrong shape for
+                             resize none), rebuilt from the job file
+(Outputs begun before the `__vqtok__/` folder hold `manifest.json` and `errors.jsonl` at the top: they
+are read, and moved into the folder when the job is resumed.)
+
+Schema of a shard:
+    key       string        the image's stable name: relative path, "file.parquet:row" or "shard.tar/sample"
+    index     int64         its position in the input; shard k holds indices [k·S, (k+1)·S)
+    tokens    list<int32>   token ids, row-major (grid_h · grid_w of them)
+    grid_h    int32         token grid height and width: resolution/f each under resize crop
+    grid_w    int32
+    source_h  int32         the image's height and width before resizing (after EXIF orientation)
+    source_w  int32
+    ...                     the carried columns of the input, in the input's types: parquet columns other
+                            than the image (`label` int64 stays int64); webdataset members and sidecar
+                            files (`cat.jpg` + `cat.txt`) named by extension: `txt`/`json` as string,
+                            `cls` as int64 (string where a value is not an integer), others binary; a
+                            name taken by a column above is written `input_<name>`; null where missing
+File metadata: `vqtok.model`, `vqtok.codebook_size`, `vqtok.downsample`, `vqtok.precision`,
+`vqtok.resize`, `vqtok.manifest_sha256`, `vqtok.format`, `vqtok.shard`; plus the input's schema
+metadata that describes the carried columns (the `classes` names of a Hugging Face parquet; its
+`datasets` features cut to the carried columns, so a ClassLabel keeps its names).
+`load_tokens(out)` gives the rows back as numpy grids and columns (`TokenDataset`); `read_tokens(out)`
+as one pyarrow Table.
 
 Shard k holds source items [k·S, (k+1)·S) (see `models.core.sources`). A shard is committed by
 renaming its file into place, then rewriting the manifest atomically; a re-run skips the shards the
@@ -14,7 +41,7 @@ none, and a re-run writes byte-identical shards.
 
 Floor plan, each module importing only those above it:
     format     the output format: schema, `Job`, `ModelSpec`, shard files (`ShardBuffer`,
-               `commit_shard`), `read_tokens`
+               `commit_shard`), readers (`read_tokens`, `load_tokens`)
     job        the job flow, written once: `plan`, `JobManifest`, `JobRun` (pending shards, per-shard
                buffers and commits, errors file), `Summary`
     decoding   reading and decoding images in worker threads or processes (`prepare_item`, `prepared_stream`)
@@ -39,14 +66,20 @@ if TYPE_CHECKING:  # re-exported names, for type checkers and IDEs
     from .encoders import REFUSALS, FileEncoder, PixelEncoder, RuntimeEncoder, ServerEncoder, encode_batch
     from .format import (
         DEFAULT_BATCH_SIZE,
+        DEFAULT_MAX_TOKENS,
+        DEFAULT_RESIZE,
         DEFAULT_SHARD_SIZE,
         ERRORS,
         FORMAT,
+        JOB_DIR,
         MANIFEST,
         SCHEMA,
         Job,
         ModelSpec,
+        TokenDataset,
         TokenizeError,
+        load_tokens,
+        output_schema,
         read_tokens,
     )
     from .job import JobManifest, JobRun, Summary
@@ -56,14 +89,20 @@ if TYPE_CHECKING:  # re-exported names, for type checkers and IDEs
 _MODULES = {
     "format": (
         "DEFAULT_BATCH_SIZE",
+        "DEFAULT_MAX_TOKENS",
+        "DEFAULT_RESIZE",
         "DEFAULT_SHARD_SIZE",
         "ERRORS",
         "FORMAT",
+        "JOB_DIR",
         "MANIFEST",
         "SCHEMA",
         "Job",
         "ModelSpec",
+        "TokenDataset",
         "TokenizeError",
+        "load_tokens",
+        "output_schema",
         "read_tokens",
     ),
     "job": ("JobManifest", "JobRun", "Summary"),
@@ -76,9 +115,12 @@ _EXPORTS = {name: module for module, names in _MODULES.items() for name in names
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
+    "DEFAULT_MAX_TOKENS",
+    "DEFAULT_RESIZE",
     "DEFAULT_SHARD_SIZE",
     "ERRORS",
     "FORMAT",
+    "JOB_DIR",
     "MANIFEST",
     "REFUSALS",
     "SCHEMA",
@@ -92,9 +134,12 @@ __all__ = [
     "RuntimeEncoder",
     "ServerEncoder",
     "Summary",
+    "TokenDataset",
     "TokenizeError",
     "actor_pool",
     "encode_batch",
+    "load_tokens",
+    "output_schema",
     "prepare_item",
     "read_tokens",
     "tokenize_local",

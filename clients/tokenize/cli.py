@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.core.artefacts import resolve_model_dir
+from models.core.artefacts import DEFAULT_MODEL, resolve_model_dir
 from models.core.errors import CLIError, ModelNotFound
 
 if TYPE_CHECKING:
@@ -15,14 +15,24 @@ if TYPE_CHECKING:
 
 ENGINES = ("local", "ray", "server")
 RESIZE_MODES = ("none", "crop", "pad")  # models.core.pixels.RESIZE_MODES, not imported here: it loads numpy and Pillow
+DEFAULT_RESIZE = "crop"  # format.DEFAULT_RESIZE and DEFAULT_MAX_TOKENS, not imported here: format loads pyarrow
+DEFAULT_MAX_TOKENS = 256 * 256
 
 
-def model_dir(name_or_dir: str) -> Path:
-    """A model directory path, or the NAME of a model shipped in `models/pretrained/`."""
+def model_dir(name_or_dir: str | None) -> Path:
+    """A model directory path, the NAME of a model shipped in `models/pretrained/`, or None: the
+    default model (as `vqtok serve`)."""
     try:
         return resolve_model_dir(name_or_dir)
     except ModelNotFound as exc:
         raise CLIError(str(exc)) from exc
+
+
+def _column_list(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError("expected column names separated by commas (or --no-columns)")
+    return names
 
 
 def _positive(text: str) -> int:
@@ -42,16 +52,43 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--input", required=True, help="image folder (recursive), parquet file/folder (HF 'image' column) or webdataset .tar file/folder"
     )
-    p.add_argument("--output", required=True, help="output folder: part-*.parquet, manifest.json, errors.jsonl")
-    p.add_argument("--model", default=None, help="model directory or name in models/pretrained (server engine: the served model name)")
+    p.add_argument(
+        "--output",
+        required=True,
+        help="output folder: part-*.parquet (readable as a dataset by pyarrow, pandas, HF datasets), __vqtok__/ (job, errors)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"model directory or name in models/pretrained (default: {DEFAULT_MODEL}; server engine: a served model, default the server's)",
+    )
     p.add_argument("--engine", choices=ENGINES, default="local", help="local: this process; ray: Ray Data; server: a running vqtok service")
     p.add_argument("--server", default=None, help="service URL for --engine server (default $VQTOK_BASE_URL or http://127.0.0.1:8000)")
     p.add_argument("--api-key", default=None, help="API key for --engine server (default $VQTOK_API_KEY)")
     p.add_argument(
         "--resize",
         choices=RESIZE_MODES,
-        default="none",
-        help="none: sizes must be multiples of f; crop: short side to the native size, centre crop; pad: pad to a multiple of f",
+        default=DEFAULT_RESIZE,
+        help="crop (default): short side to the model's native size, centre square: every photo, one sequence length, as "
+        "LLM pipelines train on (LlamaGen's ImageNet codes); pad: whole images, edge-padded to a multiple of f (grids vary); "
+        "none: sides must already be multiples of f (other images are refused)",
+    )
+    columns = p.add_mutually_exclusive_group()
+    columns.add_argument(
+        "--columns",
+        type=_column_list,
+        default=None,
+        metavar="A,B",
+        help="input columns to carry to the output (default: all: parquet columns besides the image; webdataset members "
+        "and sidecar files such as cat.txt, by extension: txt, json, cls, ...)",
+    )
+    columns.add_argument("--no-columns", action="store_true", help="carry no input column: the output holds tokens only")
+    p.add_argument(
+        "--max-tokens",
+        type=_positive,
+        default=DEFAULT_MAX_TOKENS,
+        help=f"refuse images whose token grid is larger (resize none/pad: the image's own size; default {DEFAULT_MAX_TOKENS} "
+        "= 256²; the server engine applies the server's limits)",
     )
     p.add_argument("--batch-size", type=_positive, default=32, help="images per encode call")
     p.add_argument("--shard-size", type=_positive, default=4096, help="images per output shard (fixed for a job)")
@@ -85,27 +122,37 @@ def run(args: argparse.Namespace) -> int:
 
     if not Path(args.input).exists():
         raise CLIError(f"--input {args.input} does not exist")
-    if args.engine != "server" and not args.model:
-        raise CLIError(f"--model is required with --engine {args.engine}")
     progress = False if args.no_progress else None
     try:
         summary = _run_engine(args, progress)
     except (TokenizeError, SourceError) as exc:
         raise CLIError(str(exc), code=1) from exc
-    print(
-        f"{summary.output}: {summary.images} images tokenized, {summary.errors} unreadable (see errors.jsonl), "
-        f"{summary.shards_written} shards written, {summary.shards_skipped} already done; "
-        f"{summary.seconds:.1f} s, {summary.images_per_s:.1f} images/s ({summary.engine})"
-    )
+    print(summary_line(summary))
     return 0
+
+
+def summary_line(s: Summary) -> str:
+    failed = f" (see {s.errors_file})" if s.errors else ""
+    return (
+        f"{s.output}: {s.images} images tokenized, {s.unreadable} unreadable, {s.refused} refused{failed}; "
+        f"{s.shards_written} shard{'s' * (s.shards_written != 1)} written, {s.shards_skipped} already done; "
+        f"{s.seconds:.1f} s, {s.images_per_s:.1f} images/s ({s.engine})"
+    )
 
 
 def _run_engine(args: argparse.Namespace, progress: bool | None) -> Summary:
     from models.core.errors import ModelLoadError
 
     common: dict[str, Any] = dict(
-        resize=args.resize, batch_size=args.batch_size, shard_size=args.shard_size, overwrite=args.overwrite, progress=progress
+        resize=args.resize,
+        columns=() if args.no_columns else args.columns,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+        progress=progress,
     )
+    if args.engine != "server":  # the server applies its own limits
+        common["max_tokens"] = args.max_tokens
     decoding: dict[str, Any] = dict(decode_workers=args.decode_workers, decode_pool=args.decode_pool)
     if args.engine == "ray":
         from .ray import tokenize_ray

@@ -22,13 +22,18 @@ from models.core import pixels
 from models.core.errors import ImageError, ImageShapeError, ImageTooLarge
 from models.core.sources import RawItem, Source
 
-from .format import ModelSpec, TokenizeError
+from .format import DEFAULT_MAX_TOKENS, ErrorKind, ModelSpec, TokenizeError
 
 DecodePool = Literal["auto", "thread", "process"]
 DECODE_POOLS: tuple[str, ...] = ("auto", "thread", "process")
 PROCESS_CHUNK = 8  # images per task sent to a decoding process (amortises the pickling round trip)
 
-_UNREADABLE: tuple[type[Exception], ...] = (OSError, ImageError, ImageTooLarge, ImageShapeError)
+_UNREADABLE: tuple[type[Exception], ...] = (OSError, ImageError)  # missing, truncated, undecodable
+_REFUSED: tuple[type[Exception], ...] = (ImageTooLarge, ImageShapeError)  # readable, but too large or the wrong shape
+
+
+def _failure(exc: Exception) -> tuple[str, ErrorKind]:
+    return f"{type(exc).__name__}: {exc}", "refused" if isinstance(exc, _REFUSED) else "unreadable"
 
 
 @dataclass
@@ -38,41 +43,53 @@ class Prepared:
     source: tuple[int, int] = (0, 0)  # (height, width) before resizing
     error: str | None = None
     data: bytes | None = None  # the stored bytes, for an encoder that takes them as they are
+    kind: ErrorKind = "unreadable"  # with `error`: why it was not tokenized
 
     @property
     def ready(self) -> bool:
         return self.pixels is not None or self.data is not None
 
 
-def prepare_item(item: RawItem, spec: ModelSpec, resize: str) -> Prepared:
-    """Read and decode one image by the pixel rule, for `spec`'s model; a failure is the item's error."""
+def prepare_item(item: RawItem, spec: ModelSpec, resize: str, max_tokens: int = DEFAULT_MAX_TOKENS) -> Prepared:
+    """Read and decode one image by the pixel rule, for `spec`'s model; a failure is the item's error:
+    unreadable (missing, undecodable) or refused (over the pixel limit, a token grid over `max_tokens`,
+    or sides that are not multiples of f under resize none)."""
     try:
         data = item.read()
-        prepared = pixels.prepare(data, downsample=spec.downsample, resolution=spec.resolution, resize=pixels.resize_mode(resize))
-    except _UNREADABLE as exc:
-        return Prepared(item, error=f"{type(exc).__name__}: {exc}")
+        prepared = pixels.prepare(
+            data,
+            downsample=spec.downsample,
+            resolution=spec.resolution,
+            resize=pixels.resize_mode(resize),
+            max_grid_tokens=max_tokens,
+        )
+    except _UNREADABLE + _REFUSED as exc:
+        reason, kind = _failure(exc)
+        return Prepared(item, error=reason, kind=kind)
     return Prepared(item, prepared.pixels, prepared.source_size)
 
 
-Decoded = tuple[np.ndarray | bytes | None, tuple[int, int], str | None]  # pixels or bytes, source size, error
+# pixels or bytes, source size, error, its kind
+Decoded = tuple[np.ndarray | bytes | None, tuple[int, int], str | None, ErrorKind]
 
 
-def decode_items(items: Sequence[RawItem], spec: ModelSpec, resize: str) -> list[Decoded]:
+def decode_items(items: Sequence[RawItem], spec: ModelSpec, resize: str, max_tokens: int = DEFAULT_MAX_TOKENS) -> list[Decoded]:
     """The unit of work of a decoding worker: what comes back is only what the driver lacks (not the
     items themselves, whose bytes would otherwise cross a process boundary twice)."""
-    return [(p.pixels, p.source, p.error) for p in (prepare_item(item, spec, resize) for item in items)]
+    return [(p.pixels, p.source, p.error, p.kind) for p in (prepare_item(item, spec, resize, max_tokens) for item in items)]
 
 
-def probe_items(items: Sequence[RawItem], spec: ModelSpec, resize: str) -> list[Decoded]:
+def probe_items(items: Sequence[RawItem], spec: ModelSpec, resize: str, max_tokens: int = DEFAULT_MAX_TOKENS) -> list[Decoded]:
     """The work for an encoder that takes encoded images (a server, which decodes them itself): read
-    the bytes and the size from the header; nothing is decoded here."""
+    the bytes and the size from the header; nothing is decoded here (the server's limits apply, not
+    `max_tokens`)."""
     out: list[Decoded] = []
     for item in items:
         try:
             data = item.read()
-            out.append((data, pixels.probe_image(data), None))
-        except _UNREADABLE as exc:
-            out.append((None, (0, 0), f"{type(exc).__name__}: {exc}"))
+            out.append((data, pixels.probe_image(data), None, "unreadable"))
+        except _UNREADABLE + _REFUSED as exc:
+            out.append((None, (0, 0), *_failure(exc)))
     return out
 
 
@@ -96,7 +113,8 @@ def prepared_stream(
     window: int,
     waited: list[float] | None = None,
     chunk: int = 1,
-    work: Callable[[Sequence[RawItem], ModelSpec, str], list[Decoded]] = decode_items,
+    work: Callable[[Sequence[RawItem], ModelSpec, str, int], list[Decoded]] = decode_items,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> Iterator[tuple[int, Prepared]]:
     """(shard, prepared image) for every item of `shards` ((shard, start, end) each), in order; up to
     `window` images decode ahead, `chunk` images per task. Seconds spent waiting for a decode are added
@@ -112,16 +130,16 @@ def prepared_stream(
         t = time.perf_counter()
         decoded = fut.result()
         clock[0] += time.perf_counter() - t
-        for item, (payload, size, error) in zip(items, decoded, strict=True):
+        for item, (payload, size, error, kind) in zip(items, decoded, strict=True):
             if isinstance(payload, bytes):
-                yield shard, Prepared(item, None, size, error, data=payload)
+                yield shard, Prepared(item, None, size, error, data=payload, kind=kind)
             else:
-                yield shard, Prepared(item, payload, size, error)
+                yield shard, Prepared(item, payload, size, error, kind=kind)
 
     for shard, start, end in shards:
         items = iter(source.slice(start, end))
         while batch := list(itertools.islice(items, chunk)):
-            ahead.append((shard, batch, pool.submit(work, batch, spec, resize)))
+            ahead.append((shard, batch, pool.submit(work, batch, spec, resize, max_tokens)))
             queued += len(batch)
             while queued >= window:
                 yield from take()

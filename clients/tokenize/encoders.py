@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError, ValidationError
 from .decoding import Prepared
-from .format import ModelSpec
+from .format import ErrorKind, ModelSpec
 
 if TYPE_CHECKING:
     from service.runtime import ModelRuntime
@@ -92,8 +92,9 @@ class ServerEncoder:
 # what refuses one image rather than the job: the runtime's InvalidInputError (a ValueError); the
 # server's 400 (undecodable), 413 (too large), 415 (format) and 422 (shape) answers
 REFUSALS: tuple[type[Exception], ...] = (ValueError, BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError, ValidationError)
+UNREADABLE_REFUSALS: tuple[type[Exception], ...] = (BadRequestError, UnsupportedMediaTypeError)  # bytes it could not decode
 
-Encoded = tuple[Prepared, np.ndarray | None, str | None]  # the image, its token grid or None, why not
+Encoded = tuple[Prepared, np.ndarray | None, str | None, ErrorKind | None]  # the image, its token grid or None, why not, its kind
 
 
 def encode_batch(encoder: PixelEncoder | FileEncoder, batch: list[Prepared], resize: str = "none") -> list[Encoded]:
@@ -106,6 +107,7 @@ def encode_batch(encoder: PixelEncoder | FileEncoder, batch: list[Prepared], res
             tokens = encoder.encode(np.stack([p.pixels for p in batch if p.pixels is not None]))
     except REFUSALS as exc:
         if len(batch) == 1:
-            return [(batch[0], None, f"{type(exc).__name__}: {exc}")]
+            return [(batch[0], None, f"{type(exc).__name__}: {exc}", "unreadable" if isinstance(exc, UNREADABLE_REFUSALS) else "refused")]
         return [r for p in batch for r in encode_batch(encoder, [p], resize)]
-    return list(zip(batch, tokens, [None] * len(batch), strict=True))  # a count mismatch is a bug, not a refusal
+    # a count mismatch is a bug, not a refusal
+    return [(p, t, None, None) for p, t in zip(batch, tokens, strict=True)]

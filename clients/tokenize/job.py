@@ -1,10 +1,12 @@
 """The job flow, written once for every engine: plan → open the manifest → pending shards → rows into
 per-shard buffers, each committed when complete → errors file → `Summary`.
 
-    with JobRun.open(input_path, output_dir, spec, resize=..., shard_size=...) as run:
+    with JobRun.open(input_path, output_dir, spec, resize=..., shard_size=..., columns=...) as run:
         run.show_progress("tokenize NAME", progress)
         for each pending shard (run.ranges): produce rows → run.add(...) / run.add_error(...); run.advance(n)
     return run.summary(engine="...")
+
+A row carries its item's `meta` (the input's other columns, `models.core.sources`) into the shard.
 
 A shard is committed in two steps: its parquet file is renamed into place (`format.commit_shard`), then
 the manifest is rewritten atomically with it listed. A re-run skips the shards the manifest lists and
@@ -26,25 +28,43 @@ import numpy as np
 
 from models.core import pixels
 from models.core.fileio import atomic_write, is_temporary
-from models.core.sources import Source, open_source
+from models.core.sources import Columns, Meta, Source, open_source
 
-from .format import ERRORS, MANIFEST, Job, ModelSpec, ShardBuffer, ShardRecord, TokenizeError, commit_shard
+from .format import (
+    ERRORS,
+    JOB_DIR,
+    LEGACY_ERRORS,
+    LEGACY_MANIFEST,
+    MANIFEST,
+    SCHEMA,
+    ErrorKind,
+    Job,
+    ModelSpec,
+    ShardBuffer,
+    ShardRecord,
+    TokenizeError,
+    commit_shard,
+    error_kind,
+    job_file,
+    output_schema,
+)
 
 
-def plan(input_path: str | Path, spec: ModelSpec, resize: str, shard_size: int) -> tuple[Source, Job]:
-    """The source to read and the job it makes; refuses a job that cannot run before anything is written."""
+def plan(input_path: str | Path, spec: ModelSpec, resize: str, shard_size: int, columns: Columns = None) -> tuple[Source, Job]:
+    """The source to read and the job it makes; refuses a job that cannot run before anything is written.
+    `columns`: the input's other columns to carry to the output (None: all; (): none)."""
     if resize not in pixels.RESIZE_MODES:
         raise TokenizeError(f"unknown resize mode {resize!r}; expected one of {', '.join(pixels.RESIZE_MODES)}")
     if shard_size < 1:
         raise TokenizeError(f"shard size must be positive, got {shard_size}")
-    source = open_source(input_path)
+    source = open_source(input_path, columns=columns)
     if len(source) == 0:
         raise TokenizeError(f"no images found in {input_path}")
-    return source, Job(source.kind, len(source), source.fingerprint(), shard_size, resize, spec)
+    return source, Job(source.kind, len(source), source.fingerprint(), shard_size, resize, spec, source.columns)
 
 
 class JobManifest:
-    """`manifest.json` of an output folder: the job and its committed shards. Only the driver writes it."""
+    """`__vqtok__/job.json` of an output folder: the job and its committed shards. Only the driver writes it."""
 
     def __init__(self, out_dir: Path, job: Job, input_path: str, shards: dict[int, ShardRecord]) -> None:
         self.out_dir, self.job, self.input_path, self.shards = out_dir, job, input_path, shards
@@ -53,31 +73,41 @@ class JobManifest:
     def open(cls, out_dir: Path, job: Job, input_path: str, overwrite: bool = False) -> JobManifest:
         """Resume the job in `out_dir` (refused when the folder holds another job's output, unless
         `overwrite`), or start it there."""
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / MANIFEST
+        (out_dir / JOB_DIR).mkdir(parents=True, exist_ok=True)
+        path = job_file(out_dir, MANIFEST)  # the legacy manifest.json of an output begun before JOB_DIR
         shards: dict[int, ShardRecord] = {}
         if path.exists() and not overwrite:
             try:
                 body = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError) as exc:
                 raise TokenizeError(f"{path} is unreadable ({exc}); remove it or pass --overwrite") from exc
-            if body.get("job") != job.to_json():
+            there = body.get("job")
+            if isinstance(there, dict):
+                there.setdefault("columns", [])  # written before columns were carried: none were
+            if there != job.to_json():
                 raise TokenizeError(
-                    f"{out_dir} holds the output of a different job (input, model, resize or shard size differ): "
-                    f"use another --output, or --overwrite to start over\n  there: {json.dumps(body.get('job'))}\n  now:   {json.dumps(job.to_json())}"
+                    f"{out_dir} holds the output of a different job (input, model, resize, carried columns or shard size "
+                    f"differ): use another --output, or --overwrite to start over\n  there: {json.dumps(there)}\n"
+                    f"  now:   {json.dumps(job.to_json())}"
                 )
             for k, rec in body.get("shards", {}).items():
                 if (out_dir / rec["file"]).exists():  # a committed shard whose file was deleted is redone
+                    for e in rec["errors"]:
+                        e.setdefault("kind", error_kind(e["reason"]))
                     shards[int(k)] = rec
-        for stale in out_dir.glob(".*.tmp-*"):  # leftovers of an interrupted write of this folder's files
-            final = stale.name[1:].partition(".tmp-")[0]
-            if is_temporary(stale) and (final.startswith("part-") or final in (MANIFEST, ERRORS)):
-                stale.unlink(missing_ok=True)
+        job_files = {name.rpartition("/")[2] for name in (MANIFEST, ERRORS)} | {LEGACY_MANIFEST, LEGACY_ERRORS}
+        for folder in (out_dir, out_dir / JOB_DIR):  # leftovers of an interrupted write of this folder's files
+            for stale in folder.glob(".*.tmp-*"):
+                final = stale.name[1:].partition(".tmp-")[0]
+                if is_temporary(stale) and (final.startswith("part-") or final in job_files):
+                    stale.unlink(missing_ok=True)
         manifest = cls(out_dir, job, input_path, shards)
         if overwrite:
             for old in out_dir.glob("part-*.parquet"):
                 old.unlink()
         manifest._write()
+        for legacy in (LEGACY_MANIFEST, LEGACY_ERRORS):  # moved into JOB_DIR (the errors file is rewritten from the manifest)
+            (out_dir / legacy).unlink(missing_ok=True)
         return manifest
 
     @property
@@ -114,7 +144,7 @@ class JobManifest:
 class Summary:
     output: str
     images: int  # tokenized in this run
-    errors: int  # unreadable images in this run
+    errors: int  # not tokenized in this run: unreadable + refused
     shards_written: int
     shards_skipped: int  # already committed by an earlier run
     seconds: float
@@ -124,10 +154,16 @@ class Summary:
     decode_wait_s: float = 0.0
     encode_wait_s: float = 0.0
     decode_pool: str = ""  # the local engine's decoding workers: thread or process
+    unreadable: int = 0  # missing or undecodable (a truncated file, not an image)
+    refused: int = 0  # readable, but over the size limits or the wrong shape for resize none
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def errors_file(self) -> str:
+        return str(Path(self.output) / ERRORS)
 
 
 def progress_bar(total: int, desc: str, enabled: bool | None) -> Any:
@@ -146,10 +182,12 @@ class JobRun:
     def __init__(self, output: str, source: Source, manifest: JobManifest, started: float, on_commit: Callable[[int], None] | None) -> None:
         self.output, self.source, self.manifest, self.started = output, source, manifest, started
         self.job = manifest.job
+        self.schema = output_schema(source.carried_schema()) if self.job.columns else SCHEMA
         self.ranges = [(k, *self.job.shard_range(k)) for k in manifest.pending()]  # (shard, start, end) still to do
         self.buffers = {k: ShardBuffer(k, end - start) for k, start, end in self.ranges}
         self.shards_skipped = self.job.num_shards - len(self.ranges)
-        self.images = self.errors = self.shards_written = 0  # committed in this run
+        self.images = self.shards_written = 0  # committed in this run
+        self.failed: dict[ErrorKind, int] = {"unreadable": 0, "refused": 0}
         self._on_commit = on_commit
         self._bar: Any = None
 
@@ -162,15 +200,16 @@ class JobRun:
         *,
         resize: str,
         shard_size: int,
+        columns: Columns = None,
         overwrite: bool = False,
         started: float | None = None,
         on_commit: Callable[[int], None] | None = None,
     ) -> JobRun:
-        """Plan the job and open (resume, or start) its manifest in `output_dir`. `started`: the
-        `time.perf_counter()` the run's seconds count from (default: now); `on_commit(shard)` is
-        called after each commit."""
+        """Plan the job and open (resume, or start) its manifest in `output_dir`. `columns`: the
+        input's columns to carry (None: all). `started`: the `time.perf_counter()` the run's seconds
+        count from (default: now); `on_commit(shard)` is called after each commit."""
         t0 = time.perf_counter() if started is None else started
-        source, job = plan(input_path, spec, resize, shard_size)
+        source, job = plan(input_path, spec, resize, shard_size, columns)
         manifest = JobManifest.open(Path(output_dir), job, str(Path(input_path).resolve()), overwrite)
         return cls(str(output_dir), source, manifest, t0, on_commit)
 
@@ -187,23 +226,28 @@ class JobRun:
         if self._bar is not None:
             self._bar.update(n)
 
-    def add(self, shard: int, index: int, key: str, tokens: np.ndarray, source: tuple[int, int]) -> None:
+    @property
+    def errors(self) -> int:
+        return sum(self.failed.values())
+
+    def add(self, shard: int, index: int, key: str, tokens: np.ndarray, source: tuple[int, int], meta: Meta = ()) -> None:
         buf = self.buffers[shard]
-        buf.add(index, key, tokens, source)
+        buf.add(index, key, tokens, source, meta)
         if buf.full:
             self._commit(buf)
 
-    def add_error(self, shard: int, index: int, key: str, reason: str) -> None:
+    def add_error(self, shard: int, index: int, key: str, reason: str, kind: ErrorKind = "unreadable") -> None:
         buf = self.buffers[shard]
-        buf.add_error(index, key, reason)
+        buf.add_error(index, key, reason, kind)
         if buf.full:
             self._commit(buf)
 
     def _commit(self, buf: ShardBuffer) -> None:
-        self.manifest.commit(buf.shard, commit_shard(self.manifest.out_dir, self.job, buf))
+        self.manifest.commit(buf.shard, commit_shard(self.manifest.out_dir, self.job, buf, self.schema))
         del self.buffers[buf.shard]
         self.images += len(buf.indices)
-        self.errors += len(buf.errors)
+        for e in buf.errors:
+            self.failed[e["kind"]] += 1
         self.shards_written += 1
         if self._on_commit is not None:
             self._on_commit(buf.shard)
@@ -231,4 +275,6 @@ class JobRun:
             decode_wait_s,
             encode_wait_s,
             decode_pool,
+            self.failed["unreadable"],
+            self.failed["refused"],
         )

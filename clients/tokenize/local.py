@@ -14,11 +14,15 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .decoding import DECODE_POOLS, PROCESS_CHUNK, DecodePool, Prepared, decode_executor, decode_items, prepared_stream, probe_items
 from .encoders import Encoded, FileEncoder, PixelEncoder, encode_batch
-from .format import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, TokenizeError
+from .format import DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS, DEFAULT_RESIZE, DEFAULT_SHARD_SIZE, TokenizeError
 from .job import JobRun, Summary
+
+if TYPE_CHECKING:
+    from models.core.sources import Columns
 
 
 def tokenize_local(
@@ -26,7 +30,9 @@ def tokenize_local(
     output_dir: str | Path,
     encoder: PixelEncoder | FileEncoder,
     *,
-    resize: str = "none",
+    resize: str = DEFAULT_RESIZE,
+    columns: Columns = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
     batch_size: int = DEFAULT_BATCH_SIZE,
     shard_size: int = DEFAULT_SHARD_SIZE,
     decode_workers: int | None = None,
@@ -37,6 +43,12 @@ def tokenize_local(
 ) -> Summary:
     """Tokenize every image under `input_path` into `output_dir`, resuming a previous run there.
 
+    `resize`: "crop" (default: short side to the model's resolution, centre square: one sequence
+    length for every image), "pad" (whole images, edge-padded to a multiple of f) or "none" (sides
+    must be multiples of f; others are refused). `columns`: the input's other columns to carry to
+    the output (labels, captions; None: all of them, (): none). `max_tokens`: a larger token grid
+    (none/pad: the image's own size) is refused; the server engine applies the server's limits.
+
     Decoding runs in a pool of `decode_workers` threads (Pillow and numpy release the GIL) or
     processes ("auto": the encoder's choice), up to a bounded window ahead of the encoder, so memory
     is bounded by the window, the batch and one shard's token ids. `on_commit(shard)` is called after
@@ -44,7 +56,16 @@ def tokenize_local(
     if decode_pool not in DECODE_POOLS:
         raise TokenizeError(f"unknown decode pool {decode_pool!r}; expected one of {', '.join(DECODE_POOLS)}")
     pool_kind = decode_pool if decode_pool != "auto" else ("process" if encoder.decode_pool == "process" else "thread")
-    run = JobRun.open(input_path, output_dir, encoder.spec, resize=resize, shard_size=shard_size, overwrite=overwrite, on_commit=on_commit)
+    run = JobRun.open(
+        input_path,
+        output_dir,
+        encoder.spec,
+        resize=resize,
+        shard_size=shard_size,
+        columns=columns,
+        overwrite=overwrite,
+        on_commit=on_commit,
+    )
     work = probe_items if isinstance(encoder, FileEncoder) else decode_items
     cpus = os.cpu_count() or 1
     if pool_kind == "process":  # the driver and the encoder's threads keep a core
@@ -60,11 +81,11 @@ def tokenize_local(
         t = time.perf_counter()
         results = fut.result()
         encode_wait[0] += time.perf_counter() - t
-        for p, tokens, error in results:
+        for p, tokens, error, kind in results:
             if tokens is None:
-                run.add_error(shard, p.item.index, p.item.key, error or "encode failed")
+                run.add_error(shard, p.item.index, p.item.key, error or "encode failed", kind or "refused")
             else:
-                run.add(shard, p.item.index, p.item.key, tokens, p.source)
+                run.add(shard, p.item.index, p.item.key, tokens, p.source, p.item.meta)
         run.advance(len(results))
 
     def submit(pool: cf.Executor, shard: int, batch: list[Prepared]) -> None:
@@ -81,7 +102,9 @@ def tokenize_local(
             ):
                 buckets: dict[tuple[int, ...], list[Prepared]] = {}  # same-shaped images of the current shard
                 current = -1
-                stream = prepared_stream(run.source, run.ranges, run.job.model, resize, decoders, window, decode_wait, chunk, work)
+                stream = prepared_stream(
+                    run.source, run.ranges, run.job.model, resize, decoders, window, decode_wait, chunk, work, max_tokens
+                )
                 for shard, p in stream:
                     if shard != current:
                         for batch in buckets.values():
@@ -89,7 +112,7 @@ def tokenize_local(
                                 submit(encode_pool, current, batch)
                         buckets, current = {}, shard
                     if not p.ready:
-                        run.add_error(shard, p.item.index, p.item.key, p.error or "unreadable")
+                        run.add_error(shard, p.item.index, p.item.key, p.error or "unreadable", p.kind)
                         run.advance(1)
                         continue
                     key = p.pixels.shape if p.pixels is not None else ()  # files: one bucket (the client groups them by grid)

@@ -16,9 +16,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pickle
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,12 +30,16 @@ from models.core.sources import RawItem
 
 from .decoding import Prepared, prepare_item
 from .encoders import RuntimeEncoder, encode_batch
-from .format import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, ModelSpec, TokenizeError
+from .format import DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS, DEFAULT_RESIZE, DEFAULT_SHARD_SIZE, ModelSpec, TokenizeError
 from .job import JobRun, Summary
+
+if TYPE_CHECKING:
+    from models.core.sources import Columns
 
 log = logging.getLogger("vqtok.tokenize")
 
-_RAW_FIELDS = tuple(f.name for f in dataclasses.fields(RawItem))
+# an item's fields as Ray rows: its `meta` (values of any type) travels pickled, as bytes
+_RAW_FIELDS = tuple(f.name for f in dataclasses.fields(RawItem) if f.name != "meta")
 
 _DECODED = pa.schema(
     [
@@ -46,6 +52,8 @@ _DECODED = pa.schema(
         ("source_h", pa.int32()),
         ("source_w", pa.int32()),
         ("error", pa.string()),
+        ("kind", pa.string()),  # with error: unreadable or refused
+        ("meta", pa.binary()),  # the item's pickled `meta`, for the driver
     ]
 )
 _ENCODED = pa.schema(
@@ -59,6 +67,8 @@ _ENCODED = pa.schema(
         ("source_h", pa.int32()),
         ("source_w", pa.int32()),
         ("error", pa.string()),
+        ("kind", pa.string()),
+        ("meta", pa.binary()),
     ]
 )
 
@@ -67,14 +77,14 @@ def _read_slice(row: dict[str, Any]) -> list[dict[str, Any]]:
     """One pending shard -> its raw items (bytes, or the path a decoder reads)."""
     out = []
     for item in pickle.loads(row["slice"]):  # a slice object the driver made (never untrusted input)
-        out.append({"shard": row["shard"], **dataclasses.asdict(item)})
+        out.append({"shard": row["shard"], **{f: getattr(item, f) for f in _RAW_FIELDS}, "meta": pickle.dumps(item.meta)})
     return out
 
 
-def _decode(batch: pa.Table, spec: ModelSpec, resize: str) -> pa.Table:
+def _decode(batch: pa.Table, spec: ModelSpec, resize: str, max_tokens: int) -> pa.Table:
     rows: dict[str, list[Any]] = {name: [] for name in _DECODED.names}
     for r in batch.to_pylist():
-        p = prepare_item(RawItem(**{f: r[f] for f in _RAW_FIELDS}), spec, resize)
+        p = prepare_item(RawItem(**{f: r[f] for f in _RAW_FIELDS}), spec, resize, max_tokens)
         ok = p.pixels is not None
         for name, value in (
             ("shard", r["shard"]),
@@ -86,6 +96,8 @@ def _decode(batch: pa.Table, spec: ModelSpec, resize: str) -> pa.Table:
             ("source_h", p.source[0]),
             ("source_w", p.source[1]),
             ("error", None if ok else p.error),
+            ("kind", None if ok else p.kind),
+            ("meta", r["meta"]),
         ):
             rows[name].append(value)
     return pa.table(rows, schema=_DECODED)
@@ -106,6 +118,7 @@ class _EncodeActor:
         cols = {name: batch.column(name).to_pylist() for name in _DECODED.names}
         tokens: list[np.ndarray | None] = [None] * n
         errors: list[str | None] = list(cols["error"])
+        kinds: list[str | None] = list(cols["kind"])
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i in range(n):
             if errors[i] is None:
@@ -116,8 +129,8 @@ class _EncodeActor:
                 Prepared(RawItem(cols["index"][i], cols["key"][i]), np.frombuffer(cols["pixels"][i], np.uint8).reshape(h, w, 3))
                 for i in idx
             ]
-            for i, (_, toks, err) in zip(idx, encode_batch(encoder, prepared), strict=True):
-                tokens[i], errors[i] = toks, err
+            for i, (_, toks, err, kind) in zip(idx, encode_batch(encoder, prepared), strict=True):
+                tokens[i], errors[i], kinds[i] = toks, err, kind
         grids = [t.shape if t is not None else (0, 0) for t in tokens]
         return pa.table(
             {
@@ -130,6 +143,8 @@ class _EncodeActor:
                 "source_h": cols["source_h"],
                 "source_w": cols["source_w"],
                 "error": errors,
+                "kind": kinds,
+                "meta": cols["meta"],
             },
             schema=_ENCODED,
         )
@@ -137,16 +152,18 @@ class _EncodeActor:
 
 def _gather(table: pa.Table, run: JobRun) -> int:
     """Hand encoded rows to the run (which commits each shard as it completes); returns the row count."""
-    cols = {name: table.column(name).to_pylist() for name in ("shard", "index", "key", "grid_h", "grid_w", "source_h", "source_w", "error")}
+    names = ("shard", "index", "key", "grid_h", "grid_w", "source_h", "source_w", "error", "kind", "meta")
+    cols = {name: table.column(name).to_pylist() for name in names}
     tok = table.column("tokens").combine_chunks()
     offsets, values = tok.offsets.to_numpy(), tok.values.to_numpy(zero_copy_only=False)
     for i in range(table.num_rows):
         shard, index, key, error = cols["shard"][i], cols["index"][i], cols["key"][i], cols["error"][i]
         if error is not None:
-            run.add_error(shard, index, key, error)
+            run.add_error(shard, index, key, error, "unreadable" if cols["kind"][i] == "unreadable" else "refused")
         else:
             grid = values[offsets[i] : offsets[i + 1]].astype(np.int32).reshape(cols["grid_h"][i], cols["grid_w"][i])
-            run.add(shard, index, key, grid, (cols["source_h"][i], cols["source_w"][i]))
+            meta = pickle.loads(cols["meta"][i])  # pickled by this job's own read tasks
+            run.add(shard, index, key, grid, (cols["source_h"][i], cols["source_w"][i]), meta)
     return table.num_rows
 
 
@@ -155,7 +172,9 @@ def tokenize_ray(
     output_dir: str | Path,
     model_dir: str | Path,
     *,
-    resize: str = "none",
+    resize: str = DEFAULT_RESIZE,
+    columns: Columns = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
     batch_size: int = DEFAULT_BATCH_SIZE,
     shard_size: int = DEFAULT_SHARD_SIZE,
     device: str = "auto",
@@ -170,24 +189,48 @@ def tokenize_ray(
 
     Uses the Ray instance already initialised in this process if there is one; else connects to
     `ray_address`, or starts a local Ray for the job (and stops it afterwards). `actor_concurrency`:
-    batches each encoder actor runs at once (default 3 on GPUs, 1 on CPUs)."""
+    batches each encoder actor runs at once (default 3 on GPUs, 1 on CPUs). `resize`, `columns`,
+    `max_tokens`: as for `tokenize_local`. Unless `progress` is False, a line on stderr says what it
+    is doing while Ray starts and the encoder actors load the model, before the progress bar moves."""
     import ray
+
+    def say(message: str) -> None:
+        if progress is not False:
+            print(message, file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
     started = False
     if not ray.is_initialized():
+        say(f"connecting to Ray at {ray_address}…" if ray_address else "starting a local Ray…")
         ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
         started = True
     try:
-        use_gpu = device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
+        resources = ray.cluster_resources()
+        if started:
+            cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+            say(f"Ray ready: {cpus} CPU{'s' * (cpus != 1)}, {gpus} GPU{'s' * (gpus != 1)} ({time.perf_counter() - t0:.1f} s)")
+        use_gpu = device != "cpu" and resources.get("GPU", 0) > 0
         if device == "cuda" and not use_gpu:
             raise TokenizeError("device='cuda' but the Ray cluster has no GPUs")
         # the model as the actors will run it: the precision rule applied for their device, the graphs verified
         exported = open_exported(model_dir, precision=precision, on_cuda=use_gpu)
         spec = ModelSpec.from_info(exported.info)
-        with JobRun.open(input_path, output_dir, spec, resize=resize, shard_size=shard_size, overwrite=overwrite, started=t0) as run:
+        common: dict[str, Any] = dict(resize=resize, shard_size=shard_size, columns=columns, overwrite=overwrite, started=t0)
+        with JobRun.open(input_path, output_dir, spec, **common) as run:
             if run.ranges:
-                _run(ray, run, Path(model_dir).resolve(), batch_size, use_gpu, spec.precision, num_actors, actor_concurrency, progress)
+                _run(
+                    ray,
+                    run,
+                    Path(model_dir).resolve(),
+                    batch_size,
+                    use_gpu,
+                    spec.precision,
+                    num_actors,
+                    actor_concurrency,
+                    max_tokens,
+                    say,
+                    progress,
+                )
     finally:
         if started:
             ray.shutdown()
@@ -215,6 +258,8 @@ def _run(
     precision: str,
     num_actors: int | None,
     actor_concurrency: int | None,
+    max_tokens: int,
+    say: Callable[[str], None],
     progress: bool | None,
 ) -> None:
     ctx = ray.data.DataContext.get_current()
@@ -227,13 +272,22 @@ def _run(
     actor_cpus = 1 if use_gpu else max(1, cpus // (2 * actors))
 
     specs = [{"shard": k, "slice": pickle.dumps(run.source.slice(s, e))} for k, s, e in run.ranges]
-    ds = ray.data.from_items(specs, override_num_blocks=len(specs))
+    # Blocks of about a batch of model-sized images: an encoder task answers once per input block,
+    # so with Ray's default (128 MiB, ~650 decoded 256² images, a whole shard of small ones) the bar
+    # stood still for minutes on a CPU; a batch per block moves it as batches arrive and changes no
+    # row. A dataset keeps the context it was created with: the global one is put back at once.
+    res, default_block = run.job.model.resolution, ctx.target_max_block_size
+    ctx.target_max_block_size = max(1 << 16, batch_size * res * res * 3)
+    try:
+        ds = ray.data.from_items(specs, override_num_blocks=len(specs))
+    finally:
+        ctx.target_max_block_size = default_block
     ds = ds.flat_map(_read_slice)
     # Decoding runs as CPU tasks spread over the cluster. The differing scheduling strategies also keep
     # Ray from fusing the decode step into the encoder actors, where it would run serially before each batch.
     ds = ds.map_batches(
         _decode,
-        fn_kwargs={"spec": run.job.model, "resize": run.job.resize},
+        fn_kwargs={"spec": run.job.model, "resize": run.job.resize, "max_tokens": max_tokens},
         batch_size=batch_size,
         batch_format="pyarrow",
         scheduling_strategy="SPREAD",
@@ -254,6 +308,7 @@ def _run(
         num_cpus=actor_cpus,
         scheduling_strategy="DEFAULT",
     )
+    say(f"{run.total} images to tokenize; {actors} encoder actor{'s' * (actors > 1)} loading {run.job.model.name}…")
     run.show_progress(f"tokenize {run.job.model.name} (ray, {actors} actor{'s' * (actors > 1)})", progress)
     for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         run.advance(_gather(table, run))
