@@ -235,7 +235,7 @@ def open_exported(
         graphs = manifest["graphs"][chosen]
         m = manifest["model"]
         info = ModelInfo(
-            name=name or model_dir.name,
+            name=name or model_name(model_dir),
             codebook_size=int(m["codebook_size"]),
             downsample=int(m["downsample"]),
             resolution=int(m["resolution"]),
