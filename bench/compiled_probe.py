@@ -109,6 +109,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--variants", default="bf16-fused,fp16-fused,tf32-fused,fp32-fused,bf16-chunked")
     ap.add_argument("--skip-torch-compile", action="store_true")
+    ap.add_argument(
+        "--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True (cuDNN times its algorithms per shape)"
+    )
     ap.add_argument("--dynamic-batch", action="store_true", help="one AOTI package per graph with a dynamic batch axis")
     ap.add_argument(
         "--compile-variants",
@@ -117,6 +120,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.set_num_threads(min(8, os.cpu_count() or 1))
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    RESULTS["cudnn_benchmark"] = args.cudnn_benchmark
     dev = torch.device("cuda")
     batches = [int(b) for b in args.batches.split(",")]
     RESULTS.update(
