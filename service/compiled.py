@@ -3,9 +3,9 @@ replayed as a CUDA graph, the code search fused into one Triton kernel.
 
 Why it exists (H100, shipped model, 256², bench/results/compiled_probe_h100/): ONNX Runtime's CUDA
 EP runs this model at 0.35–0.42× of compiled PyTorch, and batch-1 encode takes 4.3 ms there
-against 0.53 ms here. The encoder network runs in float16 (99.64 % token agreement with the CPU
-float32 reference; bfloat16 keeps only 97.3 %), the search in float32-accurate 3×TF32 inside the
-Triton kernel, the decoder in bfloat16 (56 dB from the reference decode).
+against 0.53 ms here. The networks run in float16 with cuDNN's per-shape algorithm search (99.65 %
+token agreement with the CPU float32 reference; bfloat16 keeps only 97.3 %), the search in
+float32-accurate 3×TF32 inside the Triton kernel.
 
 Shapes: batches are padded (repeating the last item) to a power of two up to `max_batch_size`, and
 each (batch, height, width) is compiled and captured once, in `warmup`; a shape nobody warmed runs
@@ -145,7 +145,7 @@ class CompiledRuntime:
                 raise ModelLoadError("the compiled runtime runs on CUDA only; use runtime=onnxruntime on the CPU")
         if precision not in ("auto",):
             raise ModelLoadError(
-                f"the compiled runtime chooses its own precisions (fp16 encoder, bf16 decoder); got precision={precision!r}"
+                f"the compiled runtime chooses its own precision (fp16 networks, fp32-accurate search); got precision={precision!r}"
             )
         import torch
 
@@ -155,7 +155,7 @@ class CompiledRuntime:
         model_dir = Path(model_dir)
         t0 = time.perf_counter()
         exported = open_exported(model_dir, precision="fp32", on_cuda=True, name=name)  # verifies the artefacts
-        ort_device: Device = "cpu" if eager_cpu else "cuda"
+        ort_device: Device = "cpu" if eager_cpu else "auto"  # CUDA where onnxruntime-gpu is installed
         fallback = ModelRuntime.load(
             model_dir, name=name, device=ort_device, intra_op_threads=intra_op_threads, max_batch_size=max_batch_size
         )
