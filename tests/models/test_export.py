@@ -46,7 +46,7 @@ def kodak_batch(kodak_dir: Path, h: int, w: int, n: int = 3) -> np.ndarray:
 def test_export_writes_checked_graphs_and_manifest(exported: dict[str, Path], family: str) -> None:
     d = exported[family]
     manifest = json.loads((d / "manifest.json").read_text())
-    expected = {"encoder.onnx", "decoder.onnx", "config.json", "model.safetensors"}
+    expected = {"encoder.onnx", "decoder.onnx", "config.json", "model.safetensors", "parity.npz"}  # parity.npz: the GPU gate's set
     if family == "fsq":
         expected |= {"encoder.fp16.onnx", "decoder.fp16.onnx"}
     assert set(manifest["files"]) == expected
