@@ -52,6 +52,7 @@ def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.P
     port = free_port()
     cmd = [*VQTOK, "serve", "--model-repo", str(args.model_repo), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--device", args.device, "--max-batch-size", str(args.max_batch_size), "--max-batch-delay-ms", str(args.max_batch_delay_ms)]
+    cmd += ["--runtime", args.runtime]
     cmd += ["--batch-workers", str(args.batch_workers), "--decode-threads", str(args.decode_threads), "--log-level", "warning"]
     cmd += ["--max-queue-images", str(max(4096, 4 * max(args.concurrency))), "--warmup-sizes", str(args.warmup_size)]
     if args.precision:
@@ -221,6 +222,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-size", type=int, default=256, help="square size the server warms up (the JPEGs' size)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16"])
+    p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "compiled"], help="server and raw alike")
     p.add_argument("--concurrency", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16, 64], help="comma-separated levels")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per level (after 1 s of warm-up)")
     p.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)), help="load-generator processes")
@@ -270,17 +272,22 @@ def main(argv: list[str] | None = None) -> int:
         rss_start = rss_mib(proc.pid)
         # The raw runtime lives in this process; it is timed right after each level, while the
         # server sits idle, so both numbers of a ratio are taken under the same machine conditions.
-        from service.runtime import ModelRuntime
+        from service.runtimes import load_runtime
 
         model_dir = args.model_repo / name if (args.model_repo / name).is_dir() else args.model_repo
-        runtime = ModelRuntime.load(
+        runtime = load_runtime(
             model_dir,
+            runtime=args.runtime,
             device=args.device,
             precision=args.precision or "auto",
             intra_op_threads=args.intra_op_threads,
             max_batch_size=args.max_batch_size,  # the server's batch buckets, so raw runs the same shapes
         )
+        runtime.warmup(
+            [(args.warmup_size, args.warmup_size)]
+        )  # every shape the server warmed (the compiled runtime compiles nothing later)
         result["runtime_providers"] = runtime.providers
+        result["runtime"] = getattr(runtime, "runtime_name", "")
         raw: dict[int, list[float]] = {}
         for c in args.concurrency:
             if left() < args.duration + 2 * args.raw_seconds + 30:
