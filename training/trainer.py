@@ -2,6 +2,11 @@
 torchrun, atomic checkpoints with exact resume, a wall-clock budget per call, and a model
 directory (from the EMA weights) as the final artefact.
 
+The loss (`LossSection`): pixel L1/L2, LPIPS (frozen, float32 even under autocast), the quantizer's
+loss and, from `gan_start_step` on, a PatchGAN hinge loss weighted by VQGAN's adaptive weight at the
+decoder's last layer; the discriminator has its own optimizer, gradient scaler and DDP wrapper, and
+is checkpointed with the rest. Each process sets its own CPU thread budget (`cpu_threads`).
+
 Run directory layout::
 
     run/train_config.json   the validated config of the run
@@ -22,7 +27,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -38,9 +43,22 @@ from models.quantizers.functional import perplexity_from_counts, usage_from_coun
 
 from .checkpointing import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import CONFIG_NAME, TrainConfig
-from .data import Augment, DataError, ImageDataset, StreamSampler, collate_skip, iter_images, open_source, to_float, to_uint8
+from .data import (
+    Augment,
+    DataError,
+    ImageDataset,
+    MixtureSampler,
+    StreamSampler,
+    collate_skip,
+    iter_images,
+    open_train_sources,
+    to_float,
+    to_uint8,
+    worker_init,
+)
 from .ema import EMA
-from .losses import EfficientNetFeatureLoss, PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss, reconstruction_loss
+from .losses import PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss, l1_loss, l2_loss, last_layer_grads
+from .lpips import LPIPS
 from .metrics import psnr
 from .runlog import RunLog, reconstruction_grid, usage_histogram
 
@@ -101,6 +119,30 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def cpu_thread_budget(setting: int, device_type: str, environ: Mapping[str, str] | None = None) -> int | None:
+    """Threads for torch's intra-op pool in one training process (`TrainConfig.cpu_threads`), or
+    None to keep torch's own choice. The rule: an explicit setting > 0; else OMP_NUM_THREADS when set
+    (torchrun sets 1 per process); else 1 on CUDA, where the CPU only decodes, crops and launches
+    kernels (a 64-core host ran single-GPU training at 82 img/s with torch's every-core default and
+    197 img/s with one thread); else None: a CPU-only run keeps torch's default, every physical core."""
+    if setting > 0:
+        return setting
+    omp = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    return 1 if device_type == "cuda" else None
+
+
+class _EagerLastLayer(nn.Conv2d):
+    """The decoder's last conv, kept out of torch.compile's graph (a graph break before it): the
+    adaptive weight's two gradients at its weight then cost one small conv backward each, where
+    through a compiled graph each would run the whole model's backward."""
+
+    @torch.compiler.disable
+    def forward(self, input: Tensor) -> Tensor:
+        return super().forward(input)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -113,21 +155,28 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.dist = init_distributed()
         self.device = resolve_device(config.device, self.dist)
+        self.cpu_threads = cpu_thread_budget(config.cpu_threads, self.device.type)
+        if self.cpu_threads is not None and self.cpu_threads != torch.get_num_threads():
+            torch.set_num_threads(self.cpu_threads)
+        log.info("CPU threads per process: %d", torch.get_num_threads())
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed training shapes: search the conv algorithms once
         seed_everything(config.seed + self.dist.rank)
         self.amp_dtype = self._amp_dtype()
+        lc = config.loss
 
         self.model = self._build_model().to(self.device)
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)  # type: ignore[call-overload]  # missing from the nn.Module stubs
+        self.ema = EMA(self.model, config.ema_decay) if config.ema_decay > 0 else None
         self.fwd: nn.Module = self.model
         if config.compile:
+            if lc.gan_weight > 0 and lc.gan_adaptive:
+                self.model.decoder.conv_out.__class__ = _EagerLastLayer  # same parameters, same state_dict
             self.fwd = torch.compile(self.model)  # type: ignore[assignment]
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.fwd = nn.parallel.DistributedDataParallel(self.fwd, device_ids=ids)
-        self.ema = EMA(self.model, config.ema_decay) if config.ema_decay > 0 else None
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=config.optim.lr,
@@ -140,7 +189,11 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.disc, self.disc_opt = self._build_discriminator()
-        self.feature_loss = EfficientNetFeatureLoss().to(self.device) if config.loss.perceptual_weight > 0 else None
+        self.disc_scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.lpips: LPIPS | None = None
+        if lc.lpips_weight > 0:  # the official v0.1 weights from the local cache (LPIPSWeightsMissing says how to fetch)
+            lpips = LPIPS.load(lc.lpips_net).to(self.device)
+            self.lpips = lpips.to(memory_format=self.memory_format)  # type: ignore[call-overload]
 
         self.step = 0
         # Global sample-stream positions consumed so far (all ranks): where the data resumes. Not
@@ -154,7 +207,9 @@ class Trainer:
             config.save(self.run_dir / CONFIG_NAME)
         if resume:
             self._resume()
-        self.train_source = open_source(config.data.train, config.data.image_column)
+        self.train_source, self.train_weights = open_train_sources(
+            config.data.train_paths(), config.data.train_weights, config.data.image_column
+        )
         self.val_images = self._load_val() if self.dist.main else None
 
     # --- construction ---
@@ -175,11 +230,13 @@ class Trainer:
         return self.config.data.resolution or self.model.config.resolution
 
     def _build_discriminator(self) -> tuple[nn.Module | None, torch.optim.Optimizer | None]:
+        """The PatchGAN, its own AdamW (constant LR, no weight decay) and, under DDP, its own wrapper."""
         lc = self.config.loss
-        if not lc.adversarial:
+        if lc.gan_weight <= 0:
             return None, None
         disc: nn.Module = PatchDiscriminator(lc.disc_channels, lc.disc_layers).to(self.device)
-        opt = torch.optim.AdamW(disc.parameters(), lr=lc.disc_lr, betas=(0.5, 0.9))
+        disc = disc.to(memory_format=self.memory_format)  # type: ignore[call-overload]
+        opt = torch.optim.AdamW(disc.parameters(), lr=lc.disc_lr, betas=lc.disc_betas, weight_decay=0.0)
         if self.dist.world > 1:
             disc = nn.parallel.DistributedDataParallel(disc, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return disc, opt
@@ -189,8 +246,16 @@ class Trainer:
         augment = Augment(self.resolution, dc.augment, dc.flip)
         dataset = ImageDataset(self.train_source, augment, seed=self.config.seed, cache_in_memory=dc.cache_in_memory)
         # the whole data-loader state: each batch takes batch_size positions per rank, interleaved
-        sampler = StreamSampler(len(dataset), self.config.seed, self.dist.rank, self.dist.world, self.data_position)
-        workers = 0 if dc.cache_in_memory else dc.num_workers
+        sampler: StreamSampler | MixtureSampler
+        if self.train_weights is None:
+            sampler = StreamSampler(len(dataset), self.config.seed, self.dist.rank, self.dist.world, self.data_position)
+        else:
+            sampler = MixtureSampler(
+                self.train_source.sizes, self.train_weights, self.config.seed, self.dist.rank, self.dist.world, self.data_position
+            )
+        # workers crop (and decode, without the cache) off the main thread; with the cache they read
+        # the decoded arrays the main process holds (fork shares them)
+        workers = dc.num_workers
         loader = DataLoader(
             dataset,
             batch_size=self.config.batch_size,
@@ -200,6 +265,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
             prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=worker_init if workers > 0 else None,
         )
         return iter(loader)
 
@@ -237,6 +303,7 @@ class Trainer:
         if self.disc is not None and self.disc_opt is not None:
             state["disc"] = _unwrap(self.disc).state_dict()
             state["disc_opt"] = self.disc_opt.state_dict()
+            state["disc_scaler"] = self.disc_scaler.state_dict()
         return state
 
     def _resume(self) -> None:
@@ -254,6 +321,8 @@ class Trainer:
         if self.disc is not None and self.disc_opt is not None and "disc" in state:
             _unwrap(self.disc).load_state_dict(state["disc"])
             self.disc_opt.load_state_dict(state["disc_opt"])
+            if "disc_scaler" in state:
+                self.disc_scaler.load_state_dict(state["disc_scaler"])
         self.step = int(state["step"])
         # checkpoints older than the key: every batch was a step (exact unless a batch was all unreadable)
         self.data_position = int(state.get("data_position", self.step * self.config.batch_size * self.dist.world))
@@ -288,64 +357,93 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _adversarial_on(self) -> bool:
-        return self.disc is not None and self.step >= self.config.loss.adversarial_start_step
+    def _lpips_on(self) -> bool:
+        return self.lpips is not None and self.step >= self.config.loss.lpips_start_step
 
-    def train_step(self, images: Tensor) -> dict[str, Any]:
+    def _gan_on(self) -> bool:
+        return self.disc is not None and self.step >= self.config.loss.gan_start_step
+
+    def perceptual(self, x: Tensor, y: Tensor) -> Tensor:
+        """Mean LPIPS distance, computed in float32 with autocast off (it is a frozen metric network;
+        bf16 activations would change the loss it reports and the gradient it gives)."""
+        assert self.lpips is not None
+        with torch.autocast(self.device.type, enabled=False):
+            return self.lpips(x.float(), y.float()).mean()
+
+    def train_step(self, images: Tensor) -> dict[str, Tensor]:
+        """One optimizer step of the tokenizer (and, once the GAN is on, of the discriminator).
+
+        The generator's losses are computed on a detached copy r of the reconstruction x̂ and
+        differentiated there first: g = ∂L_rec/∂r, plus w·∂L_G/∂r with w = gan_weight·λ. The model
+        then backpropagates ⟨x̂, g⟩ + quantizer_weight·L_q, whose parameter gradient is that of
+        L_rec + quantizer_weight·L_q + w·L_G: LPIPS and the discriminator are differentiated once.
+        Returns 0-dim tensors (no host sync here) and the code counts."""
         lc = self.config.loss
         x = to_float(images.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
         self.fwd.train()
         with self._autocast():
             out = self.fwd(x)
-            rec = out.reconstruction.float()
-            rec_loss = reconstruction_loss(rec, x, lc.recon)
-            nll = lc.recon_weight * rec_loss
-            feat_loss = self.feature_loss(rec, x) if self.feature_loss is not None else None
-            if feat_loss is not None:
-                nll = nll + lc.perceptual_weight * feat_loss
-            loss = nll + lc.quantizer_weight * out.quantizer.loss.float()
-            g_loss, g_weight = None, 0.0
-            if self._adversarial_on():
-                assert self.disc is not None
-                g_loss = generator_loss(self.disc(rec).float())
-                weight = lc.adversarial_weight
-                if lc.adaptive_weight:
-                    weight = weight * float(adaptive_weight(nll, g_loss, self.model.decoder.conv_out.weight))
-                g_weight = weight
-                loss = loss + weight * g_loss
+        rec = out.reconstruction.float()
+        q_loss = out.quantizer.loss.float()
+        r = rec.detach().requires_grad_(True)
+        l1, l2 = l1_loss(r, x), l2_loss(r, x)
+        rec_loss = lc.l1_weight * l1 + lc.l2_weight * l2
+        stats: dict[str, Tensor] = {
+            "l1": l1.detach(),
+            "l2": l2.detach(),
+            "recon_loss": rec_loss.detach(),
+            "quantizer_loss": q_loss.detach(),
+        }
+        if self._lpips_on():
+            lp = self.perceptual(r, x)
+            rec_loss = rec_loss + lc.lpips_weight * lp
+            stats["lpips"] = lp.detach()
+        grad = torch.autograd.grad(rec_loss, r)[0]
+        loss = rec_loss.detach() + lc.quantizer_weight * q_loss.detach()
+        if self._gan_on():
+            assert self.disc is not None
+            with self._autocast():  # the module, not its DDP wrapper: only r gets a gradient here
+                g_loss = generator_loss(_unwrap(self.disc)(r).float())
+            g_grad = torch.autograd.grad(g_loss, r)[0]
+            weight = torch.full((), lc.gan_weight, device=self.device)
+            if lc.gan_adaptive:
+                rec_w, gan_w = last_layer_grads(rec, self.model.decoder.conv_out.weight, grad, g_grad)
+                lam = adaptive_weight(rec_w, gan_w, lc.gan_max_weight)
+                weight = weight * lam
+                stats["adaptive_weight"] = lam
+            grad = grad + weight * g_grad
+            loss = loss + weight * g_loss.detach()
+            stats["g_loss"], stats["g_weight"] = g_loss.detach(), weight
+        stats["loss"] = loss
+        surrogate = (rec * grad).sum() + lc.quantizer_weight * q_loss
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(surrogate).backward()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = float("nan")
         if self.config.optim.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip))
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip).detach()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        stats: dict[str, Any] = {
-            "loss": float(loss.detach()),
-            "recon_loss": float(rec_loss.detach()),
-            "quantizer_loss": float(out.quantizer.loss.detach()),
-            "grad_norm": grad_norm,
-            "counts": out.quantizer.counts.detach(),
-        }
-        if feat_loss is not None:
-            stats["feature_loss"] = float(feat_loss.detach())
-        if g_loss is not None:
-            stats["g_loss"], stats["g_weight"] = float(g_loss.detach()), g_weight
-            stats["d_loss"] = self._discriminator_step(x, rec.detach())
+        if self._gan_on():
+            stats.update(self._discriminator_step(x, rec.detach()))
+        stats["counts"] = out.quantizer.counts.detach()
         return stats
 
-    def _discriminator_step(self, real: Tensor, fake: Tensor) -> float:
+    def _discriminator_step(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
+        """One step of the hinge loss ½(E[relu(1 − D(x))] + E[relu(1 + D(x̂))]); real and fake go
+        through the (DDP-wrapped) discriminator as one batch: one forward, one backward."""
         assert self.disc is not None and self.disc_opt is not None
         with self._autocast():
-            d_loss = hinge_d_loss(self.disc(real).float(), self.disc(fake).float())
+            logits = self.disc(torch.cat([real, fake])).float()
+        logits_real, logits_fake = logits.chunk(2)
+        d_loss = hinge_d_loss(logits_real, logits_fake)
         self.disc_opt.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.disc_opt.step()
-        return float(d_loss.detach())
+        self.disc_scaler.scale(d_loss).backward()
+        self.disc_scaler.step(self.disc_opt)
+        self.disc_scaler.update()
+        return {"d_loss": d_loss.detach(), "logits_real": logits_real.detach().mean(), "logits_fake": logits_fake.detach().mean()}
 
     # --- evaluation during training ---
 
@@ -354,26 +452,36 @@ class Trainer:
         """PSNR and whole-set codebook usage of the EMA model on the validation images."""
         if self.val_images is None:
             return {}
+        lc = self.config.loss
         model = self.eval_model.eval()
         counts = torch.zeros(model.codebook_size, dtype=torch.long, device=self.device)
-        psnrs, losses = [], []
+        psnrs: list[Tensor] = []
+        sums = {"l1": 0.0, "l2": 0.0, "lpips": 0.0}
         for chunk in self.val_images.split(self.config.batch_size):
             x = to_float(chunk.to(self.device))
             with self._autocast():
                 out = model(x)
             rec = out.reconstruction.float()
-            losses.append(float(reconstruction_loss(rec, x, self.config.loss.recon)) * len(chunk))
+            sums["l1"] += float(l1_loss(rec, x)) * len(chunk)
+            sums["l2"] += float(l2_loss(rec, x)) * len(chunk)
+            if self.lpips is not None:
+                sums["lpips"] += float(self.perceptual(rec, x)) * len(chunk)
             psnrs.append(psnr(chunk.to(self.device), to_uint8(rec.clamp(-1, 1))).cpu())
             counts += out.quantizer.counts
         self._last_val_counts = counts.cpu()
         n = len(self.val_images)
-        return {
+        values = {
             "psnr": float(torch.cat(psnrs).clamp(max=100).mean()),
-            "recon_loss": sum(losses) / n,
+            "l1": sums["l1"] / n,
+            "l2": sums["l2"] / n,
+            "recon_loss": (lc.l1_weight * sums["l1"] + lc.l2_weight * sums["l2"]) / n,
             "usage": usage_from_counts(counts),
             "perplexity": perplexity_from_counts(counts),
             "images": n,
         }
+        if self.lpips is not None:
+            values[f"lpips_{lc.lpips_net}"] = sums["lpips"] / n
+        return values
 
     @torch.no_grad()
     def write_images(self) -> None:
@@ -404,17 +512,22 @@ class Trainer:
         flags = t.tolist()
         return flags[0] > 0, int(-flags[1])
 
-    def _reduce_window(self, sums: dict[str, float], n: int, counts: Tensor, skipped: int) -> tuple[dict[str, float], Tensor, int]:
-        if self.dist.world == 1:
-            return {k: v / max(1, n) for k, v in sums.items()}, counts, skipped
+    def _reduce_window(
+        self, sums: dict[str, Tensor], steps: dict[str, int], counts: Tensor, skipped: int
+    ) -> tuple[dict[str, float], Tensor, int]:
+        """Means over the window's steps (each key over the steps that had it, e.g. the GAN's from
+        its start) and all ranks; the one host sync of the window."""
         keys = sorted(sums)
         dev = self.device if self.device.type == "cuda" else torch.device("cpu")
-        t = torch.tensor([sums[k] for k in keys] + [float(n), float(skipped)], dtype=torch.float64, device=dev)
-        dist.all_reduce(t)
+        t = torch.stack([sums[k].to(dev, torch.float64) for k in keys] + [torch.tensor(float(skipped), dtype=torch.float64, device=dev)])
+        n = torch.tensor([float(steps[k]) for k in keys], dtype=torch.float64, device=dev)
         c = counts.to(dev)
-        dist.all_reduce(c)
-        total_n = max(1.0, float(t[-2]))
-        return {k: float(t[i]) / total_n for i, k in enumerate(keys)}, c, int(t[-1])
+        if self.dist.world > 1:
+            dist.all_reduce(t)
+            dist.all_reduce(n)
+            dist.all_reduce(c)
+        values, totals = t.tolist(), n.tolist()
+        return {k: values[i] / max(1.0, totals[i]) for i, k in enumerate(keys)}, c, int(values[-1])
 
     def train(self, stop_at_step: int | None = None) -> TrainResult:
         """Train until max_steps, the time budget, or `stop_at_step` (tests: a simulated kill)."""
@@ -423,9 +536,10 @@ class Trainer:
         start = time.monotonic()
         batches = self._loader()
         bar = self._progress_bar()
-        window: dict[str, float] = {}
-        window_n, window_images, window_skipped = 0, 0, 0
-        window_counts = torch.zeros(self.model.codebook_size, dtype=torch.long)
+        window: dict[str, Tensor] = {}  # sums of the step stats since the last log, on the device
+        window_steps: dict[str, int] = {}
+        window_images, window_skipped = 0, 0
+        window_counts = torch.zeros(self.model.codebook_size, dtype=torch.long, device=self.device)
         window_start, images_total = time.monotonic(), 0
         reason, saved_at = "max_steps", -1
         positions_per_batch = c.batch_size * self.dist.world
@@ -447,23 +561,25 @@ class Trainer:
                 # step, so no DDP collective); the positions are consumed all the same.
                 empty_run += positions_per_batch
                 if empty_run > len(self.train_source) + positions_per_batch:
-                    raise DataError(f"no readable image in a whole pass over {c.data.train}")
+                    raise DataError(f"no readable image in a whole pass over {', '.join(c.data.train_paths())}")
                 continue
             empty_run = 0
             stats = self.train_step(images)
             self.step += 1
-            window_counts += stats.pop("counts").cpu()
+            window_counts += stats.pop("counts")
             for k, v in stats.items():
-                window[k] = window.get(k, 0.0) + v
-            window_n += 1
+                window[k] = window[k] + v if k in window else v.clone()
+                window_steps[k] = window_steps.get(k, 0) + 1
             window_images += images.shape[0]
             images_total += images.shape[0]
             if bar is not None:
                 bar.update(1)
             if self.step % c.log_every == 0 or self.step == c.max_steps:
                 elapsed = time.monotonic() - window_start
-                self._log_train(window, window_n, window_counts, window_skipped, window_images * self.dist.world / max(elapsed, 1e-9), bar)
-                window, window_n, window_images, window_skipped = {}, 0, 0, 0
+                self._log_train(
+                    window, window_steps, window_counts, window_skipped, window_images * self.dist.world / max(elapsed, 1e-9), bar
+                )
+                window, window_steps, window_images, window_skipped = {}, {}, 0, 0
                 window_counts.zero_()
                 window_start = time.monotonic()
             if self.dist.main and (self.step % c.eval_every == 0 or self.step == c.max_steps):
@@ -495,8 +611,10 @@ class Trainer:
 
         return tqdm(total=self.config.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
 
-    def _log_train(self, window: dict[str, float], n: int, counts: Tensor, skipped: int, images_per_s: float, bar: Any) -> None:
-        means, counts, skipped = self._reduce_window(window, n, counts, skipped)
+    def _log_train(
+        self, window: dict[str, Tensor], steps: dict[str, int], counts: Tensor, skipped: int, images_per_s: float, bar: Any
+    ) -> None:
+        means, counts, skipped = self._reduce_window(window, steps, counts, skipped)
         if not self.dist.main:
             return
         values = {

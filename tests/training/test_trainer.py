@@ -4,6 +4,7 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -12,6 +13,7 @@ from tests.helpers import free_port
 from training.checkpointing import list_checkpoints, load_checkpoint
 from training.config import build_config
 from training.data import Augment, ImageDataset, open_source, to_float
+from training.lpips import weights_installed
 from training.trainer import Trainer
 
 from .conftest import tiny_overrides
@@ -72,6 +74,53 @@ def test_killed_and_resumed_equals_uninterrupted(few_photos: Path, tmp_path: Pat
     # and the weights did change, so the comparison means something
     fresh = Trainer(build_config({}, overrides), tmp_path / "c")
     assert not torch.allclose(fresh.model.decoder.conv_out.weight, resumed.model.decoder.conv_out.weight)
+
+
+@pytest.mark.parametrize(
+    "lpips",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(not weights_installed(), reason="LPIPS weights not installed: run `python -m training.lpips fetch`"),
+        ),
+    ],
+)
+def test_resume_is_exact_with_gan_lpips_and_weighted_sources(lpips: bool, few_photos: Path, tmp_path: Path) -> None:
+    # LPIPS from step 1 and the GAN from step 2 are both on across the step-3 resume point; two
+    # sources mixed 1:2 by the weighted sampler
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    for src in sorted(few_photos.iterdir())[:3]:
+        (extra / src.name).symlink_to(src.resolve())
+    loss = {"loss.lpips_weight": 1.0 if lpips else 0.0, "loss.lpips_start_step": 1, "loss.gan_weight": 0.5, "loss.gan_start_step": 2}
+    data = {"data.extra_train": f"[{extra}]", "data.train_weights": "[1, 2]", "loss.disc_channels": 8}
+    overrides = tiny_overrides(few_photos, max_steps=6, **loss, **data)
+    straight = Trainer(build_config({}, overrides), tmp_path / "a")
+    straight.train()
+
+    first = Trainer(build_config({}, overrides), tmp_path / "b")
+    first.train(stop_at_step=3)
+    del first
+    resumed = Trainer(build_config({}, overrides), tmp_path / "b", resume=True)
+    assert resumed.step == 3
+    assert resumed.train().step == straight.step == 6
+    _states_close(straight.model.state_dict(), resumed.model.state_dict())
+    assert straight.ema is not None and resumed.ema is not None
+    _states_close(straight.ema.model.state_dict(), resumed.ema.model.state_dict())
+    assert straight.disc is not None and resumed.disc is not None and straight.disc_opt is not None and resumed.disc_opt is not None
+    _states_close(straight.disc.state_dict(), resumed.disc.state_dict())
+    da, db = straight.disc_opt.state_dict()["state"], resumed.disc_opt.state_dict()["state"]
+    assert da.keys() == db.keys() and da
+    for key in da:
+        torch.testing.assert_close(da[key]["exp_avg_sq"], db[key]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+    records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["split"] == "train"][-1]
+    assert {"g_loss", "d_loss", "adaptive_weight", "logits_real", "logits_fake"} <= set(last)
+    assert ("lpips" in last) == lpips
+    fresh = Trainer(build_config({}, overrides), tmp_path / "c")
+    assert fresh.disc is not None
+    assert not torch.allclose(fresh.disc.state_dict()["net.0.weight"], resumed.disc.state_dict()["net.0.weight"])
 
 
 def _with_broken(few_photos: Path, folder: Path, good: int, broken: int) -> Path:
