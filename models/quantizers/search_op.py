@@ -9,12 +9,10 @@ a compiled encoder graph carries the kernel inside it (an AOTInductor package em
 from __future__ import annotations
 
 import functools
-import math
 
-import torch
 from torch import Tensor
 
-from .search_triton import _SPLIT_ALIGN, _kernels, _split_count, triton_available, triton_cdiv
+from .search_triton import _kernels, launch_plan, merge_splits, triton_available, triton_cdiv
 
 
 @functools.lru_cache(maxsize=1)
@@ -29,41 +27,14 @@ def register() -> bool:
 
     @triton_op("vqtok::nearest_code", mutates_args=())
     def nearest_code(z: Tensor, codebook: Tensor, codebook_sq: Tensor, precision: str = "tf32x3") -> Tensor:
-        n, d = z.shape
-        k = codebook.shape[0]
         _, tuned = _kernels(False)
-        d_pad = max(16, 1 << (d - 1).bit_length())
-        n_splits = max(1, min(_split_count(n, k, z.device), math.ceil(k / _SPLIT_ALIGN)))
-        k_per_split = math.ceil(math.ceil(k / n_splits) / _SPLIT_ALIGN) * _SPLIT_ALIGN
-        n_splits = math.ceil(k / k_per_split)
-        out_val = torch.empty((n_splits, n), dtype=torch.float32, device=z.device)
-        out_idx = torch.empty((n_splits, n), dtype=torch.int32, device=z.device)
+        plan = launch_plan(z, codebook, codebook_sq)
+        n = z.shape[0]
 
         def grid(meta: dict[str, int]) -> tuple[int, int]:
-            return (triton_cdiv(n, meta["BLOCK_N"]), n_splits)
+            return (triton_cdiv(n, meta["BLOCK_N"]), plan.n_splits)
 
-        wrap_triton(tuned)[grid](
-            z,
-            codebook,
-            codebook_sq,
-            out_val,
-            out_idx,
-            n,
-            k,
-            d,
-            z.stride(0),
-            z.stride(1),
-            codebook.stride(0),
-            codebook.stride(1),
-            max(0, (n - 1).bit_length()),
-            K_PER_SPLIT=k_per_split,
-            D_PAD=d_pad,
-            PRECISION=precision,
-        )
-        if n_splits == 1:
-            return out_idx[0].to(torch.int64)
-        # slices are in code order and argmin takes the first minimum: ties go to the lowest code
-        best = out_val.argmin(dim=0, keepdim=True)
-        return out_idx.gather(0, best)[0].to(torch.int64)
+        wrap_triton(tuned)[grid](*plan.args, **plan.constants, PRECISION=precision)
+        return merge_splits(plan.out_val, plan.out_idx)
 
     return True

@@ -30,6 +30,7 @@ import functools
 import importlib.util
 import math
 import os
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -265,6 +266,48 @@ def nearest_code_triton(
         return torch.empty(0, dtype=torch.long, device=z.device)
     plain, tuned = _kernels(interpret)
 
+    plan = launch_plan(z, codebook, codebook_sq, splits)
+    n_splits, args, constants = plan.n_splits, plan.args, plan.constants
+    out_val, out_idx = plan.out_val, plan.out_idx
+    # Triton launches on the current device: switch only when z lives elsewhere (the switch costs
+    # microseconds, which show at batch 1).
+    on_other_gpu = z.device.type == "cuda" and z.device.index != torch.cuda.current_device()
+    with torch.cuda.device(z.device) if on_other_gpu else contextlib.nullcontext():
+        if config is None and not interpret:
+            grid = lambda meta: (triton_cdiv(n, meta["BLOCK_N"]), n_splits)  # noqa: E731
+            tuned[grid](*args, **constants, PRECISION=precision)
+        else:
+            cfg = {**DEFAULT_CONFIG, **(config or {})}
+            if _SPLIT_ALIGN % cfg["BLOCK_K"]:
+                raise ValueError(f"BLOCK_K must divide {_SPLIT_ALIGN}, got {cfg['BLOCK_K']}")
+            grid2 = (triton_cdiv(n, cfg["BLOCK_N"]), n_splits)
+            plain[grid2](
+                *args,
+                **constants,
+                BLOCK_N=cfg["BLOCK_N"],
+                BLOCK_K=cfg["BLOCK_K"],
+                PRECISION=precision,
+                num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"],
+            )
+    return merge_splits(out_val, out_idx)
+
+
+@dataclass
+class LaunchPlan:
+    """How one search is cut: slices of the code range searched in parallel, their output buffers,
+    and the kernel's arguments (shared by `nearest_code_triton` and the custom op in search_op.py)."""
+
+    n_splits: int
+    out_val: Tensor  # float32 (n_splits, N): each slice's best score per row
+    out_idx: Tensor  # int32 (n_splits, N): each slice's best code per row
+    args: tuple[Any, ...]
+    constants: dict[str, int]  # K_PER_SPLIT, D_PAD
+
+
+def launch_plan(z: Tensor, codebook: Tensor, codebook_sq: Tensor, splits: int | None = None) -> LaunchPlan:
+    n, d = z.shape
+    k = codebook.shape[0]
     d_pad = max(16, 1 << (d - 1).bit_length())
     n_splits = splits if splits is not None else _split_count(n, k, z.device)
     n_splits = max(1, min(n_splits, math.ceil(k / _SPLIT_ALIGN)))
@@ -285,33 +328,16 @@ def nearest_code_triton(
         z.stride(1),
         codebook.stride(0),
         codebook.stride(1),
-        max(0, (n - 1).bit_length()),
+        max(0, (n - 1).bit_length()),  # N_BUCKET: the autotune key
     )
-    # Triton launches on the current device: switch only when z lives elsewhere (the switch costs
-    # microseconds, which show at batch 1).
-    on_other_gpu = z.device.type == "cuda" and z.device.index != torch.cuda.current_device()
-    with torch.cuda.device(z.device) if on_other_gpu else contextlib.nullcontext():
-        if config is None and not interpret:
-            grid = lambda meta: (triton_cdiv(n, meta["BLOCK_N"]), n_splits)  # noqa: E731
-            tuned[grid](*args, K_PER_SPLIT=k_per_split, D_PAD=d_pad, PRECISION=precision)
-        else:
-            cfg = {**DEFAULT_CONFIG, **(config or {})}
-            if _SPLIT_ALIGN % cfg["BLOCK_K"]:
-                raise ValueError(f"BLOCK_K must divide {_SPLIT_ALIGN}, got {cfg['BLOCK_K']}")
-            grid2 = (triton_cdiv(n, cfg["BLOCK_N"]), n_splits)
-            plain[grid2](
-                *args,
-                K_PER_SPLIT=k_per_split,
-                D_PAD=d_pad,
-                BLOCK_N=cfg["BLOCK_N"],
-                BLOCK_K=cfg["BLOCK_K"],
-                PRECISION=precision,
-                num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"],
-            )
-    if n_splits == 1:
+    return LaunchPlan(n_splits, out_val, out_idx, args, {"K_PER_SPLIT": k_per_split, "D_PAD": d_pad})
+
+
+def merge_splits(out_val: Tensor, out_idx: Tensor) -> Tensor:
+    """The best code per row over the slices -> int64 (N,); argmin takes the first (lowest-code)
+    slice on ties, so the tie rule of torch.argmin holds."""
+    if out_val.shape[0] == 1:
         return out_idx[0].long()
-    # torch.argmin over the slices takes the first (lowest-code) slice on ties.
     which = out_val.argmin(dim=0, keepdim=True)
     return out_idx.gather(0, which).squeeze(0).long()
 
