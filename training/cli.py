@@ -55,6 +55,15 @@ def _write_json(path: str | None, data: dict[str, Any]) -> None:
         print(f"wrote {out}")
 
 
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars on stderr (default: only when stderr is a terminal)",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """`vqtok train`, `vqtok eval`, `vqtok codebook retrain`."""
     register_train(sub)
@@ -161,6 +170,7 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--fid-min-images", type=int, default=100, help="compute rFID only with at least this many images (default 100)")
     p.add_argument("--no-fid", action="store_true", help="skip rFID")
+    _add_progress(p)
     p.set_defaults(handler=_eval)
 
 
@@ -182,7 +192,7 @@ def _eval(args: argparse.Namespace) -> int:
         compare_codecs=args.compare_codecs,
     )
     try:
-        report = evaluate(model, args.data, opts)
+        report = evaluate(model, args.data, opts, progress=args.progress)
     except DataError as exc:
         raise CLIError(str(exc)) from exc
     report["model"] = str(args.model)
@@ -221,6 +231,7 @@ def register_codebook(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--eval-images", type=int, default=64, help="images for the before/after numbers")
     r.add_argument("--device", default="auto")
     r.add_argument("--seed", type=int, default=0)
+    _add_progress(r)
     r.set_defaults(handler=_codebook_retrain)
 
 
@@ -248,7 +259,7 @@ def _codebook_retrain(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     try:
-        new_model, report = retrain_codebook(model, args.data, opts)
+        new_model, report = retrain_codebook(model, args.data, opts, progress=args.progress)
     except (CodebookError, DataError, ConfigError) as exc:
         raise CLIError(str(exc)) from exc
     out = new_model.save_pretrained(args.out)

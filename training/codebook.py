@@ -10,7 +10,7 @@ data, train it (and optionally the decoder), and write a new model directory.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,6 +23,7 @@ from models.quantizers import FSQ, VectorQuantizer
 from models.quantizers.functional import nearest_code, perplexity_from_counts, usage_from_counts
 
 from .data import Augment, ImageDataset, StreamSampler, collate_skip, open_source, to_float, to_uint8
+from .evaluate import progress_bar
 from .metrics import psnr
 
 log = logging.getLogger(__name__)
@@ -58,36 +59,42 @@ class RetrainOptions:
 # --- k-means over latents ---
 
 
-def kmeans_plus_plus(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
+def kmeans_plus_plus(x: Tensor, k: int, generator: torch.Generator, progress: bool | None = False) -> Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007): x (N, D) -> (k, D) initial centres."""
     n = x.shape[0]
     first = int(torch.randint(n, (1,), generator=generator, device="cpu"))
     centers = [x[first]]
     d2 = (x - x[first]).pow(2).sum(1)
-    for _ in range(1, k):
-        total = d2.sum()
-        if total <= 0:  # fewer distinct points than k: pick uniformly
-            idx = int(torch.randint(n, (1,), generator=generator, device="cpu"))
-        else:
-            probs = (d2 / total).double().cpu()
-            idx = int(torch.multinomial(probs, 1, generator=generator))
-        centers.append(x[idx])
-        d2 = torch.minimum(d2, (x - x[idx]).pow(2).sum(1))
+    with progress_bar(k, "codebook: k-means++ seeds", "code", progress) as bar:
+        bar.update()
+        for _ in range(1, k):
+            total = d2.sum()
+            if total <= 0:  # fewer distinct points than k: pick uniformly
+                idx = int(torch.randint(n, (1,), generator=generator, device="cpu"))
+            else:
+                probs = (d2 / total).double().cpu()
+                idx = int(torch.multinomial(probs, 1, generator=generator))
+            centers.append(x[idx])
+            d2 = torch.minimum(d2, (x - x[idx]).pow(2).sum(1))
+            bar.update()
     return torch.stack(centers)
 
 
-def kmeans(x: Tensor, k: int, iters: int, generator: torch.Generator) -> Tensor:
-    """Lloyd's algorithm from k-means++ seeds; an emptied cluster is re-seeded at a random latent."""
-    centers = kmeans_plus_plus(x, k, generator)
-    for _ in range(iters):
-        assign = nearest_code(x, centers)
-        sums = torch.zeros_like(centers).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).to(x.dtype)
-        empty = counts == 0
-        centers = sums / counts.clamp_min(1)[:, None]
-        if empty.any():
-            pick = torch.randint(x.shape[0], (int(empty.sum()),), generator=generator, device="cpu").to(x.device)
-            centers[empty] = x[pick]
+def kmeans(x: Tensor, k: int, iters: int, generator: torch.Generator, progress: bool | None = False) -> Tensor:
+    """Lloyd's algorithm from k-means++ seeds; an emptied cluster is re-seeded at a random latent.
+    `progress`: bars on stderr for the seeding and the iterations (None: only on a terminal)."""
+    centers = kmeans_plus_plus(x, k, generator, progress)
+    with progress_bar(iters, "codebook: k-means (Lloyd)", "iter", progress) as bar:
+        for _ in range(iters):
+            assign = nearest_code(x, centers)
+            sums = torch.zeros_like(centers).index_add_(0, assign, x)
+            counts = torch.bincount(assign, minlength=k).to(x.dtype)
+            empty = counts == 0
+            centers = sums / counts.clamp_min(1)[:, None]
+            if empty.any():
+                pick = torch.randint(x.shape[0], (int(empty.sum()),), generator=generator, device="cpu").to(x.device)
+                centers[empty] = x[pick]
+            bar.update()
     return centers
 
 
@@ -112,15 +119,19 @@ def _eval_images(data: str, resolution: int, count: int) -> Tensor:
 
 
 @torch.no_grad()
-def measure(model: Tokenizer, images: Tensor, batch_size: int = 16) -> dict[str, float]:
+def measure(
+    model: Tokenizer, images: Tensor, batch_size: int = 16, progress: bool | None = False, desc: str = "measure"
+) -> dict[str, float]:
     """Usage (over these images), perplexity and mean PSNR (dB) of `model` on uint8 images."""
     model.eval()
     counts = torch.zeros(model.codebook_size, dtype=torch.long)
     scores = []
-    for chunk in images.split(batch_size):
-        out = model(to_float(chunk.to(model.device)))
-        counts += out.quantizer.counts.cpu()
-        scores.append(psnr(chunk, to_uint8(out.reconstruction.clamp(-1, 1)).cpu()))
+    with progress_bar(len(images), f"codebook: {desc}", "img", progress) as bar:
+        for chunk in images.split(batch_size):
+            out = model(to_float(chunk.to(model.device)))
+            counts += out.quantizer.counts.cpu()
+            scores.append(psnr(chunk, to_uint8(out.reconstruction.clamp(-1, 1)).cpu()))
+            bar.update(len(chunk))
     return {
         "usage": usage_from_counts(counts),
         "perplexity": perplexity_from_counts(counts),
@@ -129,16 +140,20 @@ def measure(model: Tokenizer, images: Tensor, batch_size: int = 16) -> dict[str,
 
 
 @torch.no_grad()
-def collect_latents(model: Tokenizer, batches: Iterator[Tensor], max_latents: int, generator: torch.Generator) -> Tensor:
+def collect_latents(
+    model: Tokenizer, batches: Iterator[Tensor], max_latents: int, generator: torch.Generator, progress: bool | None = False
+) -> Tensor:
     """Encoder outputs (N, D) from the new data, at most `max_latents`, cosine-normalised if the quantizer is."""
     model.eval()
     chunks, total = [], 0
-    while total < max_latents:
-        z = model.encoder(to_float(next(batches).to(model.device)))  # (B, D, h, w)
-        e = z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-        keep = torch.randperm(e.shape[0], generator=generator)[: max_latents - total].to(e.device)
-        chunks.append(e[keep])
-        total += len(keep)
+    with progress_bar(max_latents, "codebook: k-means latents", "latent", progress) as bar:
+        while total < max_latents:
+            z = model.encoder(to_float(next(batches).to(model.device)))  # (B, D, h, w)
+            e = z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+            keep = torch.randperm(e.shape[0], generator=generator)[: max_latents - total].to(e.device)
+            chunks.append(e[keep])
+            total += len(keep)
+            bar.update(len(keep))
     latents = torch.cat(chunks)
     q = model.quantizer
     if isinstance(q, VectorQuantizer) and q.cosine:
@@ -155,8 +170,10 @@ def with_codebook_size(model: Tokenizer, k: int) -> Tokenizer:
 
 
 @torch.no_grad()
-def init_codebook(q: VectorQuantizer, latents: Tensor, opts: RetrainOptions, generator: torch.Generator) -> None:
-    centers = kmeans(latents, q.codebook_size, opts.kmeans_iters, generator)
+def init_codebook(
+    q: VectorQuantizer, latents: Tensor, opts: RetrainOptions, generator: torch.Generator, progress: bool | None = False
+) -> None:
+    centers = kmeans(latents, q.codebook_size, opts.kmeans_iters, generator, progress)
     if not q.linear_codebook:
         q.embedding.copy_(centers)
         return
@@ -170,10 +187,10 @@ def init_codebook(q: VectorQuantizer, latents: Tensor, opts: RetrainOptions, gen
 # --- the whole procedure ---
 
 
-def retrain_codebook(
-    model: Tokenizer, data: str, opts: RetrainOptions, progress: Callable[[int], None] | None = None
-) -> tuple[Tokenizer, dict[str, Any]]:
-    """Returns the retrained model and a report with usage and PSNR before and after."""
+def retrain_codebook(model: Tokenizer, data: str, opts: RetrainOptions, progress: bool | None = None) -> tuple[Tokenizer, dict[str, Any]]:
+    """Returns the retrained model and a report with usage and PSNR before and after.
+    `progress`: one bar on stderr per phase (before/after measurement, k-means latents, seeds and
+    iterations, training steps); None: only when stderr is a terminal."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device)
     torch.manual_seed(opts.seed)
     generator = torch.Generator().manual_seed(opts.seed)
@@ -185,7 +202,7 @@ def retrain_codebook(
         raise CodebookError("FSQ's codebook size is fixed by its levels; --codebook-size does not apply")
     resolution = opts.resolution or model.config.resolution
     eval_images = _eval_images(data, resolution, opts.eval_images)
-    before = measure(model, eval_images, opts.batch_size)
+    before = measure(model, eval_images, opts.batch_size, progress, "measure before")
     log.info("before: usage %.2f%%, perplexity %.1f, PSNR %.2f dB", 100 * before["usage"], before["perplexity"], before["psnr"])
 
     batches = _batches(data, resolution, opts.batch_size, opts.seed)
@@ -195,14 +212,13 @@ def retrain_codebook(
         model = with_codebook_size(model, opts.codebook_size)
     q = model.quantizer
     if isinstance(q, VectorQuantizer) and opts.init == "kmeans":
-        latents = collect_latents(model, batches, max(opts.max_latents, q.codebook_size), generator)
-        init_codebook(q, latents, opts, generator)
-        log.info(
-            "k-means over %d latents: usage %.2f%% after init", len(latents), 100 * measure(model, eval_images, opts.batch_size)["usage"]
-        )
+        latents = collect_latents(model, batches, max(opts.max_latents, q.codebook_size), generator, progress)
+        init_codebook(q, latents, opts, generator, progress)
+        usage = measure(model, eval_images, opts.batch_size, progress, "measure after k-means")["usage"]
+        log.info("k-means over %d latents: usage %.2f%% after init", len(latents), 100 * usage)
 
     _train(model, batches, opts, progress)
-    after = measure(model, eval_images, opts.batch_size)
+    after = measure(model, eval_images, opts.batch_size, progress, "measure after")
     log.info("after: usage %.2f%%, perplexity %.1f, PSNR %.2f dB", 100 * after["usage"], after["perplexity"], after["psnr"])
     report = {
         "quantizer": "fsq" if is_fsq else ("simvq" if getattr(q, "linear_codebook", False) else "vq"),
@@ -217,7 +233,7 @@ def retrain_codebook(
     return model.cpu(), report
 
 
-def _train(model: Tokenizer, batches: Iterator[Tensor], opts: RetrainOptions, progress: Callable[[int], None] | None) -> None:
+def _train(model: Tokenizer, batches: Iterator[Tensor], opts: RetrainOptions, progress: bool | None) -> None:
     model.requires_grad_(False)
     q = model.quantizer
     params: list[Tensor] = []
@@ -233,17 +249,20 @@ def _train(model: Tokenizer, batches: Iterator[Tensor], opts: RetrainOptions, pr
     model.eval()  # no dropout/BN in these networks; eval keeps the encoder strictly frozen
     if opts.finetune_decoder:
         model.decoder.train()
-    for _ in range(opts.steps):
-        x = to_float(next(batches).to(model.device))
-        with torch.no_grad():
-            z = model.encoder(x)
-        out = q(z)
-        loss = out.codebook_loss  # ‖sg(e) − q‖²: moves the codes toward the latents that pick them
-        if opts.finetune_decoder:
-            loss = loss + F.l1_loss(model.decoder(out.quantized.detach()), x)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if progress is not None:
-            progress(1)
+    trained = "decoder" if not isinstance(q, VectorQuantizer) else ("codebook + decoder" if opts.finetune_decoder else "codebook")
+    with progress_bar(opts.steps, f"codebook: train {trained}", "step", progress) as bar:
+        for step in range(opts.steps):
+            x = to_float(next(batches).to(model.device))
+            with torch.no_grad():
+                z = model.encoder(x)
+            out = q(z)
+            loss = out.codebook_loss  # ‖sg(e) − q‖²: moves the codes toward the latents that pick them
+            if opts.finetune_decoder:
+                loss = loss + F.l1_loss(model.decoder(out.quantized.detach()), x)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.update()
+            if not bar.disable and step % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     model.requires_grad_(True)

