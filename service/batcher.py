@@ -2,8 +2,15 @@
 
 Requests arrive as arrays of n ≥ 1 same-shape images (or token grids) under a key `(op, *shape)`.
 Items with the same key wait in one bucket; a worker takes the bucket whose oldest item is oldest,
-waits up to `max_delay_s` for the bucket to reach `max_batch_size` images, and runs the whole bucket
-as one inference call in a thread, so the event loop stays free for I/O while the model runs.
+waits up to `max_delay_s` for the bucket to reach its batch limit, and runs the whole bucket as one
+inference call in a thread, so the event loop stays free for I/O while the model runs.
+
+- A batch holds at most `max_batch_size` images and at most `max_batch_pixels` pixels (encode: the
+  images' H·W; decode: the output's h·w·f²), whichever is fewer images; an image above the pixel
+  limit on its own runs alone. The pixels of all calls running at once are bounded too: every batch
+  takes its pixels from a `PixelPool` (one per process, shared by every model and worker) before it
+  runs, and waits, first come first served, while the pool is spent. On the CPU a batch's peak memory
+  is about proportional to its pixels (`BYTES_PER_PIXEL`), so this is what bounds the server's memory.
 
 - The queue is bounded in images: `submit` raises `QueueFull` at once rather than letting latency grow,
   and `TooLarge` for a request that could never fit however empty the queue is.
@@ -24,6 +31,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -33,6 +41,81 @@ log = logging.getLogger("vqtok.batcher")
 
 Key = tuple[Hashable, ...]  # (op, *item_shape), e.g. ("encode", 256, 256, 3)
 RunFn = Callable[[str, np.ndarray], np.ndarray]  # (op, batch) -> batch of results, same leading size
+
+
+# The memory rule of a CPU server, measured with the shipped model (photo-f8-simvq-16k, fp32, ONNX
+# Runtime 1.32 with its CPU arena off, see runtime.session_options): one batch raises the process's peak
+# resident set by at most 2,120 bytes per pixel of the batch. The worst rate is the encoder's at the
+# largest image the default limits allow (1024², 16384 tokens: the bottleneck's attention is quadratic
+# in the grid), from the second run of a shape on (ORT's memory pattern plans one block for the run):
+# 2.07 GiB for one 1024² image, 3.97 GiB for two. 32 × 256² costs 1,410 bytes/pixel to encode; decoding
+# 1,360 (1024²) and 1,110 (32 × 256²). A `vqtok serve` process holds about 0.3 GiB before any batch
+# (models loaded and warmed); BASE_GIB leaves room for requests in flight and malloc's leftovers.
+BYTES_PER_PIXEL = 2200
+BASE_GIB = 0.5
+MIN_BATCH_PIXELS = 256 * 256
+
+
+def pixel_budget(memory_budget_gib: float) -> int:
+    """`max_batch_pixels` from a memory budget: (budget − BASE_GIB) / BYTES_PER_PIXEL, at least 256²
+    (a budget below the process's own size cannot be kept by batching)."""
+    return max(MIN_BATCH_PIXELS, int((memory_budget_gib - BASE_GIB) * 2**30 / BYTES_PER_PIXEL))
+
+
+def item_pixels(key: Key, downsample: int = 1) -> int:
+    """Pixels one image of bucket `key` costs: encode `(op, H, W, 3)`: H·W; decode `(op, h, w)`: the
+    output's h·w·f²."""
+    op, *shape = key
+    pixels = 1
+    for side in shape[:2]:
+        pixels *= cast(int, side)
+    return pixels * downsample**2 if op == "decode" else pixels
+
+
+class PixelPool:
+    """The pixels of the inference calls running at once, across every batcher that shares the pool.
+
+    `acquire` waits (first come, first served, so a large batch is not overtaken for ever by small
+    ones) until the pixels fit; a request above the whole capacity (one image above the limit, run
+    alone) takes the whole pool."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"pixel pool capacity must be at least 1, got {capacity}")
+        self.capacity = capacity
+        self.in_use = 0
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    async def acquire(self, pixels: int) -> int:
+        """Take `pixels` (at most the capacity) once they fit; returns what was taken, for `release`."""
+        n = max(0, min(pixels, self.capacity))
+        if not self._waiting and self.in_use + n <= self.capacity:
+            self.in_use += n
+            return n
+        entry = (n, asyncio.get_running_loop().create_future())
+        self._waiting.append(entry)
+        try:
+            await entry[1]
+        except BaseException:
+            if entry[1].done() and not entry[1].cancelled():  # granted as the waiter was cancelled
+                self.release(n)
+            elif entry in self._waiting:
+                self._waiting.remove(entry)
+                self._wake()  # the head may have been what blocked the others
+            raise
+        return n
+
+    def release(self, pixels: int) -> None:
+        self.in_use -= pixels
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiting and self.in_use + self._waiting[0][0] <= self.capacity:
+            n, fut = self._waiting.popleft()
+            if fut.done():  # its waiter was cancelled
+                continue
+            self.in_use += n
+            fut.set_result(None)
 
 
 class QueueFull(Exception):
@@ -85,7 +168,13 @@ class Batcher:
         max_delay_s: float = 0.002,
         max_queue_images: int = 512,
         workers: int = 1,
+        max_batch_pixels: int | None = None,
+        downsample: int = 1,
+        pixel_pool: PixelPool | None = None,
     ) -> None:
+        """`max_batch_pixels`: pixels per call (None: no pixel limit); `downsample`: the model's f, by
+        which decode counts its output pixels; `pixel_pool`: the pool shared with other batchers (None
+        with a pixel limit: a pool of this batcher's own, which bounds its workers together)."""
         self.model = model
         self._run_fn = run
         self._executor = executor
@@ -93,6 +182,11 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_images = max_queue_images
+        self.max_batch_pixels = max_batch_pixels
+        self.downsample = downsample
+        if pixel_pool is None and max_batch_pixels is not None:
+            pixel_pool = PixelPool(max_batch_pixels)
+        self._pool = pixel_pool
         self._n_workers = workers
         self._buckets: dict[Key, deque[_Item]] = {}
         self._queued_images = 0
@@ -114,6 +208,15 @@ class Batcher:
     def busy(self) -> bool:
         return self._queued_images > 0 or self._running_batches > 0
 
+    def image_pixels(self, key: Key) -> int:
+        return item_pixels(key, self.downsample)
+
+    def batch_limit(self, key: Key) -> int:
+        """Images of `key` in one batch: `max_batch_size`, fewer where `max_batch_pixels` says so, at least 1."""
+        if self.max_batch_pixels is None:
+            return self.max_batch_size
+        return max(1, min(self.max_batch_size, self.max_batch_pixels // max(1, self.image_pixels(key))))
+
     async def submit(self, op: str, array: np.ndarray, deadline: float) -> np.ndarray:
         """Queue `array` (n, ...) and wait for its results (n, ...). Cancel the awaiting task to drop it."""
         if not self._accepting:
@@ -127,10 +230,11 @@ class Batcher:
             raise QueueFull(f"model {self.model!r} has {self._queued_images} images queued (limit {self.max_queue_images})")
         loop = asyncio.get_running_loop()
         key: Key = (op, *array.shape[1:])
+        limit = self.batch_limit(key)
         items = []
-        for start in range(0, n, self.max_batch_size):
+        for start in range(0, n, limit):
             fut: asyncio.Future[np.ndarray] = loop.create_future()
-            item = _Item(key, array[start : start + self.max_batch_size], fut, deadline)
+            item = _Item(key, array[start : start + limit], fut, deadline)
             fut.add_done_callback(lambda f, it=item: self._on_done(it))  # type: ignore[misc]
             items.append(item)
             self._buckets.setdefault(key, deque()).append(item)
@@ -224,7 +328,8 @@ class Batcher:
         # Oldest head first, so no shape waits behind a busy one for ever.
         key = min(self._buckets, key=lambda k: self._buckets[k][0].enqueued)
         head = self._buckets[key][0]
-        while self._bucket_images(key) < self.max_batch_size and key in self._buckets:
+        limit = self.batch_limit(key)
+        while self._bucket_images(key) < limit and key in self._buckets:
             remaining = head.enqueued + self.max_delay_s - time.monotonic()
             if remaining <= 0:
                 break
@@ -234,12 +339,14 @@ class Batcher:
             await self._run(key, batch)
 
     def _take(self, key: Key) -> list[_Item]:
-        """Pop up to max_batch_size images of `key`, failing items already past their deadline."""
+        """Pop up to `batch_limit(key)` images of `key` (at least one item), failing items already
+        past their deadline."""
         bucket = self._buckets.get(key)
         batch: list[_Item] = []
         size = 0
+        limit = self.batch_limit(key)
         now = time.monotonic()
-        while bucket and size + bucket[0].n <= self.max_batch_size:
+        while bucket and (size == 0 or size + bucket[0].n <= limit):
             item = bucket.popleft()
             self._dequeue(item)
             if item.future.done():  # cancelled; its done-callback has not run yet
@@ -255,12 +362,19 @@ class Batcher:
 
     async def _run(self, key: Key, batch: list[_Item]) -> None:
         op = str(key[0])
-        start = time.monotonic()
-        for item in batch:
-            self._metrics.queue_seconds.labels(self.model, op).observe(start - item.enqueued)
-        arrays = [item.array for item in batch]
         self._running_batches += 1
+        granted = 0
         try:
+            if self._pool is not None:
+                # wait for the pixels: other calls (this model's other workers, other models) may hold them
+                granted = await self._pool.acquire(sum(item.n for item in batch) * self.image_pixels(key))
+                batch = [item for item in batch if not item.future.done()]  # left (or expired) while waiting
+                if not batch:
+                    return
+            start = time.monotonic()
+            for item in batch:
+                self._metrics.queue_seconds.labels(self.model, op).observe(start - item.enqueued)
+            arrays = [item.array for item in batch]
             out = await asyncio.get_running_loop().run_in_executor(self._executor, self._call, op, arrays)
         except asyncio.CancelledError:
             # The worker is being stopped while this batch runs (the thread goes on; its result is
@@ -273,7 +387,7 @@ class Batcher:
             self._metrics.batch_failures.labels(self.model, op).inc()
             log.error(
                 "inference failed for a batch",
-                extra={"model": self.model, "op": op, "batch": len(arrays), "error": repr(exc)},
+                extra={"model": self.model, "op": op, "batch": len(batch), "error": repr(exc)},
                 exc_info=exc,
             )
             for item in batch:
@@ -282,6 +396,8 @@ class Batcher:
             return
         finally:
             self._running_batches -= 1
+            if granted and self._pool is not None:
+                self._pool.release(granted)
         size = sum(item.n for item in batch)
         self._metrics.inference_seconds.labels(self.model, op).observe(time.monotonic() - start)
         self._metrics.batch_size.labels(self.model, op).observe(size)

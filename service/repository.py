@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from .batcher import Batcher
+from .batcher import Batcher, PixelPool, pixel_budget
 from .metrics import Metrics
-from .runtime import ModelLoadError, ModelRuntime
+from .runtime import ModelLoadError, ModelRuntime, configure_cuda_memory
 from .runtimes import load_runtime
 from .settings import Settings
 
@@ -89,6 +89,7 @@ class ModelRepository:
         self._entries: dict[str, ModelEntry] = {}
         self._lock = asyncio.Lock()
         self._stopping: set[asyncio.Task[None]] = set()
+        self._pixel_pools: dict[int, PixelPool] = {}  # one per pixel limit: every model's batcher shares it
         self.loaded = False  # the first load_all finished
 
     # --- queries ---
@@ -238,6 +239,8 @@ class ModelRepository:
         thread) exists before the first request does.
         """
         s = self.settings
+        gib = s.gpu_mem_limit_gib
+        configure_cuda_memory(int(gib * 2**30) if gib else None, s.cuda_shared_arena)
         runtime = self._loader(
             path,
             name=name,
@@ -274,6 +277,8 @@ class ModelRepository:
         def run(op: str, batch: np.ndarray) -> np.ndarray:
             return runtime.encode(batch) if op == "encode" else runtime.decode(batch)
 
+        pixels = self.max_batch_pixels(str(getattr(runtime, "device", "cpu")))
+        pool = None if pixels is None else self._pixel_pools.setdefault(pixels, PixelPool(pixels))
         batcher = Batcher(
             name,
             run,
@@ -283,9 +288,20 @@ class ModelRepository:
             max_delay_s=s.max_batch_delay_ms / 1000,
             max_queue_images=s.max_queue_images,
             workers=s.batch_workers,
+            max_batch_pixels=pixels,
+            downsample=runtime.info.downsample,
+            pixel_pool=pool,
         )
         batcher.start()
         return ServedModel(name, path, runtime, batcher, executor)
+
+    def max_batch_pixels(self, device: str) -> int | None:
+        """The pixel limit of a model on `device`: the setting, else derived from the memory budget on
+        the CPU; none on a GPU, whose batches are bounded by device memory (gpu_mem_limit_gib)."""
+        s = self.settings
+        if s.max_batch_pixels is not None:
+            return s.max_batch_pixels
+        return pixel_budget(s.memory_budget_gib) if device == "cpu" else None
 
     # --- retiring ---
 

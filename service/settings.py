@@ -73,6 +73,31 @@ class Settings(BaseSettings):
     max_queue_images: int = Field(
         default=512, ge=1, description="images waiting per model before requests are refused with 503; at least max-images-per-request"
     )
+    max_batch_pixels: int | None = Field(
+        default=None,
+        ge=1,
+        description="pixels in one inference call and in all calls running at once, across models: encode counts the images' "
+        "H·W, decode the output's h·w·f²; a request holding an image (or grid) above it gets 413; unset = derived from "
+        "memory-budget-gib on the CPU (no pixel limit on a GPU)",
+    )
+    memory_budget_gib: float = Field(
+        default=4.0,
+        gt=0,
+        description="peak resident memory (GiB) a CPU server is sized for: with max-batch-pixels unset, "
+        "max-batch-pixels = (memory-budget-gib - 0.5) GiB / 2200 bytes, the measured worst peak cost of a pixel in a batch of "
+        "the shipped f8 model (4 GiB: 1.71 Mpx, one 1024² image or 26 of 256² per call)",
+    )
+    gpu_mem_limit_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="ONNX Runtime on CUDA: device memory (GiB) each CUDA memory arena may hold (one arena per session, "
+        "or one for the process with cuda-shared-arena); unset = no limit",
+    )
+    cuda_shared_arena: bool = Field(
+        default=False,
+        description="ONNX Runtime on CUDA: one device memory arena for every session of the process (the per-shape sessions "
+        "and every model) instead of one per session",
+    )
     batch_workers: int = Field(default=1, ge=1, le=16, description="batches one model runs at the same time")
     request_timeout_s: float = Field(default=30.0, gt=0, description="per-request deadline in seconds; past it the answer is 504")
     retry_after_s: int = Field(default=1, ge=1, description="seconds sent in the Retry-After header of a 503")

@@ -93,6 +93,13 @@ def _validate(ids: np.ndarray, state: State, served: ServedModel) -> np.ndarray:
         raise PayloadTooLarge(f"{b} grids in one request; the limit is {s.max_images_per_request}")
     if h * w > s.max_grid_tokens:
         raise PayloadTooLarge(f"grid {h}×{w} has {h * w} tokens; the limit is {s.max_grid_tokens}")
+    budget, f = served.batcher.max_batch_pixels, served.runtime.info.downsample
+    if budget is not None and h * w * f * f > budget:
+        source = "" if s.max_batch_pixels is not None else f", from memory_budget_gib={s.memory_budget_gib:g}"
+        raise PayloadTooLarge(
+            f"grid {h}×{w} decodes to {w * f}×{h * f} = {h * w * f * f} pixels; one inference call holds at most "
+            f"{budget} pixels (max_batch_pixels{source}), so it can never run: send a smaller grid"
+        )
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= k:
         bad = lo if lo < 0 else hi

@@ -114,6 +114,38 @@ def _prepare_all(state: State, served: ServedModel, files: list[bytes], resize: 
     ]
 
 
+def _probe(data: bytes, max_pixels: int) -> tuple[int, int] | None:
+    try:
+        return images.probe_image(data, max_pixels=max_pixels)
+    except (images.ImageError, images.ImageTooLarge):
+        return None  # decoding reports it, in its own words
+
+
+async def _check_pixel_budget(state: State, served: ServedModel, files: list[bytes], resize: ResizeMode) -> None:
+    """413 for an image no inference call may hold (its size at the model's input above the model's
+    max_batch_pixels), from the headers, before any image is decoded."""
+    budget = served.batcher.max_batch_pixels
+    s, info = state.settings, served.runtime.info
+    f = info.downsample
+    largest = info.resolution**2 if resize == "crop" else s.max_grid_tokens * f * f  # what the per-image limits let through
+    if budget is None or largest <= budget:
+        return
+    loop = asyncio.get_running_loop()
+    sizes = await asyncio.gather(*(loop.run_in_executor(state.pool, _probe, data, s.max_image_pixels) for data in files))
+    for i, size in enumerate(sizes):
+        if size is None:
+            continue
+        h, w = (info.resolution, info.resolution) if resize == "crop" else size
+        if resize == "pad":
+            h, w = -(-h // f) * f, -(-w // f) * f
+        if h * w > budget:
+            source = "" if s.max_batch_pixels is not None else f", from memory_budget_gib={s.memory_budget_gib:g}"
+            raise PayloadTooLarge(
+                f"images[{i}] is {w}×{h} = {h * w} pixels at the model's input; one inference call holds at most "
+                f"{budget} pixels (max_batch_pixels{source}), so it can never run: send a smaller image"
+            )
+
+
 async def _prepare(state: State, served: ServedModel, files: list[bytes], resize: ResizeMode) -> list[images.PreparedImage]:
     results = await asyncio.gather(*_prepare_all(state, served, files, resize), return_exceptions=True)
     out = []
@@ -158,6 +190,7 @@ async def encode(
         if mode not in ("none", "crop", "pad"):
             raise Unprocessable(f"resize must be none, crop or pad, not {mode!r}")
         async with leased(state, body_model or model, request) as served:
+            await _check_pixel_budget(state, served, files, mode)  # type: ignore[arg-type]
             prepared = await _prepare(state, served, files, mode)  # type: ignore[arg-type]
             tokens = await unless_disconnected(request, _encode_grouped(state, served, [p.pixels for p in prepared], deadline))
             info = served.runtime.info

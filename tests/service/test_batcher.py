@@ -1,5 +1,6 @@
 """The batcher on its own (no HTTP): grouping by shape, result order, the cancel/expiry race,
-stopping with work running or queued, and a request larger than the whole queue."""
+stopping with work running or queued, a request larger than the whole queue, and the pixel budget
+(per call, per decode output, an oversize image alone, and the pool shared by batchers)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,25 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.batcher import BatchDeadlineExceeded, Batcher, QueueFull, ShuttingDown, TooLarge, _Item
+from service.batcher import (
+    BASE_GIB,
+    BYTES_PER_PIXEL,
+    BatchDeadlineExceeded,
+    Batcher,
+    PixelPool,
+    QueueFull,
+    ShuttingDown,
+    TooLarge,
+    _Item,
+    item_pixels,
+    pixel_budget,
+)
 from service.metrics import Metrics
 
 
 def make(calls: list[tuple[str, tuple[int, ...]]], **kw: float) -> Batcher:
+    """A batcher over a fake model: decode (3-d) sums each grid, encode doubles; `calls` records each call's op and shape."""
+
     def run(op: str, x: np.ndarray) -> np.ndarray:
         calls.append((op, x.shape))
         return x.sum(axis=(1, 2)) if x.ndim == 3 else x * 2
@@ -148,3 +163,116 @@ def test_infer_maps_too_large_to_413_and_queue_full_to_503() -> None:
             await infer(state, SimpleNamespace(batcher=Raising(QueueFull("x"))), "encode", np.zeros((1,)), 0.0)  # type: ignore[arg-type]
 
     asyncio.run(main())
+
+
+# --- the pixel budget ---
+
+
+def test_batches_hold_at_most_max_batch_pixels() -> None:
+    calls: list[tuple[str, tuple[int, ...]]] = []
+
+    async def main() -> list[np.ndarray]:
+        # 4×4 images are 16 pixels: a budget of 50 holds 3 of them, fewer than max_batch_size
+        b = make(calls, max_batch_size=8, max_delay_s=0.05, max_batch_pixels=50)
+        b.start()
+        deadline = time.monotonic() + 10
+        arrays = [np.full((7, 4, 4, 3), 1), np.full((2, 4, 4, 3), 2), np.full((1, 2, 2, 3), 3)]
+        out = await asyncio.gather(*(b.submit("encode", a, deadline) for a in arrays))
+        await b.stop(1)
+        return out
+
+    out = asyncio.run(main())
+    assert [o.shape[0] for o in out] == [7, 2, 1] and int(out[0][6].max()) == 2 and int(out[1].max()) == 4
+    big = [shape[0] for _, shape in calls if shape[1:3] == (4, 4)]
+    assert sum(big) == 9 and max(big) == 3  # never past 50 pixels (3 × 16), never mixed
+    assert [shape for _, shape in calls if shape[1:3] == (2, 2)] == [(1, 2, 2, 3)]
+
+
+def test_decode_counts_the_output_pixels_and_an_oversize_image_runs_alone() -> None:
+    calls: list[tuple[str, tuple[int, ...]]] = []
+
+    async def main() -> None:
+        b = make(calls, max_batch_size=8, max_delay_s=0.05, max_batch_pixels=150, downsample=4)
+        b.start()
+        deadline = time.monotonic() + 10
+        assert b.image_pixels(("decode", 2, 3)) == 2 * 3 * 16 and b.batch_limit(("decode", 2, 3)) == 1
+        assert b.image_pixels(("encode", 8, 12, 3)) == 96 and b.batch_limit(("encode", 8, 12, 3)) == 1
+        assert b.batch_limit(("decode", 1, 2)) == 4  # 32 output pixels each
+        await asyncio.gather(b.submit("decode", np.ones((3, 2, 3)), deadline), b.submit("decode", np.ones((5, 1, 2)), deadline))
+        # a grid above the whole budget (4×4 -> 256 output pixels) is not refused here: it runs alone
+        assert (await b.submit("decode", np.ones((2, 4, 4)), deadline)).tolist() == [16, 16]
+        await b.stop(1)
+
+    asyncio.run(main())
+    assert sorted(shape[0] for _, shape in calls if shape[1:] == (2, 3)) == [1, 1, 1]
+    assert sorted(shape[0] for _, shape in calls if shape[1:] == (1, 2)) == [1, 4]
+    assert [shape for _, shape in calls if shape[1:] == (4, 4)] == [(1, 4, 4), (1, 4, 4)]
+
+
+def test_a_shared_pixel_pool_bounds_the_calls_running_at_once() -> None:
+    """Two models, two workers each, one pool: the pixels in inference at any moment stay within it."""
+    lock = threading.Lock()
+    running = [0]
+    peak = [0]
+
+    def run(op: str, x: np.ndarray) -> np.ndarray:
+        with lock:
+            running[0] += x.shape[0] * x.shape[1] * x.shape[2]
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= x.shape[0] * x.shape[1] * x.shape[2]
+        return x
+
+    async def main() -> None:
+        pool = PixelPool(48)  # three 4×4 images
+        kw: dict[str, Any] = dict(max_batch_size=2, max_delay_s=0, max_batch_pixels=48, workers=2, pixel_pool=pool)
+        batchers = [Batcher(f"m{i}", run, ThreadPoolExecutor(2), Metrics(), **kw) for i in range(2)]
+        for b in batchers:
+            b.start()
+        deadline = time.monotonic() + 20
+        jobs = [b.submit("encode", np.zeros((1, 4, 4, 3)), deadline) for _ in range(12) for b in batchers]
+        assert all(r.shape == (1, 4, 4, 3) for r in await asyncio.gather(*jobs))
+        assert pool.in_use == 0
+        for b in batchers:
+            await b.stop(1)
+
+    asyncio.run(main())
+    assert 16 <= peak[0] <= 48
+
+
+def test_pixel_pool_is_first_come_first_served_and_gives_back_what_a_cancelled_waiter_held() -> None:
+    async def main() -> None:
+        pool = PixelPool(10)
+        assert await pool.acquire(6) == 6
+        big = asyncio.ensure_future(pool.acquire(30))  # above the capacity: it waits for the whole pool
+        await asyncio.sleep(0)
+        small = asyncio.ensure_future(pool.acquire(2))  # would fit now, but queues behind the big one
+        await asyncio.sleep(0)
+        assert not big.done() and not small.done()
+        pool.release(6)
+        assert await big == 10 and not small.done()
+        pool.release(10)
+        assert await small == 2
+        waiting = asyncio.ensure_future(pool.acquire(9))
+        after = asyncio.ensure_future(pool.acquire(1))
+        await asyncio.sleep(0)
+        waiting.cancel()  # leaving the queue lets the one behind it in
+        assert await after == 1
+        assert pool.in_use == 3
+        pool.release(3)
+        assert pool.in_use == 0
+
+    asyncio.run(main())
+
+
+def test_the_memory_rule_matches_its_documentation() -> None:
+    from service.settings import Settings
+
+    assert item_pixels(("encode", 1024, 1024, 3)) == 1024**2 and item_pixels(("decode", 128, 128), 8) == 1024**2
+    budget = pixel_budget(4.0)
+    assert budget == int(3.5 * 2**30 / 2200) and 1024**2 <= budget < 2 * 1024**2 and budget // 256**2 == 26
+    assert pixel_budget(0.1) == 256 * 256  # a budget below the process's own size: the floor
+    described = Settings.model_fields["memory_budget_gib"].description or ""
+    assert f"- {BASE_GIB:g}) GiB / {BYTES_PER_PIXEL} bytes" in described and "1.71 Mpx" in described
+    assert Settings.model_fields["memory_budget_gib"].default <= 4
