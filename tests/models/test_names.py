@@ -199,7 +199,10 @@ def test_save_pretrained_writes_a_hub_card_and_keeps_one(tmp_path: Path) -> None
     from models import CheckpointError, Tokenizer, create_tokenizer
 
     tok = create_tokenizer("cifar-fsq", base_channels=8, norm_groups=4, num_res_blocks=1)
-    assert sorted(p.name for p in tok.save_pretrained(tmp_path / "bare", model_card=False).iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tok.save_pretrained(tmp_path / "bare", model_card=False).iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
     out = tok.save_pretrained(tmp_path / "tiny", model_card=True)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     card = (out / "README.md").read_text()

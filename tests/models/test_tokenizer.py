@@ -63,7 +63,11 @@ def test_save_load_gives_identical_outputs(tmp_path: Path) -> None:
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     ids, y = tok.encode(x), tok.decode(tok.encode(x))
     tok.save_pretrained(tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "model.safetensors"]  # README.md: the hub model card
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]  # README.md: the hub model card
     loaded = Tokenizer.from_pretrained(tmp_path / "m").eval()
     assert loaded.config == tok.config
     assert torch.equal(loaded.encode(x), ids)

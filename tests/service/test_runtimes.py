@@ -41,11 +41,13 @@ def test_forced_and_unknown_runtimes(model_repo: Path) -> None:
         load_runtime(model_repo / "fsq4", runtime="tensorrt")
     with pytest.raises(ModelLoadError, match="compiled runtime"):
         load_runtime(model_repo / "fsq4", runtime="compiled", device="cpu")
-    with pytest.raises(ModelLoadError, match="(sees no CUDA device|CUDA only)"):
+    with pytest.raises(ModelLoadError, match=r"(sees no CUDA device|CUDA only)"):
         load_runtime(model_repo / "fsq4", runtime="compiled")
 
 
-def test_auto_is_onnxruntime_without_a_usable_gpu(model_repo: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_is_onnxruntime_without_a_usable_gpu(
+    model_repo: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     rt = load_runtime(model_repo / "fsq4", runtime="auto", device="auto")
     assert isinstance(rt, ModelRuntime) and rt.device == "cpu"
     # a GPU that torch cannot use: auto says why and serves with ONNX Runtime
@@ -87,7 +89,7 @@ def test_the_gate_refuses_a_runtime_that_disagrees(model_repo: Path, tmp_path: P
     assert parity is not None
     wrong = gate.ParitySet(parity.images, (parity.tokens + 1) % 1024, parity.decoded)  # every token off by one
     gate.write_parity_set(d / gate.PARITY_FILE, wrong)
-    with pytest.raises(ModelLoadError, match="does not match manifest.json"):  # a swapped parity file is caught
+    with pytest.raises(ModelLoadError, match=r"does not match manifest\.json"):  # a swapped parity file is caught
         gate.read_parity_set(d)
     manifest = json.loads((d / "manifest.json").read_text())
     manifest["files"][gate.PARITY_FILE] = file_record(d / gate.PARITY_FILE)
