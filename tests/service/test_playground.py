@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -162,9 +160,6 @@ def test_playground_numbers_match_the_api(page: Page, server: ServerThread, phot
     shot = page.screenshot(tmp_path / "playground.png", full_page=False)
     with Image.open(shot) as im:
         assert im.size == (1280, height)
-    if os.environ.get("VQTOK_UPDATE_SCREENSHOTS") == "1":
-        (REPO / "docs").mkdir(exist_ok=True)
-        shutil.copyfile(shot, REPO / "docs" / "playground.png")
 
 
 def test_playground_pad_and_crop(page: Page, server: ServerThread, photo: Path, tmp_path: Path) -> None:
