@@ -609,7 +609,8 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.config.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        # disable=None: a bar only when stderr is a terminal (logs and CI stay clean)
+        return tqdm(total=self.config.max_steps, initial=self.step, desc="train", dynamic_ncols=True, disable=None)
 
     def _log_train(
         self, window: dict[str, Tensor], steps: dict[str, int], counts: Tensor, skipped: int, images_per_s: float, bar: Any
