@@ -150,7 +150,7 @@ def _train(args: argparse.Namespace) -> int:
 def register_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
-        help="evaluate a model directory: PSNR, SSIM, MS-SSIM, rFID, codebook usage, bpp, codecs at equal bpp",
+        help="evaluate a model directory: PSNR, SSIM, MS-SSIM, LPIPS-Alex, rFID, KID, codebook usage, bpp, codecs at equal bpp",
         description=(
             "Evaluate a model directory on an image set. Sizes that are not multiples of the downsample factor f are "
             "reflect-padded bottom/right to the next multiple and the reconstruction is cropped back; metrics use the "
@@ -169,7 +169,8 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--fid-min-images", type=int, default=100, help="compute rFID only with at least this many images (default 100)")
-    p.add_argument("--no-fid", action="store_true", help="skip rFID")
+    p.add_argument("--no-fid", action="store_true", help="skip rFID (and KID, which uses the same Inception features)")
+    p.add_argument("--no-lpips", action="store_true", help="skip LPIPS-Alex")
     _add_progress(p)
     p.set_defaults(handler=_eval)
 
@@ -190,6 +191,7 @@ def _eval(args: argparse.Namespace) -> int:
         fid_min_images=args.fid_min_images,
         fid=not args.no_fid,
         compare_codecs=args.compare_codecs,
+        lpips=not args.no_lpips,
     )
     try:
         report = evaluate(model, args.data, opts, progress=args.progress)

@@ -1,10 +1,18 @@
-"""`vqtok eval`: reconstruction quality, codebook usage, rate, rFID, and classic codecs at the same rate.
+"""`vqtok eval`: reconstruction quality (PSNR, SSIM, MS-SSIM, LPIPS-Alex), codebook usage, rate, rFID and
+KID, and classic codecs at the same rate.
 
 Size rule: an image whose sides are not multiples of the downsample factor f is reflect-padded at
 the bottom and right to the next multiple of f (replicate-padded when a side is shorter than the
 pad), tokenized and reconstructed, and the reconstruction is cropped back to the original size.
 Metrics compare the original pixels only. The rate counts every token of the padded grid:
 bpp = h_tokens·w_tokens·log2(K) ÷ (H·W), which equals log2(K)/f² when no padding was needed.
+
+LPIPS-Alex (training/lpips.py, official v0.1 weights from the local cache) is computed per image at full
+resolution on float32 RGB in [-1, 1], without gradients, and averaged over the set; it is reported as
+null, with the reason, when the weights are not installed. KID (training/kid.py) uses the same
+Inception pool features as rFID (so it exists only where rFID's features were computed), with
+subsets of min(1000, N) images. JPEG/WebP rows get PSNR/SSIM/MS-SSIM/LPIPS-Alex but no Inception
+features, hence no rFID or KID.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from models import Tokenizer
 from models.quantizers.functional import perplexity_from_counts, usage_from_counts
 
 from .data import iter_images, open_source, to_float, to_uint8
+from .kid import kid
 from .metrics import mean_finite, ms_ssim, psnr, ssim
 
 log = logging.getLogger(__name__)
@@ -36,6 +45,9 @@ PAD_RULE = (
     "crop the reconstruction back; metrics on original pixels; bpp counts all tokens of the padded grid"
 )
 FID_MIN_IMAGES = 100
+KID_MIN_IMAGES = 2  # the unbiased MMD² estimator needs at least two features per set
+KID_SUBSETS = 100
+KID_SUBSET_SIZE = 1000  # capped at the number of images: subsets of min(1000, N)
 FID_NOTE = (
     "rFID from fewer than 2,048 images is biased upward (the 2,048-d covariance is rank-deficient); compare only at equal image counts"
 )
@@ -50,6 +62,7 @@ class EvalOptions:
     fid: bool = True
     compare_codecs: bool = False
     image_column: str = "image"
+    lpips: bool = True  # LPIPS-Alex per image (null in the report when the weights are not installed)
 
 
 def pad_to_multiple(x: Tensor, f: int) -> Tensor:
@@ -92,13 +105,33 @@ def _batches(path: str, limit: int, batch_size: int, column: str, skipped: list[
         yield torch.from_numpy(np.stack(group)).permute(0, 3, 1, 2)
 
 
-class _Scores:
-    """Per-image PSNR / SSIM / MS-SSIM accumulated over a set."""
+def load_lpips_alex(device: torch.device) -> tuple[Any, str | None]:
+    """(LPIPS-Alex model on `device`, None), or (None, why not) when the cached weights are missing."""
+    from .lpips import LPIPS, LPIPSWeightsMissing
 
-    def __init__(self) -> None:
+    try:
+        return LPIPS.load("alex").to(device=device, dtype=torch.float32), None
+    except LPIPSWeightsMissing as exc:
+        return None, f"skipped: {exc}"
+
+
+@torch.no_grad()
+def lpips_per_image(model: Any, ref: Tensor, test: Tensor) -> list[float]:
+    """LPIPS of each uint8 (B, 3, H, W) pair, at full resolution, as float32 in [-1, 1]."""
+    device = next(model.parameters()).device
+    x, y = to_float(ref.to(device)), to_float(test.to(device))
+    return [float(v) for v in model(x, y).cpu()]
+
+
+class _Scores:
+    """Per-image PSNR / SSIM / MS-SSIM (and LPIPS-Alex when a model is given) accumulated over a set."""
+
+    def __init__(self, lpips: Any = None) -> None:
+        self.lpips_model = lpips
         self.psnr: list[float] = []
         self.ssim: list[float] = []
         self.ms_ssim: list[float] = []
+        self.lpips: list[float] = []
         self.bpp: list[float] = []
 
     def add(self, ref: Tensor, test: Tensor, bpp: list[float]) -> None:
@@ -107,6 +140,8 @@ class _Scores:
         ms = ms_ssim(ref, test)
         if ms is not None:
             self.ms_ssim += ms.tolist()
+        if self.lpips_model is not None:
+            self.lpips += lpips_per_image(self.lpips_model, ref, test)
         self.bpp += bpp
 
     def summary(self) -> dict[str, Any]:
@@ -116,6 +151,7 @@ class _Scores:
             "ssim": mean_finite(self.ssim),
             "ms_ssim": mean_finite(self.ms_ssim) if self.ms_ssim else None,
             "ms_ssim_images": len(self.ms_ssim),
+            "lpips_alex": mean_finite(self.lpips) if self.lpips else None,
         }
 
 
@@ -170,6 +206,15 @@ class _FidFeatures:
         self.helper.finish_eval_stat()
         return float(self.helper.compute_fid_score())
 
+    def features(self) -> tuple[np.ndarray, np.ndarray]:
+        """The (N, 2048) pool features of the originals and of the reconstructions collected so far."""
+        return np.asarray(self.helper.ref_feats_list, dtype=np.float64), np.asarray(self.helper.eval_feats_list, dtype=np.float64)
+
+    def kid(self) -> tuple[float, float]:
+        """KID (mean, std over subsets) between originals and reconstructions, subsets of min(1000, N)."""
+        a, b = self.features()
+        return kid(a, b, subsets=KID_SUBSETS, subset_size=min(KID_SUBSET_SIZE, len(a), len(b)))
+
 
 def progress_bar(total: int | None, desc: str, unit: str, enabled: bool | None) -> Any:
     """A tqdm bar on stderr (`enabled` None: only when stderr is a terminal; True forces it)."""
@@ -190,7 +235,8 @@ def evaluate(model: Tokenizer, data: str | Path, options: EvalOptions | None = N
     n_expected = total if opts.limit <= 0 else min(opts.limit, total)
     fid_reason = None
     fid: _FidFeatures | None = None
-    ours, jpeg, webp = _Scores(), _Scores(), _Scores()
+    lpips_model, lpips_reason = load_lpips_alex(device) if opts.lpips else (None, "disabled (--no-lpips)")
+    ours, jpeg, webp = _Scores(lpips_model), _Scores(lpips_model), _Scores(lpips_model)
     quality: dict[str, list[int]] = {"jpeg": [], "webp": []}
     counts = torch.zeros(k, dtype=torch.long)
     skipped: list[str] = []
@@ -245,7 +291,10 @@ def evaluate(model: Tokenizer, data: str | Path, options: EvalOptions | None = N
                 "perplexity": perplexity_from_counts(counts),
                 "rfid": None,
                 "rfid_images": 0,
+                "kid": None,
+                "kid_std": None,
             },
+            "lpips_note": lpips_reason or "LPIPS v0.1, AlexNet, per image at full resolution (float32, RGB in [-1, 1]), averaged",
         }
         if fid is not None and n >= opts.fid_min_images:
             bar.set_description("eval: rFID score")
@@ -254,12 +303,24 @@ def evaluate(model: Tokenizer, data: str | Path, options: EvalOptions | None = N
             report["rfid_note"] = FID_NOTE
         else:
             report["rfid_note"] = fid_reason or f"skipped: {n} readable images < {opts.fid_min_images} needed"
+        if fid is None or n < opts.fid_min_images:
+            report["kid_note"] = f"needs the rFID features: {report['rfid_note']}"
+        elif n < KID_MIN_IMAGES:
+            report["kid_note"] = f"skipped: {n} readable images < {KID_MIN_IMAGES} needed"
+        else:
+            bar.set_description("eval: KID")
+            report["tokenizer"]["kid"], report["tokenizer"]["kid_std"] = fid.kid()
+            report["kid_note"] = (
+                f"on the rFID Inception pool features; mean ± std of unbiased MMD² over {KID_SUBSETS} subsets of "
+                f"{min(KID_SUBSET_SIZE, n)} images"
+            )
         bar.set_description("eval")
     if opts.compare_codecs:
         report["jpeg"] = {**jpeg.summary(), "quality_mean": float(np.mean(quality["jpeg"])) if quality["jpeg"] else None}
         report["webp"] = {**webp.summary(), "quality_mean": float(np.mean(quality["webp"])) if quality["webp"] else None}
         report["codec_rule"] = (
-            "Pillow, per image: the highest quality (1..100, binary search) whose file is at most the tokenizer's bpp on that image"
+            "Pillow, per image: the highest quality (1..100, binary search) whose file is at most the tokenizer's bpp on that image; "
+            "no Inception features for codec rows, so no rFID or KID"
         )
     return report
 
@@ -268,11 +329,27 @@ def format_table(report: dict[str, Any], model_name: str = "tokenizer") -> str:
     def fmt(v: Any, spec: str) -> str:
         return "–" if v is None else format(v, spec)
 
-    rows = [("method", "bpp", "PSNR dB", "SSIM", "MS-SSIM")]
+    def kid_cell(r: dict[str, Any]) -> str:
+        if r.get("kid") is None:
+            return "–"
+        return f"{r['kid'] * 1e3:.2f}±{r['kid_std'] * 1e3:.2f}"
+
+    rows = [("method", "bpp", "PSNR dB", "SSIM", "MS-SSIM", "LPIPS-Alex", "rFID", "KID×10³")]
     for name, key in ((model_name, "tokenizer"), ("JPEG (Pillow)", "jpeg"), ("WebP (Pillow)", "webp")):
         if key in report:
             r = report[key]
-            rows.append((name, fmt(r["bpp"], ".4f"), fmt(r["psnr"], ".2f"), fmt(r["ssim"], ".4f"), fmt(r["ms_ssim"], ".4f")))
+            rows.append(
+                (
+                    name,
+                    fmt(r["bpp"], ".4f"),
+                    fmt(r["psnr"], ".2f"),
+                    fmt(r["ssim"], ".4f"),
+                    fmt(r["ms_ssim"], ".4f"),
+                    fmt(r.get("lpips_alex"), ".4f"),
+                    fmt(r.get("rfid"), ".2f"),
+                    kid_cell(r),
+                )
+            )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -284,4 +361,8 @@ def format_table(report: dict[str, Any], model_name: str = "tokenizer") -> str:
     lines.append(f"codebook usage over the set: {t['usage'] * 100:.2f}%  perplexity: {t['perplexity']:.1f}")
     rfid = f"{t['rfid']:.2f} from {t['rfid_images']} images" if t["rfid"] is not None else "n/a"
     lines.append(f"rFID: {rfid}  ({report['rfid_note']})")
+    if "kid_note" in report:
+        lines.append(f"KID: {report['kid_note']}")
+    if "lpips_note" in report:
+        lines.append(f"LPIPS-Alex: {report['lpips_note']}")
     return "\n".join(lines)

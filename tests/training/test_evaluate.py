@@ -10,8 +10,16 @@ from PIL import Image
 
 from models import create_tokenizer
 from training.evaluate import EvalOptions, encode_at_rate, evaluate, format_table, pad_to_multiple, reconstruct, token_bpp
+from training.lpips import LPIPS, LPIPSWeightsMissing
 
 from .conftest import TINY
+
+
+def _lpips_alex_or_skip() -> LPIPS:
+    try:
+        return LPIPS.load("alex")
+    except LPIPSWeightsMissing as exc:
+        pytest.skip(f"LPIPS-Alex weights not installed: {exc}")
 
 
 def test_pad_rule_crops_back_to_the_original_size(kodak_dir: Path) -> None:
@@ -51,4 +59,40 @@ def test_evaluate_report_on_real_images(kodak_dir: Path, tmp_path: Path) -> None
     assert "2 images < 100" in report["rfid_note"]
     assert report["jpeg"]["bpp"] <= t["bpp"] and report["webp"]["bpp"] <= t["bpp"]
     assert report["jpeg"]["psnr"] > t["psnr"]  # an untrained tokenizer loses to JPEG
-    assert "JPEG (Pillow)" in format_table(report)
+    assert t["kid"] is None and t["kid_std"] is None and "needs the rFID features" in report["kid_note"]
+    table = format_table(report)
+    assert "JPEG (Pillow)" in table and "LPIPS-Alex" in table and "KID" in table
+    _lpips_alex_or_skip()
+    for row in (t, report["jpeg"], report["webp"]):
+        assert np.isfinite(row["lpips_alex"]) and row["lpips_alex"] > 0  # lossy rows: some perceptual distance
+    assert report["jpeg"]["lpips_alex"] < t["lpips_alex"]  # an untrained tokenizer loses to JPEG here too
+
+
+def test_lpips_and_kid_match_direct_computation(kodak_dir: Path) -> None:
+    """LPIPS-Alex in the report equals LPIPS("alex") run directly on the same pairs; KID comes with rFID."""
+    torch.manual_seed(0)
+    model = create_tokenizer("cifar-fsq", **TINY)
+    report = evaluate(model, kodak_dir, EvalOptions(limit=2, batch_size=1, fid_min_images=2, device="cpu"))
+    t = report["tokenizer"]
+    assert t["rfid"] is not None and t["rfid_images"] == 2
+    assert t["kid"] is not None and np.isfinite(t["kid"]) and np.isfinite(t["kid_std"]) and t["kid_std"] >= 0
+    assert "subsets of 2 images" in report["kid_note"]
+    assert "KID×10³" in format_table(report)
+
+    lpips = _lpips_alex_or_skip()
+    direct = []
+    for path in sorted(kodak_dir.glob("*.png"))[:2]:
+        x = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None]
+        rec, _ = reconstruct(model, x)
+        with torch.no_grad():
+            direct.append(float(lpips(x.double().div(127.5).sub(1).float(), rec.double().div(127.5).sub(1).float())))
+    assert t["lpips_alex"] == pytest.approx(float(np.mean(direct)), rel=1e-5, abs=1e-6)
+
+
+def test_lpips_missing_weights_report_null_with_reason(kodak_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VQTOK_CACHE", str(tmp_path / "empty-cache"))
+    model = create_tokenizer("cifar-fsq", **TINY)
+    report = evaluate(model, kodak_dir, EvalOptions(limit=1, compare_codecs=True, fid=False))
+    assert report["tokenizer"]["lpips_alex"] is None and report["jpeg"]["lpips_alex"] is None
+    assert "weights not found" in report["lpips_note"]
+    assert report["tokenizer"]["psnr"] > 0  # the rest of the report is unaffected
