@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # the re-exported names, for type checkers and IDEs
         ValidationError,
         VqtokError,
     )
-    from clients.tokenize import RuntimeEncoder, ServerEncoder, TokenizeError, read_tokens, tokenize_local, tokenize_ray
+    from clients.tokenize import RuntimeEncoder, ServerEncoder, TokenizeError, load_tokens, read_tokens, tokenize_local, tokenize_ray
     from models import (
         CheckpointError,
         ConfigError,
@@ -60,9 +60,8 @@ if TYPE_CHECKING:  # the re-exported names, for type checkers and IDEs
 
     __version__: str
 
-# where each name lives: the packages' own lazy re-exports, resolved by name on first use, so a name
-# resolves once its package has it (`load_tokens`, new in clients.tokenize, is not yet in the imports
-# above nor in __all__)
+# where each name lives: the packages' own lazy re-exports, resolved by name on first use (listed
+# here rather than read from the packages' __all__, so that `import vqtok` imports no package at all)
 _MODULES: dict[str, tuple[str, ...]] = {
     "models": (
         "CheckpointError",
@@ -148,6 +147,7 @@ __all__ = [
     "create_tokenizer",
     "export_model",
     "list_presets",
+    "load_tokens",
     "preset_config",
     "read_tokens",
     "resolve_model_dir",
