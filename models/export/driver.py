@@ -24,11 +24,20 @@ from torch import Tensor, nn
 from ..config import TokenizerConfig
 from ..core.artefacts import CONFIG_FILE, GRAPH_FILES, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, WEIGHTS_FILE, file_record
 from ..core.fileio import atomic_write
-from ..core.gate import PARITY_FILE, ParitySet, write_parity_set
+from ..core.gate import PARITY_FILE, write_parity_set
 from ..quantizers.vq_graph import SEARCH_CHUNK
 from ..tokenizer import Tokenizer
 from .graphs import DecoderGraph, EncoderGraph
-from .parity import PARITY, ExportError, check_gpu_parity, check_parity, find_parity_images, parity_failures, parity_image_sets
+from .parity import (
+    PARITY,
+    ExportError,
+    check_gpu_parity,
+    check_parity,
+    find_parity_images,
+    parity_failures,
+    parity_image_sets,
+    torch_references,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +133,7 @@ def export_model(
     real = find_parity_images(parity_images)
     if not real:
         log.warning("no real images found for the parity check (--parity-images, $VQTOK_PARITY_IMAGES); checking random images only")
-    image_sets = parity_image_sets(cfg, real)
+    references = torch_references(tok, parity_image_sets(cfg, real))  # once: every precision is gated on them
     precisions = ["fp32", "fp16"] if fp16 else ["fp32"]
     manifest_files: dict[str, dict[str, Any]] = {}
     parity: dict[str, Any] = {}
@@ -148,7 +157,7 @@ def export_model(
             export_graph(DecoderGraph(tok, half, search_chunk), example_tokens, paths["decoder"], "tokens", "images", 1, opset)
             bar.update()
             bar.set_postfix_str(f"{precision} parity")
-            figures = check_parity(tok, paths, precision, image_sets)
+            figures = check_parity(paths, precision, references)
             bar.update()
             bad = parity_failures(figures, PARITY[precision])
             if bad:
@@ -157,7 +166,8 @@ def export_model(
                 )
             parity[precision] = {"bounds": asdict(PARITY[precision]), "figures": figures}
             staged[precision] = paths
-        reference = reference_set(tok, image_sets)
+        r = cfg.resolution
+        reference = references.get(f"real_{r}x{r}")  # the stored set: the native-size real photos
         gpu_figures: dict[str, Any] = {}
         if reference is not None and (gpu if gpu is not None else torch.cuda.is_available()):
             bar.set_postfix_str("GPU parity")
@@ -185,20 +195,6 @@ def export_model(
         manifest["parity"]["gpu"] = gpu_figures
     atomic_write(model_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def reference_set(tok: Tokenizer, image_sets: dict[str, np.ndarray]) -> ParitySet | None:
-    """The CPU float32 reference on the native-size real photos (None without real photos)."""
-    from .graphs import images_to_input, output_to_images
-
-    r = tok.config.resolution
-    images = image_sets.get(f"real_{r}x{r}")
-    if images is None:
-        return None
-    with torch.no_grad():
-        tokens = tok.encode(images_to_input(torch.from_numpy(images)))
-        decoded = output_to_images(tok.decoder(tok.quantizer.indices_to_codes(tokens))).numpy()
-    return ParitySet(images, tokens.numpy().astype(np.int32), decoded)
 
 
 def build_manifest(

@@ -76,8 +76,20 @@ def parity_image_sets(config: TokenizerConfig, real: list[Path], seed: int = 0) 
     return sets
 
 
-def check_parity(tok: Tokenizer, files: dict[str, Path], precision: str, image_sets: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Run ORT (CPU) against torch float32 on every image set; returns the figures per set."""
+def torch_references(tok: Tokenizer, image_sets: dict[str, np.ndarray]) -> dict[str, ParitySet]:
+    """The torch float32 reference on every image set (tokens, and the decode of those tokens),
+    computed once per export and shared by every precision's gate and the stored parity set."""
+    refs: dict[str, ParitySet] = {}
+    with torch.no_grad():
+        for label, images in image_sets.items():
+            ids = tok.encode(images_to_input(torch.from_numpy(images)))
+            decoded = output_to_images(tok.decoder(tok.quantizer.indices_to_codes(ids))).numpy()
+            refs[label] = ParitySet(images, ids.numpy().astype(np.int32), decoded)
+    return refs
+
+
+def check_parity(files: dict[str, Path], precision: str, references: dict[str, ParitySet]) -> dict[str, Any]:
+    """Run ORT (CPU) against the torch float32 references on every image set; returns the figures per set."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -85,21 +97,18 @@ def check_parity(tok: Tokenizer, files: dict[str, Path], precision: str, image_s
     enc = ort.InferenceSession(str(files["encoder"]), opts, providers=["CPUExecutionProvider"])
     dec = ort.InferenceSession(str(files["decoder"]), opts, providers=["CPUExecutionProvider"])
     figures: dict[str, Any] = {}
-    for label, images in image_sets.items():
-        with torch.no_grad():
-            ref_ids = tok.encode(images_to_input(torch.from_numpy(images)))
-            ref_img = output_to_images(tok.decoder(tok.quantizer.indices_to_codes(ref_ids))).numpy()
-        ids = enc.run(None, {"images": images})[0]
-        out = dec.run(None, {"tokens": ref_ids.numpy().astype(np.int32)})[0]
-        if ids.dtype != np.int32 or ids.shape != tuple(ref_ids.shape):
-            raise ExportError(f"{precision} encoder returned {ids.dtype}{ids.shape}, expected int32{tuple(ref_ids.shape)}")
-        if out.dtype != np.uint8 or out.shape != images.shape:
-            raise ExportError(f"{precision} decoder returned {out.dtype}{out.shape}, expected uint8{images.shape}")
+    for label, ref in references.items():
+        ids = enc.run(None, {"images": ref.images})[0]
+        out = dec.run(None, {"tokens": ref.tokens})[0]
+        if ids.dtype != np.int32 or ids.shape != ref.tokens.shape:
+            raise ExportError(f"{precision} encoder returned {ids.dtype}{ids.shape}, expected int32{ref.tokens.shape}")
+        if out.dtype != np.uint8 or out.shape != ref.images.shape:
+            raise ExportError(f"{precision} decoder returned {out.dtype}{out.shape}, expected uint8{ref.images.shape}")
         figures[label] = {
-            "token_agreement": float((ids == ref_ids.numpy()).mean()),
-            "decode_psnr_db": psnr_uint8(out, ref_img),
-            "images": int(images.shape[0]),
-            "size": list(images.shape[1:3]),
+            "token_agreement": float((ids == ref.tokens).mean()),
+            "decode_psnr_db": psnr_uint8(out, ref.decoded),
+            "images": int(ref.images.shape[0]),
+            "size": list(ref.images.shape[1:3]),
         }
     return figures
 
