@@ -31,6 +31,7 @@ class TokenizerConfig:
     base_channels: int = 64
     channel_mult: tuple[int, ...] = (1, 1, 2, 2)  # one entry per resolution; f = 2^(len − 1)
     num_res_blocks: int = 2
+    decoder_channels: int = 0  # the decoder's base width (0 = base_channels): a wider decoder, same tokens
     attention: bool = True  # self-attention at the lowest resolution
     norm_groups: int = 32
     # --- images ---
@@ -61,7 +62,9 @@ class TokenizerConfig:
             fail(f"channel_mult {self.channel_mult} gives downsample {self.downsample}; it must be 4, 8 or 16")
         if any(m < 1 for m in self.channel_mult) or self.base_channels < 1 or self.num_res_blocks < 1 or self.norm_groups < 1:
             fail("base_channels, channel_mult entries, num_res_blocks and norm_groups must be positive")
-        for width in {self.base_channels * m for m in self.channel_mult}:
+        if self.decoder_channels < 0:
+            fail(f"decoder_channels must be >= 0 (0 = base_channels), got {self.decoder_channels}")
+        for width in {b * m for b in (self.base_channels, self.decoder_base_channels) for m in self.channel_mult}:
             if width % min(self.norm_groups, width):
                 fail(f"channel width {width} is not divisible by norm_groups={self.norm_groups}")
         if self.resolution % self.downsample:
@@ -99,10 +102,16 @@ class TokenizerConfig:
     def bits_per_pixel(self) -> float:
         return self.bits_per_token / self.downsample**2
 
+    @property
+    def decoder_base_channels(self) -> int:
+        return self.decoder_channels or self.base_channels
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["channel_mult"] = list(self.channel_mult)
         d["fsq_levels"] = list(self.fsq_levels)
+        if not self.decoder_channels:  # the default is left out: configs without it read as before, by older vqtok too
+            del d["decoder_channels"]
         return d
 
     @classmethod

@@ -76,6 +76,7 @@ class Tokenizer(nn.Module):
         )
         self.encoder = Encoder(in_channels=config.in_channels, **net)  # type: ignore[arg-type]
         self.quantizer: VectorQuantizer | FSQ = build_quantizer(config)
+        net["base_channels"] = config.decoder_base_channels
         self.decoder = Decoder(out_channels=config.in_channels, **net)  # type: ignore[arg-type]
 
     @property

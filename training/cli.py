@@ -131,7 +131,7 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         trainer = Trainer(config, run_dir, resume=args.resume)
-    except DataError as exc:
+    except (DataError, TrainConfigError) as exc:  # data, or init_from that does not fit
         raise CLIError(str(exc)) from exc
     result = trainer.train()
     if trainer.dist.main:

@@ -30,11 +30,19 @@ class TrainConfigError(ValueError):
     """An invalid training configuration: unknown key, wrong type or out-of-range value."""
 
 
+MODEL_PARTS = ("encoder", "quantizer", "decoder")  # the Tokenizer's submodules
+
+
 @dataclass
 class ModelSection:
     preset: str = "cifar-fsq"  # registry name (models.list_presets())
     overrides: dict[str, Any] = field(default_factory=dict)  # TokenizerConfig fields to change
     init_from: str = ""  # optional model directory to start from instead of random weights
+    # with init_from: the parts (encoder, quantizer, decoder) whose weights it gives; [] = the whole model, config
+    # included. Naming parts builds init_from's config with `overrides` applied (e.g. decoder_channels: a wider
+    # decoder) and leaves the other parts freshly initialised.
+    init_parts: list[str] = field(default_factory=list)
+    freeze: list[str] = field(default_factory=list)  # parts trained no further, e.g. [encoder, quantizer]: init_from's tokens
 
 
 @dataclass
@@ -139,6 +147,17 @@ class TrainConfig:
             fail("time_budget_minutes", f"must be >= 0, got {self.time_budget_minutes}")
         if not 0 <= self.ema_decay < 1:
             fail("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        mc = self.model
+        for key, parts in (("model.init_parts", mc.init_parts), ("model.freeze", mc.freeze)):
+            if any(p not in MODEL_PARTS for p in parts):
+                fail(key, f"parts are {', '.join(MODEL_PARTS)}; got {parts}")
+        if mc.init_parts and not mc.init_from:
+            fail("model.init_parts", "names parts of model.init_from, which is not set")
+        if mc.init_from and mc.overrides and not mc.init_parts:
+            fail("model.overrides", "change the network that model.init_from gives: name the parts to load in model.init_parts")
+        loaded = mc.init_parts or (MODEL_PARTS if mc.init_from else ())
+        if any(p not in loaded for p in mc.freeze):
+            fail("model.freeze", f"only parts loaded from model.init_from can be frozen (loaded: {list(loaded)}), got {mc.freeze}")
         if self.optim.lr <= 0:
             fail("optim.lr", f"must be > 0, got {self.optim.lr}")
         if self.optim.warmup_steps < 0:

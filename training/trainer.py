@@ -39,10 +39,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from models import Tokenizer
+from models.config import ConfigError
 from models.quantizers.functional import perplexity_from_counts, usage_from_counts
 
 from .checkpointing import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import CONFIG_NAME, TrainConfig
+from .config import CONFIG_NAME, MODEL_PARTS, TrainConfig, TrainConfigError
 from .data import (
     Augment,
     DataError,
@@ -221,9 +222,33 @@ class Trainer:
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
 
     def _build_model(self) -> Tokenizer:
-        if self.config.model.init_from:
-            return Tokenizer.from_pretrained(self.config.model.init_from)
-        return Tokenizer(self.config.tokenizer_config())
+        mc = self.config.model
+        if not mc.init_from:
+            return Tokenizer(self.config.tokenizer_config())
+        source = Tokenizer.from_pretrained(mc.init_from)
+        if mc.init_parts:  # init_from's network with the overrides, only the named parts' weights from it
+            try:
+                model = Tokenizer(source.config.replace(**mc.overrides))
+            except ConfigError as exc:
+                raise TrainConfigError(f"invalid config value for 'model.overrides': {exc}") from exc
+            for part in mc.init_parts:
+                try:
+                    getattr(model, part).load_state_dict(getattr(source, part).state_dict())
+                except RuntimeError as exc:  # shapes differ: the overrides changed this part
+                    raise TrainConfigError(f"model.init_parts: {part} of {mc.init_from} does not fit the new network: {exc}") from exc
+            log.info(
+                "from %s: %s (fresh: %s)",
+                mc.init_from,
+                ", ".join(mc.init_parts),
+                ", ".join(p for p in MODEL_PARTS if p not in mc.init_parts) or "-",
+            )
+        else:
+            model = source
+        for part in mc.freeze:
+            getattr(model, part).requires_grad_(False)
+        if mc.freeze:
+            log.info("frozen: %s", ", ".join(mc.freeze))
+        return model
 
     @property
     def resolution(self) -> int:

@@ -4,6 +4,7 @@
 #   bash scripts/gpu/finetune.sh stage              # check the data, link photos-extra's parts into one folder
 #   bash scripts/gpu/finetune.sh ablation           # start l1, lpips and lpips-gan (configs/ablation-*.yaml) at once
 #   bash scripts/gpu/finetune.sh v2 [KEY=VALUE...]  # start configs/v2-f8-simvq-16k.yaml (overrides e.g. max_steps=4400)
+#   bash scripts/gpu/finetune.sh wide [KEY=VALUE...]  # start configs/v2-wide-decoder.yaml (v1's encoder, a wider decoder)
 #   bash scripts/gpu/finetune.sh watch SECONDS      # wait (until every started run ended, at most SECONDS), report;
 #                                                   # $OUT/progress.tar.gz: every run's metrics, summary and log
 #   bash scripts/gpu/finetune.sh collect RUN...     # $OUT/RUN.tar: the run's model (EMA weights), metrics, summary, log
@@ -82,6 +83,10 @@ case "${1:-}" in
     shift
     start v2 configs/v2-f8-simvq-16k.yaml "$@"
     ;;
+  wide)
+    shift
+    start v2-wide configs/v2-wide-decoder.yaml "$@"
+    ;;
   watch)
     limit=${2:-60}
     t0=$SECONDS
@@ -107,7 +112,7 @@ case "${1:-}" in
     ls -la "$out"
     ;;
   *)
-    sed -n 2,12p "$0"
+    sed -n 2,13p "$0"
     exit 2
     ;;
 esac
