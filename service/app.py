@@ -24,7 +24,8 @@ from .settings import Settings
 log = logging.getLogger("vqtok.service")
 
 
-def create_app(settings: Settings | None = None, *, loader: Loader | None = None, engine_socket: str | None = None, server_id: str = ""
+def create_app(
+    settings: Settings | None = None, *, loader: Loader | None = None, engine_socket: str | None = None, server_id: str = ""
 ) -> FastAPI:
     """`loader` replaces `ModelRuntime.load` (tests wrap the real runtime to inject faults).
     `engine_socket`: this app is a front process of a split server (`front_workers` > 0): the models
@@ -75,9 +76,7 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
     return app
 
 
-def _repository(
-    settings: Settings, metrics: Metrics, loader: Loader | None, engine_socket: str | None, server_id: str
-) -> ModelRepository:
+def _repository(settings: Settings, metrics: Metrics, loader: Loader | None, engine_socket: str | None, server_id: str) -> ModelRepository:
     if engine_socket is None:
         return ModelRepository(settings, metrics, loader)
     from . import ipc

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import glob
 import os
 import pickle
@@ -74,7 +75,7 @@ class Region:
     shape: tuple[int, ...]
     dtype: str
 
-    def view(self, buf: memoryview) -> np.ndarray:
+    def view(self, buf: memoryview | None) -> np.ndarray:
         return np.ndarray(self.shape, dtype=np.dtype(self.dtype), buffer=buf, offset=self.offset)
 
 
@@ -123,29 +124,21 @@ class Slab:
 
     def close(self) -> None:
         """Unmap and unlink the segment."""
-        try:
+        with contextlib.suppress(BufferError):  # a view is still alive somewhere; the mapping goes with the process
             self.shm.close()
-        except BufferError:  # a view is still alive somewhere; the mapping goes with the process
-            pass
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.shm.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def attach(name: str) -> shared_memory.SharedMemory:
     """Map a front's slab in the inference process, without handing it to this process's resource
     tracker (which would unlink it, under the front, when this process exits)."""
     shm = shared_memory.SharedMemory(name=name, create=False)
-    try:
+    with contextlib.suppress(Exception):  # the tracker's API is private
         resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    except Exception:  # pragma: no cover - the tracker's API is private
-        pass
     return shm
 
 
 def detach(shm: shared_memory.SharedMemory) -> None:
-    try:
+    with contextlib.suppress(BufferError):  # a batch still holds a view; the mapping goes when it is collected
         shm.close()
-    except BufferError:  # a batch still holds a view; the mapping goes when it is collected
-        pass

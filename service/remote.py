@@ -185,7 +185,9 @@ class EngineClient:
             raise_error(rep)
         return rep["value"]
 
-    async def infer(self, model: str, op: str, array: np.ndarray, deadline: float, out_shape: tuple[int, ...], out_dtype: str) -> np.ndarray:
+    async def infer(
+        self, model: str, op: str, array: np.ndarray, deadline: float, out_shape: tuple[int, ...], out_dtype: str
+    ) -> np.ndarray:
         xr = yr = None
         if self.slab is not None:
             xr = self.slab.alloc(array.shape, array.dtype)

@@ -101,7 +101,12 @@ class SplitServer:
         self.fronts = [self._spawn_front(i) for i in range(s.front_workers)]
         log.info(
             "split server started",
-            extra={"port": self.port, "fronts": s.front_workers, "engine_pid": self.engine.pid, "front_pids": [p.pid for p in self.fronts if p]},
+            extra={
+                "port": self.port,
+                "fronts": s.front_workers,
+                "engine_pid": self.engine.pid,
+                "front_pids": [p.pid for p in self.fronts if p],
+            },
         )
         return self
 
