@@ -13,24 +13,27 @@ GPU (one command; torch 2.11 + CUDA on the host, the serving wheels carried in .
 scripts/gpu/ort_benches.sh, the photos in .gpudata/photos256/val; the compiled runtime compiles in
 ≈ 2 min on the first start, then reuses $VQTOK_CACHE/inductor):
 
-    bash scripts/gpu/http_front.sh            # = the command below, output under $OUT
+    bash scripts/gpu/http_front.sh [0,8]      # installs .whl/ into /tmp/site, then runs (output under $OUT):
 
     python3 bench/http_front.py --model-repo models/pretrained --images .gpudata/photos256/val \
         --device cuda --runtime auto --front-workers 0,8 --concurrency 32,64,128,256 --images-per-request 1,8 \
-        --max-batch-size 64 --client-procs 6 --duration 6 --time-budget 560 --out $OUT/http_front_gpu.json
+        --max-batch-size 64 --client-procs 6 --decode-threads 4 --duration 6 --time-budget 540 --out $OUT/http_front_gpu.json
 
 CPU (what bench/results/http_front_cpu.json holds; the tiny test model, so that HTTP is what limits):
 
     python bench/http_front.py --model-repo .pytest_cache/d/vqtok-test-models/<hash>/fsq4 --resize crop \
-        --warmup-size 32 --device cpu --front-workers 0,2 --out bench/results/http_front_cpu.json
+        --warmup-size 32 --device cpu --front-workers 0,2 --client-procs 1 --out bench/results/http_front_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import multiprocessing as mp
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -39,11 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.service_load import free_port, raw_throughput, run_load  # noqa: E402
+from bench.service_load import free_port, raw_throughput, scrape  # noqa: E402
 
 VQTOK = [sys.executable, "-c", "import sys; from clients.cli import main; sys.exit(main())"]
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -84,6 +88,130 @@ def tree_cpu_seconds(root: int) -> dict[str, float]:
         out[role] = out.get(role, 0.0) + times.get(p, 0.0)
         out["total"] += times.get(p, 0.0)
     return out
+
+
+# --- the load generator: pre-built HTTP/1.1 requests on raw keep-alive sockets, in separate processes ---
+# (httpx was the bottleneck: one process served 130 requests/s at 32 connections and 36/s at 128 on this
+# machine, while the server sat mostly idle; this client spends a few tens of microseconds per request)
+
+
+def build_requests(files: list[bytes], per_req: int, resize: str, port: int) -> list[bytes]:
+    """One complete `POST /v1/encode` multipart request per starting file (the server answers npy)."""
+    boundary = b"vqtokbenchboundary7MA4YWxkTrZu0gW"
+    out = []
+    for k in range(len(files)):
+        parts = [b"--" + boundary + b'\r\nContent-Disposition: form-data; name="resize"\r\n\r\n' + resize.encode() + b"\r\n"]
+        for j in range(per_req):
+            data = files[(k + j) % len(files)]
+            parts.append(
+                b"--"
+                + boundary
+                + b'\r\nContent-Disposition: form-data; name="images"; filename="%d.jpg"\r\n' % (k + j)
+                + b"Content-Type: image/jpeg\r\n\r\n"
+                + data
+                + b"\r\n"
+            )
+        body = b"".join(parts) + b"--" + boundary + b"--\r\n"
+        head = (
+            b"POST /v1/encode HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAccept: application/x-npy\r\n" % port
+            + b"Content-Type: multipart/form-data; boundary="
+            + boundary
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        out.append(head + body)
+    return out
+
+
+async def _connection(
+    port: int, requests: list[bytes], start: int, step: int, t_measure: float, t_end: float, stats: dict[str, Any]
+) -> None:
+    k = start
+    reader = writer = None
+    while True:
+        t0 = time.monotonic()
+        if t0 >= t_end:
+            break
+        try:
+            if writer is None:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=2**22)
+            assert reader is not None
+            writer.write(requests[k % len(requests)])
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = head[9:12].decode()
+            length = int(re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head).group(1))  # type: ignore[union-attr]
+            await reader.readexactly(length)
+            if re.search(rb"(?i)\r\nconnection:\s*close", head):
+                writer.close()
+                writer = None
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            status = type(exc).__name__
+            if writer is not None:
+                writer.close()
+            writer = None
+        t1 = time.monotonic()
+        k += step
+        if t_measure <= t1 <= t_end:
+            if status == "200":
+                stats["latencies"].append(t1 - t0)
+                stats["requests"] += 1
+            else:
+                stats["errors"][status] = stats["errors"].get(status, 0) + 1
+    if writer is not None:
+        writer.close()
+
+
+def _client_proc(port: int, requests: list[bytes], first: int, connections: int, step: int, warmup: float, seconds: float, q: Any) -> None:
+    async def run() -> dict[str, Any]:
+        stats: dict[str, Any] = {"latencies": [], "requests": 0, "errors": {}}
+        t_start = time.monotonic()
+        t_measure, t_end = t_start + warmup, t_start + warmup + seconds
+        await asyncio.gather(*(_connection(port, requests, first + i, step, t_measure, t_end, stats) for i in range(connections)))
+        return stats
+
+    q.put(asyncio.run(run()))
+
+
+def run_load(url: str, files: list[bytes], concurrency: int, seconds: float, procs: int, resize: str, per_req: int = 1) -> dict[str, Any]:
+    """`concurrency` keep-alive connections, each sending its next request when the last is answered,
+    over `procs` processes; images/s and latencies over `seconds` after 1 s of warm-up."""
+    port = int(url.rsplit(":", 1)[1])
+    requests = build_requests(files, per_req, resize, port)
+    procs = max(1, min(procs, concurrency))
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    before = scrape(url)
+    workers, first = [], 0
+    for n in shares:
+        workers.append(ctx.Process(target=_client_proc, args=(port, requests, first, n, concurrency, 1.0, seconds, q), daemon=True))
+        first += n
+    for w in workers:
+        w.start()
+    results = [q.get(timeout=seconds + 300) for _ in workers]
+    for w in workers:
+        w.join(timeout=30)
+    after = scrape(url)
+    lat = np.array(sorted(x for r in results for x in r["latencies"]))
+    errors: dict[str, int] = {}
+    for r in results:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    batches = after["vqtok_batch_size_count"] - before["vqtok_batch_size_count"]
+    batched = after["vqtok_batch_size_sum"] - before["vqtok_batch_size_sum"]
+    n = sum(r["requests"] for r in results) * per_req
+    pct = lambda q: float(np.percentile(lat, q) * 1000) if len(lat) else None  # noqa: E731
+    return {
+        "concurrency": concurrency,
+        "images": n,
+        "images_per_s": n / seconds,
+        "p50_ms": pct(50),
+        "p95_ms": pct(95),
+        "p99_ms": pct(99),
+        "errors": errors,
+        "mean_batch": batched / batches if batches else None,
+        "mean_queue_ms": 1000 * (after["vqtok_queue_wait_seconds_sum"] - before["vqtok_queue_wait_seconds_sum"]) / max(batched, 1),
+        "mean_inference_ms": 1000 * (after["vqtok_inference_seconds_sum"] - before["vqtok_inference_seconds_sum"]) / max(batches, 1),
+    }
 
 
 def encode_requests(url: str) -> float:

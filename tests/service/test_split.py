@@ -234,3 +234,60 @@ def test_no_shared_memory_at_all_still_serves(model_repo: Path, photos: list[Pat
         assert r.status_code == 200 and np.load(io.BytesIO(r.content)).shape == (1, 32, 32, 3)
     finally:
         s.stop()
+
+
+def test_deadlines_queue_full_and_reload_behave_as_in_one_process(model_repo: Path) -> None:
+    """What needs the batcher to be slow, without fault injection: a partial batch waits a whole second."""
+    s = SplitServerThread(
+        _settings(
+            model_repo,
+            front_workers=2,
+            max_batch_size=64,
+            max_batch_delay_ms=1000,
+            max_queue_images=2,
+            max_images_per_request=2,
+            admin_api_keys=["admin-key-123"],
+            retry_after_s=3,
+        )
+    ).start()
+    img = pixels.encode_png(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    try:
+        # the deadline: 504 at 0.2 s, and the item leaves the inference process's queue (cancelled there)
+        t0 = time.monotonic()
+        r = httpx.post(f"{s.url}/v1/encode", files={"images": img}, headers={"X-Request-Timeout": "0.2"}, timeout=10)
+        assert r.status_code == 504 and r.json()["type"] == "urn:vqtok:problem:deadline-exceeded"
+        assert time.monotonic() - t0 < 0.9
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            text = httpx.get(f"{s.url}/metrics", timeout=10).text
+            if metric_value(text, "vqtok_rejected_total", model="fsq4", reason="cancelled") >= 1:
+                break
+            time.sleep(0.05)
+        assert metric_value(text, "vqtok_rejected_total", model="fsq4", reason="cancelled") >= 1
+        assert metric_value(text, "vqtok_rejected_total", model="fsq4", reason="deadline") >= 1
+        assert metric_value(text, "vqtok_queue_depth", model="fsq4") == 0
+
+        # the queue bound: two images wait for the batch delay; the next request is 503 queue-full
+        async def full() -> tuple[httpx.Response, httpx.Response]:
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as c:
+                first = asyncio.ensure_future(c.post("/v1/encode", files=[("images", img), ("images", img)]))
+                await asyncio.sleep(0.3)
+                second = await c.post("/v1/encode", files={"images": img})
+                return await first, second
+
+        first, second = asyncio.run(full())
+        assert first.status_code == 200
+        assert second.status_code == 503 and second.json()["type"] == "urn:vqtok:problem:queue-full"
+        assert second.headers["retry-after"] == "3"
+
+        # reload through a front: every front sees the new version
+        before = httpx.get(f"{s.url}/v1/models/fsq4", timeout=10).json()["loaded_at"]
+        assert httpx.post(f"{s.url}/v1/admin/reload?model=fsq4", timeout=60).status_code == 401
+        r = httpx.post(f"{s.url}/v1/admin/reload?model=fsq4", headers={"Authorization": "Bearer admin-key-123"}, timeout=60)
+        assert r.status_code == 200 and r.json()["ok"] is True, r.text
+        for _ in range(6):  # whichever front answers
+            assert httpx.get(f"{s.url}/v1/models/fsq4", timeout=10).json()["loaded_at"] > before
+        assert httpx.post(f"{s.url}/v1/encode", files={"images": img}, timeout=30).status_code == 200
+    finally:
+        s.stop()
+    assert _segments(s.server.server_id) == []
