@@ -312,7 +312,7 @@ class RemoteRepository(ModelRepository):
 
     async def refresh(self) -> None:
         """A fresh snapshot (queue depths) for /v1/models; the last one if the inference process is away."""
-        with contextlib.suppress(EngineGone):
+        with contextlib.suppress(EngineGone, asyncio.TimeoutError):
             self._apply(await asyncio.wait_for(self.client.call("snapshot"), 2.0))
 
     async def exposition(self) -> bytes:

@@ -78,7 +78,12 @@ class SplitServer:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(_ROOT), *filter(None, [env.get("PYTHONPATH")])])
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.split", role], stdin=subprocess.PIPE, pass_fds=pass_fds, env=env, cwd=str(_ROOT)
+            [sys.executable, "-m", "service.split", role],
+            stdin=subprocess.PIPE,
+            pass_fds=pass_fds,
+            env=env,
+            cwd=str(_ROOT),
+            start_new_session=True,  # Ctrl-C reaches the supervisor alone, which stops the children in order
         )
         config = {"settings": self.settings.model_dump(mode="json"), "socket": self.socket_path, "server_id": self.server_id, **extra}
         assert proc.stdin is not None
