@@ -108,8 +108,8 @@ class Settings(BaseSettings):
         ge=0,
         le=64,
         description="front processes (HTTP, image decoding and encoding) in front of one inference process that owns the models "
-        "and the batcher, sharing the port; 0 = one process does everything (the default; on the CPU the split gains nothing "
-        "measured), 4-8 on a GPU host (see service/README.md)",
+        "and the batcher, sharing the port; 0 = one process does everything (the default); on a GPU host, about the cores left "
+        "for HTTP (8 on 16 cores; service/README.md)",
     )
     front_shm_mib: int = Field(
         default=32,
