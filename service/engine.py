@@ -193,6 +193,10 @@ class Engine:
             else:  # no room in the slab, or not the shape the front expected (a reload changed the model)
                 reply = {"t": "rep", "id": rid, "ok": True, "y": np.ascontiguousarray(y)}
         except asyncio.CancelledError:
+            # Its front frees the regions on this reply. Were the item already in a running batch, that
+            # batch may still read the input region (the answer region is never written: that happens
+            # above, after submit returned); what a reused input region could change is the cancelled
+            # item's own result, which nobody reads, never another image's (every image is its own sample).
             reply = {"t": "rep", "id": rid, "err": "cancelled", "msg": "cancelled"}
         except Exception as exc:
             reply = {"t": "rep", "id": rid, **error_fields(exc)}
