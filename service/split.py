@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from models.core.errors import CLIError
+
 from . import ipc
 from .settings import Settings
 
@@ -101,7 +103,11 @@ class SplitServer:
 
     def start(self) -> SplitServer:
         s = self.settings
-        self.sock = _listen(s.host, s.port)
+        try:
+            self.sock = _listen(s.host, s.port)
+        except OSError as exc:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise CLIError(f"cannot listen on {s.host}:{s.port}: {exc.strerror or exc}") from None
         self.engine = self._spawn_engine()
         self.fronts = [self._spawn_front(i) for i in range(s.front_workers)]
         log.info(

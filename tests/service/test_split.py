@@ -185,6 +185,19 @@ def test_vqtok_serve_front_workers_stops_cleanly_on_sigterm(model_repo: Path) ->
     assert _segments(f"{proc.pid}.0") == []
 
 
+def test_a_port_in_use_is_one_clear_line(model_repo: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cmd = [sys.executable, "-c", "import sys; from clients.cli import main; sys.exit(main())", "serve", "--model-repo", str(model_repo)]
+        done = subprocess.run([*cmd, "--port", str(port), "--front-workers", "1"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_slab_allocates_first_fit_and_coalesces() -> None:
     slab = ipc.Slab(f"vqtok-test{os.getpid()}-slab", 4096)
     try:
