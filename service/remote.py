@@ -79,8 +79,7 @@ class EngineClient:
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self.connected = asyncio.Event()
-        self.snapshots: asyncio.Queue[dict[str, Any]] | None = None
-        self.on_snapshot: Any = None
+        self.on_snapshot: Any = None  # called with each snapshot the inference process sends, None when it is lost
 
     # --- connection ---
 
@@ -256,7 +255,8 @@ class RemoteRepository(ModelRepository):
         super().__init__(settings, metrics)
         self.client = EngineClient(socket_path, slab, metrics)
         self.client.on_snapshot = self._apply
-        self._fronts = 0
+        self._connected = False  # to the inference process, with its snapshot applied
+        self._fronts = 0  # fronts connected to it, as it last said
 
     def _apply(self, snap: dict[str, Any] | None) -> None:
         if snap is None:  # connection lost: keep the entries (for /v1/models), serve nothing
@@ -281,8 +281,6 @@ class RemoteRepository(ModelRepository):
         self._entries = entries
         self.loaded = bool(snap["loaded"])
 
-    _connected = False
-
     def not_ready_reason(self) -> str | None:
         if not self._connected:
             return GONE
@@ -303,12 +301,9 @@ class RemoteRepository(ModelRepository):
         await self.client.run()
 
     async def reload(self, name: str | None = None) -> list[dict[str, Any]]:
-        try:
-            return cast(list[dict[str, Any]], await self.client.call("reload", model=name))
-        except EngineGone:
-            raise
-        except ModelNotReady as exc:  # pragma: no cover - reload does not raise it
-            raise EngineGone(str(exc)) from None
+        """Reload in the inference process (UnknownModel passes through as in one process); every front
+        gets the new snapshot."""
+        return cast(list[dict[str, Any]], await self.client.call("reload", model=name))
 
     async def refresh(self) -> None:
         """A fresh snapshot (queue depths) for /v1/models; the last one if the inference process is away."""

@@ -103,7 +103,7 @@ def test_concurrent_requests_through_several_fronts_give_the_runtimes_tokens_in_
 
 
 def test_the_inference_process_dying_answers_503_then_serves_again(model_repo: Path, photos: list[Path]) -> None:
-    s = SplitServerThread(_settings(model_repo, front_workers=2, max_batch_delay_ms=50)).start()
+    s = SplitServerThread(_settings(model_repo, front_workers=2, max_batch_delay_ms=50, admin_api_keys=["admin-key-123"])).start()
     try:
         jpegs = _jpegs(photos, 64)
         engine = s.server.engine
@@ -122,6 +122,13 @@ def test_the_inference_process_dying_answers_503_then_serves_again(model_repo: P
         assert codes <= {200, 503} and 503 in codes, codes
         gone = next(r for r in answers if r.status_code == 503)
         assert gone.json()["type"] == "urn:vqtok:problem:model-not-ready" and gone.headers["retry-after"] == "1"
+        while s.server.engine is engine:  # until the supervisor starts it again, everything answers 503
+            models = httpx.get(f"{s.url}/v1/models", timeout=10)
+            reload = httpx.post(f"{s.url}/v1/admin/reload", headers={"Authorization": "Bearer admin-key-123"}, timeout=10)
+            if s.server.engine is engine:
+                assert models.status_code == 200 and reload.status_code == 503, reload.text
+                assert reload.json()["type"] == "urn:vqtok:problem:model-not-ready"
+            time.sleep(0.05)
         # the supervisor starts it again; until it is ready, 503s with the reason
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
