@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +24,13 @@ from .settings import Settings
 log = logging.getLogger("vqtok.service")
 
 
-def create_app(settings: Settings | None = None, *, loader: Loader | None = None) -> FastAPI:
-    """`loader` replaces `ModelRuntime.load` (tests wrap the real runtime to inject faults)."""
+def create_app(
+    settings: Settings | None = None, *, loader: Loader | None = None, engine_socket: str | None = None, server_id: str = ""
+) -> FastAPI:
+    """`loader` replaces `ModelRuntime.load` (tests wrap the real runtime to inject faults).
+    `engine_socket`: this app is a front process of a split server (`front_workers` > 0): the models
+    run in the inference process listening there (`engine.py`), not in this process; `server_id` names
+    this front's shared-memory slab (`ipc.sweep` removes what a killed front left)."""
     settings = settings or Settings()
     metrics = Metrics()
 
@@ -33,7 +39,7 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
         # Pillow's own bomb guard, as a second line behind the header check in images.py.
         Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
         pool = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="images")
-        repo = ModelRepository(settings, metrics, loader)
+        repo = _repository(settings, metrics, loader, engine_socket, server_id)
         state = app.state.vqtok = ServiceState(settings, metrics, repo, pool)
         # Load in the background: /healthz answers at once, /readyz turns 200 once models are warm.
         loading = asyncio.create_task(repo.load_all(), name="load-models")
@@ -68,6 +74,16 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, metrics=metrics)
     return app
+
+
+def _repository(settings: Settings, metrics: Metrics, loader: Loader | None, engine_socket: str | None, server_id: str) -> ModelRepository:
+    if engine_socket is None:
+        return ModelRepository(settings, metrics, loader)
+    from . import ipc
+    from .remote import RemoteRepository, slab_name
+
+    slab = ipc.Slab(slab_name(server_id or str(os.getppid())), settings.front_shm_mib * 2**20) if settings.front_shm_mib else None
+    return RemoteRepository(settings, metrics, engine_socket, slab)
 
 
 def _on_sighup(callback: object) -> None:

@@ -143,6 +143,10 @@ def _serve(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"model_repo": untrained_repository()})
     elif not settings.model_repo.is_dir():
         raise CLIError(f"model repository {settings.model_repo} is not a directory")
+    if settings.front_workers > 0:
+        from .split import serve
+
+        return serve(settings)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,

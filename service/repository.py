@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client import generate_latest
 
 from .batcher import Batcher, PixelPool, pixel_budget
 from .metrics import Metrics
@@ -147,6 +148,13 @@ class ModelRepository:
         finally:
             served.active -= 1
             self._maybe_stop(served)
+
+    async def refresh(self) -> None:
+        """Bring the entries up to date (a split server's front asks the inference process; here they are)."""
+
+    async def exposition(self) -> bytes:
+        """The Prometheus text of this server (a split server's front sums every process's)."""
+        return generate_latest(self.metrics.registry)  # type: ignore[no-any-return]
 
     # --- loading ---
 

@@ -102,6 +102,23 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=30.0, gt=0, description="per-request deadline in seconds; past it the answer is 504")
     retry_after_s: int = Field(default=1, ge=1, description="seconds sent in the Retry-After header of a 503")
 
+    # --- processes ---
+    front_workers: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="front processes (HTTP, image decoding and encoding) in front of one inference process that owns the models "
+        "and the batcher, sharing the port; 0 = one process does everything (the default); on a GPU host, about the cores left "
+        "for HTTP (8 on 16 cores; service/README.md)",
+    )
+    front_shm_mib: int = Field(
+        default=32,
+        ge=0,
+        le=4096,
+        description="with front-workers: MiB of shared memory (/dev/shm) per front for the pixels and tokens it exchanges with "
+        "the inference process; what does not fit travels through the control socket instead (slower); 0 = always the socket",
+    )
+
     # --- limits ---
     max_body_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024, description="request body limit in bytes (64 MiB by default); larger bodies get 413"

@@ -112,3 +112,33 @@ class ServerThread:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+class SplitServerThread:
+    """A split server (`front_workers` front processes and one inference process, service/split.py) on a
+    free localhost port, supervised from a thread of the test process; the same face as ServerThread."""
+
+    def __init__(self, settings: Any) -> None:
+        from service.split import SplitServer
+
+        self.port = free_port()
+        self.settings = settings.model_copy(update={"port": self.port, "front_workers": settings.front_workers or 2})
+        self.server = SplitServer(self.settings)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self, ready: bool = True, timeout: float = 90) -> Self:
+        """Start; return once /readyz (or, with ready=False, /healthz) answers 200."""
+        self.server.start().watch_in_thread()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz" if ready else f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"split server on {self.url} did not become ready")
+
+    def stop(self) -> None:
+        self.server.stop()

@@ -53,11 +53,13 @@ def limits(state: ServiceState) -> Limits:
 
 @router.get("/models", response_model=ModelList, summary="Models in the repository")
 async def list_models(state: State) -> ModelList:
+    await state.repo.refresh()
     return ModelList(default_model=state.repo.default_name, models=[model_out(e) for e in state.repo.entries()], limits=limits(state))
 
 
 @router.get("/models/{name}", response_model=ModelOut, summary="One model")
 async def get_model(name: ModelName, state: State) -> ModelOut:
+    await state.repo.refresh()
     try:
         return model_out(state.repo.entry(name))
     except UnknownModel as exc:

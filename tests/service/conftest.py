@@ -1,5 +1,10 @@
 """Fixtures for the service tests: a small model repository of real exported graphs, and real uvicorn
-servers on free localhost ports (in a thread, so tests can wrap the runtime to inject faults)."""
+servers on free localhost ports (in a thread, so tests can wrap the runtime to inject faults).
+
+`server` and `serve` run every test twice: against the single-process server (`front_workers=0`) and
+against a split server (two front processes and an inference process, `front_workers=2`); a test
+that injects faults through `loader` runs on the single-process server only (the split server's
+runtime lives in another process)."""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from PIL import Image
 
 from service.runtime import ModelRuntime
 from service.settings import Settings
-from tests.helpers import ServerThread, exported_model_repo
+from tests.helpers import ServerThread, SplitServerThread, exported_model_repo
 
 REPO = Path(__file__).resolve().parents[2]
 # Two tiny untrained models (real graphs, fast on CPU): FSQ f=4 (K=1000) and SimVQ f=4 (K=1024).
@@ -29,12 +34,16 @@ def model_repo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return exported_model_repo(request, tmp_path_factory, MODELS)
 
 
-@pytest.fixture
-def serve(model_repo: Path) -> Iterator[Callable[..., ServerThread]]:
-    """serve(loader=None, **settings) -> a started ServerThread; all are stopped after the test."""
-    started: list[ServerThread] = []
+MODES = ["single", "split"]
 
-    def start(loader: Callable[..., Any] | None = None, ready: bool = True, **overrides: Any) -> ServerThread:
+
+@pytest.fixture(params=MODES)
+def serve(request: pytest.FixtureRequest, model_repo: Path) -> Iterator[Callable[..., ServerThread]]:
+    """serve(loader=None, **settings) -> a started ServerThread (or SplitServerThread); all are stopped after the test."""
+    started: list[Any] = []
+    split = request.param == "split"
+
+    def start(loader: Callable[..., Any] | None = None, ready: bool = True, **overrides: Any) -> Any:
         base: dict[str, Any] = {
             "model_repo": model_repo,
             "device": "cpu",
@@ -42,7 +51,10 @@ def serve(model_repo: Path) -> Iterator[Callable[..., ServerThread]]:
             "log_format": "text",
             "intra_op_threads": 1,
         }
-        server = ServerThread(Settings(**(base | overrides)), loader)
+        if split and loader is not None:
+            pytest.skip("faults are injected into this process's runtime; a split server runs its models in another process")
+        settings = Settings(**(base | overrides))
+        server = SplitServerThread(settings) if split else ServerThread(settings, loader)
         started.append(server)
         return server.start(ready=ready)
 
@@ -51,13 +63,13 @@ def serve(model_repo: Path) -> Iterator[Callable[..., ServerThread]]:
         s.stop()
 
 
-@pytest.fixture(scope="module")
-def server(model_repo: Path) -> Iterator[ServerThread]:
-    """One plain server shared by a test module."""
+@pytest.fixture(scope="module", params=MODES)
+def server(request: pytest.FixtureRequest, model_repo: Path) -> Iterator[Any]:
+    """One plain server shared by a test module (once single-process, once split)."""
     settings = Settings(
         model_repo=model_repo, device="cpu", warmup_sizes=[32], log_format="text", default_model="fsq4", max_batch_delay_ms=5
     )
-    s = ServerThread(settings).start()
+    s = (SplitServerThread(settings) if request.param == "split" else ServerThread(settings)).start()
     yield s
     s.stop()
 

@@ -1,0 +1,408 @@
+"""HTTP front against the raw runtime, in one run: is the server's HTTP side holding the model back?
+
+For each `--front-workers` value (0 = today's single process; N = N front processes and one inference
+process, service/split.py) it starts `vqtok serve`, sends real JPEGs as multipart uploads (one image
+per request, then 8-image requests) from separate load-generator processes at each concurrency, and
+records images/s, p50/p99 latency, the batches the server formed and the server's CPU seconds per
+request (the whole process tree: supervisor, fronts and inference process). The raw runtime
+(`service.runtimes.load_runtime`, the server's own choice of runtime) is timed in this process on
+already-decoded images at the server's max batch size, at the start and at the end; ratios are to the
+better of the two. Prints a table, writes JSON.
+
+GPU (one command; torch 2.11 + CUDA on the host, the serving wheels carried in .whl/ as for
+scripts/gpu/ort_benches.sh, the photos in .gpudata/photos256/val; the compiled runtime compiles in
+≈ 2 min on the first start, then reuses $VQTOK_CACHE/inductor):
+
+    bash scripts/gpu/http_front.sh [0,8]      # installs .whl/ into /tmp/site, then runs (output under $OUT):
+
+    python3 bench/http_front.py --model-repo models/pretrained --images .gpudata/photos256/val \
+        --device cuda --runtime auto --front-workers 0,8 --concurrency 32,64,128,256 --images-per-request 1,8 \
+        --max-batch-size 64 --client-procs 6 --decode-threads 4 --duration 6 --time-budget 540 --out $OUT/http_front_gpu.json
+
+CPU (what bench/results/http_front_cpu.json holds; the tiny test model, so that HTTP is what limits):
+
+    python bench/http_front.py --model-repo .pytest_cache/d/vqtok-test-models/<hash>/fsq4 --resize crop \
+        --warmup-size 32 --device cpu --front-workers 0,2 --client-procs 1 --out bench/results/http_front_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.service_load import free_port, raw_throughput, scrape  # noqa: E402
+
+VQTOK = [sys.executable, "-c", "import sys; from clients.cli import main; sys.exit(main())"]
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(root: int) -> dict[str, float]:
+    """user + system CPU seconds of `root` and every live descendant (from /proc), by role: `engine`
+    (the inference process of a split server), `fronts`, `supervisor`, or `server` (single process)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        pid = int(entry)
+        parents[pid] = int(fields[1])
+        times[pid] = (int(fields[11]) + int(fields[12])) / _TICK
+    tree, frontier = {root}, [root]
+    while frontier:
+        p = frontier.pop()
+        for child, parent in parents.items():
+            if parent == p and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    out = {"total": 0.0}
+    for p in tree:
+        try:
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        role = "engine" if "service.split engine" in cmd else "fronts" if "service.split front" in cmd else "server"
+        if role == "server" and "resource_tracker" in cmd:
+            role = "fronts"
+        out[role] = out.get(role, 0.0) + times.get(p, 0.0)
+        out["total"] += times.get(p, 0.0)
+    return out
+
+
+# --- the load generator: pre-built HTTP/1.1 requests on raw keep-alive sockets, in separate processes ---
+# (httpx was the bottleneck: one process served 130 requests/s at 32 connections and 36/s at 128 on this
+# machine, while the server sat mostly idle; this client spends a few tens of microseconds per request)
+
+
+def build_requests(files: list[bytes], per_req: int, resize: str, port: int) -> list[bytes]:
+    """One complete `POST /v1/encode` multipart request per starting file (the server answers npy)."""
+    boundary = b"vqtokbenchboundary7MA4YWxkTrZu0gW"
+    out = []
+    for k in range(len(files)):
+        parts = [b"--" + boundary + b'\r\nContent-Disposition: form-data; name="resize"\r\n\r\n' + resize.encode() + b"\r\n"]
+        for j in range(per_req):
+            data = files[(k + j) % len(files)]
+            parts.append(
+                b"--"
+                + boundary
+                + b'\r\nContent-Disposition: form-data; name="images"; filename="%d.jpg"\r\n' % (k + j)
+                + b"Content-Type: image/jpeg\r\n\r\n"
+                + data
+                + b"\r\n"
+            )
+        body = b"".join(parts) + b"--" + boundary + b"--\r\n"
+        head = (
+            b"POST /v1/encode HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAccept: application/x-npy\r\n" % port
+            + b"Content-Type: multipart/form-data; boundary="
+            + boundary
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        out.append(head + body)
+    return out
+
+
+async def _connection(
+    port: int, requests: list[bytes], start: int, step: int, t_measure: float, t_end: float, stats: dict[str, Any]
+) -> None:
+    k = start
+    reader = writer = None
+    while True:
+        t0 = time.monotonic()
+        if t0 >= t_end:
+            break
+        try:
+            if writer is None:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=2**22)
+            assert reader is not None
+            writer.write(requests[k % len(requests)])
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = head[9:12].decode()
+            length = int(re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head).group(1))  # type: ignore[union-attr]
+            await reader.readexactly(length)
+            if re.search(rb"(?i)\r\nconnection:\s*close", head):
+                writer.close()
+                writer = None
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            status = type(exc).__name__
+            if writer is not None:
+                writer.close()
+            writer = None
+        t1 = time.monotonic()
+        k += step
+        if t_measure <= t1 <= t_end:
+            if status == "200":
+                stats["latencies"].append(t1 - t0)
+                stats["requests"] += 1
+            else:
+                stats["errors"][status] = stats["errors"].get(status, 0) + 1
+    if writer is not None:
+        writer.close()
+
+
+def _client_proc(port: int, requests: list[bytes], first: int, connections: int, step: int, warmup: float, seconds: float, q: Any) -> None:
+    async def run() -> dict[str, Any]:
+        stats: dict[str, Any] = {"latencies": [], "requests": 0, "errors": {}}
+        t_start = time.monotonic()
+        t_measure, t_end = t_start + warmup, t_start + warmup + seconds
+        await asyncio.gather(*(_connection(port, requests, first + i, step, t_measure, t_end, stats) for i in range(connections)))
+        return stats
+
+    q.put(asyncio.run(run()))
+
+
+def run_load(url: str, files: list[bytes], concurrency: int, seconds: float, procs: int, resize: str, per_req: int = 1) -> dict[str, Any]:
+    """`concurrency` keep-alive connections, each sending its next request when the last is answered,
+    over `procs` processes; images/s and latencies over `seconds` after 1 s of warm-up."""
+    port = int(url.rsplit(":", 1)[1])
+    requests = build_requests(files, per_req, resize, port)
+    procs = max(1, min(procs, concurrency))
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    before = scrape(url)
+    workers, first = [], 0
+    for n in shares:
+        workers.append(ctx.Process(target=_client_proc, args=(port, requests, first, n, concurrency, 1.0, seconds, q), daemon=True))
+        first += n
+    for w in workers:
+        w.start()
+    results = [q.get(timeout=seconds + 300) for _ in workers]
+    for w in workers:
+        w.join(timeout=30)
+    after = scrape(url)
+    lat = np.array(sorted(x for r in results for x in r["latencies"]))
+    errors: dict[str, int] = {}
+    for r in results:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    batches = after["vqtok_batch_size_count"] - before["vqtok_batch_size_count"]
+    batched = after["vqtok_batch_size_sum"] - before["vqtok_batch_size_sum"]
+    n = sum(r["requests"] for r in results) * per_req
+    pct = lambda q: float(np.percentile(lat, q) * 1000) if len(lat) else None  # noqa: E731
+    return {
+        "concurrency": concurrency,
+        "images": n,
+        "images_per_s": n / seconds,
+        "p50_ms": pct(50),
+        "p95_ms": pct(95),
+        "p99_ms": pct(99),
+        "errors": errors,
+        "mean_batch": batched / batches if batches else None,
+        "mean_queue_ms": 1000 * (after["vqtok_queue_wait_seconds_sum"] - before["vqtok_queue_wait_seconds_sum"]) / max(batched, 1),
+        "mean_inference_ms": 1000 * (after["vqtok_inference_seconds_sum"] - before["vqtok_inference_seconds_sum"]) / max(batches, 1),
+    }
+
+
+def encode_requests(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("vqtok_http_requests_total{") and 'route="/v1/encode"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def start_server(args: argparse.Namespace, fronts: int, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    cmd = [*VQTOK, "serve", "--model-repo", str(args.model_repo), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--device", args.device, "--runtime", args.runtime, "--max-batch-size", str(args.max_batch_size)]
+    cmd += ["--max-batch-delay-ms", str(args.max_batch_delay_ms), "--decode-threads", str(args.decode_threads)]
+    cmd += ["--max-queue-images", str(max(4096, 8 * max(args.concurrency) * max(args.images_per_request)))]
+    cmd += ["--warmup-sizes", str(args.warmup_size), "--request-timeout-s", "120", "--log-level", "warning"]
+    cmd += ["--front-workers", str(fronts)]
+    if args.intra_op_threads:
+        cmd += ["--intra-op-threads", str(args.intra_op_threads)]
+    if args.model:
+        cmd += ["--default-model", args.model]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}; see {log_path}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"server not ready after 600 s; see {log_path}")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-repo", type=Path, required=True)
+    p.add_argument("--model", default=None)
+    p.add_argument("--images", type=Path, default=REPO.parent / "shared" / "data" / "photos256" / "val", help="folder of JPEGs")
+    p.add_argument("--resize", default="none", choices=["none", "crop", "pad"])
+    p.add_argument("--warmup-size", type=int, default=256)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "compiled"])
+    p.add_argument("--front-workers", type=ints, default=[0, 2], help="comma-separated; 0 = single process")
+    p.add_argument("--concurrency", type=ints, default=[32, 64, 128, 256])
+    p.add_argument("--images-per-request", type=ints, default=[1, 8])
+    p.add_argument("--duration", type=float, default=6.0, help="measured seconds per level (after 1 s of warm-up)")
+    p.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)))
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-batch-delay-ms", type=float, default=2.0)
+    p.add_argument("--decode-threads", type=int, default=max(2, min(8, (os.cpu_count() or 2) // 2)))
+    p.add_argument("--intra-op-threads", type=int, default=None)
+    p.add_argument("--raw-seconds", type=float, default=3.0)
+    p.add_argument("--time-budget", type=float, default=560.0, help="seconds for the whole run; levels that would not fit are skipped")
+    p.add_argument("--out", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_begin = time.monotonic()
+    left = lambda: args.time_budget - (time.monotonic() - t_begin)  # noqa: E731
+    files = [p.read_bytes() for p in sorted(args.images.glob("*.jp*g"))]
+    if not files:
+        raise SystemExit(f"no JPEGs in {args.images}")
+    log_path = args.out.with_suffix(".server.log") if args.out else Path("/tmp/vqtok-http-front.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_bytes(b"")
+
+    from service.runtimes import load_runtime
+
+    model_dir = args.model_repo / args.model if args.model else args.model_repo
+    if not (model_dir / "manifest.json").exists():
+        model_dir = next(d for d in sorted(args.model_repo.iterdir()) if (d / "manifest.json").exists())
+    runtime = load_runtime(model_dir, runtime=args.runtime, device=args.device, max_batch_size=args.max_batch_size)
+    runtime.warmup([(args.warmup_size, args.warmup_size)])
+    raw_before = raw_throughput(runtime, files, args.resize, args.max_batch_size, args.raw_seconds)
+    print(f"  raw {getattr(runtime, 'runtime_name', '')}: {raw_before:.1f} img/s at batch {args.max_batch_size}", flush=True)
+    result: dict[str, Any] = {
+        "setup": {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+            "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+            "host": platform.node(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "revision": _git_revision(),
+            "runtime": getattr(runtime, "runtime_name", ""),
+            "runtime_device": getattr(runtime, "device", ""),
+            "images": len(files),
+        },
+        "raw_images_per_s": {"before": raw_before},
+        "levels": [],
+        "skipped": [],
+    }
+    per_level = args.duration + 6
+    for fronts in args.front_workers:
+        todo = [(n, c) for n in args.images_per_request for c in args.concurrency]
+        if left() < 60 + per_level:
+            result["skipped"] += [{"front_workers": fronts, "images_per_request": n, "concurrency": c} for n, c in todo]
+            continue
+        t0 = time.monotonic()
+        proc, url = start_server(args, fronts, log_path)
+        ready_s = time.monotonic() - t0
+        print(f"  front_workers={fronts}: server ready in {ready_s:.1f} s", flush=True)
+        try:
+            for n, c in todo:
+                if left() < per_level + args.raw_seconds + 20:
+                    result["skipped"].append({"front_workers": fronts, "images_per_request": n, "concurrency": c})
+                    continue
+                cpu0, req0 = tree_cpu_seconds(proc.pid), encode_requests(url)
+                level = run_load(url, files, c, args.duration, args.client_procs, args.resize, per_req=n)
+                cpu1, req1 = tree_cpu_seconds(proc.pid), encode_requests(url)
+                requests = max(1.0, req1 - req0)
+                level.update(
+                    front_workers=fronts,
+                    images_per_request=n,
+                    server_ready_s=ready_s,
+                    server_cpu_s_per_request=(cpu1["total"] - cpu0["total"]) / requests,
+                    server_cpu_s_per_image=(cpu1["total"] - cpu0["total"]) / (requests * n),
+                    server_cpu_s_per_request_by_role={k: (v - cpu0.get(k, 0.0)) / requests for k, v in cpu1.items() if k != "total"},
+                    server_cores_busy=(cpu1["total"] - cpu0["total"]) / (args.duration + 1.0),
+                )
+                result["levels"].append(level)
+                print(
+                    f"    {n} img/request, concurrency {c:4d}: {level['images_per_s']:8.1f} img/s  p50 {level['p50_ms'] or 0:7.1f} ms  "
+                    f"p99 {level['p99_ms'] or 0:7.1f} ms  batch {level['mean_batch'] or 0:5.1f}  "
+                    f"CPU {1000 * level['server_cpu_s_per_request']:.2f} ms/request "
+                    f"({', '.join(f'{k} {1000 * v:.2f}' for k, v in level['server_cpu_s_per_request_by_role'].items())})  errors {level['errors'] or 0}",
+                    flush=True,
+                )
+        finally:
+            stop_server(proc)
+    raw_after = raw_throughput(runtime, files, args.resize, args.max_batch_size, args.raw_seconds)
+    result["raw_images_per_s"]["after"] = raw_after
+    raw = max(raw_before, raw_after)
+    result["raw_images_per_s"]["used"] = raw
+    for level in result["levels"]:
+        level["http_over_raw"] = level["images_per_s"] / raw
+    by_mode: dict[int, list[float]] = {}
+    for level in result["levels"]:
+        if 32 <= level["concurrency"] <= 256:
+            by_mode.setdefault(level["front_workers"], []).append(level["http_over_raw"])
+    result["http_over_raw_min"] = {str(k): min(v) for k, v in by_mode.items()}
+    result["wall_s"] = time.monotonic() - t_begin
+    print_table(result)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0
+
+
+def print_table(result: dict[str, Any]) -> None:
+    s, raw = result["setup"], result["raw_images_per_s"]
+    print(
+        f"\nHTTP front vs raw: {s['runtime']} on {s['runtime_device']}, {s['cpus']} CPUs; raw {raw['used']:.1f} img/s at batch "
+        f"{s['max_batch_size']} (before {raw['before']:.1f}, after {raw['after']:.1f}); JPEGs resize={s['resize']}"
+    )
+    print(
+        "| front_workers | img/request | concurrency | HTTP img/s | HTTP/raw | p50 ms | p99 ms | mean batch | server CPU ms/request | server cores busy | errors |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for lv in result["levels"]:
+        print(
+            f"| {lv['front_workers']} | {lv['images_per_request']} | {lv['concurrency']} | {lv['images_per_s']:.1f} | {lv['http_over_raw']:.2f} "
+            f"| {lv['p50_ms'] or 0:.1f} | {lv['p99_ms'] or 0:.1f} | {lv['mean_batch'] or 0:.1f} | {1000 * lv['server_cpu_s_per_request']:.2f} "
+            f"| {lv['server_cores_busy']:.2f} | {lv['errors'] or 0} |"
+        )
+    print(f"minimum HTTP/raw over concurrency 32-256, by front_workers: {result['http_over_raw_min']}")
+    if result["skipped"]:
+        print(f"skipped (time budget): {result['skipped']}")
+
+
+def _git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""The front side of a split server (`front_workers` > 0): the model repository as the routes see it,
+backed by the inference process (`engine.py`).
+
+`RemoteRepository` is a `ModelRepository` whose entries mirror the inference process's (pushed to
+every front after each change); a lease hands out a `ServedModel` whose runtime carries the model's
+`ModelInfo` and whose batcher forwards `submit` to the inference process, raising there what the
+real batcher raised, so the routes, their errors and their status codes are the same code in both
+modes. When the inference process is gone every request and `/readyz` answer 503 (model-not-ready,
+not-ready) until it is back; requests it held fail at once, none waits for its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+from prometheus_client import generate_latest
+
+from . import ipc
+from .batcher import BatchDeadlineExceeded, BatchFailed, QueueFull, ShuttingDown, TooLarge, item_pixels
+from .metrics import Metrics
+from .repository import ModelEntry, ModelNotReady, ModelRepository, ServedModel, UnknownModel
+from .runtime import InvalidInputError
+from .settings import Settings
+
+log = logging.getLogger("vqtok.front")
+
+GONE = "the inference process is not running (it is starting, restarting or exited)"
+
+
+class EngineGone(ModelNotReady):
+    """The inference process went away (or never came) while this request needed it."""
+
+
+def raise_error(rep: dict[str, Any]) -> None:
+    """Raise the exception the inference process reported (`engine.error_fields`)."""
+    err, msg = rep["err"], rep.get("msg", "")
+    simple: dict[str, type[Exception]] = {
+        "QueueFull": QueueFull,
+        "TooLarge": TooLarge,
+        "ShuttingDown": ShuttingDown,
+        "BatchDeadlineExceeded": BatchDeadlineExceeded,
+        "UnknownModel": UnknownModel,
+        "ModelNotReady": ModelNotReady,
+    }
+    if err in simple:
+        raise simple[err](msg)
+    if err == "cancelled":
+        raise EngineGone("the inference process dropped this request")
+    kind = rep.get("kind")
+    cause: BaseException = InvalidInputError(msg) if kind == "invalid" else MemoryError(msg) if kind == "memory" else RuntimeError(msg)
+    raise BatchFailed(cause)
+
+
+@dataclass(eq=False)
+class _Pending:
+    future: asyncio.Future[dict[str, Any]]
+    regions: tuple[ipc.Region, ...] = ()
+
+
+class EngineClient:
+    """One front's connection to the inference process: requests with ids, replies by id, its slab."""
+
+    def __init__(self, socket_path: str, slab: ipc.Slab | None, metrics: Metrics) -> None:
+        self.socket_path = socket_path
+        self.slab = slab
+        self.metrics = metrics
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._ids = itertools.count(1)
+        self.connected = asyncio.Event()
+        self.on_snapshot: Any = None  # called with each snapshot the inference process sends, None when it is lost
+
+    # --- connection ---
+
+    async def run(self) -> None:
+        """Connect, serve replies, and reconnect whenever the inference process goes away (until cancelled)."""
+        announced = False
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(self.socket_path, limit=2**20)
+            except (FileNotFoundError, ConnectionError, OSError):
+                if not announced:
+                    log.info("waiting for the inference process", extra={"socket": self.socket_path})
+                    announced = True
+                await asyncio.sleep(0.1)
+                continue
+            announced = False
+            try:
+                writer.write(ipc.pack({"t": "hello", "pid": os.getpid(), "shm": self.slab.name if self.slab else None}))
+                self._writer = writer
+                self.connected.set()
+                await self._read(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                self._lost()
+                writer.close()
+            log.error("lost the inference process; answering 503 until it is back")
+            await asyncio.sleep(0.1)
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            msg = await ipc.read_msg(reader)
+            kind = msg["t"]
+            if kind == "rep":
+                entry = self._pending.pop(msg["id"], None)
+                if entry is None:
+                    continue
+                if entry.future.done():  # its request was cancelled: the regions are free only now
+                    self._free(entry.regions)
+                else:
+                    entry.future.set_result(msg)
+            elif kind == "snap":
+                if self.on_snapshot is not None:
+                    self.on_snapshot(msg)
+            elif kind == "collect":
+                self._send({"t": "families", "id": msg["id"], "families": list(self.metrics.registry.collect())})
+
+    def _lost(self) -> None:
+        self._writer = None
+        self.connected.clear()
+        pending, self._pending = self._pending, {}
+        for entry in pending.values():
+            if entry.future.done():
+                self._free(entry.regions)
+            else:
+                entry.future.set_exception(EngineGone(GONE))
+        if self.on_snapshot is not None:
+            self.on_snapshot(None)
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        if self._writer is None or self._writer.is_closing():
+            raise EngineGone(GONE)
+        self._writer.write(ipc.pack(msg))
+
+    def _free(self, regions: tuple[ipc.Region, ...]) -> None:
+        if self.slab is not None:
+            for r in regions:
+                self.slab.free(r)
+
+    # --- requests ---
+
+    async def request(self, msg: dict[str, Any], regions: tuple[ipc.Region, ...] = ()) -> dict[str, Any]:
+        """Send `msg` (given an id here) and wait for its reply; cancelling sends `cancel`, and the
+        regions stay reserved until the inference process answers (it may be writing into them)."""
+        rid = next(self._ids)
+        msg["id"] = rid
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = _Pending(future, regions)
+        try:
+            self._send(msg)
+        except BaseException:
+            self._pending.pop(rid, None)
+            self._free(regions)
+            raise
+        try:
+            rep = await future
+        except asyncio.CancelledError:
+            if rid in self._pending:  # no answer yet: the reader frees the regions when it comes
+                with contextlib.suppress(EngineGone):
+                    self._send({"t": "cancel", "id": rid})
+            else:
+                self._free(regions)
+            raise
+        except BaseException:
+            self._free(regions)
+            raise
+        return rep
+
+    async def call(self, fn: str, **kwargs: Any) -> Any:
+        rep = await self.request({"t": "call", "fn": fn, **kwargs})
+        if "err" in rep:
+            raise_error(rep)
+        return rep["value"]
+
+    async def infer(
+        self, model: str, op: str, array: np.ndarray, deadline: float, out_shape: tuple[int, ...], out_dtype: str
+    ) -> np.ndarray:
+        xr = yr = None
+        if self.slab is not None:
+            xr = self.slab.alloc(array.shape, array.dtype)
+            yr = self.slab.alloc(out_shape, out_dtype) if xr is not None else None
+            if xr is not None and yr is None:
+                self.slab.free(xr)
+                xr = None
+        msg: dict[str, Any] = {"t": "infer", "model": model, "op": op, "deadline": deadline}
+        regions: tuple[ipc.Region, ...] = ()
+        if xr is not None and yr is not None and self.slab is not None:
+            buf = self.slab.shm.buf
+            xr.view(buf)[...] = array
+            msg |= {"xr": xr, "yr": yr}
+            regions = (xr, yr)
+        else:
+            msg["x"] = np.ascontiguousarray(array)
+        rep = await self.request(msg, regions)
+        try:
+            if "err" in rep:
+                raise_error(rep)
+            if "y" in rep:
+                return cast(np.ndarray, rep["y"])
+            assert yr is not None and self.slab is not None
+            return yr.view(self.slab.shm.buf).copy()
+        finally:
+            self._free(regions)
+
+
+class RemoteRuntime:
+    """What the routes read of a runtime, as the inference process reported it."""
+
+    def __init__(self, served: dict[str, Any]) -> None:
+        self.info = served["info"]
+        self.device = served["device"]
+        self.runtime_name = served["runtime_name"]
+        self.providers = tuple(served["providers"])
+
+
+class RemoteBatcher:
+    """`Batcher.submit` of the model's batcher in the inference process."""
+
+    def __init__(self, client: EngineClient, model: str, served: dict[str, Any]) -> None:
+        self._client = client
+        self.model = model
+        self.max_batch_pixels: int | None = served["max_batch_pixels"]
+        self.queued_images: int = served["queued_images"]
+        self.downsample: int = served["info"].downsample
+
+    def image_pixels(self, key: tuple[Any, ...]) -> int:
+        return item_pixels(key, self.downsample)
+
+    async def submit(self, op: str, array: np.ndarray, deadline: float) -> np.ndarray:
+        f, n = self.downsample, int(array.shape[0])
+        if op == "encode":
+            out_shape: tuple[int, ...] = (n, int(array.shape[1]) // f, int(array.shape[2]) // f)
+            out_dtype = "<i4"
+        else:
+            out_shape, out_dtype = (n, int(array.shape[1]) * f, int(array.shape[2]) * f, 3), "|u1"
+        return await self._client.infer(self.model, op, array, deadline, out_shape, out_dtype)
+
+
+class RemoteRepository(ModelRepository):
+    """The inference process's repository, seen from a front."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, socket_path: str, slab: ipc.Slab | None) -> None:
+        super().__init__(settings, metrics)
+        self.client = EngineClient(socket_path, slab, metrics)
+        self.client.on_snapshot = self._apply
+        self._connected = False  # to the inference process, with its snapshot applied
+        self._fronts = 0  # fronts connected to it, as it last said
+
+    def _apply(self, snap: dict[str, Any] | None) -> None:
+        if snap is None:  # connection lost: keep the entries (for /v1/models), serve nothing
+            self._connected = False
+            return
+        self._connected = True
+        self._fronts = int(snap.get("fronts", 0))
+        entries = {}
+        for m in snap["models"]:
+            served = None
+            if m["served"] is not None:
+                s = m["served"]
+                served = ServedModel(
+                    m["name"],
+                    Path(m["path"]),
+                    cast(Any, RemoteRuntime(s)),
+                    cast(Any, RemoteBatcher(self.client, m["name"], s)),
+                    cast(Any, None),
+                    loaded_at=s["loaded_at"],
+                )
+            entries[m["name"]] = ModelEntry(m["name"], Path(m["path"]), m["state"], m["error"], served)
+        self._entries = entries
+        self.loaded = bool(snap["loaded"])
+
+    def not_ready_reason(self) -> str | None:
+        if not self._connected:
+            return GONE
+        want = self.settings.front_workers
+        if self._fronts < want:
+            return f"{self._fronts} of {want} front processes are connected to the inference process"
+        return super().not_ready_reason()
+
+    @asynccontextmanager
+    async def lease(self, name: str | None) -> AsyncIterator[ServedModel]:
+        if not self._connected:
+            raise EngineGone(GONE)
+        async with super().lease(name) as served:
+            yield served
+
+    async def load_all(self) -> None:
+        """The connection to the inference process, for the life of the front (cancelled at shutdown)."""
+        await self.client.run()
+
+    async def reload(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Reload in the inference process (UnknownModel passes through as in one process); every front
+        gets the new snapshot."""
+        return cast(list[dict[str, Any]], await self.client.call("reload", model=name))
+
+    async def refresh(self) -> None:
+        """A fresh snapshot (queue depths) for /v1/models; the last one if the inference process is away."""
+        with contextlib.suppress(EngineGone, asyncio.TimeoutError):
+            self._apply(await asyncio.wait_for(self.client.call("snapshot"), 2.0))
+
+    async def exposition(self) -> bytes:
+        """Metrics of the inference process and of every front, summed; this front's alone when it is away."""
+        try:
+            return cast(bytes, await asyncio.wait_for(self.client.call("metrics"), 5.0))
+        except (EngineGone, asyncio.TimeoutError):
+            return generate_latest(self.metrics.registry)
+
+    async def close(self) -> None:
+        if self.client.slab is not None:
+            self.client.slab.close()
+
+
+def slab_name(server_id: str) -> str:
+    return f"{ipc.segment_prefix(server_id)}{os.getpid()}-{int(time.time() * 1000) % 10**6}"

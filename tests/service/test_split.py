@@ -1,0 +1,313 @@
+"""The split server (`front_workers` > 0): front processes in front of one inference process.
+
+Real servers on real ports with real photos: concurrent requests through several fronts give the
+runtime's own tokens and still form full batches; the inference process dying answers 503 (never a
+hang) until it is back; shutdown leaves no shared memory behind, even of a killed front. (The rest of
+the service suite runs against a split server too: see conftest.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from models.core import pixels
+from service import ipc
+from service.engine import _Merged
+from service.metrics import Metrics
+from service.runtime import ModelRuntime
+from service.settings import Settings
+from tests.helpers import REPO, SplitServerThread, free_port
+from tests.service.conftest import metric_value
+
+NPY = "application/x-npy"
+
+
+def _settings(model_repo: Path, **overrides: object) -> Settings:
+    base: dict[str, object] = {
+        "model_repo": model_repo,
+        "device": "cpu",
+        "warmup_sizes": [32],
+        "log_format": "text",
+        "intra_op_threads": 1,
+        "default_model": "fsq4",
+        "front_workers": 3,
+    }
+    return Settings(**(base | overrides))  # type: ignore[arg-type]
+
+
+def _segments(server_id: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(ipc.SHM_DIR, ipc.segment_prefix(server_id) + "*")))
+
+
+def _jpegs(photos: list[Path], n: int) -> list[bytes]:
+    return [photos[i % len(photos)].read_bytes() for i in range(n)]
+
+
+async def _post_all(url: str, bodies: list[list[bytes]], concurrency: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=concurrency)
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+
+        async def one(files: list[bytes]) -> httpx.Response:
+            async with sem:
+                return await c.post(
+                    "/v1/encode?resize=crop",
+                    files=[("images", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(files)],
+                    headers={"Accept": NPY},
+                )
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def test_concurrent_requests_through_several_fronts_give_the_runtimes_tokens_in_full_batches(model_repo: Path, photos: list[Path]) -> None:
+    s = SplitServerThread(_settings(model_repo, max_batch_size=16, max_batch_delay_ms=20, front_shm_mib=1)).start()
+    try:
+        jpegs = _jpegs(photos, 40)
+        # one image per request, and 8-image requests; the 1 MiB slab overflows under this load, so
+        # some arrays travel inline over the socket: both paths must give the same tokens
+        bodies = [[j] for j in jpegs] + [jpegs[i : i + 8] for i in range(0, 40, 8)]
+        answers = asyncio.run(_post_all(s.url, bodies, concurrency=32))
+        assert [r.status_code for r in answers] == [200] * len(bodies), [r.text for r in answers if r.status_code != 200][:3]
+        runtime = ModelRuntime.load(model_repo / "fsq4", device="cpu")
+        f, res = runtime.info.downsample, runtime.info.resolution
+        want = {
+            i: runtime.encode(pixels.prepare(j, downsample=f, resolution=res, resize="crop").pixels[None])[0] for i, j in enumerate(jpegs)
+        }
+        for k, r in enumerate(answers):
+            got = np.load(io.BytesIO(r.content))
+            first = k if k < 40 else (k - 40) * 8
+            for j in range(got.shape[0]):
+                np.testing.assert_array_equal(got[j], want[first + j])
+        text = httpx.get(f"{s.url}/metrics", timeout=10).text
+        calls = metric_value(text, "vqtok_batch_size_count", model="fsq4", op="encode")
+        images = metric_value(text, "vqtok_batch_size_sum", model="fsq4", op="encode")
+        assert images == 80
+        assert calls <= 40, f"{calls} inference calls for 80 images: the fronts' requests did not batch together"
+        # every front's HTTP counts are in the one exposition, whichever front answered the scrape
+        assert metric_value(text, "vqtok_http_requests_total", route="/v1/encode", status="200") == len(bodies)
+        assert metric_value(text, "vqtok_images_total", model="fsq4", op="encode") == 80
+    finally:
+        s.stop()
+    assert _segments(s.server.server_id) == []
+
+
+def test_the_inference_process_dying_answers_503_then_serves_again(model_repo: Path, photos: list[Path]) -> None:
+    s = SplitServerThread(_settings(model_repo, front_workers=2, max_batch_delay_ms=50, admin_api_keys=["admin-key-123"])).start()
+    try:
+        jpegs = _jpegs(photos, 64)
+        engine = s.server.engine
+        assert engine is not None
+
+        async def load_then_kill() -> list[httpx.Response]:
+            task = asyncio.ensure_future(_post_all(s.url, [[j] for j in jpegs] * 4, concurrency=32))
+            await asyncio.sleep(0.3)
+            engine.kill()
+            return await task
+
+        t0 = time.monotonic()
+        answers = asyncio.run(load_then_kill())
+        assert time.monotonic() - t0 < 30  # nothing waited for its deadline
+        codes = {r.status_code for r in answers}
+        assert codes <= {200, 503} and 503 in codes, codes
+        gone = next(r for r in answers if r.status_code == 503)
+        assert gone.json()["type"] == "urn:vqtok:problem:model-not-ready" and gone.headers["retry-after"] == "1"
+        while s.server.engine is engine:  # until the supervisor starts it again, everything answers 503
+            models = httpx.get(f"{s.url}/v1/models", timeout=10)
+            reload = httpx.post(f"{s.url}/v1/admin/reload", headers={"Authorization": "Bearer admin-key-123"}, timeout=10)
+            if s.server.engine is engine:
+                assert models.status_code == 200 and reload.status_code == 503, reload.text
+                assert reload.json()["type"] == "urn:vqtok:problem:model-not-ready"
+            time.sleep(0.05)
+        # the supervisor starts it again; until it is ready, 503s with the reason
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            r = httpx.get(f"{s.url}/readyz", timeout=10)
+            if r.status_code == 200:
+                break
+            assert r.status_code == 503 and r.json()["type"] == "urn:vqtok:problem:not-ready"
+            time.sleep(0.1)
+        assert r.status_code == 200
+        assert s.server.engine is not engine and s.server.restarts == 1
+        again = asyncio.run(_post_all(s.url, [[j] for j in jpegs[:8]], concurrency=8))
+        assert [r.status_code for r in again] == [200] * 8
+    finally:
+        s.stop()
+    assert _segments(s.server.server_id) == []
+
+
+def test_shutdown_leaves_no_shared_memory_even_of_a_killed_front(model_repo: Path) -> None:
+    s = SplitServerThread(_settings(model_repo, front_workers=2)).start()
+    try:
+        assert len(_segments(s.server.server_id)) == 2  # one slab per front
+        victim = s.server.fronts[0]
+        assert victim is not None
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+            s.server.fronts[0] is not victim and httpx.get(f"{s.url}/readyz", timeout=10).status_code == 200
+        ):
+            time.sleep(0.1)
+        assert s.server.fronts[0] is not victim  # started again
+    finally:
+        s.stop()
+    assert _segments(s.server.server_id) == []
+    assert not os.path.exists(s.server.socket_path)
+
+
+def test_vqtok_serve_front_workers_stops_cleanly_on_sigterm(model_repo: Path) -> None:
+    port = free_port()
+    cmd = [sys.executable, "-c", "import sys; from clients.cli import main; sys.exit(main())", "serve", "--model-repo", str(model_repo)]
+    cmd += ["--port", str(port), "--front-workers", "2", "--warmup-sizes", "32", "--device", "cpu", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        img = pixels.encode_png(np.zeros((32, 32, 3), np.uint8))
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/encode", files={"images": img}, timeout=30).status_code == 200
+        assert _segments(f"{proc.pid}.0")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _segments(f"{proc.pid}.0") == []
+
+
+def test_a_port_in_use_is_one_clear_line(model_repo: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cmd = [sys.executable, "-c", "import sys; from clients.cli import main; sys.exit(main())", "serve", "--model-repo", str(model_repo)]
+        done = subprocess.run([*cmd, "--port", str(port), "--front-workers", "1"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_slab_allocates_first_fit_and_coalesces() -> None:
+    slab = ipc.Slab(f"vqtok-test{os.getpid()}-slab", 4096)
+    try:
+        a = slab.alloc((10,), "u1")
+        b = slab.alloc((100,), "<i4")
+        c = slab.alloc((1000,), "u1")
+        assert a is not None and b is not None and c is not None
+        assert (a.offset, a.nbytes, b.offset, b.nbytes, c.offset) == (0, 64, 64, 448, 512)
+        assert slab.alloc((4096,), "u1") is None  # no run that long is free
+        b.view(slab.shm.buf)[...] = np.arange(100)
+        assert b.view(slab.shm.buf).sum() == 4950
+        slab.free(a)
+        slab.free(c)
+        slab.free(b)
+        assert slab.free_bytes == 4096 and slab.alloc((4096,), "u1") is not None  # coalesced into one run
+    finally:
+        slab.close()
+    assert not os.path.exists(os.path.join(ipc.SHM_DIR, f"vqtok-test{os.getpid()}-slab"))
+
+
+def test_metrics_of_several_processes_are_summed() -> None:
+    a, b = Metrics(), Metrics()
+    a.requests.labels("/v1/encode", "POST", "200").inc(3)
+    b.requests.labels("/v1/encode", "POST", "200").inc(2)
+    b.requests.labels("/v1/decode", "POST", "200").inc()
+    a.batch_size.labels("m", "encode").observe(4)
+    b.batch_size.labels("m", "encode").observe(8)
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Merged([list(a.registry.collect()), list(b.registry.collect())]))  # type: ignore[arg-type]
+    text = generate_latest(reg).decode()
+    assert metric_value(text, "vqtok_http_requests_total", route="/v1/encode") == 5
+    assert metric_value(text, "vqtok_http_requests_total", route="/v1/decode") == 1
+    assert metric_value(text, "vqtok_batch_size_sum") == 12 and metric_value(text, "vqtok_batch_size_count") == 2
+    assert text.count("# TYPE vqtok_http_requests_total counter") == 1
+
+
+@pytest.mark.parametrize("front_shm_mib", [0])
+def test_no_shared_memory_at_all_still_serves(model_repo: Path, photos: list[Path], front_shm_mib: int) -> None:
+    s = SplitServerThread(_settings(model_repo, front_workers=1, front_shm_mib=front_shm_mib)).start()
+    try:
+        assert _segments(s.server.server_id) == []
+        answers = asyncio.run(_post_all(s.url, [[j] for j in _jpegs(photos, 4)], concurrency=4))
+        assert [r.status_code for r in answers] == [200] * 4
+        r = httpx.post(f"{s.url}/v1/decode", json={"tokens": np.ones((8, 8), int).tolist()}, headers={"Accept": NPY}, timeout=30)
+        assert r.status_code == 200 and np.load(io.BytesIO(r.content)).shape == (1, 32, 32, 3)
+    finally:
+        s.stop()
+
+
+def test_deadlines_queue_full_and_reload_behave_as_in_one_process(model_repo: Path) -> None:
+    """What needs the batcher to be slow, without fault injection: a partial batch waits a whole second."""
+    s = SplitServerThread(
+        _settings(
+            model_repo,
+            front_workers=2,
+            max_batch_size=64,
+            max_batch_delay_ms=1000,
+            max_queue_images=2,
+            max_images_per_request=2,
+            admin_api_keys=["admin-key-123"],
+            retry_after_s=3,
+        )
+    ).start()
+    img = pixels.encode_png(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    try:
+        # the deadline: 504 at 0.2 s, and the item leaves the inference process's queue (cancelled there)
+        t0 = time.monotonic()
+        r = httpx.post(f"{s.url}/v1/encode", files={"images": img}, headers={"X-Request-Timeout": "0.2"}, timeout=10)
+        assert r.status_code == 504 and r.json()["type"] == "urn:vqtok:problem:deadline-exceeded"
+        assert time.monotonic() - t0 < 0.9
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            text = httpx.get(f"{s.url}/metrics", timeout=10).text
+            if metric_value(text, "vqtok_rejected_total", model="fsq4", reason="cancelled") >= 1:
+                break
+            time.sleep(0.05)
+        assert metric_value(text, "vqtok_rejected_total", model="fsq4", reason="cancelled") >= 1
+        assert metric_value(text, "vqtok_rejected_total", model="fsq4", reason="deadline") >= 1
+        assert metric_value(text, "vqtok_queue_depth", model="fsq4") == 0
+
+        # the queue bound: two images wait for the batch delay; the next request is 503 queue-full
+        async def full() -> tuple[httpx.Response, httpx.Response]:
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as c:
+                first = asyncio.ensure_future(c.post("/v1/encode", files=[("images", img), ("images", img)]))
+                await asyncio.sleep(0.3)
+                second = await c.post("/v1/encode", files={"images": img})
+                return await first, second
+
+        first, second = asyncio.run(full())
+        assert first.status_code == 200
+        assert second.status_code == 503 and second.json()["type"] == "urn:vqtok:problem:queue-full"
+        assert second.headers["retry-after"] == "3"
+
+        # reload through a front: every front sees the new version
+        before = httpx.get(f"{s.url}/v1/models/fsq4", timeout=10).json()["loaded_at"]
+        assert httpx.post(f"{s.url}/v1/admin/reload?model=fsq4", timeout=60).status_code == 401
+        r = httpx.post(f"{s.url}/v1/admin/reload?model=fsq4", headers={"Authorization": "Bearer admin-key-123"}, timeout=60)
+        assert r.status_code == 200 and r.json()["ok"] is True, r.text
+        for _ in range(6):  # whichever front answers
+            assert httpx.get(f"{s.url}/v1/models/fsq4", timeout=10).json()["loaded_at"] > before
+        assert httpx.post(f"{s.url}/v1/encode", files={"images": img}, timeout=30).status_code == 200
+    finally:
+        s.stop()
+    assert _segments(s.server.server_id) == []
