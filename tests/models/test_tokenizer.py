@@ -137,3 +137,22 @@ def test_config_round_trip_and_unknown_keys() -> None:
         TokenizerConfig.from_dict(cfg.to_dict() | {"codebok_size": 3})
     with pytest.raises(KeyError, match="unknown preset"):
         create_tokenizer("no-such-preset")
+
+
+def test_wider_decoder_config(tmp_path: Path) -> None:
+    """decoder_channels widens only the decoder; 0 (the default) is left out of config.json, so configs
+    written before the field existed, and older readers of new default configs, see the same keys."""
+    base = TokenizerConfig(base_channels=8, norm_groups=4, num_res_blocks=1, channel_mult=(1, 2, 2, 2))
+    assert base.decoder_base_channels == 8 and "decoder_channels" not in base.to_dict()
+    wide = base.replace(decoder_channels=16)
+    assert wide.to_dict()["decoder_channels"] == 16 and TokenizerConfig.from_dict(wide.to_dict()) == wide
+    model = Tokenizer(wide)
+    assert [m.out_channels for m in (model.encoder.conv_in, model.decoder.conv_in)] == [8, 32]
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert model(x).reconstruction.shape == x.shape
+    back = Tokenizer.from_pretrained(model.save_pretrained(tmp_path / "wide"))
+    assert back.config == wide
+    with pytest.raises(ConfigError, match="decoder_channels must be >= 0"):
+        base.replace(decoder_channels=-1)
+    with pytest.raises(ConfigError, match="not divisible by norm_groups"):
+        base.replace(decoder_channels=6)

@@ -26,7 +26,8 @@ from training.trainer import Trainer, cpu_thread_budget
 from .conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPE_CONFIGS = ["v2-f8-simvq-16k.yaml", "ablation-l1.yaml", "ablation-lpips.yaml", "ablation-lpips-gan.yaml"]
+RECIPE_CONFIGS = ["v2-f8-simvq-16k.yaml", "ablation-l1.yaml", "ablation-lpips.yaml", "ablation-lpips-gan.yaml", "v2-wide-decoder.yaml"]
+V1 = ROOT / "models" / "pretrained" / "photo-f8-simvq-16k"
 needs_lpips = pytest.mark.skipif(not weights_installed(), reason="LPIPS weights not installed: run `python -m training.lpips fetch`")
 
 
@@ -249,6 +250,10 @@ def test_recipe_config_trains_two_steps_on_cpu(name: str, two_groups: tuple[Path
     base = load_config(ROOT / "configs" / name)
     assert base.tokenizer_config().codebook_size == 16384 and base.tokenizer_config().downsample == 8
     overrides = [
+        # the recipe on a tiny network: not the v1 weights the configs start from (tested below)
+        "model.init_from=",
+        "model.init_parts=[]",
+        "model.freeze=[]",
         "model.overrides={base_channels: 8, norm_groups: 4, num_res_blocks: 1}",
         f"data.train={main}",
         f"data.extra_train=[{extra / '*'}]" if base.data.extra_train else "data.extra_train=[]",
@@ -284,23 +289,112 @@ def test_recipe_config_trains_two_steps_on_cpu(name: str, two_groups: tuple[Path
         assert all(torch.isfinite(torch.tensor(train[-1][k])) for k in ("g_loss", "d_loss", "adaptive_weight"))
 
 
-def test_recipe_configs_and_ablation_script() -> None:
+def test_recipe_configs_and_finetune_script() -> None:
     configs = {name: load_config(ROOT / "configs" / name) for name in RECIPE_CONFIGS}
-    v2, l1, lp, gan = configs.values()
+    v2, l1, lp, gan, wide = configs.values()
     assert v2.loss.lpips_weight == 1.0 and v2.loss.lpips_net == "vgg" and v2.loss.gan_weight == 0.5 and v2.loss.gan_adaptive
     assert v2.data.extra_train and v2.ema_decay > 0
-    # the ablation: one budget, one change per arm
+    # v2 and the three arms fine-tune the v1 model; the arms on one budget, one change per arm
+    for c in (v2, l1, lp, gan):
+        assert c.model.init_from == "models/pretrained/photo-f8-simvq-16k" and not c.model.init_parts and not c.model.freeze
     assert l1.max_steps == lp.max_steps == gan.max_steps and l1.batch_size == lp.batch_size == gan.batch_size
     assert (l1.loss.lpips_weight, l1.loss.gan_weight) == (0.0, 0.0)
     assert (lp.loss.lpips_weight, lp.loss.gan_weight) == (1.0, 0.0)
     assert gan.loss.lpips_weight == 1.0 and gan.loss.gan_weight > 0 and 0 < gan.loss.gan_start_step < gan.max_steps
     for c in (lp, gan):
         assert c.data == l1.data and c.optim == l1.optim
-    script = ROOT / "scripts" / "gpu" / "ablation.sh"
+    # the wide-decoder candidate: v1's encoder and codebook, frozen; only the decoder is new
+    assert wide.model.init_parts == wide.model.freeze == ["encoder", "quantizer"]
+    assert wide.model.overrides == {"decoder_channels": 96}
+    script = ROOT / "scripts" / "gpu" / "finetune.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
-    assert "arms=(l1 lpips lpips-gan)" in text and "configs/ablation-$arm.yaml" in text and "vqtok eval" in text
-    assert sorted(p.name for p in (ROOT / "configs").glob("ablation-*.yaml")) == sorted(RECIPE_CONFIGS[1:])
+    assert "for arm in l1 lpips lpips-gan" in text and "configs/ablation-$arm.yaml" in text
+    assert "configs/v2-f8-simvq-16k.yaml" in text and "configs/v2-wide-decoder.yaml" in text
+    assert sorted(p.name for p in (ROOT / "configs").glob("ablation-*.yaml")) == sorted(RECIPE_CONFIGS[1:4])
+
+
+# --- starting from a trained model: named parts, frozen parts, a wider decoder ---
+
+
+def _tiny_source(tmp_path: Path) -> Path:
+    model = Tokenizer(preset_config("cifar-fsq", base_channels=8, norm_groups=4, num_res_blocks=1))
+    return Path(model.save_pretrained(tmp_path / "source"))
+
+
+def _init_overrides(source: Path, photos: Path, *extra: str) -> list[str]:
+    return [
+        "model.preset=cifar-fsq",
+        f"model.init_from={source}",
+        f"data.train={photos}",
+        "data.resolution=32",
+        "data.num_workers=0",
+        "batch_size=2",
+        "max_steps=2",
+        "optim.warmup_steps=1",
+        "optim.lr=1e-2",
+        "ema_decay=0",
+        "log_every=1",
+        "eval_every=100",
+        "image_every=100",
+        "checkpoint_every=100",
+        "compile=false",
+        "device=cpu",
+        "progress=false",
+        *extra,
+    ]
+
+
+def test_wider_decoder_from_frozen_encoder_and_quantizer(few_photos: Path, tmp_path: Path) -> None:
+    source_dir = _tiny_source(tmp_path)
+    source = Tokenizer.from_pretrained(source_dir)
+    overrides = _init_overrides(
+        source_dir,
+        few_photos,
+        "model.init_parts=[encoder, quantizer]",
+        "model.freeze=[encoder, quantizer]",
+        "model.overrides={decoder_channels: 16}",
+    )
+    trainer = Trainer(build_config({}, overrides), tmp_path / "run")
+    model = trainer.model
+    assert model.config.decoder_channels == 16 and model.config.base_channels == 8
+    assert model.decoder.conv_in.out_channels == 16 * model.config.channel_mult[-1]  # twice the source's width
+    assert model.decoder.conv_in.out_channels == 2 * source.decoder.conv_in.out_channels
+    trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert trained == {id(p) for p in model.decoder.parameters()}  # only the new decoder learns
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = trainer.train()
+    assert result.finished
+    after = Tokenizer.from_pretrained(tmp_path / "run" / "model")
+    for name, value in after.state_dict().items():
+        if name.startswith(("encoder.", "quantizer.")):  # the source's weights, untouched: the same tokens
+            torch.testing.assert_close(value, source.state_dict()[name], rtol=0, atol=0)
+    assert any(not torch.equal(after.state_dict()[k], before[k]) for k in before if k.startswith("decoder."))
+    # the exported config names the wider decoder; a config without it reads as before
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert saved["decoder_channels"] == 16
+    assert "decoder_channels" not in json.loads((source_dir / "config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["model.init_from=", "model.init_parts=[encoder]"], "model.init_from, which is not set"),
+        (["model.overrides={decoder_channels: 16}"], "name the parts to load in model.init_parts"),
+        (["model.init_parts=[encoder]", "model.freeze=[decoder]"], "only parts loaded from model.init_from can be frozen"),
+        (["model.init_parts=[encoders]"], "parts are encoder, quantizer, decoder"),
+    ],
+)
+def test_init_parts_and_freeze_are_validated(few_photos: Path, tmp_path: Path, extra: list[str], message: str) -> None:
+    with pytest.raises(TrainConfigError, match=message):
+        build_config({}, _init_overrides(tmp_path / "absent", few_photos, *extra))
+
+
+def test_init_part_that_does_not_fit_is_a_clear_error(few_photos: Path, tmp_path: Path) -> None:
+    source_dir = _tiny_source(tmp_path)
+    overrides = _init_overrides(source_dir, few_photos, "model.init_parts=[decoder]", "model.overrides={decoder_channels: 16}")
+    with pytest.raises(TrainConfigError, match=r"decoder of .* does not fit the new network"):
+        Trainer(build_config({}, overrides), tmp_path / "run")
 
 
 # --- DDP with the discriminator ---
