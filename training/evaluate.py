@@ -129,10 +129,12 @@ def lpips_per_image(model: Any, ref: Tensor, test: Tensor) -> list[float]:
 
 class ImageScores:
     """Per-image PSNR / SSIM / MS-SSIM (and LPIPS-Alex when a model is given) and bpp accumulated over
-    a set; `summary()` gives their means."""
+    a set; `summary()` gives their means. `structural=False` leaves SSIM and MS-SSIM out (null in the
+    summary): at full resolution on a CPU they cost several times PSNR + LPIPS together."""
 
-    def __init__(self, lpips: Any = None) -> None:
+    def __init__(self, lpips: Any = None, structural: bool = True) -> None:
         self.lpips_model = lpips
+        self.structural = structural
         self.psnr: list[float] = []
         self.ssim: list[float] = []
         self.ms_ssim: list[float] = []
@@ -141,10 +143,11 @@ class ImageScores:
 
     def add(self, ref: Tensor, test: Tensor, bpp: list[float]) -> None:
         self.psnr += psnr(ref, test).tolist()
-        self.ssim += ssim(ref, test).tolist()
-        ms = ms_ssim(ref, test)
-        if ms is not None:
-            self.ms_ssim += ms.tolist()
+        if self.structural:
+            self.ssim += ssim(ref, test).tolist()
+            ms = ms_ssim(ref, test)
+            if ms is not None:
+                self.ms_ssim += ms.tolist()
         if self.lpips_model is not None:
             self.lpips += lpips_per_image(self.lpips_model, ref, test)
         self.bpp += bpp
@@ -153,7 +156,7 @@ class ImageScores:
         return {
             "bpp": mean_finite(self.bpp),
             "psnr": mean_finite(self.psnr),
-            "ssim": mean_finite(self.ssim),
+            "ssim": mean_finite(self.ssim) if self.ssim else None,
             "ms_ssim": mean_finite(self.ms_ssim) if self.ms_ssim else None,
             "ms_ssim_images": len(self.ms_ssim),
             "lpips_alex": mean_finite(self.lpips) if self.lpips else None,
