@@ -1,6 +1,6 @@
 """`LocalBackend`: the `Client` interface, run in-process on a model directory (no HTTP, no server).
 
-    with LocalBackend("photo-f8-simvq-16k") as backend:    # a shipped name, a directory, or ORG/NAME on the hub
+    with LocalBackend("photo-f8-simvq-16k-v2") as backend: # a shipped name, a directory, or ORG/NAME on the hub
         grids = backend.encode(["a.jpg", "b.png"], resize="crop")
         images = backend.decode(grids)
 

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from prometheus_client import generate_latest
 
+from models.core.artefacts import DEFAULT_MODEL
+
 from .batcher import Batcher, PixelPool, pixel_budget
 from .metrics import Metrics
 from .runtime import ModelLoadError, ModelRuntime, configure_cuda_memory
@@ -109,6 +111,8 @@ class ModelRepository:
     def default_name(self) -> str | None:
         if self.settings.default_model:
             return self.settings.default_model
+        if DEFAULT_MODEL in self._entries:  # the shipped default, where the repository holds it
+            return DEFAULT_MODEL
         ready = [e.name for e in self.entries() if e.state == "ready"]
         return ready[0] if ready else (min(self._entries) if self._entries else None)
 

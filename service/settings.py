@@ -30,7 +30,11 @@ class Settings(BaseSettings):
         description="folder of exported model directories, one per model name (or one model directory); when neither the flag "
         "nor the variable is set and the shipped models/pretrained holds no model, an untrained demo model is exported and served",
     )
-    default_model: str | None = Field(default=None, description="model used when a request names none; unset = the first model by name")
+    default_model: str | None = Field(
+        default=None,
+        description="model used when a request names none; unset = the shipped default (DEFAULT_MODEL in models.core.artefacts) "
+        "where the repository holds it, else the first ready model by name",
+    )
     runtime: Literal["auto", "onnxruntime", "compiled"] = Field(
         default="auto",
         description="what runs the models: auto (the compiled torch runtime on a CUDA host where it can run and passes its parity gate, "

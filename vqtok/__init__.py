@@ -4,8 +4,8 @@ One import namespace for the public API of the four packages (models, training, 
 
     import vqtok
 
-    tok = vqtok.Tokenizer.from_pretrained("photo-f8-simvq-16k")    # torch: a shipped NAME, a directory, ORG/NAME on the hub
-    with vqtok.LocalBackend("photo-f8-simvq-16k") as backend:      # ONNX Runtime in-process, no torch, no server
+    tok = vqtok.Tokenizer.from_pretrained("photo-f8-simvq-16k-v2") # torch: a shipped NAME, a directory, ORG/NAME on the hub
+    with vqtok.LocalBackend("photo-f8-simvq-16k-v2") as backend:   # ONNX Runtime in-process, no torch, no server
         grids = backend.encode(["a.jpg"], resize="crop")
     with vqtok.Client("http://localhost:8000") as client:          # a running `vqtok serve`
         grids = client.encode(["a.jpg"])

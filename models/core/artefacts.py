@@ -29,7 +29,7 @@ GRAPH_FILES: dict[str, dict[str, str]] = {
     "fp32": {"encoder": "encoder.onnx", "decoder": "decoder.onnx"},
     "fp16": {"encoder": "encoder.fp16.onnx", "decoder": "decoder.fp16.onnx"},
 }
-DEFAULT_MODEL = "photo-f8-simvq-16k"  # what `vqtok serve` and `vqtok tokenize` use when told nothing
+DEFAULT_MODEL = "photo-f8-simvq-16k-v2"  # what `vqtok serve` and `vqtok tokenize` use when told nothing
 
 Device = Literal["auto", "cuda", "cpu"]
 Precision = Literal["auto", "fp32", "fp16"]
