@@ -210,3 +210,20 @@ def test_every_inference_thread_is_warmed_before_ready(serve, model_repo: Path) 
         for _ in range(6):
             assert encode(c, IMG).status_code == 200
     assert ran and ran <= set(warmed)
+
+
+def test_the_shipped_default_is_the_default_where_the_repository_holds_it(serve, model_repo: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Unset default_model: DEFAULT_MODEL when the repository has it (v1 sorts before v2 by name), else the first by name."""
+    from models.core.artefacts import DEFAULT_MODEL
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(model_repo / "fsq4", repo / "aaa-first-by-name")
+    shutil.copytree(model_repo / "simvq4", repo / DEFAULT_MODEL)
+    s = serve(model_repo=repo, default_model=None)
+    with httpx.Client(base_url=s.url, timeout=30) as c:
+        assert c.get("/v1/models").json()["default_model"] == DEFAULT_MODEL
+    shutil.rmtree(repo / DEFAULT_MODEL)
+    s = serve(model_repo=repo, default_model=None)
+    with httpx.Client(base_url=s.url, timeout=30) as c:
+        assert c.get("/v1/models").json()["default_model"] == "aaa-first-by-name"
