@@ -7,6 +7,10 @@ images, rFID/KID for every row). Every metric, the codec encoder and the codec-a
 training/evaluate.py; nothing is reimplemented here.
 
   .venv/bin/python bench/rate_distortion.py --model models/pretrained/photo-f8-simvq-16k [--model DIR ...]
+  # a model added to an earlier run: its codec sweeps and known models' rows reused, eval reports taken as is
+  .venv/bin/python bench/rate_distortion.py --model models/pretrained/photo-f8-simvq-16k-v2 \
+      --model models/pretrained/photo-f8-simvq-16k --reuse bench/results/rate_distortion.json \
+      --report photos256/val=bench/results/v2_training/val.json
 
 Writes bench/results/rate_distortion.json, docs/figures/rate_distortion.png (PSNR and LPIPS vs bpp per
 set) and docs/figures/crops.png (128² crops of a few Kodak images: original, each tokenizer, JPEG and
@@ -100,11 +104,26 @@ def run_dataset(
 ) -> dict[str, Any]:
     images = load_images(path, limit)
     out: dict[str, Any] = {"path": str(path), "images": len(images), "sweeps": {}, "models": {}}
+    prior = args.reused.get("datasets", {}).get(name, {}) if args.reused else {}
+    same_set = prior.get("images") == len(images) and prior.get("path") == str(path)
     for fmt, key in CODECS:
+        qualities = args.jpeg_qualities if key == "jpeg" else args.webp_qualities
+        if same_set and args.reused["meta"].get(f"{key}_qualities") == qualities:
+            out["sweeps"][key] = prior["sweeps"][key]
+            log(f"{name}: {key} sweep from {args.reuse}")
+            continue
         t0 = time.perf_counter()
-        out["sweeps"][key] = sweep(images, fmt, args.jpeg_qualities if key == "jpeg" else args.webp_qualities, lpips, args.batch_size)
+        out["sweeps"][key] = sweep(images, fmt, qualities, lpips, args.batch_size)
         log(f"{name}: {key} sweep, {len(out['sweeps'][key])} qualities × {len(images)} images in {time.perf_counter() - t0:.0f} s")
     for label, model in models.items():
+        if (name, label) in args.reports:
+            out["models"][label] = args.reports[name, label]
+            log(f"{name}: {label} from its `vqtok eval` report")
+            continue
+        if same_set and label in prior.get("models", {}):
+            out["models"][label] = prior["models"][label]
+            log(f"{name}: {label} from {args.reuse}")
+            continue
         t0 = time.perf_counter()
         opts = EvalOptions(limit=limit, batch_size=args.batch_size, device="cpu", compare_codecs=True, fid=not args.no_fid)
         out["models"][label] = evaluate(model, path, opts, progress=False)
@@ -129,13 +148,16 @@ def crops(models: dict[str, Tokenizer], kodak: Path, lpips: Any) -> list[list[tu
         img = decode_image((kodak / fname).read_bytes())
         h, w = img.shape[:2]
         row = [(img[top : top + CROP, left : left + CROP], f"original\n{fname}")]
+        rates = []
         for label, model in models.items():
             rec, _ = reconstruct(model, to_batch([img]))
             bpp = token_bpp(h, w, model.downsample, model.codebook_size)
             row.append(crop_tile(img, rec[0].permute(1, 2, 0).numpy(), (top, left), label, bpp, lpips))
+            rates.append((label, bpp))
+        for label, bpp in dict((b, (lab, b)) for lab, b in rates).values():  # each rate once (models of one rate share it)
             for fmt, name in (("JPEG", "JPEG"), ("WEBP", "WebP")):
                 decoded, actual, _ = encode_at_rate(img, fmt, bpp)
-                title = f"{name} at {label}'s rate" if len(models) > 1 else f"{name} at equal rate"
+                title = f"{name} at {label}'s rate" if len({b for _, b in rates}) > 1 else f"{name} at equal rate"
                 row.append(crop_tile(img, decoded, (top, left), title, actual, lpips))
         rows.append(row)
     return rows
@@ -244,7 +266,32 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = functools.p
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "rate_distortion.json")
     ap.add_argument("--figure", type=Path, default=REPO / "docs" / "figures" / "rate_distortion.png")
     ap.add_argument("--crops", type=Path, default=REPO / "docs" / "figures" / "crops.png")
+    ap.add_argument(
+        "--reuse",
+        type=Path,
+        help="an earlier results JSON: its codec sweeps (same images and qualities) and the reports of models of the same name",
+    )
+    ap.add_argument(
+        "--report",
+        action="append",
+        default=[],
+        metavar="SET=JSON",
+        help="a `vqtok eval --compare-codecs --out` report of one --model on SET (Kodak or photos256/val), used as is (repeatable)",
+    )
     args = ap.parse_args(argv)
+    args.reused = json.loads(args.reuse.read_text()) if args.reuse else None
+    args.reports = {}
+    for item in args.report:
+        set_name, sep, report_path = item.partition("=")
+        if not sep or set_name not in ("Kodak", "photos256/val"):
+            ap.error(f"--report {item!r}: expected Kodak=JSON or photos256/val=JSON")
+        report = json.loads(Path(report_path).read_text())
+        label = model_label(Path(report["model"]))
+        if label not in {model_label(d) for d in args.model} or "webp" not in report:
+            ap.error(
+                f"--report {item!r}: a `vqtok eval --compare-codecs` report of one of the --model directories (it names {report['model']})"
+            )
+        args.reports[set_name, label] = report
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -254,7 +301,10 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = functools.p
         log(f"LPIPS-Alex: {lpips_reason}")
     results: dict[str, Any] = {
         "meta": {
-            "command": "python bench/rate_distortion.py " + " ".join(f"--model {d}" for d in args.model),
+            "command": "python bench/rate_distortion.py "
+            + " ".join(f"--model {d}" for d in args.model)
+            + (f" --reuse {args.reuse}" if args.reuse else "")
+            + "".join(f" --report {r}" for r in args.report),
             "models": {label: str(d) for label, d in zip(models, args.model, strict=True)},
             "jpeg_qualities": args.jpeg_qualities,
             "webp_qualities": args.webp_qualities,

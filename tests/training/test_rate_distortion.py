@@ -76,3 +76,23 @@ def test_rate_distortion_script_on_real_images(kodak_dir: Path, photos_val_dir: 
         assert row[key]["rfid"] is None and row[key]["ssim"] is not None
     table = next(line for line in lines if line.startswith("| set |"))
     assert "| photos256/val | WebP at equal rate |" in table and "KID" in table
+
+    # a second model beside the first: the sweeps and the first model's rows come from the earlier JSON,
+    # the second model's val row from its own `vqtok eval --compare-codecs` report, only its Kodak row is new
+    torch.manual_seed(1)
+    second = create_tokenizer("cifar-fsq", **TINY).save_pretrained(tmp_path / "tiny-fsq-b", model_card=False)
+    report = evaluate(Tokenizer.from_pretrained(second), photos_val_dir, EvalOptions(limit=2, compare_codecs=True, fid=False, device="cpu"))
+    report["model"] = str(second)
+    (tmp_path / "b.val.json").write_text(json.dumps(report))
+    again = [str(out / "rd2.json") if a == str(out / "rd.json") else a for a in argv]
+    again += ["--model", str(second), "--reuse", str(out / "rd.json"), "--report", f"photos256/val={tmp_path / 'b.val.json'}"]
+    lines2: list[str] = []
+    both = _load_bench().main(again, log=lines2.append)  # type: ignore[attr-defined]
+    for name in ("Kodak", "photos256/val"):
+        assert both["datasets"][name]["sweeps"] == saved["datasets"][name]["sweeps"]
+        assert both["datasets"][name]["models"]["tiny-fsq (cifar-fsq)"] == saved["datasets"][name]["models"]["tiny-fsq (cifar-fsq)"]
+    assert both["datasets"]["photos256/val"]["models"]["tiny-fsq-b (cifar-fsq)"]["tokenizer"] == report["tokenizer"]
+    assert "Kodak: tiny-fsq-b (cifar-fsq) from its `vqtok eval` report" not in lines2
+    assert "photos256/val: tiny-fsq-b (cifar-fsq) from its `vqtok eval` report" in lines2
+    with pytest.raises(SystemExit):
+        _load_bench().main([*again, "--report", f"Kodak={tmp_path / 'b.val.json'}", "--report", "Nowhere=x.json"])  # type: ignore[attr-defined]
