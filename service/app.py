@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from fastapi import FastAPI
 from PIL import Image
@@ -74,6 +76,21 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, metrics=metrics)
     return app
+
+
+def uvicorn_config(app: FastAPI, settings: Settings) -> Any:
+    """The uvicorn.Config every server process runs its app with (single-process and split fronts)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
+    )
 
 
 def _repository(settings: Settings, metrics: Metrics, loader: Loader | None, engine_socket: str | None, server_id: str) -> ModelRepository:

@@ -14,7 +14,6 @@ parser is built: they need `Settings` (pydantic, numpy and Pillow, a few hundred
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import types
 import typing
@@ -133,7 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from . import logs
-    from .app import create_app
+    from .app import create_app, uvicorn_config
 
     settings = settings_from_args(args)
     logs.configure(settings.log_format, "debug" if args.verbose else settings.log_level)
@@ -147,16 +146,7 @@ def _serve(args: argparse.Namespace) -> int:
         from .split import serve
 
         return serve(settings)
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
-    )
-    uvicorn.Server(config).run()
+    uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()
     return 0
 
 

@@ -204,20 +204,11 @@ def serve(settings: Settings) -> int:
 def _front(settings: Settings, config: dict[str, Any]) -> None:
     import uvicorn
 
-    from .app import create_app
+    from .app import create_app, uvicorn_config
 
     sock = socket.socket(fileno=int(config["fd"]))
     app = create_app(settings, engine_socket=config["socket"], server_id=config["server_id"])
-    uvicorn_config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
-    )
-    uvicorn.Server(uvicorn_config).run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(app, settings)).run(sockets=[sock])
 
 
 def _exit_with_parent() -> None:

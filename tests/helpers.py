@@ -79,6 +79,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _wait_until_up(url: str, ready: bool, timeout: float) -> bool:
+    """Whether /readyz (or, with ready=False, /healthz) answered 200 within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz" if ready else f"{url}/healthz", timeout=2).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
 class ServerThread:
     """The real service app under uvicorn in a thread, on a free localhost port. `loader` replaces
     `ModelRuntime.load` (tests wrap the real runtime to inject faults)."""
@@ -99,14 +112,8 @@ class ServerThread:
     def start(self, ready: bool = True, timeout: float = 60) -> Self:
         """Start; return once /readyz (or, with ready=False, /healthz) answers 200."""
         self.thread.start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz" if ready else f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
+        if _wait_until_up(self.url, ready, timeout):
+            return self
         raise RuntimeError(f"server on {self.url} did not become ready")
 
     def stop(self) -> None:
@@ -129,14 +136,8 @@ class SplitServerThread:
     def start(self, ready: bool = True, timeout: float = 90) -> Self:
         """Start; return once /readyz (or, with ready=False, /healthz) answers 200."""
         self.server.start().watch_in_thread()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz" if ready else f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
+        if _wait_until_up(self.url, ready, timeout):
+            return self
         self.stop()
         raise RuntimeError(f"split server on {self.url} did not become ready")
 
