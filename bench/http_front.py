@@ -47,7 +47,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.service_load import free_port, raw_throughput, scrape  # noqa: E402
+from bench.service_load import collect_clients, free_port, raw_throughput, scrape  # noqa: E402
 
 VQTOK = [sys.executable, "-c", "import sys; from clients.cli import main; sys.exit(main())"]
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -185,19 +185,7 @@ def run_load(url: str, files: list[bytes], concurrency: int, seconds: float, pro
     for n in shares:
         workers.append(ctx.Process(target=_client_proc, args=(port, requests, first, n, concurrency, 1.0, seconds, q), daemon=True))
         first += n
-    for w in workers:
-        w.start()
-    results = [q.get(timeout=seconds + 300) for _ in workers]
-    for w in workers:
-        w.join(timeout=30)
-    after = scrape(url)
-    lat = np.array(sorted(x for r in results for x in r["latencies"]))
-    errors: dict[str, int] = {}
-    for r in results:
-        for k, v in r["errors"].items():
-            errors[k] = errors.get(k, 0) + v
-    batches = after["vqtok_batch_size_count"] - before["vqtok_batch_size_count"]
-    batched = after["vqtok_batch_size_sum"] - before["vqtok_batch_size_sum"]
+    results, lat, errors, batches, batched, after = collect_clients(workers, q, seconds, url, before)
     n = sum(r["requests"] for r in results) * per_req
     pct = lambda q: float(np.percentile(lat, q) * 1000) if len(lat) else None  # noqa: E731
     return {

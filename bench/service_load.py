@@ -148,18 +148,11 @@ async def _client(
     return {"latencies": latencies, "images": images, "errors": errors}
 
 
-def run_load(
-    url: str, files: list[bytes], concurrency: int, seconds: float, procs: int, resize: str, rate: float = 0.0, per_req: int = 1
-) -> dict[str, Any]:
-    procs = max(1, min(procs, concurrency))
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
-    before = scrape(url)
-    workers = [
-        ctx.Process(target=_client_proc, args=(url, files, n, seconds, rate * n / concurrency, per_req, resize, q), daemon=True)
-        for n in shares
-    ]
+def collect_clients(
+    workers: list[Any], q: Any, seconds: float, url: str, before: dict[str, float]
+) -> tuple[list[dict[str, Any]], np.ndarray, dict[str, int], float, float, dict[str, float]]:
+    """Start the load-generator processes, gather their reports and the server's batch counters after them:
+    (reports, sorted latencies, errors summed by kind, batches run, images batched, metrics scraped after)."""
     for w in workers:
         w.start()
     results = [q.get(timeout=seconds + 300) for _ in workers]
@@ -173,6 +166,22 @@ def run_load(
             errors[k] = errors.get(k, 0) + v
     batches = after["vqtok_batch_size_count"] - before["vqtok_batch_size_count"]
     batched = after["vqtok_batch_size_sum"] - before["vqtok_batch_size_sum"]
+    return results, lat, errors, batches, batched, after
+
+
+def run_load(
+    url: str, files: list[bytes], concurrency: int, seconds: float, procs: int, resize: str, rate: float = 0.0, per_req: int = 1
+) -> dict[str, Any]:
+    procs = max(1, min(procs, concurrency))
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    before = scrape(url)
+    workers = [
+        ctx.Process(target=_client_proc, args=(url, files, n, seconds, rate * n / concurrency, per_req, resize, q), daemon=True)
+        for n in shares
+    ]
+    results, lat, errors, batches, batched, after = collect_clients(workers, q, seconds, url, before)
     n = sum(r["images"] for r in results)
     return {
         "concurrency": concurrency,
