@@ -13,7 +13,7 @@ GPU (one command; torch 2.11 + CUDA on the host, the serving wheels carried in .
 scripts/gpu/ort_benches.sh, the photos in .gpudata/photos256/val; the compiled runtime compiles in
 ≈ 2 min on the first start, then reuses $VQTOK_CACHE/inductor):
 
-    bash scripts/gpu/http_front.sh [0,8]      # installs .whl/ into /tmp/site, then runs (output under $OUT):
+    bash scripts/gpu/serving.sh setup; bash scripts/gpu/serving.sh http 0,8   # wheels from .whl/ into /tmp/site, then:
 
     python3 bench/http_front.py --model-repo models/pretrained --images .gpudata/photos256/val \
         --device cuda --runtime auto --front-workers 0,8 --concurrency 32,64,128,256 --images-per-request 1,8 \
@@ -95,6 +95,12 @@ def tree_cpu_seconds(root: int) -> dict[str, float]:
 # machine, while the server sat mostly idle; this client spends a few tens of microseconds per request)
 
 
+def host_busy_seconds() -> float:
+    """CPU seconds the whole host has spent busy (all cores, /proc/stat: everything but idle and iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / _TICK
+
+
 def build_requests(files: list[bytes], per_req: int, resize: str, port: int) -> list[bytes]:
     """One complete `POST /v1/encode` multipart request per starting file (the server answers npy)."""
     boundary = b"vqtokbenchboundary7MA4YWxkTrZu0gW"
@@ -165,10 +171,18 @@ def _client_proc(port: int, requests: list[bytes], first: int, connections: int,
         stats: dict[str, Any] = {"latencies": [], "requests": 0, "errors": {}}
         t_start = time.monotonic()
         t_measure, t_end = t_start + warmup, t_start + warmup + seconds
+        cpu0 = time.process_time()
         await asyncio.gather(*(_connection(port, requests, first + i, step, t_measure, t_end, stats) for i in range(connections)))
+        stats["cpu_s"] = time.process_time() - cpu0  # warm-up included: per request, it is over all requests sent
+        stats["sent"] = stats["requests"] + sum(stats["errors"].values())
         return stats
 
-    q.put(asyncio.run(run()))
+    try:  # the load generator's own CPU is host CPU the server cannot use: keep it small
+        import uvloop
+
+        q.put(uvloop.run(run()))
+    except ImportError:
+        q.put(asyncio.run(run()))
 
 
 def run_load(url: str, files: list[bytes], concurrency: int, seconds: float, procs: int, resize: str, per_req: int = 1) -> dict[str, Any]:
@@ -187,6 +201,7 @@ def run_load(url: str, files: list[bytes], concurrency: int, seconds: float, pro
         first += n
     results, lat, errors, batches, batched, after = collect_clients(workers, q, seconds, url, before)
     n = sum(r["requests"] for r in results) * per_req
+    client_cpu = sum(r["cpu_s"] for r in results) / max(1, sum(r["sent"] for r in results)) * (seconds / (seconds + 1.0))
     pct = lambda q: float(np.percentile(lat, q) * 1000) if len(lat) else None  # noqa: E731
     return {
         "concurrency": concurrency,
@@ -199,6 +214,7 @@ def run_load(url: str, files: list[bytes], concurrency: int, seconds: float, pro
         "mean_batch": batched / batches if batches else None,
         "mean_queue_ms": 1000 * (after["vqtok_queue_wait_seconds_sum"] - before["vqtok_queue_wait_seconds_sum"]) / max(batched, 1),
         "mean_inference_ms": 1000 * (after["vqtok_inference_seconds_sum"] - before["vqtok_inference_seconds_sum"]) / max(batches, 1),
+        "client_cpu_s_per_request": client_cpu,  # the load generator's, approximate (requests in the warm-up second estimated)
     }
 
 
@@ -269,6 +285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--raw-seconds", type=float, default=3.0)
     p.add_argument("--time-budget", type=float, default=560.0, help="seconds for the whole run; levels that would not fit are skipped")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--revision", default=None, help="the measured commit (a GPU machine's copy may carry a stale .git)")
     return p.parse_args(argv)
 
 
@@ -299,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             "host": platform.node(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
-            "revision": _git_revision(),
+            "revision": args.revision or _git_revision(),
             "runtime": getattr(runtime, "runtime_name", ""),
             "runtime_device": getattr(runtime, "device", ""),
             "images": len(files),
@@ -323,9 +340,14 @@ def main(argv: list[str] | None = None) -> int:
                 if left() < per_level + args.raw_seconds + 20:
                     result["skipped"].append({"front_workers": fronts, "images_per_request": n, "concurrency": c})
                     continue
-                cpu0, req0 = tree_cpu_seconds(proc.pid), encode_requests(url)
+                cpu0, req0, host0, t_level = tree_cpu_seconds(proc.pid), encode_requests(url), host_busy_seconds(), time.monotonic()
                 level = run_load(url, files, c, args.duration, args.client_procs, args.resize, per_req=n)
-                cpu1, req1 = tree_cpu_seconds(proc.pid), encode_requests(url)
+                cpu1, req1, host1, t_level = (
+                    tree_cpu_seconds(proc.pid),
+                    encode_requests(url),
+                    host_busy_seconds(),
+                    time.monotonic() - t_level,
+                )
                 requests = max(1.0, req1 - req0)
                 level.update(
                     front_workers=fronts,
@@ -335,13 +357,18 @@ def main(argv: list[str] | None = None) -> int:
                     server_cpu_s_per_image=(cpu1["total"] - cpu0["total"]) / (requests * n),
                     server_cpu_s_per_request_by_role={k: (v - cpu0.get(k, 0.0)) / requests for k, v in cpu1.items() if k != "total"},
                     server_cores_busy=(cpu1["total"] - cpu0["total"]) / (args.duration + 1.0),
+                    host_cores_busy=(host1 - host0) / t_level,  # everything on the host, load generator included
                 )
                 result["levels"].append(level)
+                if args.out:  # as it goes: a run cut short still leaves its levels
+                    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
                 print(
                     f"    {n} img/request, concurrency {c:4d}: {level['images_per_s']:8.1f} img/s  p50 {level['p50_ms'] or 0:7.1f} ms  "
                     f"p99 {level['p99_ms'] or 0:7.1f} ms  batch {level['mean_batch'] or 0:5.1f}  "
                     f"CPU {1000 * level['server_cpu_s_per_request']:.2f} ms/request "
-                    f"({', '.join(f'{k} {1000 * v:.2f}' for k, v in level['server_cpu_s_per_request_by_role'].items())})  errors {level['errors'] or 0}",
+                    f"({', '.join(f'{k} {1000 * v:.2f}' for k, v in level['server_cpu_s_per_request_by_role'].items())}; "
+                    f"load generator {1000 * level['client_cpu_s_per_request']:.2f})  host cores busy {level['host_cores_busy']:.1f}  "
+                    f"errors {level['errors'] or 0}",
                     flush=True,
                 )
         finally:
@@ -371,14 +398,15 @@ def print_table(result: dict[str, Any]) -> None:
         f"{s['max_batch_size']} (before {raw['before']:.1f}, after {raw['after']:.1f}); JPEGs resize={s['resize']}"
     )
     print(
-        "| front_workers | img/request | concurrency | HTTP img/s | HTTP/raw | p50 ms | p99 ms | mean batch | server CPU ms/request | server cores busy | errors |"
+        "| front_workers | img/request | concurrency | HTTP img/s | HTTP/raw | p50 ms | p99 ms | mean batch | server CPU ms/request | server cores busy "
+        "| load generator CPU ms/request | host cores busy | errors |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for lv in result["levels"]:
         print(
             f"| {lv['front_workers']} | {lv['images_per_request']} | {lv['concurrency']} | {lv['images_per_s']:.1f} | {lv['http_over_raw']:.2f} "
             f"| {lv['p50_ms'] or 0:.1f} | {lv['p99_ms'] or 0:.1f} | {lv['mean_batch'] or 0:.1f} | {1000 * lv['server_cpu_s_per_request']:.2f} "
-            f"| {lv['server_cores_busy']:.2f} | {lv['errors'] or 0} |"
+            f"| {lv['server_cores_busy']:.2f} | {1000 * lv['client_cpu_s_per_request']:.2f} | {lv['host_cores_busy']:.1f} | {lv['errors'] or 0} |"
         )
     print(f"minimum HTTP/raw over concurrency 32-256, by front_workers: {result['http_over_raw_min']}")
     if result["skipped"]:

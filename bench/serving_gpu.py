@@ -3,12 +3,15 @@
 Measures the runtime the service picks on a CUDA host (`service.runtimes.load_runtime`, runtime=auto:
 the compiled runtime), its time to ready (cold Inductor cache, then warm in a second process), its
 parity against the CPU float32 reference (the load-time gate's own figures), and images/s at batch
-1/16/64 for encode and decode, next to torch eager fp32 and torch.compile bf16 (autocast,
-channels_last, default mode) on the same GPU in the same run. Prints a table, writes JSON.
+1/16/64 for encode and decode at 256² and 512², next to torch eager fp32 and torch.compile bf16
+(autocast, channels_last, default mode) on the same GPU in the same run. Prints a table, writes JSON
+(rows by image size: `served["256"]["encode_b64_ms"]`, ...; the summary is at 256², batch 64).
 
   PYTHONUNBUFFERED=1 python bench/serving_gpu.py --images .gpudata/val --out $OUT/serving_gpu.json [--part runtime|torch|all]
 
-The HTTP sweep, Ray scaling and the soak are separate steps (not in this script yet).
+The model is the shipped default (`DEFAULT_MODEL`) unless --model says otherwise. The HTTP sweep
+(bench/http_front.py), Ray scaling (bench/ray_scale.py) and the soak (bench/service_soak.py) are
+separate steps; scripts/gpu/serving.sh runs them all and merges their figures into the summary.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.core import gate, pixels  # noqa: E402
+from models.core.artefacts import DEFAULT_MODEL  # noqa: E402
 
-MODEL = ROOT / "models" / "pretrained" / "photo-f8-simvq-16k"
+MODEL = ROOT / "models" / "pretrained" / DEFAULT_MODEL
 
 
 def load_images(folder: Path, count: int, size: int) -> np.ndarray:
@@ -56,42 +60,39 @@ def time_host(fn: Callable[[], Any], warmup: int = 3, repeats: int = 15) -> floa
     return statistics.median(times)
 
 
-def runtime_part(images: np.ndarray, batches: list[int], out: dict[str, Any]) -> None:
+def runtime_part(model: Path, sets: dict[int, np.ndarray], batches: list[int], out: dict[str, Any]) -> None:
     from service.runtimes import load_runtime
 
     t0 = time.perf_counter()
-    rt = load_runtime(MODEL, runtime="auto", max_batch_size=max(batches))
+    rt = load_runtime(model, runtime="auto", max_batch_size=max(batches))
     out["load_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    rt.warmup([(256, 256)], batches)
+    rt.warmup([(size, size) for size in sets], batches)
     out["warmup_s"] = time.perf_counter() - t1
     out["runtime"] = rt.runtime_name
     out["precision"] = rt.info.precision
-    parity = gate.read_parity_set(MODEL)
+    parity = gate.read_parity_set(model)
     assert parity is not None
     out["gate"] = gate.measure(rt.encode, rt.decode, parity)
-    tokens = rt.encode(images)
-    row: dict[str, Any] = {}
-    for b in batches:
-        x, t = tile(images, b), tile(tokens, b)
-        row[f"encode_b{b}_ms"] = time_host(lambda x=x: rt.encode(x))
-        row[f"decode_b{b}_ms"] = time_host(lambda t=t: rt.decode(t))
-    out["served"] = row
+    out["served"] = {}
+    for size, images in sets.items():
+        tokens = rt.encode(images[:16])
+        row: dict[str, Any] = {}
+        for b in batches:
+            x, t = tile(images, b), tile(tokens, b)
+            row[f"encode_b{b}_ms"] = time_host(lambda x=x: rt.encode(x))
+            row[f"decode_b{b}_ms"] = time_host(lambda t=t: rt.decode(t))
+        out["served"][str(size)] = row
 
 
-def torch_part(images: np.ndarray, batches: list[int], out: dict[str, Any]) -> None:
+def torch_part(model: Path, sets: dict[int, np.ndarray], batches: list[int], out: dict[str, Any]) -> None:
     import torch
 
     from models import Tokenizer
     from models.export.graphs import images_to_input, output_to_images
 
     dev = torch.device("cuda")
-    tok = Tokenizer.from_pretrained(MODEL).eval().to(dev)
-    tokens = torch.from_numpy(
-        np.concatenate(
-            [tok.encode(images_to_input(torch.from_numpy(images[i : i + 16]).to(dev))).cpu().numpy() for i in range(0, len(images), 16)]
-        )
-    )
+    tok = Tokenizer.from_pretrained(model).eval().to(dev)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = True  # the strongest torch baseline: cuDNN times its algorithms too
@@ -117,12 +118,15 @@ def torch_part(images: np.ndarray, batches: list[int], out: dict[str, Any]) -> N
             return dec_c(t.to(dev)).cpu().numpy()
 
     for label, enc, dec in (("torch-eager-fp32", eager_enc, eager_dec), ("torch-compile-bf16", comp_enc, comp_dec)):
-        row: dict[str, Any] = {}
-        for b in batches:
-            x, t = torch.from_numpy(tile(images, b)), torch.from_numpy(tile(tokens.numpy(), b))
-            row[f"encode_b{b}_ms"] = time_host(lambda x=x, f=enc: f(x))
-            row[f"decode_b{b}_ms"] = time_host(lambda t=t, f=dec: f(t))
-        out[label] = row
+        out[label] = {}
+        for size, images in sets.items():
+            tokens = eager_enc(torch.from_numpy(images[:16]))
+            row: dict[str, Any] = {}
+            for b in batches:
+                x, t = torch.from_numpy(tile(images, b)), torch.from_numpy(tile(tokens, b))
+                row[f"encode_b{b}_ms"] = time_host(lambda x=x, f=enc: f(x))
+                row[f"decode_b{b}_ms"] = time_host(lambda t=t, f=dec: f(t))
+            out[label][str(size)] = row
 
 
 def main() -> None:
@@ -130,11 +134,13 @@ def main() -> None:
     ap.add_argument("--images", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--sizes", default="256,512", help="square image sizes (the summary is at 256)")
+    ap.add_argument("--model", type=Path, default=MODEL)
     ap.add_argument("--part", choices=("runtime", "torch", "all"), default="all")
     ap.add_argument("--revision", default=None, help="the measured commit (the GPU machine's copy may carry another .git)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    images = load_images(args.images, 64, 256)
+    sets = {int(size): load_images(args.images, 64, int(size)) for size in args.sizes.split(",")}
     out: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     import torch
 
@@ -145,27 +151,43 @@ def main() -> None:
         or subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         or "unknown",
         cache=os.environ.get("VQTOK_CACHE", ""),
+        model=args.model.name,
     )
     if args.part in ("runtime", "all"):
-        runtime_part(images, batches, out)
+        runtime_part(args.model, sets, batches, out)
         args.out.write_text(json.dumps(out, indent=1) + "\n")
     if args.part in ("torch", "all"):
-        torch_part(images, batches, out)
+        torch_part(args.model, sets, batches, out)
         args.out.write_text(json.dumps(out, indent=1) + "\n")
     rows = {k: v for k, v in out.items() if k in ("served", "torch-eager-fp32", "torch-compile-bf16")}
-    print(f"{'path':22s}" + "".join(f"  enc b{b:<3d} dec b{b:<3d}" for b in batches) + "   (images/s, host to host)")
-    for name, r in rows.items():
-        print(f"{name:22s}" + "".join(f"  {b * 1000 / r[f'encode_b{b}_ms']:8.0f} {b * 1000 / r[f'decode_b{b}_ms']:8.0f}" for b in batches))
+    print(f"{'path':22s} {'size':>5s}" + "".join(f"  enc b{b:<3d} dec b{b:<3d}" for b in batches) + "   (images/s, host to host)")
+    for name, by_size in rows.items():
+        for size, r in by_size.items():
+            print(
+                f"{name:22s} {size:>5s}"
+                + "".join(f"  {b * 1000 / r[f'encode_b{b}_ms']:8.0f} {b * 1000 / r[f'decode_b{b}_ms']:8.0f}" for b in batches)
+            )
     if "served" in out and "torch-compile-bf16" in out:
-        best = {p: min(out[k][f"{p}_b64_ms"] for k in ("torch-eager-fp32", "torch-compile-bf16")) for p in ("encode", "decode")}
+        at256 = {k: out[k]["256"] for k in ("served", "torch-eager-fp32", "torch-compile-bf16")}
+        best = {p: min(at256[k][f"{p}_b64_ms"] for k in ("torch-eager-fp32", "torch-compile-bf16")) for p in ("encode", "decode")}
+        ratios = {
+            f"{p}_served_over_best_torch_by_size": {
+                size: min(out[k][size][f"{p}_b64_ms"] for k in ("torch-eager-fp32", "torch-compile-bf16"))
+                / out["served"][size][f"{p}_b64_ms"]
+                for size in out["served"]
+            }
+            for p in ("encode", "decode")
+        }
         summary = {
             "revision": out["revision"],
             "gpu": out["gpu"],
             "runtime": out.get("runtime"),
-            "encode_served_img_s": 64 * 1000 / out["served"]["encode_b64_ms"],
-            "encode_b1_ms": out["served"]["encode_b1_ms"],
-            "encode_served_over_best_torch": best["encode"] / out["served"]["encode_b64_ms"],
-            "decode_served_over_best_torch": best["decode"] / out["served"]["decode_b64_ms"],
+            "model": out.get("model"),
+            "encode_served_img_s": 64 * 1000 / at256["served"]["encode_b64_ms"],
+            "encode_b1_ms": at256["served"]["encode_b1_ms"],
+            "encode_served_over_best_torch": best["encode"] / at256["served"]["encode_b64_ms"],
+            "decode_served_over_best_torch": best["decode"] / at256["served"]["decode_b64_ms"],
+            **ratios,
             "gpu_token_agreement": out["gate"]["token_agreement"],
             "gpu_decode_psnr_db": out["gate"]["decode_psnr_db"],
             "load_s": out.get("load_s"),

@@ -12,6 +12,12 @@ The pixel count is checked from the header before any pixel is decoded, so a dec
 the caller's limit (`max_pixels`): Pillow's own check at open (`Image.MAX_IMAGE_PIXELS`, process-wide,
 which the service sets too) would otherwise refuse first, in Pillow's words and at Pillow's number.
 
+JPEGs (YCbCr or greyscale, no EXIF rotation) decode through simplejpeg (libjpeg-turbo without Pillow's
+per-image overhead: 2.4× faster on 256² photos on this project's CPU machine); its output is the same
+array Pillow decodes, full-size and DCT-scaled alike (tested bit for bit), so the path taken never
+changes a token. Anything it does not take (other formats, CMYK, EXIF rotations, simplejpeg missing,
+a file it cannot decode cleanly) goes through Pillow as before, errors and wording included.
+
 Value rule: uint8 v <-> model float x = v / 127.5 − 1 in [−1, 1]; back: round((x + 1)·127.5)
 after clamping to [−1, 1].
 """
@@ -30,6 +36,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError, ImageShapeError, ImageTooLarge
+
+try:
+    import simplejpeg as _simplejpeg
+except ImportError:  # pragma: no cover - a platform without its wheel: Pillow decodes every JPEG
+    _simplejpeg = None
 
 ResizeMode = Literal["none", "crop", "pad"]
 RESIZE_MODES: tuple[ResizeMode, ...] = ("none", "crop", "pad")
@@ -116,8 +127,9 @@ def _open_lazily(data: bytes, max_pixels: int) -> Image.Image:
     raise UnidentifiedImageError("cannot identify image file")
 
 
-def _open_header(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
-    """(lazily opened image, (height, width) after EXIF orientation), from the header alone."""
+def _open_header(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int], int]:
+    """(lazily opened image, (height, width) after EXIF orientation, EXIF orientation 1-8), from the
+    header alone."""
     if not data:
         raise ImageError("empty image")
     im = _open_lazily(data, max_pixels)
@@ -125,8 +137,9 @@ def _open_header(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, 
     if w <= 0 or h <= 0:
         raise ImageError(f"image has no pixels ({w}×{h})")
     _check_pixels(w, h, max_pixels)
-    transposed = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the axes
-    return im, ((w, h) if transposed else (h, w))
+    orientation = im.getexif().get(0x0112, 1)
+    transposed = orientation in (5, 6, 7, 8)  # EXIF orientations that swap the axes
+    return im, ((w, h) if transposed else (h, w)), orientation
 
 
 def probe_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
@@ -137,28 +150,58 @@ def probe_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> tuple[int, int]
         return _open_header(data, max_pixels)[1]
 
 
+def _draft_size(w: int, h: int, draft_for: int | None) -> tuple[int, int] | None:
+    """The smallest decode size Pillow's JPEG draft (and simplejpeg's min_width/min_height) may pick
+    for a caller that resizes the short side to `draft_for`; None: decode at full size."""
+    if draft_for is None:
+        return None
+    scale = draft_for / min(w, h)
+    return (int(w * scale) + 1, int(h * scale) + 1) if scale < 0.5 else None
+
+
+def _decode_jpeg_fast(data: bytes, im: Image.Image, orientation: int, draft_for: int | None) -> np.ndarray | None:
+    """uint8 (H, W, 3) through simplejpeg where it gives Pillow's exact pixels (a YCbCr or greyscale
+    JPEG without an EXIF rotation), else None: the caller decodes with Pillow."""
+    if _simplejpeg is None or im.format != "JPEG" or im.mode not in ("RGB", "L") or orientation != 1:
+        return None
+    size = _draft_size(*im.size, draft_for)
+    limits = {"min_width": size[0], "min_height": size[1]} if size else {}
+    try:
+        return cast(np.ndarray, _simplejpeg.decode_jpeg(data, colorspace="RGB", **limits))
+    except ValueError:  # corrupt or truncated (strict mode): Pillow decodes it, or says why it cannot
+        return None
+
+
+def _decode(data: bytes, max_pixels: int, draft_for: int | None) -> tuple[Image.Image | np.ndarray, tuple[int, int]]:
+    """(the decoded image: RGB PIL image or uint8 (H, W, 3) array, EXIF-oriented, by the colour rule;
+    its full (height, width) after orientation)."""
+    with _pillow_errors():
+        im, source, orientation = _open_header(data, max_pixels)
+        fast = _decode_jpeg_fast(data, im, orientation, draft_for)
+        if fast is not None:
+            return fast, source
+        if im.format == "JPEG" and (size := _draft_size(*im.size, draft_for)) is not None:
+            im.draft("RGB", size)
+        im.load()
+        if orientation != 1:  # exif_transpose copies the image even when there is nothing to do
+            im = ImageOps.exif_transpose(im) or im
+        return to_rgb(im), source
+
+
 def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, draft_for: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Bytes -> (RGB PIL image, EXIF-oriented, by the colour rule; its full (height, width) after
     orientation). Raises ImageError / ImageTooLarge.
 
     `draft_for`: the short side the caller will resize to; JPEGs then decode at the smallest DCT
     scale (1/2, 1/4, 1/8) that still covers it, which is much faster for large photos."""
-    with _pillow_errors():
-        im, source = _open_header(data, max_pixels)
-        w, h = im.size
-        if draft_for is not None and im.format == "JPEG":
-            scale = draft_for / min(w, h)
-            if scale < 0.5:
-                im.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))
-        im.load()
-        im = ImageOps.exif_transpose(im) or im
-        return to_rgb(im), source
+    image, source = _decode(data, max_pixels, draft_for)
+    return (Image.fromarray(image, "RGB") if isinstance(image, np.ndarray) else image), source
 
 
 def decode_pixels(data: bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Bytes -> uint8 (H, W, 3) by the colour rule, full size (a writable copy)."""
-    im, _ = decode_image(data, max_pixels=max_pixels)
-    return np.array(im, dtype=np.uint8)
+    image, _ = _decode(data, max_pixels, None)
+    return image if isinstance(image, np.ndarray) else np.array(image, dtype=np.uint8)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -249,10 +292,11 @@ def prepare(
     """
     if resize not in RESIZE_MODES:
         raise ImageError(f"unknown resize mode {resize!r}; expected one of {', '.join(RESIZE_MODES)}")
-    im, source = decode_image(data, max_pixels=max_pixels, draft_for=resolution if resize == "crop" else None)
+    image, source = _decode(data, max_pixels, resolution if resize == "crop" else None)
     if resize == "crop":
-        im = center_crop(im, resolution)
-    pixels = np.asarray(im, dtype=np.uint8)
+        pil = Image.fromarray(image, "RGB") if isinstance(image, np.ndarray) else image
+        image = center_crop(pil, resolution)
+    pixels = image if isinstance(image, np.ndarray) else np.asarray(image, dtype=np.uint8)
     if resize == "pad":
         pixels = pad_to_multiple(pixels, downsample)
     h, w = pixels.shape[:2]

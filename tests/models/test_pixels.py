@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,3 +92,88 @@ def test_limits_checked_before_decoding(resize: str) -> None:
         images.prepare(data, downsample=4, resolution=32, resize=resize, max_pixels=19_999, max_grid_tokens=10**6)  # type: ignore[arg-type]
     with pytest.raises(images.ImageError):
         prep(data[:100])
+
+
+# --- the simplejpeg fast path gives Pillow's pixels, and steps aside where it would not ---
+
+PHOTOS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "photos256" / "val"
+
+
+def _by_pillow(monkeypatch: pytest.MonkeyPatch, fn: Callable[[], object]) -> object:
+    with monkeypatch.context() as m:
+        m.setattr(images, "_simplejpeg", None)
+        return fn()
+
+
+def _jpeg_variants() -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    base = np.clip(rng.normal(128, 60, (9, 13, 3)), 0, 255).astype(np.uint8)
+    photo = Image.fromarray(base).resize((1040, 720), Image.Resampling.BICUBIC)  # smooth + detailed enough for every DCT scale
+    return {
+        "420": encoded(photo, "JPEG", quality=90),
+        "444": encoded(photo, "JPEG", quality=95, subsampling=0),
+        "422": encoded(photo, "JPEG", subsampling=1),
+        "progressive": encoded(photo, "JPEG", progressive=True),
+        "grey": encoded(photo.convert("L"), "JPEG"),
+        "odd-size": encoded(photo.crop((0, 0, 517, 333)), "JPEG", quality=70),
+    }
+
+
+@pytest.mark.parametrize("name", list(_jpeg_variants()))
+@pytest.mark.parametrize("resize", ["none", "crop", "pad"])
+def test_fast_jpeg_path_is_pillow_bit_for_bit(monkeypatch: pytest.MonkeyPatch, name: str, resize: str) -> None:
+    data = _jpeg_variants()[name]
+    assert images._simplejpeg is not None
+    if resize == "none" and name == "odd-size":
+        for decode in ("fast", "pillow"):  # 517×333 is refused the same way on both paths
+            with pytest.raises(images.ImageShapeError, match="multiples of 8"):
+                call = lambda: images.prepare(data, downsample=8, resolution=128, resize="none", **LIMITS)  # noqa: E731
+                call() if decode == "fast" else _by_pillow(monkeypatch, call)
+        return
+    fast = images.prepare(data, downsample=8, resolution=128, resize=resize, **LIMITS)  # type: ignore[arg-type]
+    slow = _by_pillow(monkeypatch, lambda: images.prepare(data, downsample=8, resolution=128, resize=resize, **LIMITS))  # type: ignore[arg-type]
+    assert isinstance(slow, images.PreparedImage)
+    assert fast.source_size == slow.source_size
+    np.testing.assert_array_equal(fast.pixels, slow.pixels)  # crop: the DCT-scaled (draft) decode too
+
+
+def test_fast_jpeg_path_on_real_photos(monkeypatch: pytest.MonkeyPatch) -> None:
+    files = sorted(PHOTOS.glob("*.jpg"))[:40]
+    if not files:
+        pytest.skip(f"no photos in {PHOTOS}")
+    calls = []
+    real = images._simplejpeg.decode_jpeg  # type: ignore[union-attr]
+    monkeypatch.setattr(images._simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for f in files:
+        data = f.read_bytes()
+        fast = images.decode_pixels(data)
+        slow = _by_pillow(monkeypatch, lambda data=data: images.decode_pixels(data))
+        np.testing.assert_array_equal(fast, slow)
+        assert fast.flags.writeable
+    assert len(calls) == len(files)  # every one of them took the fast path
+
+
+def test_fast_path_steps_aside_for_cmyk_rotations_and_corrupt_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = images._simplejpeg.decode_jpeg  # type: ignore[union-attr]
+    monkeypatch.setattr(images._simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    arr = np.zeros((16, 24, 3), np.uint8)
+    arr[:8] = (250, 20, 20)
+    photo = Image.fromarray(arr)
+    # CMYK: Pillow's inversion rule differs from libjpeg-turbo's, so Pillow decodes it
+    cmyk = images.decode_pixels(encoded(photo.convert("CMYK"), "JPEG", quality=95))
+    assert calls == [] and cmyk.shape == (16, 24, 3)
+    # an EXIF rotation: Pillow decodes and rotates (orientation 6: 90° clockwise, axes swap)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = images.prepare(encoded(photo, "JPEG", quality=95, exif=exif), downsample=8, resolution=16, resize="none", **LIMITS)
+    assert calls == [] and rotated.pixels.shape == (24, 16, 3) and rotated.source_size == (24, 16)
+    assert rotated.pixels[:, -8:, 0].mean() > 200 and rotated.pixels[:, :8, 0].mean() < 60  # the red top is now on the right
+    # truncated: simplejpeg (strict) refuses, Pillow then says what is wrong, in the same words as before
+    whole = encoded(Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG", quality=95)
+    truncated = whole[: len(whole) // 2]
+    with pytest.raises(images.ImageError, match="cannot decode image"):
+        images.decode_pixels(truncated)
+    assert calls == [1]
+    with pytest.raises(images.ImageError, match="cannot decode image"):
+        _by_pillow(monkeypatch, lambda: images.decode_pixels(truncated))

@@ -150,8 +150,9 @@ def test_request_id_is_echoed_and_generated(client: httpx.Client) -> None:
     assert r.headers["x-request-id"] == "abc-123"
     r = client.get("/nowhere", headers={"X-Request-ID": "bad id with spaces"})
     rid = r.headers["x-request-id"]
-    assert rid != "bad id with spaces" and len(rid) == 32
+    assert rid != "bad id with spaces" and len(rid) == 32 and int(rid, 16) >= 0
     assert r.json()["request_id"] == rid
+    assert client.get("/nowhere").headers["x-request-id"] != rid  # a new one each request
 
 
 def test_models_listing(client: httpx.Client, runtimes: dict[str, ModelRuntime]) -> None:

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Issue 13 on one GPU: the served runtime against torch (256² and 512²), then the HTTP sweep, one step per
+# device call (each < 10 min; results under $OUT as they come, and kept in /tmp/res between calls).
+# The host: Python 3.12 with torch 2.11 + CUDA; fastapi, uvicorn, pydantic, simplejpeg, ... travel as wheels
+# in .whl/ (git-ignored; cp312 manylinux: `pip download --only-binary=:all: --python-version 3.12
+# --platform manylinux2014_x86_64 --no-deps -d .whl PKG`); 256² JPEGs as .gpudata/photos256/val (a copy of
+# ../shared/data/photos256/val). The tracked tree is ~99 MB (two shipped models) and one call carries at most
+# 64 MiB, so move models/pretrained/photo-f8-simvq-16k (v1) out of the tree for these calls: the default (v2)
+# is what is measured. The first runtime start compiles its kernels (≈ 2-3 min cold; cached in $VQTOK_CACHE).
+#   bash scripts/gpu/serving.sh setup      # carry .whl: installs it into /tmp/site
+#   bash scripts/gpu/serving.sh runtime    # carry .gpudata/photos256: served runtime, cold then warm start
+#   bash scripts/gpu/serving.sh torch      # torch eager fp32 and torch.compile bf16 at the same shapes
+#   bash scripts/gpu/serving.sh http [0,8] # bench/http_front.py: raw vs HTTP, fronts 0 and 8, c 32-256, 1 and 8 img/request
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+export VQTOK_CACHE=${VQTOK_CACHE:-/tmp/vqtok-cache}
+out=${OUT:-/tmp/out}
+rev=${REVISION:-$(git rev-parse --short HEAD 2>/dev/null)}
+mkdir -p "$out" /tmp/res
+images=.gpudata/photos256/val
+quiet() { grep --line-buffered -v -i "plugin EP\|warn"; }
+case "${1:?step}" in
+setup)
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl && touch /tmp/site/.whl-done
+  python3 -c 'import torch, fastapi, uvicorn, simplejpeg; print("torch", torch.__version__, torch.cuda.get_device_name(0), "fastapi", fastapi.__version__, "simplejpeg", simplejpeg.__version__)'
+  nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv,noheader
+  nproc
+  ;;
+runtime)
+  # cold: an empty Inductor cache; then warm: a second process on the cache the first one left
+  rm -rf "$VQTOK_CACHE"
+  python3 bench/serving_gpu.py --images "$images" --part runtime --revision "$rev" --out /tmp/res/serving_gpu_cold.json 2>&1 | quiet | tee "$out/runtime_cold.log"
+  cp /tmp/res/serving_gpu_cold.json "$out/"
+  python3 bench/serving_gpu.py --images "$images" --part runtime --revision "$rev" --out /tmp/res/serving_gpu.json 2>&1 | quiet | tee "$out/runtime.log"
+  cp /tmp/res/serving_gpu.json "$out/"
+  ;;
+torch)
+  python3 bench/serving_gpu.py --images "$images" --part torch --revision "$rev" --out /tmp/res/serving_gpu.json 2>&1 | quiet | tee "$out/torch.log"
+  cp /tmp/res/serving_gpu.json "$out/"
+  ;;
+http)
+  python3 bench/http_front.py --model-repo models/pretrained --images "$images" --device cuda --runtime auto \
+    --front-workers "${2:-0,8}" --concurrency 32,64,128,256 --images-per-request 1,8 --max-batch-size 64 \
+    --client-procs 6 --decode-threads 4 --duration 6 --time-budget 540 --out "$out/http_front_gpu.json" 2>&1 | quiet | tee "$out/http_front_gpu.log"
+  ;;
+*)
+  echo "unknown step $1" >&2
+  exit 2
+  ;;
+esac
+exit 0
