@@ -408,6 +408,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-delay-ms", type=float, default=2.0)
     p.add_argument("--decode-threads", type=int, default=max(2, min(8, (os.cpu_count() or 2) // 2)))
     p.add_argument("--intra-op-threads", type=int, default=None)
+    p.add_argument(
+        "--server-env", action="append", default=[], metavar="NAME=VALUE", help="extra environment of the server (e.g. MALLOC_ARENA_MAX=2)"
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON, rewritten as the run goes")
     p.add_argument("--server-log", type=Path, default=None)
     args = p.parse_args(argv)
@@ -459,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
 
     write()
     key = secrets.token_hex(16)
-    env = {**os.environ, "VQTOK_ADMIN_API_KEYS": key}
+    env = {**os.environ, **dict(kv.split("=", 1) for kv in args.server_env), "VQTOK_ADMIN_API_KEYS": key}
     t0 = time.monotonic()
     proc, url = spawn_server(args, args.front_workers, log_path, env=env)
     try:
