@@ -38,6 +38,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,8 @@ VQTOK = [sys.executable, "-c", "import sys; from clients.cli import main; sys.ex
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu_seconds(root: int) -> dict[str, float]:
-    """user + system CPU seconds of `root` and every live descendant (from /proc), by role: `engine`
-    (the inference process of a split server), `fronts`, `supervisor`, or `server` (single process)."""
+def _proc_stats() -> tuple[dict[int, int], dict[int, float]]:
+    """(parent pid, user + system CPU seconds) of every live process, from /proc."""
     parents: dict[int, int] = {}
     times: dict[int, float] = {}
     for entry in os.listdir("/proc"):
@@ -69,6 +69,13 @@ def tree_cpu_seconds(root: int) -> dict[str, float]:
         pid = int(entry)
         parents[pid] = int(fields[1])
         times[pid] = (int(fields[11]) + int(fields[12])) / _TICK
+    return parents, times
+
+
+def process_tree(root: int, parents: dict[int, int] | None = None) -> set[int]:
+    """`root` and every live descendant."""
+    if parents is None:
+        parents = _proc_stats()[0]
     tree, frontier = {root}, [root]
     while frontier:
         p = frontier.pop()
@@ -76,6 +83,14 @@ def tree_cpu_seconds(root: int) -> dict[str, float]:
             if parent == p and child not in tree:
                 tree.add(child)
                 frontier.append(child)
+    return tree
+
+
+def tree_cpu_seconds(root: int) -> dict[str, float]:
+    """user + system CPU seconds of `root` and every live descendant (from /proc), by role: `engine`
+    (the inference process of a split server), `fronts`, `supervisor`, or `server` (single process)."""
+    parents, times = _proc_stats()
+    tree = process_tree(root, parents)
     out = {"total": 0.0}
     for p in tree:
         try:
@@ -129,11 +144,31 @@ def build_requests(files: list[bytes], per_req: int, resize: str, port: int) -> 
 
 
 async def _connection(
-    port: int, requests: list[bytes], start: int, step: int, t_measure: float, t_end: float, stats: dict[str, Any]
+    port: int,
+    requests: list[bytes],
+    start: int,
+    step: int,
+    t_measure: float,
+    t_end: float,
+    stats: dict[str, Any],
+    *,
+    interval: float = 0.0,
+    first_at: float = 0.0,
+    record: Callable[[float, float, str], None] | None = None,
 ) -> None:
+    """One keep-alive connection: the next request as soon as the last is answered (closed loop), or,
+    with `interval`, one request every `interval` seconds from `first_at` (open loop: a late answer makes
+    the next requests go at once until the schedule is caught up). `record(t_sent, t_answered, status)`,
+    when given, receives every request instead of `stats`."""
     k = start
     reader = writer = None
+    next_at = first_at
     while True:
+        if interval:
+            now = time.monotonic()
+            if next_at > now:
+                await asyncio.sleep(next_at - now)
+            next_at += interval
         t0 = time.monotonic()
         if t0 >= t_end:
             break
@@ -156,7 +191,9 @@ async def _connection(
             writer = None
         t1 = time.monotonic()
         k += step
-        if t_measure <= t1 <= t_end:
+        if record is not None:
+            record(t0, t1, status)
+        elif t_measure <= t1 <= t_end:
             if status == "200":
                 stats["latencies"].append(t1 - t0)
                 stats["requests"] += 1
@@ -228,6 +265,15 @@ def encode_requests(url: str) -> float:
 
 
 def start_server(args: argparse.Namespace, fronts: int, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    proc, url = spawn_server(args, fronts, log_path)
+    wait_ready(proc, url, log_path)
+    return proc, url
+
+
+def spawn_server(
+    args: argparse.Namespace, fronts: int, log_path: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`vqtok serve` on a free localhost port with the settings in `args` (not waited for: `wait_ready`)."""
     port = free_port()
     cmd = [*VQTOK, "serve", "--model-repo", str(args.model_repo), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--device", args.device, "--runtime", args.runtime, "--max-batch-size", str(args.max_batch_size)]
@@ -239,20 +285,24 @@ def start_server(args: argparse.Namespace, fronts: int, log_path: Path) -> tuple
         cmd += ["--intra-op-threads", str(args.intra_op_threads)]
     if args.model:
         cmd += ["--default-model", args.model]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, env=env)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc: subprocess.Popen[bytes], url: str, log_path: Path, timeout: float = 600) -> None:
+    """Until /readyz answers 200; SystemExit if the server exits first or `timeout` seconds pass (killed then)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server exited with {proc.returncode}; see {log_path}")
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit(f"server not ready after 600 s; see {log_path}")
+    raise SystemExit(f"server not ready after {timeout:.0f} s; see {log_path}")
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
