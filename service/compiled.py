@@ -20,6 +20,7 @@ exception.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -122,6 +123,7 @@ class CompiledRuntime:
         self._captured: dict[tuple[str, tuple[int, ...]], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if on_cuda else None  # one memory pool for every captured shape
         self._capture_lock = threading.Lock()
+        self.closed = False
 
     @classmethod
     def load(
@@ -169,6 +171,21 @@ class CompiledRuntime:
         return runtime
 
     # --- the GPU parity gate ---
+
+    def close(self) -> None:
+        """Drop the captured graphs, the compiled networks and the fallback's sessions, then hand the
+        freed CUDA blocks back to the device (a retired version must not keep its memory while its
+        successor runs). The runtime cannot run afterwards."""
+        import torch
+
+        with self._capture_lock:
+            self._captured.clear()
+            self._graphs = None
+        self.fallback.close()
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        self.closed = True
 
     def check_parity(self) -> dict[str, float] | None:
         parity = gate.read_parity_set(self.model_dir)

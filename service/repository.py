@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
+import gc
 import logging
 import threading
 import time
@@ -68,6 +70,35 @@ class ModelEntry:
     state: str = "loading"  # loading | ready | failed
     error: str | None = None  # why the last load or reload failed
     served: ServedModel | None = None
+
+
+def _release(served: ServedModel) -> None:
+    """A retired version's memory back to the system: its inference threads finish, its runtime drops
+    its sessions / compiled graphs (and torch's CUDA cache), then glibc returns freed heap pages
+    (`malloc_trim`). Without the last step, measured on the CPU (bench/results/serving_rest_cpu/):
+    one reload of the shipped models under load left the server's RSS 41-52 % higher, memory that
+    ONNX Runtime had freed but glibc kept."""
+    served.executor.shutdown(wait=True)
+    close = getattr(served.runtime, "close", None)
+    if close is not None:
+        close()
+    gc.collect()
+    _malloc_trim()
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+def _malloc_trim() -> None:
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def discover(repo: Path) -> dict[str, Path]:
@@ -324,13 +355,18 @@ class ModelRepository:
     def _maybe_stop(self, served: ServedModel) -> None:
         if served.retired and served.active == 0 and not served.stopping:
             served.stopping = True
-            task = asyncio.get_running_loop().create_task(self._stop(served))
+            task = asyncio.get_running_loop().create_task(self._stop(served, release=True))
             self._stopping.add(task)
             task.add_done_callback(self._stopping.discard)
 
-    async def _stop(self, served: ServedModel, drain_timeout_s: float | None = None) -> None:
+    async def _stop(self, served: ServedModel, drain_timeout_s: float | None = None, release: bool = False) -> None:
+        """Drain the version's batcher and stop its threads; `release` (a version retired while the
+        server goes on): also close its runtime and hand the memory back (see `_release`)."""
         await served.batcher.stop(self.settings.shutdown_timeout_s if drain_timeout_s is None else drain_timeout_s)
-        served.executor.shutdown(wait=False)
+        if release:
+            await asyncio.get_running_loop().run_in_executor(None, _release, served)
+        else:
+            served.executor.shutdown(wait=False)
         log.info("model version retired", extra={"model": served.name, "loaded_at": served.loaded_at})
 
     async def close(self) -> None:

@@ -269,6 +269,10 @@ class ShapeSessions:
         with self._lock:
             return list(self._sessions)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._sessions.clear()
+
 
 class ModelRuntime:
     """One exported model directory, two ORT sessions (encoder, decoder).
@@ -306,6 +310,7 @@ class ModelRuntime:
         self.providers = providers
         self.buckets = buckets  # None: every batch runs at its own size
         self._sessions = {"encoder": encoder, "decoder": decoder}
+        self.closed = False
         self._per_shape = dict(per_shape) if per_shape else None  # graph -> sessions by input shape
         self._on_cuda = providers[0] == "CUDAExecutionProvider"
         self.device = "cuda" if self._on_cuda else "cpu"
@@ -441,6 +446,14 @@ class ModelRuntime:
     def session_shapes(self) -> dict[str, list[tuple[int, ...]]]:
         """Input shapes with a session of their own, per graph (empty without per-shape sessions)."""
         return {g: s.shapes() for g, s in (self._per_shape or {}).items()}
+
+    def close(self) -> None:
+        """Drop the sessions and with them their memory arenas (host and device): a retired model
+        version hands its memory back. The runtime cannot run afterwards."""
+        for sessions in (self._per_shape or {}).values():
+            sessions.clear()
+        self._sessions.clear()
+        self.closed = True
 
     def _run_session(self, session: Any, input_name: str, array: np.ndarray) -> np.ndarray:
         if not self._on_cuda:

@@ -149,6 +149,13 @@ class FaultyRuntime:
         self._wait(len(tokens))
         return self._real.decode(tokens)
 
+    @property
+    def closed(self) -> bool:
+        return self._real.closed
+
+    def close(self) -> None:
+        self._real.close()
+
     def warmup(self, sizes: Any, batch_sizes: Any = None) -> None:
         self._real.warmup(sizes, batch_sizes)
 
@@ -160,10 +167,12 @@ class Faults:
         self.entered = threading.Event()
         self.batches: list[int] = []
         self.loads = 0
+        self.runtimes: list[FaultyRuntime] = []
 
     def loader(self, path: Path, **kwargs: Any) -> FaultyRuntime:
         self.loads += 1
-        return FaultyRuntime(ModelRuntime.load(path, **kwargs), self.gate, self.entered, self.batches)
+        self.runtimes.append(FaultyRuntime(ModelRuntime.load(path, **kwargs), self.gate, self.entered, self.batches))
+        return self.runtimes[-1]
 
 
 @pytest.fixture

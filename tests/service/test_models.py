@@ -80,6 +80,9 @@ def test_reload_swaps_versions_without_failing_in_flight_requests(serve, model_r
         assert in_flight.result().status_code == 200  # finished on the old version
         assert in_flight.result().content == before
         assert encode(c, IMG).content == before  # and the new version serves
+        first, second = faults.runtimes
+        wait_until(lambda: first.closed)  # the retired version dropped its sessions (memory handed back)
+        assert not second.closed
 
         # a broken new version: refused, the old one keeps serving
         truncate(repo / "fsq4" / "decoder.onnx")
