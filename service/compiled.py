@@ -85,7 +85,11 @@ class _Graph:
                 fn(self.input)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool), torch.no_grad():
+        # thread_local: this capture forbids unsafe CUDA calls on this thread only. The default (global)
+        # makes every other thread's synchronising call fail while it lasts: a reload captures the new
+        # version's graphs while the old version serves, and its replies (a device-to-host copy) then
+        # failed with "operation not permitted when stream is capturing" (H100 soak, 64 requests).
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"), torch.no_grad():
             self.output = fn(self.input)
 
     def run(self, host: np.ndarray) -> np.ndarray:
