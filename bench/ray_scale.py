@@ -270,7 +270,7 @@ def main() -> int:
     print(
         f"\n{info.name} ({info.precision}) on {report['runtime']['name']}, {report['runtime']['device']}; "
         f"{n_gpus} GPU{'s' * (n_gpus != 1)} ({', '.join(sorted(set(names))) or 'none'}), {os.cpu_count()} CPUs; "
-        f"256x256 JPEGs, resize crop, batch {args.batch_size}; revision {report['revision']}"
+        f"256x256 JPEGs cropped to {info.resolution}², batch {args.batch_size}; revision {report['revision']}"
     )
     print(f"{'engine':<10} {'units':>5} {'images':>7} {'seconds':>8} {'images/s':>9} {'steady/s':>9} {'1st batch s':>11}")
     for name in ("raw_start", "raw_end"):

@@ -360,8 +360,11 @@ def _run(
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
     actors = num_actors or (gpus if use_gpu else max(1, cpus // 4))
-    # on CPU each actor's ORT session gets a share of the cores; decoding tasks get the rest
-    actor_cpus = 1 if use_gpu else max(1, cpus // (2 * actors))
+    # on CPU each actor's ORT session gets a share of the cores; decoding tasks get the rest, at least
+    # one core (actors holding every CPU would leave the decode tasks unscheduled: the job would hang)
+    actor_cpus: float = 1 if use_gpu else max(1, cpus // (2 * actors))
+    if actors * actor_cpus > cpus - 1:
+        actor_cpus = max(cpus - 1, 0.5) / actors
 
     # Decode tasks of a few hundred images each (see decode_task_images): every free core decodes (a task
     # per shard kept as few busy as there were pending shards), each task's output is one block, and
@@ -387,7 +390,7 @@ def _run(
             "runtime": runtime,
             "device": "cuda" if use_gpu else "cpu",
             "precision": precision,
-            "intra_op_threads": None if use_gpu else actor_cpus,
+            "intra_op_threads": None if use_gpu else max(1, int(actor_cpus)),
             "max_batch_size": batch_size,
             "resize": run.job.resize,
             "expected": spec,

@@ -88,7 +88,7 @@ def test_ray_scale_bench_runs_on_the_cpu(model_dir: Path, photos_val_dir: Path, 
     env = {**os.environ, "VQTOK_DATA": str(photos_val_dir.parents[1])}
     cmd = [sys.executable, str(REPO / "bench" / "ray_scale.py"), "--model", str(model_dir), "--device", "cpu"]
     cmd += ["--batch-size", "16", "--images", "96", "--max-images", "96", "--seconds", "1", "--raw-seconds", "0.5"]
-    cmd += ["--cpu-actors", "1", "--time-limit", "240", "--revision", "test", "--out", str(out)]
+    cmd += ["--cpu-actors", "2", "--time-limit", "240", "--revision", "test", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
