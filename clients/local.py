@@ -22,7 +22,7 @@ from PIL import Image
 from models.core import pixels as _images
 from models.core.artefacts import Device, Precision, model_name, resolve_model_dir
 from models.core.errors import ImageError, ImageShapeError, ImageTooLarge, InvalidInputError
-from service.runtime import ModelRuntime
+from service.runtimes import load_runtime
 
 from . import _base
 from ._base import ImageInput, Images, ModelCard, Output, SingleImage
@@ -30,7 +30,7 @@ from .errors import BadRequestError, NotFoundError, PayloadTooLargeError, Valida
 
 
 class LocalBackend:
-    """One model directory served in-process through `service.runtime.ModelRuntime`.
+    """One model directory served in-process by the runtime `vqtok serve` would pick (`service.runtimes.load_runtime`).
 
     Args:
         model_dir: an exported model (manifest.json, encoder.onnx, decoder.onnx), named as everywhere in
@@ -38,6 +38,8 @@ class LocalBackend:
             ORG/NAME[@REVISION] on the Hugging Face hub (needs huggingface_hub), or None for the default
             model. Raises `models.core.errors.ModelNotFound` / `ModelLoadError` when it cannot be used.
         device, precision: as for `ModelRuntime.load` ("auto" picks CUDA when available).
+        runtime: "auto" (the compiled runtime on a CUDA host where torch can run it, else ONNX Runtime),
+            "onnxruntime" or "compiled" (forced: one that cannot run raises `ModelLoadError`), as `vqtok serve --runtime`.
         max_batch_size: images per runtime call.
         workers: threads decoding and resizing images.
     """
@@ -50,9 +52,12 @@ class LocalBackend:
         precision: Precision = "auto",
         max_batch_size: int = 32,
         workers: int | None = None,
+        runtime: str = "auto",
     ) -> None:
         path = resolve_model_dir(model_dir)
-        self.runtime = ModelRuntime.load(path, name=model_name(path), device=device, precision=precision, max_batch_size=max_batch_size)
+        self.runtime = load_runtime(
+            path, runtime=runtime, name=model_name(path), device=device, precision=precision, max_batch_size=max_batch_size
+        )
         self.info = self.runtime.info
         self.max_batch_size = max_batch_size
         self._pool = ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 1) + 1), thread_name_prefix="vqtok-local")

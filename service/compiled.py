@@ -243,8 +243,11 @@ class CompiledRuntime:
         """integer token ids (B, h, w) in [0, K) -> uint8 images (B, h·f, w·f, 3)."""
         return self._run("decode", check_tokens(tokens, self.info.codebook_size), self.fallback.decode)
 
-    def warmup(self, sizes: Sequence[tuple[int, int]], batch_sizes: Sequence[int] | None = None) -> None:
-        """Compile and capture every (bucket, size) now; the ONNX fallback warms its own shapes."""
+    def warmup(
+        self, sizes: Sequence[tuple[int, int]], batch_sizes: Sequence[int] | None = None, parts: Sequence[str] = ("encode", "decode")
+    ) -> None:
+        """Compile and capture every (bucket, size) now; the ONNX fallback warms its own shapes. `parts`:
+        the graphs to warm ("encode", "decode"; a tokenization job only encodes: half the compiles)."""
         f = self.info.downsample
         rng = np.random.default_rng(0)
         for h, w in sizes:
@@ -252,8 +255,10 @@ class CompiledRuntime:
                 size = self._bucket(b)
                 images = rng.integers(0, 256, size=(size, h, w, 3), dtype=np.uint8)
                 tokens = rng.integers(0, self.info.codebook_size, size=(size, h // f, w // f), dtype=np.int32)
-                self._graph("encode", images.shape, images)
-                self._graph("decode", tokens.shape, tokens)
+                if "encode" in parts:
+                    self._graph("encode", images.shape, images)
+                if "decode" in parts:
+                    self._graph("decode", tokens.shape, tokens)
 
     def check_images(self, images: np.ndarray) -> None:
         check_images(images, self.info.downsample)

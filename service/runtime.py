@@ -475,10 +475,13 @@ class ModelRuntime:
         """integer token ids (B, h, w) in [0, K) -> uint8 images (B, h·f, w·f, 3)."""
         return self._run("decoder", "tokens", self.check_tokens(tokens))
 
-    def warmup(self, sizes: Sequence[tuple[int, int]], batch_sizes: Sequence[int] | None = None) -> None:
+    def warmup(
+        self, sizes: Sequence[tuple[int, int]], batch_sizes: Sequence[int] | None = None, parts: Sequence[str] = ("encode", "decode")
+    ) -> None:
         """Run each (batch, size) once so cuDNN algorithm search and arena growth happen now.
 
-        `batch_sizes` None: every bucket of a padding runtime (all the shapes it can run), else 1."""
+        `batch_sizes` None: every bucket of a padding runtime (all the shapes it can run), else 1.
+        `parts`: the graphs to run ("encode", "decode")."""
         rng = np.random.default_rng(0)
         f = self.info.downsample
         if batch_sizes is None:
@@ -487,8 +490,10 @@ class ModelRuntime:
             sessions.reserve(2 * len(sizes) * len(batch_sizes))  # the warmed shapes, and as many others
         for h, w in sizes:
             for b in batch_sizes:
-                self.encode(rng.integers(0, 256, size=(b, h, w, 3), dtype=np.uint8))
-                self.decode(rng.integers(0, self.info.codebook_size, size=(b, h // f, w // f), dtype=np.int32))
+                if "encode" in parts:
+                    self.encode(rng.integers(0, 256, size=(b, h, w, 3), dtype=np.uint8))
+                if "decode" in parts:
+                    self.decode(rng.integers(0, self.info.codebook_size, size=(b, h // f, w // f), dtype=np.int32))
 
 
 def _check_io(session: Any, input_name: str, output_name: str, model_dir: Path) -> None:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from .job import Summary
 
 ENGINES = ("local", "ray", "server")
+RUNTIMES = ("auto", "onnxruntime", "compiled")  # service.runtimes.RUNTIMES, not imported here (the CLI imports no numpy at start)
 RESIZE_MODES = ("none", "crop", "pad")  # models.core.pixels.RESIZE_MODES, not imported here: it loads numpy and Pillow
 DEFAULT_RESIZE = "crop"  # format.DEFAULT_RESIZE and DEFAULT_MAX_TOKENS, not imported here: format loads pyarrow
 DEFAULT_MAX_TOKENS = 256 * 256
@@ -107,6 +108,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto")
     p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="auto",
+        help="local/ray: what encodes (as vqtok serve --runtime): auto (default) = the compiled runtime (torch.compile + CUDA "
+        "graphs + fused code search) on a CUDA host where torch can run it, else ONNX Runtime; onnxruntime or compiled force "
+        "one (a forced runtime that cannot run is an error)",
+    )
+    p.add_argument(
         "--ray-address", default=None, help="existing Ray cluster (e.g. ray://head:10001 or auto); default: a local Ray for this job"
     )
     p.add_argument("--num-actors", type=_positive, default=None, help="Ray: encoder actors (default: one per GPU, else CPUs / 4)")
@@ -164,6 +173,7 @@ def _run_engine(args: argparse.Namespace, progress: bool | None) -> Summary:
                 model_dir(args.model),
                 device=args.device,
                 precision=args.precision,
+                runtime=args.runtime,
                 ray_address=args.ray_address,
                 num_actors=args.num_actors,
                 **common,
@@ -186,14 +196,19 @@ def _run_engine(args: argparse.Namespace, progress: bool | None) -> Summary:
         summary.engine = "server"
         return summary
 
-    from service.runtime import ModelRuntime
-
-    from .encoders import RuntimeEncoder
+    from .encoders import RuntimeEncoder, load_encoder_runtime
     from .local import tokenize_local
 
     path = model_dir(args.model)
     try:
-        runtime = ModelRuntime.load(path, device=args.device, precision=args.precision, max_batch_size=args.batch_size)
+        runtime = load_encoder_runtime(
+            path,
+            runtime=args.runtime,
+            device=args.device,
+            precision=args.precision,
+            batch_size=args.batch_size,
+            resize=args.resize,
+        )
     except ModelLoadError as exc:
         raise CLIError(str(exc), code=1) from exc
     return tokenize_local(args.input, args.output, RuntimeEncoder(runtime), **decoding, **common)

@@ -5,7 +5,8 @@ isolates the image a batch was refused for."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -14,9 +15,42 @@ from .decoding import Prepared
 from .format import ErrorKind, ModelSpec
 
 if TYPE_CHECKING:
-    from service.runtime import ModelRuntime
-
     from ..client import Client
+
+RUNTIMES = ("auto", "onnxruntime", "compiled")  # service.runtimes.RUNTIMES (not imported here: the CLI reads it)
+
+
+def load_encoder_runtime(
+    model_dir: str | Path,
+    *,
+    runtime: str = "auto",
+    device: str = "auto",
+    precision: str = "auto",
+    intra_op_threads: int | None = None,
+    batch_size: int = 32,
+    resize: str | None = None,
+) -> Any:
+    """The runtime a tokenization engine encodes with: `service.runtimes.load_runtime`'s rule ("auto":
+    the compiled runtime on a CUDA host where it can run, else ONNX Runtime; "onnxruntime" or
+    "compiled" forced: one that cannot run is a ModelLoadError). On CUDA the encoder of every batch
+    size a job can send (each power of two up to `batch_size`) is warmed for the image sizes `warm`
+    (the model's resolution under resize crop): the compiled runtime compiles them now (or loads them
+    from `$VQTOK_CACHE/inductor`) instead of running such batches on its ONNX fallback."""
+    from service.runtimes import load_runtime
+
+    rt = load_runtime(
+        model_dir,
+        runtime=runtime,
+        device=device,  # type: ignore[arg-type]
+        precision=precision,  # type: ignore[arg-type]
+        intra_op_threads=intra_op_threads,
+        max_batch_size=batch_size,
+    )
+    if resize == "crop" and rt.device == "cuda":
+        res = rt.info.resolution
+        sizes = sorted({1 << k for k in range(batch_size.bit_length()) if 1 << k <= batch_size} | {batch_size})
+        rt.warmup([(res, res)], sizes, parts=("encode",))
+    return rt
 
 
 @runtime_checkable
@@ -46,7 +80,8 @@ class FileEncoder(Protocol):
 
 
 class RuntimeEncoder:
-    """Encodes in-process through a `ModelRuntime`.
+    """Encodes in-process through a runtime (`service.runtimes.load_runtime`: ONNX Runtime or the
+    compiled GPU runtime).
 
     On CUDA, by default, three batches run at once (the next ones are copied in and queued while one
     computes, so the device does not wait on the host between batches) and images decode in processes
@@ -54,9 +89,9 @@ class RuntimeEncoder:
     batch at a time (the session's thread pool already uses every core) and decoding threads. Measured
     in bench/results/tokenize_local_sweep_gpu_h100*.json."""
 
-    def __init__(self, runtime: ModelRuntime, concurrency: int | None = None) -> None:
+    def __init__(self, runtime: Any, concurrency: int | None = None) -> None:
         self.runtime, self.spec = runtime, ModelSpec.from_info(runtime.info)
-        on_cuda = bool(runtime.providers) and runtime.providers[0] == "CUDAExecutionProvider"
+        on_cuda = getattr(runtime, "device", "cpu") == "cuda"
         self.concurrency = concurrency or (3 if on_cuda else 1)
         self.decode_pool = "process" if on_cuda else "thread"
 
@@ -97,6 +132,24 @@ UNREADABLE_REFUSALS: tuple[type[Exception], ...] = (BadRequestError, Unsupported
 Encoded = tuple[Prepared, np.ndarray | None, str | None, ErrorKind | None]  # the image, its token grid or None, why not, its kind
 
 
+def _refusal(exc: Exception) -> tuple[str, ErrorKind]:
+    return f"{type(exc).__name__}: {exc}", "unreadable" if isinstance(exc, UNREADABLE_REFUSALS) else "refused"
+
+
+def encode_pixels(encoder: PixelEncoder, pixels: np.ndarray) -> list[tuple[np.ndarray | None, str | None, ErrorKind | None]]:
+    """`encode_batch` for an already stacked uint8 (B, H, W, 3) array (the Ray engine's batches):
+    (token grid or None, why not, its kind) per image."""
+    try:
+        tokens = encoder.encode(pixels)
+    except REFUSALS as exc:
+        if len(pixels) == 1:
+            return [(None, *_refusal(exc))]
+        return [r for i in range(len(pixels)) for r in encode_pixels(encoder, pixels[i : i + 1])]
+    if len(tokens) != len(pixels):  # a count mismatch is a bug, not a refusal
+        raise RuntimeError(f"the encoder answered {len(tokens)} grids for {len(pixels)} images")
+    return [(t, None, None) for t in tokens]
+
+
 def encode_batch(encoder: PixelEncoder | FileEncoder, batch: list[Prepared], resize: str = "none") -> list[Encoded]:
     """Encode same-shaped images (or encoded files, for a `FileEncoder`); when the batch is refused,
     retry image by image to isolate the cause."""
@@ -107,7 +160,7 @@ def encode_batch(encoder: PixelEncoder | FileEncoder, batch: list[Prepared], res
             tokens = encoder.encode(np.stack([p.pixels for p in batch if p.pixels is not None]))
     except REFUSALS as exc:
         if len(batch) == 1:
-            return [(batch[0], None, f"{type(exc).__name__}: {exc}", "unreadable" if isinstance(exc, UNREADABLE_REFUSALS) else "refused")]
+            return [(batch[0], None, *_refusal(exc))]
         return [r for p in batch for r in encode_batch(encoder, [p], resize)]
     # a count mismatch is a bug, not a refusal
     return [(p, t, None, None) for p, t in zip(batch, tokens, strict=True)]

@@ -156,6 +156,10 @@ class Summary:
     decode_pool: str = ""  # the local engine's decoding workers: thread or process
     unreadable: int = 0  # missing or undecodable (a truncated file, not an image)
     refused: int = 0  # readable, but over the size limits or the wrong shape for resize none
+    # start-up against steady state: seconds until the first encoded rows reached the driver (Ray:
+    # the cluster's start and the actors' model load), and the rate from then on (rows per second)
+    first_result_s: float = 0.0
+    steady_rows_per_s: float = 0.0
 
     @property
     def images_per_s(self) -> float:
@@ -190,6 +194,8 @@ class JobRun:
         self.failed: dict[ErrorKind, int] = {"unreadable": 0, "refused": 0}
         self._on_commit = on_commit
         self._bar: Any = None
+        self._first: tuple[float, int] | None = None  # when the first rows arrived, and how many
+        self._advanced = 0
 
     @classmethod
     def open(
@@ -223,6 +229,9 @@ class JobRun:
         self._bar = progress_bar(self.total, desc, enabled)
 
     def advance(self, n: int) -> None:
+        if self._first is None:
+            self._first = (time.perf_counter(), n)
+        self._advanced += n
         if self._bar is not None:
             self._bar.update(n)
 
@@ -264,17 +273,25 @@ class JobRun:
         """The run's `Summary`; TokenizeError when a shard is still pending."""
         if not self.manifest.complete:
             raise TokenizeError(f"{len(self.manifest.pending())} shards did not complete")
+        now = time.perf_counter()
+        first_s, steady = 0.0, 0.0
+        if self._first is not None:
+            first_s = self._first[0] - self.started
+            if now > self._first[0]:
+                steady = (self._advanced - self._first[1]) / (now - self._first[0])
         return Summary(
             self.output,
             self.images,
             self.errors,
             self.shards_written,
             self.shards_skipped,
-            time.perf_counter() - self.started,
+            now - self.started,
             engine,
             decode_wait_s,
             encode_wait_s,
             decode_pool,
             self.failed["unreadable"],
             self.failed["refused"],
+            first_s,
+            steady,
         )
