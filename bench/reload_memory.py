@@ -39,6 +39,24 @@ def memory(torch: Any, on_cuda: bool) -> dict[str, float]:
     }
 
 
+def live_allocation_sites(torch: Any, top: int = 12) -> list[dict[str, Any]]:
+    """Live CUDA blocks grouped by where they were allocated (the innermost frames of this project,
+    torch or triton), largest first; needs `torch.cuda.memory._record_memory_history()` running."""
+    sites: dict[str, list[float]] = {}
+    for seg in torch.cuda.memory._snapshot()["segments"]:
+        for block in seg["blocks"]:
+            if block["state"] != "active_allocated":
+                continue
+            frames = [f"{f['filename'].rsplit('/', 2)[-1]}:{f['line']} {f['name']}" for f in block.get("frames", [])]
+            ours = [f for f in frames if not f.startswith(("<", "__init__"))][:4]
+            key = " <- ".join(ours) or "(no frames)"
+            entry = sites.setdefault(key, [0.0, 0])
+            entry[0] += block["size"] / (1 << 20)
+            entry[1] += 1
+    ranked = sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"site": k, "mib": round(v[0], 1), "blocks": int(v[1])} for k, v in ranked]
+
+
 def holders(obj: Any, skip: set[int]) -> list[str]:
     """The types (and, for dicts and frames, a hint) of what refers to `obj`, for a leak report."""
     out = []
@@ -60,8 +78,12 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--eager-cpu", action="store_true", help="the CPU mode of the compiled runtime (no CUDA): a dry run")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--sites", action="store_true", help="record allocation stacks; after each close, list where the live blocks come from")
     args = ap.parse_args()
     import torch
+
+    if args.sites and not args.eager_cpu:
+        torch.cuda.memory._record_memory_history(max_entries=200_000)
 
     from service.compiled import CompiledRuntime
 
@@ -99,6 +121,7 @@ def main() -> None:
             f"closed v{cycle - 1}",
             old_alive=alive is not None,
             old_holders=holders(alive, {id(rows), id(result)}) if alive is not None else [],
+            **({"live_sites": live_allocation_sites(torch)} if args.sites and on_cuda else {}),
         )
         del alive
     result["verdict"] = {
