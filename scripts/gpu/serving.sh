@@ -42,7 +42,7 @@ torch)
 http)
   python3 bench/http_front.py --model-repo models/pretrained --images "$images" --device cuda --runtime auto \
     --front-workers "${2:-0,8}" --concurrency 32,64,128,256 --images-per-request 1,8 --max-batch-size 64 \
-    --client-procs 6 --decode-threads 4 --duration 5 --time-budget 420 --out "$out/http_front_gpu.json" 2>&1 | quiet | tee "$out/http_front_gpu.log"
+    --client-procs 6 --decode-threads 4 --duration 5 --time-budget 420 --revision "$rev" --out "$out/http_front_gpu.json" 2>&1 | quiet | tee "$out/http_front_gpu.log"
   ;;
 *)
   echo "unknown step $1" >&2
