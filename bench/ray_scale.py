@@ -40,7 +40,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-DATA = Path(os.environ.get("VQTOK_DATA", REPO.parent / "shared" / "data")) / "photos256" / "val"
+
+from bench.tokenize_throughput import DATA, image_folder  # noqa: E402  (the same photos, repeated through symlinks)
+
 ENGINES = ("local", "ray_1", "ray_all")
 
 
@@ -66,17 +68,6 @@ def gpus(device: str) -> list[str]:
     if not torch.cuda.is_available():
         return []
     return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-
-
-def image_folder(into: Path, count: int) -> Path:
-    photos = sorted(DATA.glob("*.jpg"))
-    if not photos:
-        raise SystemExit(f"no JPEGs in {DATA}; set VQTOK_DATA")
-    folder = into / f"images-{count}"
-    folder.mkdir()
-    for i in range(count):
-        (folder / f"img_{i:06d}.jpg").symlink_to(photos[i % len(photos)])
-    return folder
 
 
 def decoded_batch(batch_size: int, resolution: int, downsample: int) -> np.ndarray:
