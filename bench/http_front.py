@@ -102,7 +102,18 @@ def tree_cpu_seconds(root: int) -> dict[str, float]:
             role = "fronts"
         out[role] = out.get(role, 0.0) + times.get(p, 0.0)
         out["total"] += times.get(p, 0.0)
+        if role == "engine":  # its event-loop thread (tid = pid): every request passes through it, one at a time
+            out["engine_loop"] = _thread_cpu_seconds(p)
     return out
+
+
+def _thread_cpu_seconds(pid: int, tid: int | None = None) -> float:
+    try:
+        stat = Path(f"/proc/{pid}/task/{tid or pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 # --- the load generator: pre-built HTTP/1.1 requests on raw keep-alive sockets, in separate processes ---

@@ -58,10 +58,21 @@ class _Front:
     shm: Any = None
     pid: int = 0
     tasks: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    _outbox: list[bytes] = field(default_factory=list)
 
     def send(self, msg: dict[str, Any]) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(ipc.pack(msg))
+        """Queue a message; what is queued in one turn of the event loop leaves in one write. A batch
+        answers its requests in the same turn, so they share one send() instead of one each: the
+        per-reply socket write was the largest cost of this loop, which every request goes through
+        (a third of its busy time, profiled on the CPU)."""
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._outbox.append(ipc.pack(msg))
+
+    def flush(self) -> None:
+        data, self._outbox = b"".join(self._outbox), []
+        if data and not self.writer.is_closing():
+            self.writer.write(data)
 
 
 class Engine:
@@ -94,6 +105,7 @@ class Engine:
         await asyncio.gather(loading, return_exceptions=True)
         await self.repo.close()  # drains what is queued and running (shutdown_timeout_s)
         for front in list(self.fronts):
+            front.flush()  # the last replies, queued in this turn of the loop
             front.writer.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
