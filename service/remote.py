@@ -76,6 +76,7 @@ class EngineClient:
         self.slab = slab
         self.metrics = metrics
         self._writer: asyncio.StreamWriter | None = None
+        self._outbox: list[bytes] = []  # messages of this turn of the event loop, written together (`_flush`)
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self.connected = asyncio.Event()
@@ -129,6 +130,7 @@ class EngineClient:
 
     def _lost(self) -> None:
         self._writer = None
+        self._outbox = []  # never delivered: their requests fail below with the others
         self.connected.clear()
         pending, self._pending = self._pending, {}
         for entry in pending.values():
@@ -140,9 +142,19 @@ class EngineClient:
             self.on_snapshot(None)
 
     def _send(self, msg: dict[str, Any]) -> None:
+        """Queue `msg` for the inference process; the messages of one turn of the event loop leave in one
+        write, so that process reads the requests of many HTTP requests at once (its event loop is the
+        one every request goes through)."""
         if self._writer is None or self._writer.is_closing():
             raise EngineGone(GONE)
-        self._writer.write(ipc.pack(msg))
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush, self._writer)
+        self._outbox.append(ipc.pack(msg))
+
+    def _flush(self, writer: asyncio.StreamWriter) -> None:
+        data, self._outbox = b"".join(self._outbox), []
+        if data and writer is self._writer and not writer.is_closing():
+            writer.write(data)
 
     def _free(self, regions: tuple[ipc.Region, ...]) -> None:
         if self.slab is not None:
