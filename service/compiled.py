@@ -179,7 +179,9 @@ class CompiledRuntime:
     def close(self) -> None:
         """Drop the captured graphs, the compiled networks and the fallback's sessions, then hand the
         freed CUDA blocks back to the device (a retired version must not keep its memory while its
-        successor runs). The runtime cannot run afterwards."""
+        successor runs). The runtime cannot run afterwards. Not all of it comes back yet: on an H200,
+        ≈ 256 MiB of each closed version's graph memory (buckets to 8) stayed allocated although the
+        runtime object was collected (bench/reload_memory.py; bench/results/ray_scale_gpu_h200x2/)."""
         import torch
 
         with self._capture_lock:
