@@ -41,7 +41,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.tokenize_throughput import DATA, image_folder  # noqa: E402  (the same photos, repeated through symlinks)
+from bench.tokenize_throughput import DATA, bench_raw, image_folder  # noqa: E402  (the same photos, repeated through symlinks)
 
 ENGINES = ("local", "ray_1", "ray_all")
 
@@ -81,18 +81,6 @@ def decoded_batch(batch_size: int, resolution: int, downsample: int) -> np.ndarr
             for i in range(batch_size)
         ]
     )
-
-
-def bench_raw(runtime: Any, batch: np.ndarray, seconds: float) -> dict[str, Any]:
-    runtime.encode(batch)  # warm-up
-    n, t0 = 0, time.perf_counter()
-    while True:
-        runtime.encode(batch)
-        n += len(batch)
-        if time.perf_counter() - t0 >= seconds:
-            break
-    dt = time.perf_counter() - t0
-    return {"images": n, "seconds": dt, "images_per_s": n / dt}
 
 
 def summary_row(s: Any, wall: float, actors: int | None = None) -> dict[str, Any]:
