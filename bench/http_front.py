@@ -32,7 +32,6 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -48,7 +47,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.service_load import collect_clients, free_port, raw_throughput, scrape  # noqa: E402
+from bench.service_load import collect_clients, free_port, host_fields, raw_throughput, read_jpegs, scrape  # noqa: E402
 
 VQTOK = [sys.executable, "-c", "import sys; from clients.cli import main; sys.exit(main())"]
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -354,9 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_begin = time.monotonic()
     left = lambda: args.time_budget - (time.monotonic() - t_begin)  # noqa: E731
-    files = [p.read_bytes() for p in sorted(args.images.glob("*.jp*g"))]
-    if not files:
-        raise SystemExit(f"no JPEGs in {args.images}")
+    files = read_jpegs(args.images)
     log_path = args.out.with_suffix(".server.log") if args.out else Path("/tmp/vqtok-http-front.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_bytes(b"")
@@ -373,11 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "setup": {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
-            "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-            "host": platform.node(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "revision": args.revision or _git_revision(),
+            **host_fields(args.revision),
             "runtime": getattr(runtime, "runtime_name", ""),
             "runtime_device": getattr(runtime, "device", ""),
             "images": len(files),
@@ -472,13 +465,6 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"minimum HTTP/raw over concurrency 32-256, by front_workers: {result['http_over_raw_min']}")
     if result["skipped"]:
         print(f"skipped (time budget): {result['skipped']}")
-
-
-def _git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

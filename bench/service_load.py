@@ -254,9 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_begin = time.monotonic()
     left = lambda: args.time_budget - (time.monotonic() - t_begin)  # noqa: E731
-    files = [p.read_bytes() for p in sorted(args.images.glob("*.jp*g"))]
-    if not files:
-        raise SystemExit(f"no JPEGs in {args.images}")
+    files = read_jpegs(args.images)
     log_path = args.server_log or (args.out.with_suffix(".server.log") if args.out else Path("/tmp/vqtok-service-load.log"))
     t_server = time.monotonic()
     proc, url = start_server(args, log_path)
@@ -268,12 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         info = next(m for m in models["models"] if m["name"] == name)
         result["setup"] = {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
-            "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-            "host": platform.node(),
-            "cpus": os.cpu_count(),
+            **host_fields(),
             "load_average_at_start": os.getloadavg(),
-            "python": platform.python_version(),
-            "revision": _git_revision(),
             "model": name,
             "model_info": info,
             "images": len(files),
@@ -371,11 +365,31 @@ def print_table(result: dict[str, Any]) -> None:
         )
 
 
-def _git_revision() -> str:
+def git_revision() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def read_jpegs(folder: Path) -> list[bytes]:
+    """The bytes of every JPEG in `folder` (sorted by name); exits if there is none."""
+    files = [p.read_bytes() for p in sorted(folder.glob("*.jp*g"))]
+    if not files:
+        raise SystemExit(f"no JPEGs in {folder}")
+    return files
+
+
+def host_fields(revision: str | None = None) -> dict[str, Any]:
+    """What every service benchmark's JSON records about where and when it ran. `revision`: the
+    measured commit where this copy's .git cannot say (a GPU machine's copy carries a stale one)."""
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "revision": revision or git_revision(),
+    }
 
 
 if __name__ == "__main__":

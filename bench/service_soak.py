@@ -31,7 +31,6 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import platform
 import queue
 import re
 import secrets
@@ -51,7 +50,6 @@ sys.path.insert(0, str(REPO))
 
 from bench.http_front import (  # noqa: E402
     _connection,
-    _git_revision,
     build_requests,
     process_tree,
     run_load,
@@ -59,6 +57,7 @@ from bench.http_front import (  # noqa: E402
     stop_server,
     wait_ready,
 )
+from bench.service_load import host_fields, read_jpegs  # noqa: E402
 
 # --- memory of a process tree ---
 
@@ -411,6 +410,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--server-env", action="append", default=[], metavar="NAME=VALUE", help="extra environment of the server (e.g. MALLOC_ARENA_MAX=2)"
     )
+    p.add_argument("--revision", default=None, help="the measured commit (a GPU machine's copy may carry a stale .git)")
     p.add_argument("--out", type=Path, default=None, help="JSON, rewritten as the run goes")
     p.add_argument("--server-log", type=Path, default=None)
     args = p.parse_args(argv)
@@ -421,9 +421,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_begin = time.monotonic()
-    files = [p.read_bytes() for p in sorted(args.images.glob("*.jp*g"))]
-    if not files:
-        raise SystemExit(f"no JPEGs in {args.images}")
+    files = read_jpegs(args.images)
     out = args.out or Path("/tmp/vqtok-service-soak.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = args.server_log or out.with_suffix(".server.log")
@@ -432,11 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         "setup": {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
             "concurrency": args.concurrency[0],
-            "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-            "host": platform.node(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "revision": _git_revision(),
+            **host_fields(args.revision),
             "images": len(files),
         },
         "definitions": {

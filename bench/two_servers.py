@@ -21,8 +21,6 @@ import argparse
 import asyncio
 import io
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -35,7 +33,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.http_front import _git_revision, spawn_server, stop_server, wait_ready  # noqa: E402
+from bench.http_front import spawn_server, stop_server, wait_ready  # noqa: E402
+from bench.service_load import host_fields, read_jpegs  # noqa: E402
 from bench.service_soak import tree_memory  # noqa: E402
 
 NPY = "application/x-npy"
@@ -141,6 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-threads", type=int, default=2)
     p.add_argument("--intra-op-threads", type=int, default=None)
     p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument("--revision", default=None, help="the measured commit (a GPU machine's copy may carry a stale .git)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     args.model = None  # every server's own default; the load names the model on each request
@@ -151,9 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_begin = time.monotonic()
-    files = [p.read_bytes() for p in sorted(args.images.glob("*.jp*g"))]
-    if not files:
-        raise SystemExit(f"no JPEGs in {args.images}")
+    files = read_jpegs(args.images)
     out = args.out or Path("/tmp/vqtok-two-servers.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
@@ -163,11 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in vars(args).items()
                 if k not in ("out", "model", "concurrency", "images_per_request")
             },
-            "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-            "host": platform.node(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "revision": _git_revision(),
+            **host_fields(args.revision),
             "images": len(files),
         },
         "servers": [],

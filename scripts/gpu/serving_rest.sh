@@ -47,7 +47,7 @@ soak-start)
   setsid nohup bash -c "python3 bench/service_soak.py --model-repo models/pretrained --images $images --device $device --runtime auto \
     --front-workers $fronts --concurrency $concurrency --saturation-seconds 8 --fraction 0.85 --minutes $minutes \
     --max-batch-size 64 --client-procs $client_procs --decode-threads 4 --window-s ${WINDOW_S:-60} --sample-s ${SAMPLE_S:-10} ${SERVER_ENV:+--server-env $SERVER_ENV} \
-    --out $res/service_soak_gpu.json --server-log $res/soak_server.log; echo \$? >$res/soak.rc; touch $res/soak.done" \
+    ${REVISION:+--revision $REVISION} --out $res/service_soak_gpu.json --server-log $res/soak_server.log; echo \$? >$res/soak.rc; touch $res/soak.done" \
     >"$res/soak.log" 2>&1 </dev/null &
   echo $! >"$res/soak.pid"
   sleep 5
@@ -73,7 +73,7 @@ two-servers)
   fi
   python3 bench/two_servers.py --model-repo models/pretrained --images "$images" --device "$device" --runtime auto \
     --servers 2 --seconds "${2:-20}" --connections 4 --max-batch-size 32 --decode-threads 4 --startup-timeout 480 \
-    --out "$out/two_servers_gpu.json" 2>&1 | grep --line-buffered -v -i "plugin EP\|warn" | tee "$out/two_servers.log"
+    ${REVISION:+--revision "$REVISION"} --out "$out/two_servers_gpu.json" 2>&1 | grep --line-buffered -v -i "plugin EP\|warn" | tee "$out/two_servers.log"
   ;;
 *)
   echo "unknown step $1" >&2
