@@ -39,20 +39,28 @@ def memory(torch: Any, on_cuda: bool) -> dict[str, float]:
     }
 
 
-def live_allocation_sites(torch: Any, top: int = 12) -> list[dict[str, Any]]:
-    """Live CUDA blocks grouped by where they were allocated (the innermost frames of this project,
-    torch or triton), largest first; needs `torch.cuda.memory._record_memory_history()` running."""
-    sites: dict[str, list[float]] = {}
+def active_blocks(torch: Any) -> dict[int, dict[str, Any]]:
+    """Every live CUDA block by address (size, allocation frames); needs
+    `torch.cuda.memory._record_memory_history()` running for the frames."""
+    blocks = {}
     for seg in torch.cuda.memory._snapshot()["segments"]:
         for block in seg["blocks"]:
-            if block["state"] != "active_allocated":
-                continue
-            frames = [f"{f['filename'].rsplit('/', 2)[-1]}:{f['line']} {f['name']}" for f in block.get("frames", [])]
-            ours = [f for f in frames if not f.startswith(("<", "__init__"))][:4]
-            key = " <- ".join(ours) or "(no frames)"
-            entry = sites.setdefault(key, [0.0, 0])
-            entry[0] += block["size"] / (1 << 20)
-            entry[1] += 1
+            if block["state"] == "active_allocated":
+                blocks[block["address"]] = block
+    return blocks
+
+
+def allocation_sites(blocks: list[dict[str, Any]], top: int = 12) -> list[dict[str, Any]]:
+    """`blocks` grouped by where they were allocated (the innermost frames of this project, torch or
+    triton), largest first."""
+    sites: dict[str, list[float]] = {}
+    for block in blocks:
+        frames = [f"{f['filename'].rsplit('/', 2)[-1]}:{f['line']} {f['name']}" for f in block.get("frames", [])]
+        ours = [f for f in frames if not f.startswith(("<", "__init__"))][:4]
+        key = " <- ".join(ours) or "(no frames)"
+        entry = sites.setdefault(key, [0.0, 0])
+        entry[0] += block["size"] / (1 << 20)
+        entry[1] += 1
     ranked = sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]
     return [{"site": k, "mib": round(v[0], 1), "blocks": int(v[1])} for k, v in ranked]
 
@@ -78,11 +86,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--eager-cpu", action="store_true", help="the CPU mode of the compiled runtime (no CUDA): a dry run")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--sites", action="store_true", help="record allocation stacks; after each close, list where the live blocks come from")
+    ap.add_argument(
+        "--sites", action="store_true", help="record allocation stacks; after each close, where the closed version's live blocks come from"
+    )
     args = ap.parse_args()
     import torch
 
-    if args.sites and not args.eager_cpu:
+    sites = args.sites and not args.eager_cpu  # allocation stacks: CUDA only
+    if sites:
         torch.cuda.memory._record_memory_history(max_entries=200_000)
 
     from service.compiled import CompiledRuntime
@@ -105,10 +116,16 @@ def main() -> None:
 
     t0 = time.perf_counter()
     record("start")
+    before = active_blocks(torch) if sites else {}
     current = load()
+    # born[v]: the blocks that appeared while version v loaded; what of them outlives v's close is its leak
+    born = [set(active_blocks(torch)) - set(before)] if sites else []
     record("loaded v0")
     for cycle in range(1, args.cycles + 1):
+        before = active_blocks(torch) if sites else {}
         new = load()
+        if sites:
+            born.append(set(active_blocks(torch)) - set(before))
         record(f"loaded v{cycle} (v{cycle - 1} still open)")
         old_ref = weakref.ref(current)
         current.close()
@@ -117,11 +134,19 @@ def main() -> None:
         if on_cuda:
             torch.cuda.empty_cache()
         alive = old_ref()
+        extra: dict[str, Any] = {}
+        if sites:
+            live = active_blocks(torch)
+            left = [live[a] for a in born[cycle - 1] if a in live]
+            extra = {
+                "left_by_closed_mib": round(sum(b["size"] for b in left) / (1 << 20), 1),
+                "left_by_closed_sites": allocation_sites(left),
+            }
         record(
             f"closed v{cycle - 1}",
             old_alive=alive is not None,
             old_holders=holders(alive, {id(rows), id(result)}) if alive is not None else [],
-            **({"live_sites": live_allocation_sites(torch)} if args.sites and on_cuda else {}),
+            **extra,
         )
         del alive
     result["verdict"] = {

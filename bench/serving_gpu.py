@@ -4,7 +4,8 @@ Measures the runtime the service picks on a CUDA host (`service.runtimes.load_ru
 the compiled runtime), its time to ready (cold Inductor cache, then warm in a second process), its
 parity against the CPU float32 reference (the load-time gate's own figures), and images/s at batch
 1/16/64 for encode and decode at 256² and 512², next to torch eager fp32 and torch.compile bf16
-(autocast, channels_last, default mode) on the same GPU in the same run. Prints a table, writes JSON
+(autocast, channels_last; modes `--torch-modes`: default and reduce-overhead, i.e. CUDA graphs, unless
+told otherwise) on the same GPU in the same run; "best torch" is the fastest of them at each point. Prints a table, writes JSON
 (rows by image size: `served["256"]["encode_b64_ms"]`, ...; the summary is at 256², batch 64).
 
   PYTHONUNBUFFERED=1 python bench/serving_gpu.py --images .gpudata/val --out $OUT/serving_gpu.json [--part runtime|torch|all]
@@ -85,7 +86,21 @@ def runtime_part(model: Path, sets: dict[int, np.ndarray], batches: list[int], o
         out["served"][str(size)] = row
 
 
-def torch_part(model: Path, sets: dict[int, np.ndarray], batches: list[int], out: dict[str, Any]) -> None:
+TORCH_MODES = {  # torch.compile mode -> row label
+    "default": "torch-compile-bf16",
+    "reduce-overhead": "torch-compile-ro-bf16",
+    "max-autotune-no-cudagraphs": "torch-compile-mat-bf16",
+}
+
+
+def torch_part(
+    model: Path,
+    sets: dict[int, np.ndarray],
+    batches: list[int],
+    out: dict[str, Any],
+    modes: list[str],
+    write: Callable[[], None] | None = None,
+) -> None:
     import torch
 
     from models import Tokenizer
@@ -106,18 +121,29 @@ def torch_part(model: Path, sets: dict[int, np.ndarray], batches: list[int], out
             return output_to_images(tok.decoder(tok.quantizer.indices_to_codes(t.to(dev)))).cpu().numpy()
 
     cl = tok.to(memory_format=torch.channels_last)
-    enc_c = torch.compile(lambda x: cl.encode(images_to_input(x)), dynamic=False)
-    dec_c = torch.compile(lambda t: output_to_images(cl.decoder(cl.quantizer.indices_to_codes(t))), dynamic=False)
+    # every mode × size × batch is one graph of the same two functions: room for all of them
+    for knob in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
+    paths: list[tuple[str, Callable[[torch.Tensor], np.ndarray], Callable[[torch.Tensor], np.ndarray]]] = [
+        ("torch-eager-fp32", eager_enc, eager_dec)
+    ]
+    for mode in modes:  # each mode its own compiled functions (reduce-overhead: CUDA graphs per shape)
+        enc_c = torch.compile(lambda x: cl.encode(images_to_input(x)), dynamic=False, mode=mode)
+        dec_c = torch.compile(lambda t: output_to_images(cl.decoder(cl.quantizer.indices_to_codes(t))), dynamic=False, mode=mode)
 
-    def comp_enc(x: torch.Tensor) -> np.ndarray:
-        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
-            return enc_c(x.to(dev)).cpu().numpy()
+        def comp_enc(x: torch.Tensor, f: Any = enc_c) -> np.ndarray:
+            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+                return f(x.to(dev)).cpu().numpy()
 
-    def comp_dec(t: torch.Tensor) -> np.ndarray:
-        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
-            return dec_c(t.to(dev)).cpu().numpy()
+        def comp_dec(t: torch.Tensor, f: Any = dec_c) -> np.ndarray:
+            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+                return f(t.to(dev)).cpu().numpy()
 
-    for label, enc, dec in (("torch-eager-fp32", eager_enc, eager_dec), ("torch-compile-bf16", comp_enc, comp_dec)):
+        paths.append((TORCH_MODES[mode], comp_enc, comp_dec))
+
+    for label, enc, dec in paths:
+        t0 = time.perf_counter()
         out[label] = {}
         for size, images in sets.items():
             tokens = eager_enc(torch.from_numpy(images[:16]))
@@ -127,6 +153,10 @@ def torch_part(model: Path, sets: dict[int, np.ndarray], batches: list[int], out
                 row[f"encode_b{b}_ms"] = time_host(lambda x=x, f=enc: f(x))
                 row[f"decode_b{b}_ms"] = time_host(lambda t=t, f=dec: f(t))
             out[label][str(size)] = row
+        out.setdefault("torch_seconds", {})[label] = round(time.perf_counter() - t0, 1)  # compiles included
+        print(f"{label}: {out['torch_seconds'][label]} s", flush=True)
+        if write is not None:
+            write()
 
 
 def main() -> None:
@@ -138,7 +168,15 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=MODEL)
     ap.add_argument("--part", choices=("runtime", "torch", "all"), default="all")
     ap.add_argument("--revision", default=None, help="the measured commit (the GPU machine's copy may carry another .git)")
+    ap.add_argument(
+        "--torch-modes",
+        default="default,reduce-overhead",
+        help=f"torch.compile modes to measure, of {', '.join(TORCH_MODES)} (max-autotune compiles for minutes a shape)",
+    )
     args = ap.parse_args()
+    modes = [m for m in args.torch_modes.split(",") if m]
+    if unknown := [m for m in modes if m not in TORCH_MODES]:
+        ap.error(f"unknown --torch-modes {unknown}; choose from {', '.join(TORCH_MODES)}")
     batches = [int(b) for b in args.batches.split(",")]
     sets = {int(size): load_images(args.images, 64, int(size)) for size in args.sizes.split(",")}
     out: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -157,9 +195,9 @@ def main() -> None:
         runtime_part(args.model, sets, batches, out)
         args.out.write_text(json.dumps(out, indent=1) + "\n")
     if args.part in ("torch", "all"):
-        torch_part(args.model, sets, batches, out)
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
-    rows = {k: v for k, v in out.items() if k in ("served", "torch-eager-fp32", "torch-compile-bf16")}
+        torch_part(args.model, sets, batches, out, modes, write=lambda: args.out.write_text(json.dumps(out, indent=1) + "\n"))
+    torch_rows = [k for k in out if k.startswith("torch-") and isinstance(out[k], dict)]
+    rows = {k: out[k] for k in ("served", *torch_rows) if k in out}
     print(f"{'path':22s} {'size':>5s}" + "".join(f"  enc b{b:<3d} dec b{b:<3d}" for b in batches) + "   (images/s, host to host)")
     for name, by_size in rows.items():
         for size, r in by_size.items():
@@ -167,13 +205,13 @@ def main() -> None:
                 f"{name:22s} {size:>5s}"
                 + "".join(f"  {b * 1000 / r[f'encode_b{b}_ms']:8.0f} {b * 1000 / r[f'decode_b{b}_ms']:8.0f}" for b in batches)
             )
-    if "served" in out and "torch-compile-bf16" in out:
-        at256 = {k: out[k]["256"] for k in ("served", "torch-eager-fp32", "torch-compile-bf16")}
-        best = {p: min(at256[k][f"{p}_b64_ms"] for k in ("torch-eager-fp32", "torch-compile-bf16")) for p in ("encode", "decode")}
+    if "served" in out and torch_rows:
+        at256 = {k: out[k]["256"] for k in ("served", *torch_rows)}
+        best = {p: min(at256[k][f"{p}_b64_ms"] for k in torch_rows) for p in ("encode", "decode")}
+        best_path = {p: min(torch_rows, key=lambda k, p=p: at256[k][f"{p}_b64_ms"]) for p in ("encode", "decode")}
         ratios = {
             f"{p}_served_over_best_torch_by_size": {
-                size: min(out[k][size][f"{p}_b64_ms"] for k in ("torch-eager-fp32", "torch-compile-bf16"))
-                / out["served"][size][f"{p}_b64_ms"]
+                size: min(out[k][size][f"{p}_b64_ms"] for k in torch_rows if size in out[k]) / out["served"][size][f"{p}_b64_ms"]
                 for size in out["served"]
             }
             for p in ("encode", "decode")
@@ -187,6 +225,7 @@ def main() -> None:
             "encode_b1_ms": at256["served"]["encode_b1_ms"],
             "encode_served_over_best_torch": best["encode"] / at256["served"]["encode_b64_ms"],
             "decode_served_over_best_torch": best["decode"] / at256["served"]["decode_b64_ms"],
+            "best_torch_path": best_path,
             **ratios,
             "gpu_token_agreement": out["gate"]["token_agreement"],
             "gpu_decode_psnr_db": out["gate"]["decode_psnr_db"],

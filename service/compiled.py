@@ -66,6 +66,27 @@ def power_buckets(max_batch_size: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
+_capture_streams: dict[int, tuple[Any, threading.Lock]] = {}
+_capture_streams_lock = threading.Lock()
+
+
+def capture_stream(device: Any) -> tuple[Any, threading.Lock]:
+    """The one side stream of this process on `device` that every warm-up and capture runs on, and the
+    lock that keeps two captures (two models loading, or a reload) off it at once.
+
+    One stream, not one per graph: cuBLAS keeps a workspace per (handle, stream) for the life of the
+    process (PyTorch's cuBLAS handle pool), so a fresh stream per captured shape leaves a workspace
+    behind for every graph of every version that ever loaded."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _capture_streams_lock:
+        entry = _capture_streams.get(index)
+        if entry is None:
+            entry = _capture_streams[index] = (torch.cuda.Stream(device=index), threading.Lock())
+        return entry
+
+
 class _Graph:
     """One compiled shape captured as a CUDA graph: static input and output buffers, replayed under a
     lock (a graph's buffers are shared, so two threads must not replay it at once)."""
@@ -78,19 +99,26 @@ class _Graph:
         self.fn, self.graph = fn, None
         if example.device.type != "cuda":  # the eager CPU mode (tests): no capture
             return
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(3):  # compile, autotune and settle before capture
-                fn(self.input)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: this capture forbids unsafe CUDA calls on this thread only. The default (global)
-        # makes every other thread's synchronising call fail while it lasts: a reload captures the new
-        # version's graphs while the old version serves, and its replies (a device-to-host copy) then
-        # failed with "operation not permitted when stream is capturing" (H100 soak, 64 requests).
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"), torch.no_grad():
-            self.output = fn(self.input)
+        # Warm-up and capture on the same stream: the warm-up allocates its cuBLAS workspace in the
+        # ordinary pool, and the capture finds it there instead of allocating one inside the graph's pool.
+        stream, lock = capture_stream(example.device)
+        with lock:
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.no_grad():
+                for _ in range(3):  # compile, autotune and settle before capture
+                    fn(self.input)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: this capture forbids unsafe CUDA calls on this thread only. The default
+            # (global) makes every other thread's synchronising call fail while it lasts: a reload
+            # captures the new version's graphs while the old version serves, and its replies (a
+            # device-to-host copy) then failed with "operation not permitted when stream is capturing"
+            # (H100 soak, 64 requests).
+            with (
+                torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode="thread_local"),
+                torch.no_grad(),
+            ):
+                self.output = fn(self.input)
 
     def run(self, host: np.ndarray) -> np.ndarray:
         import torch
@@ -179,9 +207,8 @@ class CompiledRuntime:
     def close(self) -> None:
         """Drop the captured graphs, the compiled networks and the fallback's sessions, then hand the
         freed CUDA blocks back to the device (a retired version must not keep its memory while its
-        successor runs). The runtime cannot run afterwards. Not all of it comes back yet: on an H200,
-        ≈ 256 MiB of each closed version's graph memory (buckets to 8) stayed allocated although the
-        runtime object was collected (bench/reload_memory.py; bench/results/ray_scale_gpu_h200x2/)."""
+        successor runs). The runtime cannot run afterwards (bench/reload_memory.py measures what a
+        closed version leaves allocated)."""
         import torch
 
         with self._capture_lock:
@@ -208,7 +235,8 @@ class CompiledRuntime:
     # --- inference ---
 
     def _bucket(self, n: int) -> int:
-        return next(b for b in self.buckets if b >= n)
+        """The smallest bucket that holds `n` images; above the largest, the largest (`_run` splits)."""
+        return next((b for b in self.buckets if b >= n), self.buckets[-1])
 
     def _graph(self, part: str, shape: tuple[int, ...], example: np.ndarray) -> _Graph:
         key = (part, shape)

@@ -80,6 +80,17 @@ def test_compiled_graphs_match_onnxruntime_and_pad_to_their_buckets(model_repo: 
     assert (2, 40, 40, 3) not in rt.session_shapes()["encoder"]
 
 
+def test_compiled_runtime_loads_with_buckets_smaller_than_its_parity_set(model_repo: Path) -> None:
+    from service.compiled import CompiledRuntime
+
+    d = model_repo / "simvq4"
+    parity = gate.read_parity_set(d)
+    assert parity is not None and len(parity.images) > 2
+    rt = CompiledRuntime.load(d, eager_cpu=True, max_batch_size=2)  # the gate's images run in chunks of 2
+    assert rt.buckets == (1, 2)
+    assert rt.session_shapes()["encoder"] == [(2, *parity.images.shape[1:])]
+
+
 def test_the_gate_refuses_a_runtime_that_disagrees(model_repo: Path, tmp_path: Path) -> None:
     from service.compiled import CompiledRuntime
 
