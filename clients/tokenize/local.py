@@ -8,15 +8,29 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import os
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .decoding import DECODE_POOLS, PROCESS_CHUNK, DecodePool, Prepared, decode_executor, decode_items, prepared_stream, probe_items
+from .decoding import (
+    DECODE_POOLS,
+    PROCESS_CHUNK,
+    DecodePool,
+    Prepared,
+    decode_executor,
+    decode_items,
+    decode_shared,
+    prepared_stream,
+    probe_items,
+    shared_available,
+    shared_prefix,
+    sweep_shared,
+)
 from .encoders import Encoded, FileEncoder, PixelEncoder, encode_batch
 from .format import DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS, DEFAULT_RESIZE, DEFAULT_SHARD_SIZE, TokenizeError
 from .job import JobRun, Summary
@@ -66,7 +80,11 @@ def tokenize_local(
         overwrite=overwrite,
         on_commit=on_commit,
     )
-    work = probe_items if isinstance(encoder, FileEncoder) else decode_items
+    work: Callable[..., Any] = probe_items if isinstance(encoder, FileEncoder) else decode_items
+    prefix = ""
+    if work is decode_items and pool_kind == "process" and shared_available():
+        prefix = shared_prefix()  # decoding processes hand their pixels over through tmpfs, not the pipe
+        work = functools.partial(decode_shared, prefix=prefix)
     cpus = os.cpu_count() or 1
     if pool_kind == "process":  # the driver and the encoder's threads keep a core
         workers, chunk = decode_workers or max(1, cpus - 1), PROCESS_CHUNK
@@ -131,4 +149,7 @@ def tokenize_local(
                 f"a decoding process died ({exc}); the {len(run.manifest.shards)} shards committed so far are kept: "
                 "run the same command again to finish the job"
             ) from exc
+        finally:
+            if prefix:  # chunks decoded but never taken (the job failed or was interrupted), a killed worker's
+                sweep_shared(prefix)
     return run.summary(decode_wait_s=decode_wait[0], encode_wait_s=encode_wait[0], decode_pool=pool_kind)

@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from clients.client import Client
-from clients.tokenize import ERRORS, MANIFEST, RuntimeEncoder, ServerEncoder, TokenizeError, read_tokens, tokenize_local
+from clients.tokenize import ERRORS, MANIFEST, RuntimeEncoder, ServerEncoder, TokenizeError, decoding, read_tokens, tokenize_local
 from clients.tokenize.ray import actor_pool, tokenize_ray
 
 from .conftest import REPO, Server
@@ -96,15 +96,38 @@ def test_folder_local_engine_matches_runtime_and_records_errors(image_folder: Pa
         tokenize_local(image_folder, tmp_path, RuntimeEncoder(runtime), resize="pad", shard_size=4, progress=False)
 
 
-def test_decoding_processes_and_batches_in_flight_change_nothing(image_folder: Path, runtime: Any, tmp_path: Path) -> None:
-    """Decoding in spawned processes, and two encoder batches in flight, write the same bytes and the
-    same errors as the thread pool with one batch at a time."""
+def shared_leftovers() -> list[str]:
+    """Hand-over files of this process's jobs still in tmpfs (decoding.shared_prefix)."""
+    return [p.name for p in Path(decoding.SHARED_DIR).glob(f"vqtok-decode-{os.getpid()}-*")]
+
+
+def test_decoding_processes_and_batches_in_flight_change_nothing(
+    image_folder: Path, runtime: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoding in spawned processes (pixels handed over through tmpfs), and two encoder batches in
+    flight, write the same bytes and the same errors as the thread pool with one batch at a time, and
+    leave no hand-over file behind."""
+    if not decoding.shared_available():
+        pytest.skip(f"no writable {decoding.SHARED_DIR}: the processes pickle their pixels back")
+    opened: list[int] = []
+    real_open = decoding.SharedChunk.open
+
+    def spy(self: decoding.SharedChunk) -> Any:
+        if self.path:
+            assert Path(self.path).exists() and Path(self.path).name.startswith(f"vqtok-decode-{os.getpid()}-")
+            opened.append(self.size)
+        return real_open(self)
+
+    monkeypatch.setattr(decoding.SharedChunk, "open", spy)
     common: dict[str, Any] = dict(resize="none", shard_size=4, batch_size=3, progress=False)
     tokenize_local(image_folder, tmp_path / "threads", RuntimeEncoder(runtime, concurrency=1), **common)
+    assert not opened  # threads share memory already
     s = tokenize_local(
         image_folder, tmp_path / "procs", RuntimeEncoder(runtime, concurrency=2), decode_pool="process", decode_workers=2, **common
     )
     assert (s.images, s.errors, s.shards_written) == (10, 1, 3)
+    assert opened and sum(opened) >= 9 * 32 * 32 * 3  # the photos' pixels came through tmpfs
+    assert shared_leftovers() == []
     assert files_of(tmp_path / "procs") == files_of(tmp_path / "threads")
     assert (tmp_path / "procs" / ERRORS).read_bytes() == (tmp_path / "threads" / ERRORS).read_bytes()
     assert RuntimeEncoder(runtime).concurrency == 1  # on the CPU: the session's own threads use the cores
@@ -130,6 +153,7 @@ def test_a_killed_decoding_process_stops_the_run_with_a_clear_error_and_resume_c
         )
     done = json.loads((out / MANIFEST).read_text())["shards"]
     assert 1 <= len(done) < 5  # what was committed before the kill is kept
+    assert shared_leftovers() == []  # chunks decoded but never taken are swept
     s = tokenize_local(cifar_subset, out, RuntimeEncoder(runtime), decode_pool="process", decode_workers=2, **common)
     assert s.shards_skipped == len(done) and s.shards_written == 5 - len(done)
     assert files_of(out) == files_of(tmp_path / "clean")

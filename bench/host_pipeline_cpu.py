@@ -1,0 +1,83 @@
+"""The local engine's host side alone: `tokenize_local` with the model replaced by an instant encoder
+(bench/tokenize_throughput.py's `InstantEncoder`), and the tokenizing process's own CPU time per image
+(all its threads, not the decoding processes'): what the GIL-bound driver must fit in on a many-core
+host. Prints a line per pool, writes JSON.
+
+    python bench/host_pipeline_cpu.py --images 6000 --pools process,thread --out host_pipeline.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.tokenize_throughput import InstantEncoder, image_folder  # noqa: E402
+from clients.tokenize.local import tokenize_local  # noqa: E402
+from models.core.artefacts import DEFAULT_MODEL  # noqa: E402
+from service.runtime import ModelRuntime  # noqa: E402
+
+
+def cpu_s(usage: resource.struct_rusage) -> tuple[float, float]:
+    return usage.ru_utime, usage.ru_stime
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, default=ROOT / "models" / "pretrained" / DEFAULT_MODEL)
+    ap.add_argument("--images", type=int, default=6000)
+    ap.add_argument("--pools", default="process", help="comma list of process, thread")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    rt = ModelRuntime.load(args.model, device="cpu", max_batch_size=64)
+    work = Path(tempfile.mkdtemp())
+    rows: list[dict[str, Any]] = []
+    try:
+        folder = image_folder(work, args.images)
+        for pool in args.pools.split(","):
+            u0, s0 = cpu_s(resource.getrusage(resource.RUSAGE_SELF))
+            c0 = sum(cpu_s(resource.getrusage(resource.RUSAGE_CHILDREN)))
+            t0 = time.perf_counter()
+            out = work / f"out-{pool}"
+            s = tokenize_local(
+                folder, out, InstantEncoder(rt), resize="none", batch_size=64, shard_size=1024, progress=False, decode_pool=pool
+            )
+            wall = time.perf_counter() - t0
+            u1, s1 = cpu_s(resource.getrusage(resource.RUSAGE_SELF))
+            c1 = sum(cpu_s(resource.getrusage(resource.RUSAGE_CHILDREN)))
+            n = max(1, s.images)
+            row = {
+                "pool": pool,
+                "images": s.images,
+                "seconds": round(wall, 2),
+                "images_per_s": round(s.images / wall, 1),
+                "driver_cpu_ms_per_image": round((u1 - u0 + s1 - s0) * 1e3 / n, 3),
+                "driver_user_ms_per_image": round((u1 - u0) * 1e3 / n, 3),
+                "driver_sys_ms_per_image": round((s1 - s0) * 1e3 / n, 3),
+                "decoder_processes_cpu_ms_per_image": round((c1 - c0) * 1e3 / n, 3),
+            }
+            rows.append(row)
+            print(
+                f"{pool:8s} {row['images']} images {row['seconds']} s {row['images_per_s']} img/s; driver CPU "
+                f"{row['driver_cpu_ms_per_image']} ms/img (user {row['driver_user_ms_per_image']}, sys {row['driver_sys_ms_per_image']}); "
+                f"decoding processes {row['decoder_processes_cpu_ms_per_image']} ms/img",
+                flush=True,
+            )
+            shutil.rmtree(out, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.out:
+        args.out.write_text(json.dumps({"model": args.model.name, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
