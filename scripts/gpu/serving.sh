@@ -11,6 +11,9 @@
 #   bash scripts/gpu/serving.sh runtime    # carry .gpudata/photos256: served runtime, cold then warm start
 #   bash scripts/gpu/serving.sh torch      # torch eager fp32 and torch.compile bf16 at the same shapes
 #   bash scripts/gpu/serving.sh http [0,8] # bench/http_front.py: raw vs HTTP, fronts 0 and 8, c 32-256, 1 and 8 img/request
+#   bash scripts/gpu/serving.sh reload     # bench/reload_memory.py: what a closed version leaves on the GPU (buckets to 8)
+#   bash scripts/gpu/serving.sh all        # runtime then torch in one process (one run: the same-run ratios)
+#   bash scripts/gpu/serving.sh local      # bench/ray_scale.py --engines local: the local tokenize engine vs raw
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
@@ -38,6 +41,17 @@ runtime)
 torch)
   python3 bench/serving_gpu.py --images "$images" --part torch --revision "$rev" --out /tmp/res/serving_gpu.json 2>&1 | quiet | tee "$out/torch.log"
   cp /tmp/res/serving_gpu.json "$out/"
+  ;;
+reload)
+  python3 bench/reload_memory.py --cycles 3 --max-batch-size 8 --sites --out "$out/reload_memory_gpu.json" 2>&1 | quiet | tee "$out/reload_memory.log"
+  ;;
+all)
+  timeout "${ALL_TIMEOUT:-540}" python3 bench/serving_gpu.py --images "$images" --part all --torch-modes "${TORCH_MODES:-default,reduce-overhead}" \
+    --revision "$rev" --out "$out/serving_gpu.json" 2>&1 | quiet | tee "$out/serving_all.log"
+  ;;
+local)
+  OMP_NUM_THREADS=1 VQTOK_DATA=$PWD/.gpudata timeout "${LOCAL_TIMEOUT:-300}" python3 bench/ray_scale.py --model models/pretrained/photo-f8-simvq-16k-v2 \
+    --engines local --batch-size 64 --seconds 22 --time-limit 280 --revision "$rev" --out "$out/local_engine_gpu.json" 2>&1 | quiet | tee "$out/local_engine.log"
   ;;
 http)
   python3 bench/http_front.py --model-repo models/pretrained --images "$images" --device cuda --runtime auto \
