@@ -56,6 +56,10 @@ def load_runtime(
                 if runtime == "compiled":
                     raise
                 log.warning("the compiled runtime cannot serve %s (%s); serving it with ONNX Runtime", model_dir, exc)
+                try:
+                    return ModelRuntime.load(model_dir, precision=precision, **common)
+                except ModelLoadError as ort_exc:  # both reasons: the first is often the one to act on
+                    raise ModelLoadError(f"no runtime can serve it: compiled: {exc}; ONNX Runtime: {ort_exc}") from ort_exc
         else:
             log.info("compiled runtime unavailable (%s); serving %s with ONNX Runtime", why, model_dir)
     return ModelRuntime.load(model_dir, precision=precision, **common)

@@ -58,6 +58,19 @@ def test_auto_is_onnxruntime_without_a_usable_gpu(
     assert any("compiled runtime unavailable" in r.getMessage() for r in caplog.records)
 
 
+def test_auto_names_both_reasons_when_neither_runtime_can_serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory that is no model, on a host where the compiled runtime could run: the refusal says why
+    for both runtimes (it once said only ONNX Runtime's, "no CUDAExecutionProvider", which hid the cause)."""
+    import service.compiled
+
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    monkeypatch.setattr(runtimes, "gpu_visible", lambda: True)
+    monkeypatch.setattr(service.compiled, "compiled_available", lambda: None)
+    with pytest.raises(ModelLoadError, match=r"no runtime can serve it: compiled: .*not a vqtok model directory.*; ONNX Runtime: "):
+        load_runtime(empty, runtime="auto")
+
+
 def test_compiled_graphs_match_onnxruntime_and_pad_to_their_buckets(model_repo: Path, photos: list[Path]) -> None:
     from service.compiled import CompiledRuntime
 
