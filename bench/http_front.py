@@ -259,10 +259,17 @@ def run_load(url: str, files: list[bytes], concurrency: int, seconds: float, pro
         "p99_ms": pct(99),
         "errors": errors,
         "mean_batch": batched / batches if batches else None,
+        "mean_group": _mean_group(before, after),
         "mean_queue_ms": 1000 * (after["vqtok_queue_wait_seconds_sum"] - before["vqtok_queue_wait_seconds_sum"]) / max(batched, 1),
         "mean_inference_ms": 1000 * (after["vqtok_inference_seconds_sum"] - before["vqtok_inference_seconds_sum"]) / max(batches, 1),
         "client_cpu_s_per_request": client_cpu,  # the load generator's, approximate (requests in the warm-up second estimated)
     }
+
+
+def _mean_group(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """Requests per infer message the inference process received (a split server whose fronts group them)."""
+    messages = after["vqtok_infer_message_requests_count"] - before["vqtok_infer_message_requests_count"]
+    return (after["vqtok_infer_message_requests_sum"] - before["vqtok_infer_message_requests_sum"]) / messages if messages else None
 
 
 def encode_requests(url: str) -> float:
@@ -418,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
                 print(
                     f"    {n} img/request, concurrency {c:4d}: {level['images_per_s']:8.1f} img/s  p50 {level['p50_ms'] or 0:7.1f} ms  "
-                    f"p99 {level['p99_ms'] or 0:7.1f} ms  batch {level['mean_batch'] or 0:5.1f}  "
+                    f"p99 {level['p99_ms'] or 0:7.1f} ms  batch {level['mean_batch'] or 0:5.1f}  group {level['mean_group'] or 0:4.1f}  "
                     f"CPU {1000 * level['server_cpu_s_per_request']:.2f} ms/request "
                     f"({', '.join(f'{k} {1000 * v:.2f}' for k, v in level['server_cpu_s_per_request_by_role'].items())}; "
                     f"load generator {1000 * level['client_cpu_s_per_request']:.2f})  host cores busy {level['host_cores_busy']:.1f}  "
@@ -452,14 +459,15 @@ def print_table(result: dict[str, Any]) -> None:
         f"{s['max_batch_size']} (before {raw['before']:.1f}, after {raw['after']:.1f}); JPEGs resize={s['resize']}"
     )
     print(
-        "| front_workers | img/request | concurrency | HTTP img/s | HTTP/raw | p50 ms | p99 ms | mean batch | server CPU ms/request | server cores busy "
+        "| front_workers | img/request | concurrency | HTTP img/s | HTTP/raw | p50 ms | p99 ms | mean batch | mean group | server CPU ms/request | server cores busy "
         "| load generator CPU ms/request | host cores busy | errors |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for lv in result["levels"]:
         print(
             f"| {lv['front_workers']} | {lv['images_per_request']} | {lv['concurrency']} | {lv['images_per_s']:.1f} | {lv['http_over_raw']:.2f} "
-            f"| {lv['p50_ms'] or 0:.1f} | {lv['p99_ms'] or 0:.1f} | {lv['mean_batch'] or 0:.1f} | {1000 * lv['server_cpu_s_per_request']:.2f} "
+            f"| {lv['p50_ms'] or 0:.1f} | {lv['p99_ms'] or 0:.1f} | {lv['mean_batch'] or 0:.1f} | {lv['mean_group'] or 0:.1f} "
+            f"| {1000 * lv['server_cpu_s_per_request']:.2f} "
             f"| {lv['server_cores_busy']:.2f} | {1000 * lv['client_cpu_s_per_request']:.2f} | {lv['host_cores_busy']:.1f} | {lv['errors'] or 0} |"
         )
     print(f"minimum HTTP/raw over concurrency 32-256, by front_workers: {result['http_over_raw_min']}")

@@ -85,10 +85,12 @@ def rss_mib(pid: int) -> float:
 
 
 def scrape(url: str) -> dict[str, float]:
-    """The server's batcher counters (encode, all models) from /metrics."""
+    """The server's batcher counters (encode, all models) from /metrics, and a split server's infer
+    messages (requests per message: `vqtok_infer_message_requests`; absent before grouping: 0)."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
     out: dict[str, float] = {}
-    for name in ("vqtok_batch_size_sum", "vqtok_batch_size_count", "vqtok_queue_wait_seconds_sum", "vqtok_inference_seconds_sum"):
+    names = ("vqtok_batch_size_sum", "vqtok_batch_size_count", "vqtok_queue_wait_seconds_sum", "vqtok_inference_seconds_sum")
+    for name in (*names, "vqtok_infer_message_requests_sum", "vqtok_infer_message_requests_count"):
         total = 0.0
         for line in text.splitlines():
             if line.startswith(name + "{") and 'op="encode"' in line:

@@ -72,6 +72,13 @@ def item_pixels(key: Key, downsample: int = 1) -> int:
     return pixels * downsample**2 if op == "decode" else pixels
 
 
+def batch_limit(key: Key, max_batch_size: int, max_batch_pixels: int | None, downsample: int = 1) -> int:
+    """Images of bucket `key` in one batch: `max_batch_size`, fewer where `max_batch_pixels` says so, at least 1."""
+    if max_batch_pixels is None:
+        return max_batch_size
+    return max(1, min(max_batch_size, max_batch_pixels // max(1, item_pixels(key, downsample))))
+
+
 class PixelPool:
     """The pixels of the inference calls running at once, across every batcher that shares the pool.
 
@@ -212,10 +219,7 @@ class Batcher:
         return item_pixels(key, self.downsample)
 
     def batch_limit(self, key: Key) -> int:
-        """Images of `key` in one batch: `max_batch_size`, fewer where `max_batch_pixels` says so, at least 1."""
-        if self.max_batch_pixels is None:
-            return self.max_batch_size
-        return max(1, min(self.max_batch_size, self.max_batch_pixels // max(1, self.image_pixels(key))))
+        return batch_limit(key, self.max_batch_size, self.max_batch_pixels, self.downsample)
 
     async def submit(self, op: str, array: np.ndarray, deadline: float) -> np.ndarray:
         """Queue `array` (n, ...) and wait for its results (n, ...). Cancel the awaiting task to drop it."""

@@ -6,10 +6,26 @@ validation, image decoding and response encoding, and send it decoded arrays thr
 (`ipc.py`) over one Unix socket each; because every request of every front reaches this one batcher,
 batches fill as they do in a single-process server.
 
-Messages from a front: `hello` (its slab), `infer` (model, op, input region or inline array, answer
-region, deadline), `cancel` (its client went away: the item leaves the queue), `call` (reload,
-snapshot, metrics) and `families` (its metrics, answering `collect`). To a front: `rep` (one per
-infer or call), `snap` (models and readiness, after every change) and `collect`.
+Messages from a front: `hello` (its slab), `infer`, `cancel` (a request's client went away), `call`
+(reload, snapshot, metrics) and `families` (its metrics, answering `collect`). To a front: `rep` (one
+per infer or call), `snap` (models and readiness, after every change) and `collect`.
+
+An `infer` carries every request a front queued in one turn of its event loop for one model, op, item
+shape and dtype whose arrays are in its slab: `{"ids": [...], "model", "op", "deadline", "xr": [input
+regions], "yr": [answer regions]}` (a request whose array travels inline goes alone: `"x"` instead of
+`"xr"`/`"yr"`). The front caps a group at what one batch takes (`max_batch_size`, `max_batch_pixels`)
+and at `max_queue_images`, so a group is never `TooLarge` where its requests alone would not be. Every
+request crosses this process's one event loop, and its per-message Python work (unpickling, a task, a
+lease, the batcher's bookkeeping, a reply) is what held one-image requests back on the GPU host; a
+group pays it once: one task, one lease, one `submit` of its requests' arrays concatenated, and one
+`rep` `{"ids": [...], "ok": True}` (with `"ys"`: {id: answer} for answers that do not fit their
+region), or one error for all.
+What one `submit` means for a group: `QueueFull` refuses all of it (the queue bound counts images, so a
+group can be refused where some of its requests alone would have been queued), and the batcher drops
+it at the latest deadline of its requests, not the earliest: each front times out its own request
+(and cancels it), while dropping the group at the earliest would fail the others with it.
+`cancel` names one request; the group's task is cancelled (its item leaves the queue) once every
+request of it is cancelled, and the others are answered as if nothing happened.
 """
 
 from __future__ import annotations
@@ -20,6 +36,7 @@ import itertools
 import logging
 import os
 import signal
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +48,7 @@ from prometheus_client.metrics_core import Metric
 from . import ipc
 from .batcher import BatchDeadlineExceeded, BatchFailed, QueueFull, ShuttingDown, TooLarge
 from .metrics import Metrics
-from .repository import ModelNotReady, ModelRepository, UnknownModel
+from .repository import Loader, ModelNotReady, ModelRepository, UnknownModel
 from .runtime import InvalidInputError
 from .settings import Settings
 
@@ -53,11 +70,19 @@ def error_fields(exc: BaseException) -> dict[str, Any]:
 
 
 @dataclass(eq=False)
+class _Work:
+    """The task serving one `infer` (one or more requests) or one `call`."""
+
+    task: asyncio.Task[None]
+    live: set[int]  # ids of its requests that the front has not cancelled
+
+
+@dataclass(eq=False)
 class _Front:
     writer: asyncio.StreamWriter
     shm: Any = None
     pid: int = 0
-    tasks: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    work: dict[int, _Work] = field(default_factory=dict)  # by request id
     _outbox: list[bytes] = field(default_factory=list)
 
     def send(self, msg: dict[str, Any]) -> None:
@@ -76,11 +101,12 @@ class _Front:
 
 
 class Engine:
-    def __init__(self, settings: Settings, socket_path: str) -> None:
+    def __init__(self, settings: Settings, socket_path: str, loader: Loader | None = None) -> None:
+        """`loader` replaces `ModelRuntime.load` (tests wrap the real runtime)."""
         self.settings = settings
         self.socket_path = socket_path
         self.metrics = Metrics()
-        self.repo = ModelRepository(settings, self.metrics)
+        self.repo = ModelRepository(settings, self.metrics, loader)
         self.fronts: set[_Front] = set()
         self._collects: dict[int, asyncio.Future[list[Metric]]] = {}
         self._ids = itertools.count(1)
@@ -91,7 +117,7 @@ class Engine:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self.stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload(None)))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
@@ -109,6 +135,10 @@ class Engine:
             front.writer.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
+
+    def stop(self) -> None:
+        """Make `run` stop: the models drain their queues, then every front is let go."""
+        self._stop.set()
 
     async def _load(self) -> None:
         await self.repo.load_all()
@@ -133,7 +163,9 @@ class Engine:
                     "device": str(getattr(rt, "device", "")),
                     "runtime_name": str(getattr(rt, "runtime_name", "")),
                     "providers": list(getattr(rt, "providers", [])),
+                    "max_batch_size": s.batcher.max_batch_size,
                     "max_batch_pixels": s.batcher.max_batch_pixels,
+                    "max_queue_images": s.batcher.max_queue_images,
                     "queued_images": s.batcher.queued_images,
                     "loaded_at": s.loaded_at,
                 }
@@ -161,15 +193,15 @@ class Engine:
                 msg = await ipc.read_msg(reader)
                 kind = msg["t"]
                 if kind == "infer":
-                    rid = msg["id"]
-                    front.tasks[rid] = asyncio.create_task(self._infer(front, msg))
+                    self._start(front, msg["ids"], self._infer(front, msg))
                 elif kind == "cancel":
-                    task = front.tasks.get(msg["id"])
-                    if task is not None:
-                        task.cancel()
+                    work = front.work.get(msg["id"])
+                    if work is not None:
+                        work.live.discard(msg["id"])
+                        if not work.live:  # until every request of it is cancelled, the others need its answer
+                            work.task.cancel()
                 elif kind == "call":
-                    rid = msg["id"]
-                    front.tasks[rid] = asyncio.create_task(self._call(front, msg))
+                    self._start(front, [msg["id"]], self._call(front, msg))
                 elif kind == "families":
                     fut = self._collects.get(msg["id"])
                     if fut is not None and not fut.done():
@@ -180,39 +212,51 @@ class Engine:
             log.exception("front connection failed", extra={"front_pid": front.pid})
         finally:
             self.fronts.discard(front)
-            for task in list(front.tasks.values()):
+            tasks = {work.task for work in front.work.values()}
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*front.tasks.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             if front.shm is not None:
                 ipc.detach(front.shm)
             writer.close()
             log.info("front disconnected", extra={"front_pid": front.pid, "fronts": len(self.fronts)})
             self.broadcast()
 
+    def _start(self, front: _Front, ids: list[int], work: Coroutine[Any, Any, None]) -> None:
+        entry = _Work(asyncio.create_task(work), set(ids))
+        for rid in ids:
+            front.work[rid] = entry
+
     async def _infer(self, front: _Front, msg: dict[str, Any]) -> None:
-        rid = msg["id"]
-        reply: dict[str, Any]
+        ids: list[int] = msg["ids"]
+        reply: dict[str, Any] = {"t": "rep", "ids": ids}
         try:
-            region: ipc.Region | None = msg.get("xr")
-            x = region.view(front.shm.buf) if region is not None else msg["x"]
+            inputs: list[ipc.Region] | None = msg.get("xr")
+            if inputs is None:
+                x = msg["x"]
+                counts = [int(x.shape[0])]
+            else:
+                x = inputs[0].view(front.shm.buf) if len(inputs) == 1 else np.concatenate([r.view(front.shm.buf) for r in inputs])
+                counts = [r.shape[0] for r in inputs]
             async with self.repo.lease(msg["model"]) as served:
+                self.metrics.infer_message_requests.labels(served.name, msg["op"]).observe(len(ids))
                 y = await served.batcher.submit(msg["op"], x, msg["deadline"])
             del x
-            out: ipc.Region | None = msg.get("yr")
-            if out is not None and tuple(y.shape) == out.shape and y.dtype == np.dtype(out.dtype):
-                out.view(front.shm.buf)[...] = y
-                reply = {"t": "rep", "id": rid, "ok": True}
-            else:  # no room in the slab, or not the shape the front expected (a reload changed the model)
-                reply = {"t": "rep", "id": rid, "ok": True, "y": np.ascontiguousarray(y)}
+            reply["ok"] = True
+            inline = _write_answers(front.shm, ids, counts, msg.get("yr"), y)
+            if inline:
+                reply["ys"] = inline
         except asyncio.CancelledError:
-            # Its front frees the regions on this reply. Were the item already in a running batch, that
-            # batch may still read the input region (the answer region is never written: that happens
-            # above, after submit returned); what a reused input region could change is the cancelled
-            # item's own result, which nobody reads, never another image's (every image is its own sample).
-            reply = {"t": "rep", "id": rid, "err": "cancelled", "msg": "cancelled"}
+            # Every request of it was cancelled (or its front is gone); its front frees the regions on
+            # this reply. Were the item already in a running batch, that batch may still read the input
+            # regions (the answer regions are never written: that happens above, after submit
+            # returned); what a reused input region could change is the cancelled requests' own
+            # results, which nobody reads, never another image's (every image is its own sample).
+            reply |= {"err": "cancelled", "msg": "cancelled"}
         except Exception as exc:
-            reply = {"t": "rep", "id": rid, **error_fields(exc)}
-        front.tasks.pop(rid, None)
+            reply |= error_fields(exc)
+        for rid in ids:
+            front.work.pop(rid, None)
         front.send(reply)
 
     async def _call(self, front: _Front, msg: dict[str, Any]) -> None:
@@ -232,7 +276,7 @@ class Engine:
             reply = {"t": "rep", "id": rid, "err": "cancelled", "msg": "cancelled"}
         except Exception as exc:
             reply = {"t": "rep", "id": rid, **error_fields(exc)}
-        front.tasks.pop(rid, None)
+        front.work.pop(rid, None)
         front.send(reply)
 
     # --- metrics: this process's registry and every front's, summed ---
@@ -256,6 +300,23 @@ class Engine:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Merged(families))  # type: ignore[arg-type]
         return generate_latest(registry)
+
+
+def _write_answers(shm: Any, ids: list[int], counts: list[int], outs: list[ipc.Region] | None, y: np.ndarray) -> dict[int, np.ndarray]:
+    """Each request's rows of `y` (`counts[i]` of them, in order) into its answer region; returns, by
+    id, the answers to send inline instead: no region (the input came inline), or not the shape the
+    front expected (a reload changed the model)."""
+    inline: dict[int, np.ndarray] = {}
+    start = 0
+    for i, (rid, n) in enumerate(zip(ids, counts, strict=True)):
+        answer = y[start : start + n]
+        start += n
+        out = outs[i] if outs is not None else None
+        if out is not None and answer.shape == out.shape and answer.dtype == np.dtype(out.dtype):
+            out.view(shm.buf)[...] = answer
+        else:
+            inline[rid] = np.ascontiguousarray(answer)
+    return inline
 
 
 class _Merged:

@@ -24,6 +24,16 @@ class Metrics:
             "vqtok_inference_seconds", "time of one batched inference call", ["model", "op"], buckets=_LATENCY, registry=r
         )
         self.batch_size = Histogram("vqtok_batch_size", "images per inference call", ["model", "op"], buckets=_BATCH, registry=r)
+        self.infer_message_requests = Histogram(
+            "vqtok_infer_message_requests",
+            "requests per infer message the inference process received (a split server's front groups those of one event-loop turn)",
+            ["model", "op"],
+            buckets=_BATCH,
+            registry=r,
+        )
+        self.shared_memory_used = Gauge(
+            "vqtok_shared_memory_used_bytes", "bytes of the fronts' shared-memory slabs held by requests in flight", registry=r
+        )
         self.queue_depth = Gauge("vqtok_queue_depth", "images waiting in the batcher queue", ["model"], registry=r)
         self.images = Counter("vqtok_images_total", "images processed", ["model", "op"], registry=r)
         self.tokens = Counter("vqtok_tokens_total", "token ids produced (encode) or consumed (decode)", ["model", "op"], registry=r)

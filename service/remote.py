@@ -7,6 +7,10 @@ every front after each change); a lease hands out a `ServedModel` whose runtime 
 real batcher raised, so the routes, their errors and their status codes are the same code in both
 modes. When the inference process is gone every request and `/readyz` answer 503 (model-not-ready,
 not-ready) until it is back; requests it held fail at once, none waits for its deadline.
+
+The requests a front queues in one turn of its event loop for one model, op, item shape and dtype go
+to the inference process as one `infer` message (`EngineClient`; engine.py says why and what the
+message holds).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +31,7 @@ import numpy as np
 from prometheus_client import generate_latest
 
 from . import ipc
-from .batcher import BatchDeadlineExceeded, BatchFailed, QueueFull, ShuttingDown, TooLarge, item_pixels
+from .batcher import BatchDeadlineExceeded, BatchFailed, Key, QueueFull, ShuttingDown, TooLarge, batch_limit, item_pixels
 from .metrics import Metrics
 from .repository import ModelEntry, ModelNotReady, ModelRepository, ServedModel, UnknownModel
 from .runtime import InvalidInputError
@@ -68,6 +72,16 @@ class _Pending:
     regions: tuple[ipc.Region, ...] = ()
 
 
+@dataclass(eq=False)
+class _Group:
+    """Infer requests of one turn of the event loop, one model, op, item shape and dtype, their arrays
+    in the slab: one `infer` message."""
+
+    msg: dict[str, Any]
+    limit: int  # images it may hold (`RemoteBatcher.group_limit`)
+    images: int = 0
+
+
 class EngineClient:
     """One front's connection to the inference process: requests with ids, replies by id, its slab."""
 
@@ -77,10 +91,12 @@ class EngineClient:
         self.metrics = metrics
         self._writer: asyncio.StreamWriter | None = None
         self._outbox: list[bytes] = []  # messages of this turn of the event loop, written together (`_flush`)
+        self._groups: dict[tuple[Any, ...], _Group] = {}  # infer requests of this turn, by (model, op, item shape, dtype)
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self.connected = asyncio.Event()
         self.on_snapshot: Any = None  # called with each snapshot the inference process sends, None when it is lost
+        metrics.shared_memory_used.set_function(lambda: slab.size - slab.free_bytes if slab is not None else 0)
 
     # --- connection ---
 
@@ -114,23 +130,31 @@ class EngineClient:
         while True:
             msg = await ipc.read_msg(reader)
             kind = msg["t"]
-            if kind == "rep":
-                entry = self._pending.pop(msg["id"], None)
-                if entry is None:
-                    continue
-                if entry.future.done():  # its request was cancelled: the regions are free only now
-                    self._free(entry.regions)
-                else:
-                    entry.future.set_result(msg)
+            if kind == "rep" and "ids" in msg:  # an infer's requests
+                answers = msg.pop("ys", {})
+                for rid in msg["ids"]:
+                    y = answers.get(rid)
+                    self._settle(rid, msg if y is None else {**msg, "y": y})
+            elif kind == "rep":
+                self._settle(msg["id"], msg)
             elif kind == "snap":
                 if self.on_snapshot is not None:
                     self.on_snapshot(msg)
             elif kind == "collect":
                 self._send({"t": "families", "id": msg["id"], "families": list(self.metrics.registry.collect())})
 
+    def _settle(self, rid: int, rep: dict[str, Any]) -> None:
+        entry = self._pending.pop(rid, None)
+        if entry is None:
+            return
+        if entry.future.done():  # its request was cancelled: the regions are free only now
+            self._free(entry.regions)
+        else:
+            entry.future.set_result(rep)
+
     def _lost(self) -> None:
         self._writer = None
-        self._outbox = []  # never delivered: their requests fail below with the others
+        self._outbox, self._groups = [], {}  # never delivered: their requests fail below with the others
         self.connected.clear()
         pending, self._pending = self._pending, {}
         for entry in pending.values():
@@ -145,14 +169,40 @@ class EngineClient:
         """Queue `msg` for the inference process; the messages of one turn of the event loop leave in one
         write, so that process reads the requests of many HTTP requests at once (its event loop is the
         one every request goes through)."""
-        if self._writer is None or self._writer.is_closing():
-            raise EngineGone(GONE)
-        if not self._outbox:
-            asyncio.get_running_loop().call_soon(self._flush, self._writer)
+        self._open_turn()
         self._outbox.append(ipc.pack(msg))
 
+    def _join(self, rid: int, model: str, op: str, xr: ipc.Region, yr: ipc.Region, deadline: float, limit: int) -> None:
+        """Add request `rid` (its arrays in the slab) to this turn's group for its model, op, item shape
+        and dtype; a group that it would take past `limit` images leaves now, and it starts the next."""
+        self._open_turn()
+        key = (model, op, xr.shape[1:], xr.dtype)
+        n = xr.shape[0]
+        group = self._groups.get(key)
+        if group is not None and group.images + n > group.limit:
+            self._outbox.append(ipc.pack(self._groups.pop(key).msg))
+            group = None
+        if group is None:
+            msg = {"t": "infer", "ids": [], "model": model, "op": op, "deadline": deadline, "xr": [], "yr": []}
+            group = self._groups[key] = _Group(msg, limit)
+        group.msg["ids"].append(rid)
+        group.msg["xr"].append(xr)
+        group.msg["yr"].append(yr)
+        group.msg["deadline"] = max(group.msg["deadline"], deadline)  # why the latest: engine.py
+        group.images += n
+
+    def _open_turn(self) -> None:
+        """EngineGone unless connected; the first message of a turn of the event loop schedules its `_flush`."""
+        if self._writer is None or self._writer.is_closing():
+            raise EngineGone(GONE)
+        if not self._outbox and not self._groups:
+            asyncio.get_running_loop().call_soon(self._flush, self._writer)
+
     def _flush(self, writer: asyncio.StreamWriter) -> None:
-        data, self._outbox = b"".join(self._outbox), []
+        # the groups still open go last, after those that filled earlier in this turn; a `cancel` in the
+        # outbox never names a request of theirs (a cancelled request resumes only after this flush)
+        data = b"".join([*self._outbox, *(ipc.pack(g.msg) for g in self._groups.values())])
+        self._outbox, self._groups = [], {}
         if data and writer is self._writer and not writer.is_closing():
             writer.write(data)
 
@@ -163,15 +213,14 @@ class EngineClient:
 
     # --- requests ---
 
-    async def request(self, msg: dict[str, Any], regions: tuple[ipc.Region, ...] = ()) -> dict[str, Any]:
-        """Send `msg` (given an id here) and wait for its reply; cancelling sends `cancel`, and the
+    async def _exchange(self, send: Callable[[int], None], regions: tuple[ipc.Region, ...] = ()) -> dict[str, Any]:
+        """Give a request an id, `send(id)` it and wait for its reply; cancelling sends `cancel`, and the
         regions stay reserved until the inference process answers (it may be writing into them)."""
         rid = next(self._ids)
-        msg["id"] = rid
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = _Pending(future, regions)
         try:
-            self._send(msg)
+            send(rid)
         except BaseException:
             self._pending.pop(rid, None)
             self._free(regions)
@@ -191,14 +240,15 @@ class EngineClient:
         return rep
 
     async def call(self, fn: str, **kwargs: Any) -> Any:
-        rep = await self.request({"t": "call", "fn": fn, **kwargs})
+        rep = await self._exchange(lambda rid: self._send({"t": "call", "id": rid, "fn": fn, **kwargs}))
         if "err" in rep:
             raise_error(rep)
         return rep["value"]
 
     async def infer(
-        self, model: str, op: str, array: np.ndarray, deadline: float, out_shape: tuple[int, ...], out_dtype: str
+        self, model: str, op: str, array: np.ndarray, deadline: float, out_shape: tuple[int, ...], out_dtype: str, limit: int
     ) -> np.ndarray:
+        """`limit`: the images a group of this request's kind may hold (`RemoteBatcher.group_limit`)."""
         xr = yr = None
         if self.slab is not None:
             xr = self.slab.alloc(array.shape, array.dtype)
@@ -206,16 +256,14 @@ class EngineClient:
             if xr is not None and yr is None:
                 self.slab.free(xr)
                 xr = None
-        msg: dict[str, Any] = {"t": "infer", "model": model, "op": op, "deadline": deadline}
         regions: tuple[ipc.Region, ...] = ()
         if xr is not None and yr is not None and self.slab is not None:
-            buf = self.slab.shm.buf
-            xr.view(buf)[...] = array
-            msg |= {"xr": xr, "yr": yr}
+            xr.view(self.slab.shm.buf)[...] = array
             regions = (xr, yr)
+            rep = await self._exchange(lambda rid: self._join(rid, model, op, xr, yr, deadline, limit), regions)
         else:
-            msg["x"] = np.ascontiguousarray(array)
-        rep = await self.request(msg, regions)
+            msg = {"t": "infer", "model": model, "op": op, "deadline": deadline, "x": np.ascontiguousarray(array)}
+            rep = await self._exchange(lambda rid: self._send({**msg, "ids": [rid]}))
         try:
             if "err" in rep:
                 raise_error(rep)
@@ -243,12 +291,19 @@ class RemoteBatcher:
     def __init__(self, client: EngineClient, model: str, served: dict[str, Any]) -> None:
         self._client = client
         self.model = model
+        self.max_batch_size: int = served["max_batch_size"]
         self.max_batch_pixels: int | None = served["max_batch_pixels"]
+        self.max_queue_images: int = served["max_queue_images"]
         self.queued_images: int = served["queued_images"]
         self.downsample: int = served["info"].downsample
 
     def image_pixels(self, key: tuple[Any, ...]) -> int:
         return item_pixels(key, self.downsample)
+
+    def group_limit(self, key: Key) -> int:
+        """Images of bucket `key` that one grouped `infer` may carry: what one batch takes, and never more
+        than the queue holds (so that a group is never `TooLarge` where its requests alone would not be)."""
+        return min(batch_limit(key, self.max_batch_size, self.max_batch_pixels, self.downsample), self.max_queue_images)
 
     async def submit(self, op: str, array: np.ndarray, deadline: float) -> np.ndarray:
         f, n = self.downsample, int(array.shape[0])
@@ -257,7 +312,8 @@ class RemoteBatcher:
             out_dtype = "<i4"
         else:
             out_shape, out_dtype = (n, int(array.shape[1]) * f, int(array.shape[2]) * f, 3), "|u1"
-        return await self._client.infer(self.model, op, array, deadline, out_shape, out_dtype)
+        limit = self.group_limit((op, *array.shape[1:]))
+        return await self._client.infer(self.model, op, array, deadline, out_shape, out_dtype, limit)
 
 
 class RemoteRepository(ModelRepository):

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from models.core import pixels
 from service import ipc
@@ -97,6 +98,95 @@ def test_concurrent_requests_through_several_fronts_give_the_runtimes_tokens_in_
         # every front's HTTP counts are in the one exposition, whichever front answered the scrape
         assert metric_value(text, "vqtok_http_requests_total", route="/v1/encode", status="200") == len(bodies)
         assert metric_value(text, "vqtok_images_total", model="fsq4", op="encode") == 80
+    finally:
+        s.stop()
+    assert _segments(s.server.server_id) == []
+
+
+def _distinct_jpegs(photos: list[Path], n: int) -> list[bytes]:
+    """`n` different JPEGs: the photos, then the photos mirrored."""
+    out = [p.read_bytes() for p in photos]
+    for p in photos:
+        with Image.open(p) as im:
+            buf = io.BytesIO()
+            im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(buf, format="JPEG", quality=95)
+            out.append(buf.getvalue())
+    assert len(out) >= n and len(set(out)) == len(out)
+    return out[:n]
+
+
+def _runtime_tokens(model_repo: Path, jpegs: list[bytes]) -> list[np.ndarray]:
+    runtime = ModelRuntime.load(model_repo / "fsq4", device="cpu")
+    f, res = runtime.info.downsample, runtime.info.resolution
+    return [runtime.encode(pixels.prepare(j, downsample=f, resolution=res, resize="crop").pixels[None])[0] for j in jpegs]
+
+
+def test_one_image_requests_of_a_front_go_to_the_inference_process_grouped_and_each_gets_its_own_tokens(
+    model_repo: Path, photos: list[Path]
+) -> None:
+    s = SplitServerThread(_settings(model_repo, front_workers=1, max_batch_size=16, max_batch_delay_ms=5)).start()
+    try:
+        jpegs = _distinct_jpegs(photos, 80)
+        answers = asyncio.run(_post_all(s.url, [[j] for j in jpegs], concurrency=32))
+        assert [r.status_code for r in answers] == [200] * len(jpegs), [r.text for r in answers if r.status_code != 200][:3]
+        for r, want in zip(answers, _runtime_tokens(model_repo, jpegs), strict=True):
+            np.testing.assert_array_equal(np.load(io.BytesIO(r.content))[0], want)
+        text = httpx.get(f"{s.url}/metrics", timeout=10).text
+        requests = metric_value(text, "vqtok_infer_message_requests_sum", model="fsq4", op="encode")
+        messages = metric_value(text, "vqtok_infer_message_requests_count", model="fsq4", op="encode")
+        assert requests == 80
+        assert messages < 80, "every request reached the inference process in a message of its own"
+        assert metric_value(text, "vqtok_shared_memory_used_bytes") == 0
+    finally:
+        s.stop()
+
+
+def test_clients_that_leave_take_only_their_own_requests_and_the_slab_is_freed(model_repo: Path, photos: list[Path]) -> None:
+    # a long batch delay keeps every request queued long enough for its client's leaving to be seen
+    s = SplitServerThread(_settings(model_repo, front_workers=1, max_batch_size=64, max_batch_delay_ms=500)).start()
+    jpegs = _distinct_jpegs(photos, 48)
+    leaving = set(range(1, 48, 3))
+
+    async def leave(body: bytes) -> None:
+        request = httpx.Request("POST", f"{s.url}/v1/encode?resize=crop", files=[("images", ("0.jpg", body, "image/jpeg"))])
+        raw = b"POST /v1/encode?resize=crop HTTP/1.1\r\nHost: x\r\n"
+        raw += b"".join(f"{k}: {v}\r\n".encode() for k, v in request.headers.items() if k.lower() != "host")
+        raw += b"\r\n" + request.read()
+        _, writer = await asyncio.open_connection("127.0.0.1", s.port)
+        writer.write(raw)
+        await writer.drain()
+        await asyncio.sleep(0.1)  # long enough to be read and queued; far shorter than the batch delay
+        writer.close()
+
+    async def run() -> list[httpx.Response | None]:
+        async with httpx.AsyncClient(base_url=s.url, timeout=60, limits=httpx.Limits(max_connections=64)) as c:
+
+            async def one(i: int) -> httpx.Response | None:
+                if i in leaving:
+                    await leave(jpegs[i])
+                    return None
+                files = [("images", (f"{i}.jpg", jpegs[i], "image/jpeg"))]
+                return await c.post("/v1/encode?resize=crop", files=files, headers={"Accept": NPY})
+
+            return await asyncio.gather(*(one(i) for i in range(len(jpegs))))
+
+    try:
+        answers = asyncio.run(run())
+        want = _runtime_tokens(model_repo, jpegs)
+        for i, r in enumerate(answers):
+            if i not in leaving:
+                assert r is not None and r.status_code == 200, r.text if r is not None else i
+                np.testing.assert_array_equal(np.load(io.BytesIO(r.content))[0], want[i])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            text = httpx.get(f"{s.url}/metrics", timeout=10).text
+            if metric_value(text, "vqtok_http_requests_total", route="/v1/encode", status="499") == len(leaving):
+                break
+            time.sleep(0.05)
+        assert metric_value(text, "vqtok_http_requests_total", route="/v1/encode", status="499") == len(leaving)
+        assert metric_value(text, "vqtok_infer_message_requests_count", model="fsq4", op="encode") < len(jpegs)
+        assert metric_value(text, "vqtok_shared_memory_used_bytes") == 0
+        assert metric_value(text, "vqtok_queue_depth", model="fsq4") == 0
     finally:
         s.stop()
     assert _segments(s.server.server_id) == []
