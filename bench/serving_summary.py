@@ -3,9 +3,9 @@ each figure with the file, commit and GPU it comes from. Prints the summary.
 
     python bench/serving_summary.py            # reads bench/results/..., writes bench/results/serving_gpu_summary.json
 
-Ratios are only ever taken inside one file (one run); where this session has no same-run ratio
-(the torch baselines were not re-run with the v2 runtime), the earlier run's same-run ratio is given
-with its own source, not recomputed across runs.
+Ratios are only ever taken inside one file (one run); where there is no same-run ratio (the torch
+baselines were not re-measured beside the v2 runtime), the earlier run's same-run ratio is given with
+its own source, not recomputed across runs.
 """
 
 from __future__ import annotations
@@ -22,20 +22,24 @@ def load(rel: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    served = load("serving_gpu_h100/serving_gpu.json")
+    served = load("serving_gpu_h100_f9755e3/serving_gpu.json")  # the latest run of the served runtime (cold cache)
+    before = load("serving_gpu_h100/serving_gpu.json")  # the run before it (4ce2cf2, warm cache)
     cold = load("serving_gpu_h100/serving_gpu_cold.json")
     earlier = load("serving_gpu_h100_f4b798d.json")["summary"]  # the run that measured the torch baselines beside the runtime
     http = load("serving_gpu_h100/http_front_gpu.json")
-    soak = load("serving_gpu_h100/service_soak_gpu_5min_af48002.json")
+    soak = load("serving_gpu_h100_f9755e3/service_soak_gpu.json")
     soak10 = load("serving_gpu_h100/service_soak_gpu_10min_4ce2cf2.json")
-    ray1 = load("ray_scale_gpu_h200x2/ray_scale_gpu.json")
-    ray2 = load("ray_scale_gpu_h200x2/ray_scale_gpu_all.json")
+    reload = load("serving_gpu_h100_f9755e3/reload_memory_gpu.json")
+    reload_before = load("ray_scale_gpu_h200x2/reload_memory_gpu.json")
+    ray = load("ray_scale_gpu_h200x4/ray_scale_gpu.json")
     at256 = served["served"]["256"]
     one_image = [lv for lv in http["levels"] if lv["front_workers"] == 8 and lv["images_per_request"] == 1]
     eight = [lv for lv in http["levels"] if lv["front_workers"] == 8 and lv["images_per_request"] == 8]
-    r1, r2 = ray1["results"], ray2["results"]
-    raw1 = max(r1["raw_start"]["images_per_s"], r1["raw_end"]["images_per_s"])
-    raw2 = max(r2["raw_start"]["images_per_s"], r2["raw_end"]["images_per_s"])
+    r = ray["results"]
+    raw = max(r["raw_start"]["images_per_s"], r["raw_end"]["images_per_s"])
+    reloaded = {x["model"]: x for x in soak["soak"]["reload"]["response"]["results"]}
+    closes = [row for row in reload["rows"] if row["step"].startswith("closed")]
+    closes_before = [row for row in reload_before["rows"] if row["step"].startswith("closed")]
     summary: dict[str, Any] = {
         "revision": served["revision"],
         "gpu": served["gpu"],
@@ -46,47 +50,64 @@ def main() -> None:
         "encode_b1_ms": at256["encode_b1_ms"],
         "encode_512_served_img_s": 64 * 1000 / served["served"]["512"]["encode_b64_ms"],
         "decode_512_served_img_s": 64 * 1000 / served["served"]["512"]["decode_b64_ms"],
+        "encode_served_img_s_previous_run": 64 * 1000 / before["served"]["256"]["encode_b64_ms"],
+        "decode_served_img_s_previous_run": 64 * 1000 / before["served"]["256"]["decode_b64_ms"],
+        "encode_served_over_eager_fp32": served["torch-eager-fp32"]["256"]["encode_b64_ms"] / at256["encode_b64_ms"],
+        "decode_served_over_eager_fp32": served["torch-eager-fp32"]["256"]["decode_b64_ms"] / at256["decode_b64_ms"],
         "encode_served_over_best_torch": earlier["encode_served_over_best_torch"],
         "decode_served_over_best_torch": earlier["decode_served_over_best_torch"],
         "gpu_token_agreement": served["gate"]["token_agreement"],
         "gpu_decode_psnr_db": served["gate"]["decode_psnr_db"],
-        "ready_s_warm_cache": served["load_s"] + served["warmup_s"],
-        "ready_s_cold_cache": cold["load_s"] + cold["warmup_s"],
+        "ready_s_warm_cache": before["load_s"] + before["warmup_s"],
+        "ready_s_cold_cache": served["load_s"] + served["warmup_s"],
         "http_over_raw": min(lv["http_over_raw"] for lv in one_image),
         "http_over_raw_8_images": min(lv["http_over_raw"] for lv in eight) if eight else None,
         "http_over_raw_single_process": http["http_over_raw_min"].get("0"),
         "soak_minutes": soak["soak"]["seconds"] / 60,
         "soak_errors": sum(soak["soak"]["errors_by_status"].values()) if soak["soak"].get("errors_by_status") else 0,
-        "soak_reload_ok": soak["verdict"]["reload_ok"],
+        "soak_fraction_of_saturation": soak["verdict"]["rate_fraction_of_saturation"],
+        "soak_served_model_reloaded": bool(reloaded.get(served["model"], {}).get("reloaded")),
         "soak_host_rss_growth": soak["soak"]["memory_growth"]["host_rss"]["growth"],
         "soak_gpu_memory_growth": soak["soak"]["memory_growth"]["gpu"]["growth"],
-        "ray_1gpu_over_raw_steady": r1["ray_1"]["steady_images_per_s"] / raw1,
-        "ray_1gpu_over_raw_wall": r1["ray_1"]["images_per_s"] / raw1,
-        "ray_2gpu_over_1gpu_steady": r2["ray_all"]["steady_images_per_s"] / r1["ray_1"]["steady_images_per_s"],
-        "ray_2gpu_over_2x_raw_steady": r2["ray_all"]["steady_images_per_s"] / (2 * raw2),
-        "local_over_raw_steady": r1["local"]["steady_images_per_s"] / raw1,
+        "reload_device_used_mib_after_each_close": [row["device_used_mib"] for row in closes],
+        "reload_left_by_closed_version_mib": [row.get("left_by_closed_mib") for row in closes],
+        "reload_allocated_mib_after_each_close_before_fix": [round(row["allocated_mib"], 1) for row in closes_before],
+        "ray_1gpu_over_raw_steady": r["ray_1"]["steady_images_per_s"] / raw,
+        "ray_1gpu_over_raw_wall": r["ray_1"]["images_per_s"] / raw,
+        "ray_4gpu_over_1gpu_steady": r["ray_all"]["steady_images_per_s"] / r["ray_1"]["steady_images_per_s"],
+        "ray_4gpu_over_1gpu_wall": r["ray_all"]["images_per_s"] / r["ray_1"]["images_per_s"],
+        "ray_4gpu_steady_img_s": r["ray_all"]["steady_images_per_s"],
+        "local_over_raw_steady": r["local"]["steady_images_per_s"] / raw,
     }
     sources = {
-        "encode_served_img_s, decode_served_img_s, encode_b1_ms, *_512_*, gpu_token_agreement, ready_s_warm_cache": (
-            f"serving_gpu_h100/serving_gpu.json ({served['gpu']}, revision {served['revision']}, warm Inductor cache)"
+        "encode/decode_served_img_s, encode_b1_ms, *_512_*, *_over_eager_fp32, gpu_token_agreement, ready_s_cold_cache": (
+            f"serving_gpu_h100_f9755e3/serving_gpu.json ({served['gpu']}, revision {served['revision']}, empty Inductor cache: "
+            "the torch.compile rows of that run did not finish inside its time limit)"
         ),
-        "ready_s_cold_cache": "serving_gpu_h100/serving_gpu_cold.json (same machine, empty cache, 256² and 512² shapes)",
+        "*_previous_run, ready_s_warm_cache": (
+            f"serving_gpu_h100/serving_gpu.json ({before['gpu']}, another machine, revision {before['revision']}, warm cache)"
+        ),
+        "ready_s_cold_cache (earlier)": f"serving_gpu_h100/serving_gpu_cold.json: {cold['load_s'] + cold['warmup_s']:.0f} s",
         "encode/decode_served_over_best_torch": (
             f"serving_gpu_h100_f4b798d.json: an earlier same-run measurement (revision {earlier.get('revision')}, {earlier.get('gpu')}, "
-            "the v1 model: the same network and runtime); the torch baselines were not re-run this session"
+            "the v1 model: the same network and runtime); not re-measured since"
         ),
         "http_over_raw*": (
             f"serving_gpu_h100/http_front_gpu.json (H100, revision {http['setup']['revision']}): front_workers=8, minimum over "
-            "concurrency 32-256; 8-image requests at concurrency 32 and 64 only (128/256 skipped by the time budget)"
+            "concurrency 32-256; 8-image requests at concurrency 32 and 64 only (128/256 skipped by the time budget). "
+            "Neither the one-write IPC nor the grouped infer messages (both later) were measured on a GPU"
         ),
         "soak_*": (
-            f"serving_gpu_h100/service_soak_gpu_5min_af48002.json (H100): 5 minutes (not 10) at {soak['verdict']['rate_fraction_of_saturation']:.3f} "
-            "of saturation with a reload at the midpoint; the 10-minute run before the capture fix (4ce2cf2) had "
-            f"{sum(soak10['soak']['errors_by_status'].values())} errors, all during its reload"
+            f"serving_gpu_h100_f9755e3/service_soak_gpu.json (H100, revision {soak.get('setup', {}).get('revision', 'f9755e3')}): "
+            "10 minutes, 8 fronts, concurrency 128, a reload at 300 s; its own verdict says reload_ok false because a stale, "
+            "empty v1 directory on that machine was refused again at the reload; the served model reloaded. "
+            f"The 10-minute run before the capture fix (4ce2cf2) had {sum(soak10['soak']['errors_by_status'].values())} errors"
         ),
-        "ray_*, local_*": (
-            f"ray_scale_gpu_h200x2/ (2x {ray1['machine']['gpus'][0]}, revision {ray1['revision']}); 4-GPU machines were not lent: 2 GPUs, not 4"
+        "reload_*": (
+            "serving_gpu_h100_f9755e3/reload_memory_gpu.json (H100, three reloads, buckets to 8) after the one-capture-stream fix; "
+            "before it: ray_scale_gpu_h200x2/reload_memory_gpu.json (H200)"
         ),
+        "ray_*, local_*": f"ray_scale_gpu_h200x4/ray_scale_gpu.json (4x {ray['machine']['gpus'][0]}, revision {ray['revision']})",
     }
     out = {"summary": summary, "sources": sources}
     (RESULTS / "serving_gpu_summary.json").write_text(json.dumps(out, indent=1) + "\n")
