@@ -9,7 +9,7 @@
 # is what is measured. The first runtime start compiles its kernels (≈ 2-3 min cold; cached in $VQTOK_CACHE).
 #   bash scripts/gpu/serving.sh setup      # carry .whl: installs it into /tmp/site
 #   bash scripts/gpu/serving.sh runtime    # carry .gpudata/photos256: served runtime, cold then warm start
-#   bash scripts/gpu/serving.sh torch      # torch eager fp32 and torch.compile bf16 at the same shapes
+#   bash scripts/gpu/serving.sh torch      # torch eager fp32 and torch.compile bf16 (TORCH_MODES, one per call) at the same shapes
 #   bash scripts/gpu/serving.sh http [0,8] # bench/http_front.py: raw vs HTTP, fronts 0 and 8, c 32-256, 1 and 8 img/request
 #   bash scripts/gpu/serving.sh reload     # bench/reload_memory.py: what a closed version leaves on the GPU (buckets to 8)
 #   bash scripts/gpu/serving.sh all        # runtime then torch in one process (one run: the same-run ratios)
@@ -39,15 +39,20 @@ runtime)
   cp /tmp/res/serving_gpu.json "$out/"
   ;;
 torch)
-  python3 bench/serving_gpu.py --images "$images" --part torch --revision "$rev" --out /tmp/res/serving_gpu.json 2>&1 | quiet | tee "$out/torch.log"
+  # one mode per call fits (twelve cold compiles a mode: ≈ 5 min): TORCH_MODES=default, then TORCH_MODES=reduce-overhead;
+  # each call adds its rows to /tmp/res/serving_gpu.json (the runtime step's file on this machine)
+  timeout "${TORCH_TIMEOUT:-560}" python3 bench/serving_gpu.py --images "$images" --part torch --torch-modes "${TORCH_MODES:-default}" \
+    --revision "$rev" --out /tmp/res/serving_gpu.json 2>&1 | quiet | tee "$out/torch.log"
   cp /tmp/res/serving_gpu.json "$out/"
   ;;
 reload)
   python3 bench/reload_memory.py --cycles 3 --max-batch-size 8 --sites --out "$out/reload_memory_gpu.json" 2>&1 | quiet | tee "$out/reload_memory.log"
   ;;
 all)
+  # on a warm Inductor cache only: cold, the runtime's warm-up (≈ 190 s) and the torch compiles do not fit one call
   timeout "${ALL_TIMEOUT:-540}" python3 bench/serving_gpu.py --images "$images" --part all --torch-modes "${TORCH_MODES:-default,reduce-overhead}" \
-    --revision "$rev" --out "$out/serving_gpu.json" 2>&1 | quiet | tee "$out/serving_all.log"
+    --revision "$rev" --out /tmp/res/serving_gpu.json 2>&1 | quiet | tee "$out/serving_all.log"
+  cp /tmp/res/serving_gpu.json "$out/"
   ;;
 local)
   OMP_NUM_THREADS=1 VQTOK_DATA=$PWD/.gpudata timeout "${LOCAL_TIMEOUT:-300}" python3 bench/ray_scale.py --model models/pretrained/photo-f8-simvq-16k-v2 \
