@@ -8,9 +8,11 @@ token agreement with the CPU float32 reference; bfloat16 keeps only 97.3 %), the
 float32-accurate 3×TF32 inside the Triton kernel.
 
 Shapes: batches are padded (repeating the last item) to a power of two up to `max_batch_size`, and
-each (batch, height, width) is compiled and captured once, in `warmup`; a shape nobody warmed runs
-on the ONNX Runtime `fallback` (same tokens within the parity bounds), so an odd image size never
-waits for a compile in a request. Compiled kernels persist in Inductor's cache (`$VQTOK_CACHE/
+each (batch, height, width) is compiled and captured once, in `warmup`. A batch whose bucket nobody
+warmed pads up to the next warmed bucket of its image size (a tokenization job warms only its batch
+size: its few short batches cost one full batch each, its start-up one graph instead of seven); an
+image size nobody warmed runs on the ONNX Runtime `fallback` (same tokens within the parity bounds),
+so no request ever waits for a compile. Compiled kernels persist in Inductor's cache (`$VQTOK_CACHE/
 inductor`): the first start compiles (≈20 s a shape), later starts load them.
 
 This module is the service's one door to torch: it is imported only when the compiled runtime is
@@ -240,6 +242,13 @@ class CompiledRuntime:
         """The smallest bucket that holds `n` images; above the largest, the largest (`_run` splits)."""
         return next((b for b in self.buckets if b >= n), self.buckets[-1])
 
+    def _warmed_bucket(self, part: str, item: tuple[int, ...], n: int) -> int | None:
+        """The smallest bucket holding `n` items of shape `item` that has a captured graph, if any."""
+        for b in self.buckets:
+            if b >= n and (part, (b, *item)) in self._captured:
+                return b
+        return None
+
     def _graph(self, part: str, shape: tuple[int, ...], example: np.ndarray) -> _Graph:
         key = (part, shape)
         graph = self._captured.get(key)
@@ -258,10 +267,10 @@ class CompiledRuntime:
         n, largest = len(array), self.buckets[-1]
         if n > largest:
             return np.concatenate([self._run(part, array[i : i + largest], fallback) for i in range(0, n, largest)])
-        size = self._bucket(n)
-        shape = (size, *array.shape[1:])
-        if (part, shape) not in self._captured:
+        size = self._warmed_bucket(part, array.shape[1:], n)
+        if size is None:
             return fallback(array)  # never warmed: no compile inside a request
+        shape = (size, *array.shape[1:])
         if size > n:
             array = np.concatenate([array, np.broadcast_to(array[-1:], (size - n, *array.shape[1:]))])
         return self._captured[(part, shape)].run(np.ascontiguousarray(array))[:n]

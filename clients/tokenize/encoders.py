@@ -32,10 +32,11 @@ def load_encoder_runtime(
 ) -> Any:
     """The runtime a tokenization engine encodes with: `service.runtimes.load_runtime`'s rule ("auto":
     the compiled runtime on a CUDA host where it can run, else ONNX Runtime; "onnxruntime" or
-    "compiled" forced: one that cannot run is a ModelLoadError). On CUDA the encoder of every batch
-    size a job can send (each power of two up to `batch_size`) is warmed for the image sizes `warm`
-    (the model's resolution under resize crop): the compiled runtime compiles them now (or loads them
-    from `$VQTOK_CACHE/inductor`) instead of running such batches on its ONNX fallback."""
+    "compiled" forced: one that cannot run is a ModelLoadError). On CUDA, under resize crop (one image
+    size, the model's resolution), the encoder is warmed at `batch_size` only: the compiled runtime
+    compiles that one graph now (or loads it from `$VQTOK_CACHE/inductor`), and the job's few shorter
+    batches (the end of a shard) pad up to it instead of each bucket being compiled and captured at
+    start-up, which every Ray actor pays."""
     from service.runtimes import load_runtime
 
     rt = load_runtime(
@@ -48,8 +49,7 @@ def load_encoder_runtime(
     )
     if resize == "crop" and rt.device == "cuda":
         res = rt.info.resolution
-        sizes = sorted({1 << k for k in range(batch_size.bit_length()) if 1 << k <= batch_size} | {batch_size})
-        rt.warmup([(res, res)], sizes, parts=("encode",))
+        rt.warmup([(res, res)], [batch_size], parts=("encode",))
     return rt
 
 

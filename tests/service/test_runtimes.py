@@ -104,6 +104,30 @@ def test_compiled_runtime_loads_with_buckets_smaller_than_its_parity_set(model_r
     assert rt.session_shapes()["encoder"] == [(2, *parity.images.shape[1:])]
 
 
+def test_a_batch_whose_bucket_was_not_warmed_pads_to_the_next_warmed_one(model_repo: Path, photos: list[Path]) -> None:
+    """What a tokenization job relies on: it warms only its batch size, and its short batches (a shard's
+    end) run on that graph, padded, not on the ONNX fallback and not on a new compile."""
+    from service.compiled import CompiledRuntime
+
+    d = model_repo / "simvq4"
+    ort = ModelRuntime.load(d, device="cpu")
+    rt = CompiledRuntime.load(d, eager_cpu=True, max_batch_size=16)
+    rt.warmup([(32, 32)], [16], parts=("encode",))
+    before = sorted(rt.session_shapes()["encoder"])
+    assert (16, 32, 32, 3) in before and (4, 32, 32, 3) not in before  # (the gate warmed its own batch of 8)
+
+    def no_fallback(images: np.ndarray) -> np.ndarray:
+        raise AssertionError(f"the ONNX fallback ran a batch of {len(images)}")
+
+    rt.fallback.encode = no_fallback  # type: ignore[method-assign]
+    images = np.stack([photo_crop(p, 32) for p in photos[:3]])
+    got = rt.encode(images)  # bucket 4 was never warmed: padded to the next warmed one
+    assert sorted(rt.session_shapes()["encoder"]) == before  # nothing compiled or captured in the request
+    assert got.shape == (3, 8, 8) and (got == ort.encode(images)).mean() >= gate.GPU_PARITY.min_token_agreement
+    with pytest.raises(AssertionError, match="the ONNX fallback ran"):
+        rt.encode(np.stack([photo_crop(p, 40) for p in photos[:2]]))  # an image size nobody warmed: the fallback
+
+
 def test_the_gate_refuses_a_runtime_that_disagrees(model_repo: Path, tmp_path: Path) -> None:
     from service.compiled import CompiledRuntime
 
