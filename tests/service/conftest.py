@@ -37,6 +37,18 @@ def model_repo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 MODES = ["single", "split"]
 
 
+def cpu_settings(model_repo: Path, **overrides: Any) -> Settings:
+    """The tests' server settings: the CPU, one thread, 32² warm-up, text logs; `overrides` on top."""
+    base: dict[str, Any] = {
+        "model_repo": model_repo,
+        "device": "cpu",
+        "warmup_sizes": [32],
+        "log_format": "text",
+        "intra_op_threads": 1,
+    }
+    return Settings(**(base | overrides))
+
+
 @pytest.fixture(params=MODES)
 def serve(request: pytest.FixtureRequest, model_repo: Path) -> Iterator[Callable[..., ServerThread]]:
     """serve(loader=None, **settings) -> a started ServerThread (or SplitServerThread); all are stopped after the test."""
@@ -44,16 +56,9 @@ def serve(request: pytest.FixtureRequest, model_repo: Path) -> Iterator[Callable
     split = request.param == "split"
 
     def start(loader: Callable[..., Any] | None = None, ready: bool = True, **overrides: Any) -> Any:
-        base: dict[str, Any] = {
-            "model_repo": model_repo,
-            "device": "cpu",
-            "warmup_sizes": [32],
-            "log_format": "text",
-            "intra_op_threads": 1,
-        }
         if split and loader is not None:
             pytest.skip("faults are injected into this process's runtime; a split server runs its models in another process")
-        settings = Settings(**(base | overrides))
+        settings = cpu_settings(model_repo, **overrides)
         server = SplitServerThread(settings) if split else ServerThread(settings, loader)
         started.append(server)
         return server.start(ready=ready)

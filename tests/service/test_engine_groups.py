@@ -27,7 +27,7 @@ from service.remote import EngineGone, RemoteRepository
 from service.runtime import ModelRuntime
 from service.settings import Settings
 
-from .conftest import Faults
+from .conftest import Faults, cpu_settings
 
 SLAB = 1 << 20
 # a 32×32 encode request of fsq4 (f=4) holds 3,072 input bytes and 256 answer bytes: 3,328 of a slab
@@ -35,17 +35,7 @@ REQUEST_BYTES = 32 * 32 * 3 + 8 * 8 * 4
 
 
 def _settings(model_repo: Path, **overrides: Any) -> Settings:
-    base: dict[str, Any] = {
-        "model_repo": model_repo,
-        "device": "cpu",
-        "warmup_sizes": [32],
-        "log_format": "text",
-        "intra_op_threads": 1,
-        "default_model": "fsq4",
-        "front_workers": 1,
-        "max_batch_delay_ms": 5,
-    }
-    return Settings(**(base | overrides))
+    return cpu_settings(model_repo, **({"default_model": "fsq4", "front_workers": 1, "max_batch_delay_ms": 5} | overrides))
 
 
 class Split:

@@ -29,22 +29,13 @@ from service.metrics import Metrics
 from service.runtime import ModelRuntime
 from service.settings import Settings
 from tests.helpers import REPO, SplitServerThread, free_port
-from tests.service.conftest import metric_value
+from tests.service.conftest import cpu_settings, metric_value
 
 NPY = "application/x-npy"
 
 
 def _settings(model_repo: Path, **overrides: object) -> Settings:
-    base: dict[str, object] = {
-        "model_repo": model_repo,
-        "device": "cpu",
-        "warmup_sizes": [32],
-        "log_format": "text",
-        "intra_op_threads": 1,
-        "default_model": "fsq4",
-        "front_workers": 3,
-    }
-    return Settings(**(base | overrides))  # type: ignore[arg-type]
+    return cpu_settings(model_repo, **({"default_model": "fsq4", "front_workers": 3} | overrides))
 
 
 def _segments(server_id: str) -> list[str]:
