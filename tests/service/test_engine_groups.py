@@ -85,11 +85,13 @@ async def split(settings: Settings, tmp_path: Path, loader: Callable[..., Any] |
         connecting.cancel()
         await asyncio.gather(connecting, return_exceptions=True)
         engine.stop()
-        await running
-        # one process plays both sides here: the inference process's `ipc.attach` took the slab off this
-        # process's resource tracker, which the front's unlink would then find missing
-        resource_tracker.register(front.client.slab.shm._name, "shared_memory")  # type: ignore[union-attr]
-        await front.close()
+        try:
+            await running
+        finally:  # the slab goes even when the engine failed: no segment left in /dev/shm
+            # one process plays both sides here: the inference process's `ipc.attach` took the slab off this
+            # process's resource tracker, which the front's unlink would then find missing
+            resource_tracker.register(front.client.slab.shm._name, "shared_memory")  # type: ignore[union-attr]
+            await front.close()
 
 
 @pytest.fixture(scope="module")
