@@ -293,7 +293,13 @@ def prepare(
     if resize not in RESIZE_MODES:
         raise ImageError(f"unknown resize mode {resize!r}; expected one of {', '.join(RESIZE_MODES)}")
     image, source = _decode(data, max_pixels, resolution if resize == "crop" else None)
-    if resize == "crop":
+    if resize == "crop" and isinstance(image, np.ndarray) and min(image.shape[:2]) == resolution:
+        # the short side is already `resolution`: `fit` resizes nothing and crops the centre, which is
+        # a slice (the same pixels, without Pillow's copies in and out: 0.28 ms of a 256² photo's 0.72)
+        h, w = image.shape[:2]
+        top, left = (h - resolution) // 2, (w - resolution) // 2
+        image = image[top : top + resolution, left : left + resolution]
+    elif resize == "crop":
         pil = Image.fromarray(image, "RGB") if isinstance(image, np.ndarray) else image
         image = center_crop(pil, resolution)
     pixels = image if isinstance(image, np.ndarray) else np.asarray(image, dtype=np.uint8)

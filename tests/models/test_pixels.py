@@ -137,6 +137,26 @@ def test_fast_jpeg_path_is_pillow_bit_for_bit(monkeypatch: pytest.MonkeyPatch, n
     np.testing.assert_array_equal(fast.pixels, slow.pixels)  # crop: the DCT-scaled (draft) decode too
 
 
+@pytest.mark.parametrize("size", [(128, 128), (171, 128), (128, 171), (128, 129)])
+def test_crop_of_an_image_already_at_the_resolution_is_the_pillow_crop(monkeypatch: pytest.MonkeyPatch, size: tuple[int, int]) -> None:
+    """Short side == resolution: no resampling, so the crop is a slice of the decoded array; it must be
+    the pixels Pillow's resize-and-crop path gives (and each of the two paths really ran)."""
+    rng = np.random.default_rng(1)
+    photo = Image.fromarray(np.clip(rng.normal(128, 60, (9, 13, 3)), 0, 255).astype(np.uint8)).resize(size, Image.Resampling.BICUBIC)
+    data = encoded(photo, "JPEG", quality=90)
+    fits: list[int] = []
+    real_fit = images.fit
+    monkeypatch.setattr(images, "fit", lambda *a: fits.append(1) or real_fit(*a))
+    fast = images.prepare(data, downsample=8, resolution=128, resize="crop", **LIMITS)  # type: ignore[arg-type]
+    assert fits == []  # sliced
+    slow = _by_pillow(monkeypatch, lambda: images.prepare(data, downsample=8, resolution=128, resize="crop", **LIMITS))  # type: ignore[arg-type]
+    assert fits == [1]  # Pillow's image: the resize-and-crop path
+    assert isinstance(slow, images.PreparedImage)
+    assert fast.pixels.shape == (128, 128, 3) and fast.pixels.flags.c_contiguous
+    assert fast.source_size == slow.source_size == (size[1], size[0])
+    np.testing.assert_array_equal(fast.pixels, slow.pixels)
+
+
 def test_fast_jpeg_path_on_real_photos(monkeypatch: pytest.MonkeyPatch) -> None:
     files = sorted(PHOTOS.glob("*.jpg"))[:40]
     if not files:
