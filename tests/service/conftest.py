@@ -58,7 +58,7 @@ def serve(request: pytest.FixtureRequest, model_repo: Path) -> Iterator[Callable
     def start(loader: Callable[..., Any] | None = None, ready: bool = True, **overrides: Any) -> Any:
         if split and loader is not None:
             pytest.skip("faults are injected into this process's runtime; a split server runs its models in another process")
-        settings = cpu_settings(model_repo, **overrides)
+        settings = cpu_settings(overrides.pop("model_repo", model_repo), **overrides)
         server = SplitServerThread(settings) if split else ServerThread(settings, loader)
         started.append(server)
         return server.start(ready=ready)
