@@ -90,9 +90,10 @@ def decode_items(items: Sequence[RawItem], spec: ModelSpec, resize: str, max_tok
 class SharedChunk:
     """What a decoding process returns for a chunk of images: their pixels in one file on tmpfs, which
     the driver maps and unlinks (`open`), and per image its `Decoded` with `(offset, shape)` in place
-    of the array. Pickling the arrays back instead cost the driver 0.54 ms of CPU per 256² image
-    (reading the pipe and unpickling, measured with the `host` diagnostic of
-    bench/tokenize_throughput.py on 2 cores), which capped the local engine below the GPU's rate."""
+    of the array. Pickling the arrays back through the pool's pipe instead cost the driver 0.45–0.53 ms
+    of CPU per 256² photo against 0.34–0.40 this way (bench/host_pipeline_cpu.py, 2 cores;
+    bench/results/local_decode_handoff_cpu/): the driver is what holds the local engine below the GPU's
+    rate on a many-core host."""
 
     path: str
     size: int
