@@ -41,7 +41,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.tokenize_throughput import DATA, bench_raw, image_folder  # noqa: E402  (the same photos, repeated through symlinks)
+from bench.tokenize_throughput import DATA, bench_raw, image_folder, parse_engines  # noqa: E402  (the same photos, repeated through symlinks)
 
 ENGINES = ("local", "ray_1", "ray_all")
 
@@ -114,9 +114,7 @@ def main() -> int:
     ap.add_argument("--revision", default=None, help="the measured code's revision (default $VQTOK_REVISION, else git's)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here (rewritten after every step)")
     args = ap.parse_args()
-    engines = [e for e in args.engines.split(",") if e and e != "raw"]
-    if bad := set(engines) - set(ENGINES):
-        ap.error(f"unknown engines: {', '.join(sorted(bad))}")
+    engines = parse_engines(ap, args.engines, ENGINES)
     logging.basicConfig(level=logging.WARNING)
     t_start = time.perf_counter()
 

@@ -37,6 +37,14 @@ DATA = Path(os.environ.get("VQTOK_DATA", REPO.parent / "shared" / "data")) / "ph
 ENGINES = ("raw", "local", "ray", "server", "host")
 
 
+def parse_engines(ap: argparse.ArgumentParser, text: str, known: tuple[str, ...]) -> list[str]:
+    """`--engines` as a list (raw always runs, so it is left out); an unknown name is an argparse error."""
+    engines = [e for e in text.split(",") if e and e != "raw"]
+    if bad := set(engines) - set(known):
+        ap.error(f"unknown engines: {', '.join(sorted(bad))}")
+    return engines
+
+
 class InstantEncoder:
     """The model taken out of the pipeline: answers every batch at once with one real image's ids."""
 
@@ -179,9 +187,7 @@ def main() -> int:
     ap.add_argument("--time-limit", type=float, default=600, help="seconds for the whole benchmark, roughly")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
-    engines = [e for e in args.engines.split(",") if e and e != "raw"]
-    if bad := set(engines) - set(ENGINES):
-        ap.error(f"unknown engines: {', '.join(sorted(bad))}")
+    engines = parse_engines(ap, args.engines, ENGINES)
     logging.basicConfig(level=logging.WARNING)
     t_start = time.perf_counter()
     load_start = os.getloadavg()
