@@ -29,7 +29,6 @@ import logging
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,20 +40,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.tokenize_throughput import DATA, bench_raw, image_folder, parse_engines  # noqa: E402  (the same photos, repeated through symlinks)
+from bench.tokenize_throughput import DATA, bench_raw, image_folder, parse_engines, revision  # noqa: E402  (the same photos, repeated through symlinks)
 
 ENGINES = ("local", "ray_1", "ray_all")
-
-
-def revision(given: str | None) -> str:
-    if given:
-        return given
-    if rev := os.environ.get("VQTOK_REVISION"):
-        return rev
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def gpus(device: str) -> list[str]:

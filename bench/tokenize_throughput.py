@@ -69,16 +69,12 @@ export_model(sys.argv[2])
 """
 
 
-def revision() -> str:
-    """The measured code's git revision: $VQTOK_REVISION (set where the tree travels without .git), else git's."""
-    import subprocess
+def revision(given: str | None = None) -> str:
+    """The measured code's git revision: `given`, else $VQTOK_REVISION (set where the tree travels
+    without .git), else git's."""
+    from bench.service_load import git_revision
 
-    if rev := os.environ.get("VQTOK_REVISION"):
-        return rev
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return given or os.environ.get("VQTOK_REVISION") or git_revision()
 
 
 def export_preset(preset: str, into: Path) -> Path:
