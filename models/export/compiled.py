@@ -44,7 +44,19 @@ def inductor_cache_dir() -> Path:
 
 
 def configure_inductor() -> None:
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
+    """Inductor's cache in `inductor_cache_dir()` unless the user chose another one. A value equal to
+    torch's own default was not chosen: torch writes it into the environment the first time anything
+    asks for the cache, and then `setdefault` kept it (797bc95's H100 run: warm restarts, yet no
+    $VQTOK_CACHE/inductor; the kernels were in torch's default /tmp/torchinductor_$USER)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        torch_default: str | None = os.path.abspath(default_cache_dir())
+    except ImportError:  # a torch without it: only an unset variable is ours to set
+        torch_default = None
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or (torch_default is not None and os.path.abspath(current) == torch_default):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())
     import torch._dynamo
     import torch._inductor.config
 
@@ -59,6 +71,8 @@ def compiled_graphs(tok: Tokenizer, device: torch.device, *, compile: bool = Tru
     from ..quantizers.search_op import register
 
     on_cuda = device.type == "cuda"
+    if compile:
+        configure_inductor()  # before the search op is defined: that may already ask Inductor for its cache
     if fused is None:
         fused = on_cuda and register()
     elif fused and not register():
@@ -72,7 +86,6 @@ def compiled_graphs(tok: Tokenizer, device: torch.device, *, compile: bool = Tru
     enc_fn: Callable[[Tensor], Tensor] = encoder
     dec_fn: Callable[[Tensor], Tensor] = decoder
     if compile:
-        configure_inductor()
         enc_fn = torch.compile(encoder, dynamic=False)
         dec_fn = torch.compile(decoder, dynamic=False)
     label = PRECISION_LABEL if on_cuda else "fp32"

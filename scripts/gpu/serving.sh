@@ -59,6 +59,10 @@ local)
     --engines local --batch-size 64 --seconds 22 --time-limit 280 --revision "$rev" --out "$out/local_engine_gpu.json" 2>&1 | quiet | tee "$out/local_engine.log"
   ;;
 http)
+  # a cold Inductor cache: the in-process runtime and every server start would compile first (≈ 200 s), which the
+  # sweep's time budget does not cover (measured: 797bc95's sweep lost its 8-image and 12-front levels to it)
+  # (or torch's default folder: up to 797bc95 the compiled runtime's kernels landed there)
+  [ -d "$VQTOK_CACHE/inductor" ] || [ -d "/tmp/torchinductor_$(whoami)" ] || { echo "cold Inductor cache: run 'serving.sh runtime' first" >&2; exit 2; }
   python3 bench/http_front.py --model-repo models/pretrained --images "$images" --device cuda --runtime auto \
     --front-workers "${2:-0,8}" --concurrency 32,64,128,256 --images-per-request 1,8 --max-batch-size 64 \
     --client-procs 6 --decode-threads 4 --duration 5 --time-budget 420 --revision "$rev" --out "$out/http_front_gpu.json" 2>&1 | quiet | tee "$out/http_front_gpu.log"

@@ -7,7 +7,8 @@
 # its saturation rate at concurrency 128, reloading both models at the midpoint; two-servers loads for 20 s.
 # Needs torch + CUDA on the host; fastapi, uvicorn, pydantic-settings, python-multipart, … carried as wheels in
 # .whl/ (git-ignored, as for scripts/gpu/http_front.sh); 256² JPEGs in .gpudata/photos256/val (carry it, a copy of
-# ../shared/data/photos256/val). The model repository is models/pretrained (both shipped models, in the tree).
+# ../shared/data/photos256/val). The model repository is models/pretrained (both shipped models, in the tree; where
+# only one travelled, two-servers serves it under two names, symlinks to the same files).
 # The first server start compiles the kernels (≈ 2-3 min for two models, cached in $VQTOK_CACHE/inductor; the
 # reload and the later starts load them). The soak outlives its call: soak-wait collects it in the next call
 # (its JSON is rewritten every 10 s, so a cut-off run still leaves data); run two-servers only after it finished.
@@ -71,7 +72,18 @@ two-servers)
     echo "the soak is still running: collect it with soak-wait first (two more servers would disturb it)" >&2
     exit 2
   fi
-  python3 bench/two_servers.py --model-repo models/pretrained --images "$images" --device "$device" --runtime auto \
+  repo=models/pretrained
+  if [ "$(ls models/pretrained/*/manifest.json 2>/dev/null | wc -l)" -lt 2 ]; then
+    # one model travelled (the 64 MiB transfer limit): the same files under a second name give the second model
+    repo=/tmp/two-models
+    rm -rf "$repo" && mkdir -p "$repo"
+    for m in models/pretrained/*/manifest.json; do
+      d=$(dirname "$m")
+      ln -s "$PWD/$d" "$repo/$(basename "$d")" && ln -s "$PWD/$d" "$repo/$(basename "$d")-twin"
+    done
+    echo "one model in models/pretrained: serving $(ls "$repo" | tr '\n' ' ')(symlinks to the same files)"
+  fi
+  python3 bench/two_servers.py --model-repo "$repo" --images "$images" --device "$device" --runtime auto \
     --servers 2 --seconds "${2:-20}" --connections 4 --max-batch-size 32 --decode-threads 4 --startup-timeout 480 \
     ${REVISION:+--revision "$REVISION"} --out "$out/two_servers_gpu.json" 2>&1 | grep --line-buffered -v -i "plugin EP\|warn" | tee "$out/two_servers.log"
   ;;
