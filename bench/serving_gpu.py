@@ -100,13 +100,17 @@ def torch_part(
     out: dict[str, Any],
     modes: list[str],
     write: Callable[[], None] | None = None,
+    ops: tuple[str, ...] = ("encode", "decode"),
+    device: str = "cuda",
 ) -> None:
     import torch
 
     from models import Tokenizer
+    from models.export.compiled import configure_inductor
     from models.export.graphs import images_to_input, output_to_images
 
-    dev = torch.device("cuda")
+    configure_inductor()  # the runtime's cache folder: a second call resumes max-autotune's tuning where the first stopped
+    dev = torch.device(device)
     tok = Tokenizer.from_pretrained(model).eval().to(dev)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -133,33 +137,38 @@ def torch_part(
         dec_c = torch.compile(lambda t: output_to_images(cl.decoder(cl.quantizer.indices_to_codes(t))), dynamic=False, mode=mode)
 
         def comp_enc(x: torch.Tensor, f: Any = enc_c) -> np.ndarray:
-            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+            with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16):
                 return f(x.to(dev)).cpu().numpy()
 
         def comp_dec(t: torch.Tensor, f: Any = dec_c) -> np.ndarray:
-            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+            with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16):
                 return f(t.to(dev)).cpu().numpy()
 
         paths.append((TORCH_MODES[mode], comp_enc, comp_dec))
 
     for label, enc, dec in paths:
-        if all(str(size) in out.get(label, {}) for size in sets):
+        todo = [
+            (size, b, op) for size in sets for b in batches for op in ops if f"{op}_b{b}_ms" not in out.get(label, {}).get(str(size), {})
+        ]
+        if not todo:
             print(f"{label}: in {out.get('revision')}'s file already, kept", flush=True)  # a later call of the same run
             continue
         t0 = time.perf_counter()
-        out[label] = {}
-        for size, images in sets.items():
-            tokens = eager_enc(torch.from_numpy(images[:16]))
-            row: dict[str, Any] = {}
-            for b in batches:
-                x, t = torch.from_numpy(tile(images, b)), torch.from_numpy(tile(tokens, b))
-                row[f"encode_b{b}_ms"] = time_host(lambda x=x, f=enc: f(x))
-                row[f"decode_b{b}_ms"] = time_host(lambda t=t, f=dec: f(t))
-            out[label][str(size)] = row
-        out.setdefault("torch_seconds", {})[label] = round(time.perf_counter() - t0, 1)  # compiles included
-        print(f"{label}: {out['torch_seconds'][label]} s", flush=True)
-        if write is not None:
-            write()
+        tokens = {size: eager_enc(torch.from_numpy(images[:16])) for size, images in sets.items()}
+        for size, b, op in todo:  # each figure written as it comes: a call cut off mid-compile keeps the rest
+            if op == "encode":
+                x = torch.from_numpy(tile(sets[size], b))
+                ms = time_host(lambda x=x, f=enc: f(x))
+            else:
+                t = torch.from_numpy(tile(tokens[size], b))
+                ms = time_host(lambda t=t, f=dec: f(t))
+            out.setdefault(label, {}).setdefault(str(size), {})[f"{op}_b{b}_ms"] = ms
+            seconds = out.setdefault("torch_seconds", {})
+            seconds[label] = round(seconds.get(label, 0.0) + time.perf_counter() - t0, 1)  # compiles included
+            t0 = time.perf_counter()
+            print(f"{label} {size}² {op} b{b}: {ms:.2f} ms ({seconds[label]} s so far)", flush=True)
+            if write is not None:
+                write()
 
 
 def main() -> None:
@@ -176,7 +185,12 @@ def main() -> None:
         default="default,reduce-overhead",
         help=f"torch.compile modes to measure, of {', '.join(TORCH_MODES)} (max-autotune compiles for minutes a shape)",
     )
+    ap.add_argument("--torch-ops", default="encode,decode", help="what the torch rows time (decode alone: max-autotune's long compile)")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script's steps (tiny model), no figures worth keeping")
     args = ap.parse_args()
+    ops = tuple(o for o in args.torch_ops.split(",") if o)
+    if not ops or set(ops) - {"encode", "decode"}:
+        ap.error("--torch-ops: encode, decode or both")
     modes = [m for m in args.torch_modes.split(",") if m]
     if unknown := [m for m in modes if m not in TORCH_MODES]:
         ap.error(f"unknown --torch-modes {unknown}; choose from {', '.join(TORCH_MODES)}")
@@ -186,7 +200,7 @@ def main() -> None:
     import torch
 
     out.update(
-        gpu=torch.cuda.get_device_name(0),
+        gpu=torch.cuda.get_device_name(0) if args.device == "cuda" else "none (cpu)",
         torch=torch.__version__,
         revision=args.revision
         or subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -198,23 +212,32 @@ def main() -> None:
         runtime_part(args.model, sets, batches, out)
         args.out.write_text(json.dumps(out, indent=1) + "\n")
     if args.part in ("torch", "all"):
-        torch_part(args.model, sets, batches, out, modes, write=lambda: args.out.write_text(json.dumps(out, indent=1) + "\n"))
+        torch_part(
+            args.model,
+            sets,
+            batches,
+            out,
+            modes,
+            write=lambda: args.out.write_text(json.dumps(out, indent=1) + "\n"),
+            ops=ops,
+            device=args.device,
+        )
     torch_rows = [k for k in out if k.startswith("torch-") and isinstance(out[k], dict)]
     rows = {k: out[k] for k in ("served", *torch_rows) if k in out}
     print(f"{'path':22s} {'size':>5s}" + "".join(f"  enc b{b:<3d} dec b{b:<3d}" for b in batches) + "   (images/s, host to host)")
+    rate = lambda r, key, b: f"{b * 1000 / r[key]:8.0f}" if key in r else f"{'–':>8s}"  # noqa: E731
     for name, by_size in rows.items():
         for size, r in by_size.items():
-            print(
-                f"{name:22s} {size:>5s}"
-                + "".join(f"  {b * 1000 / r[f'encode_b{b}_ms']:8.0f} {b * 1000 / r[f'decode_b{b}_ms']:8.0f}" for b in batches)
-            )
-    if "served" in out and torch_rows:
-        at256 = {k: out[k]["256"] for k in ("served", *torch_rows)}
-        best = {p: min(at256[k][f"{p}_b64_ms"] for k in torch_rows) for p in ("encode", "decode")}
-        best_path = {p: min(torch_rows, key=lambda k, p=p: at256[k][f"{p}_b64_ms"]) for p in ("encode", "decode")}
+            print(f"{name:22s} {size:>5s}" + "".join(f"  {rate(r, f'encode_b{b}_ms', b)} {rate(r, f'decode_b{b}_ms', b)}" for b in batches))
+    at256 = {k: out[k].get("256", {}) for k in ("served", *torch_rows) if k in out}
+    timed = {p: [k for k in torch_rows if f"{p}_b64_ms" in at256[k]] for p in ("encode", "decode")}  # a row may lack an op (--torch-ops)
+    if all(f"{p}_b64_ms" in at256.get("served", {}) and timed[p] for p in ("encode", "decode")):  # the summary point: 256², batch 64
+        best_path = {p: min(timed[p], key=lambda k, p=p: at256[k][f"{p}_b64_ms"]) for p in ("encode", "decode")}
+        best = {p: at256[best_path[p]][f"{p}_b64_ms"] for p in ("encode", "decode")}
         ratios = {
             f"{p}_served_over_best_torch_by_size": {
-                size: min(out[k][size][f"{p}_b64_ms"] for k in torch_rows if size in out[k]) / out["served"][size][f"{p}_b64_ms"]
+                size: min(out[k][size][f"{p}_b64_ms"] for k in torch_rows if f"{p}_b64_ms" in out[k].get(size, {}))
+                / out["served"][size][f"{p}_b64_ms"]
                 for size in out["served"]
             }
             for p in ("encode", "decode")
@@ -225,7 +248,7 @@ def main() -> None:
             "runtime": out.get("runtime"),
             "model": out.get("model"),
             "encode_served_img_s": 64 * 1000 / at256["served"]["encode_b64_ms"],
-            "encode_b1_ms": at256["served"]["encode_b1_ms"],
+            "encode_b1_ms": at256["served"].get("encode_b1_ms"),
             "encode_served_over_best_torch": best["encode"] / at256["served"]["encode_b64_ms"],
             "decode_served_over_best_torch": best["decode"] / at256["served"]["decode_b64_ms"],
             "best_torch_path": best_path,

@@ -41,7 +41,10 @@ runtime)
 torch)
   # one mode per call fits (twelve cold compiles a mode: ≈ 5 min): TORCH_MODES=default, then TORCH_MODES=reduce-overhead;
   # each call adds its rows to /tmp/res/serving_gpu.json (the runtime step's file on this machine)
+  # max-autotune-no-cudagraphs did not finish one shape's encode+decode in 490 s (H100, 797bc95): time it alone with
+  # TORCH_MODES=max-autotune-no-cudagraphs TORCH_OPS=decode TORCH_SIZES=256 TORCH_BATCHES=64; a second call resumes its tuning
   timeout "${TORCH_TIMEOUT:-560}" python3 bench/serving_gpu.py --images "$images" --part torch --torch-modes "${TORCH_MODES:-default}" \
+    ${TORCH_OPS:+--torch-ops "$TORCH_OPS"} ${TORCH_SIZES:+--sizes "$TORCH_SIZES"} ${TORCH_BATCHES:+--batches "$TORCH_BATCHES"} \
     --revision "$rev" --out /tmp/res/serving_gpu.json 2>&1 | quiet | tee "$out/torch.log"
   cp /tmp/res/serving_gpu.json "$out/"
   ;;
