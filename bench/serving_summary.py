@@ -22,7 +22,11 @@ def load(rel: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    served = load("serving_gpu_h100_f9755e3/serving_gpu.json")  # the latest run of the served runtime (cold cache)
+    latest = load("serving_gpu_h100_797bc95/serving_gpu_256_b64.json")  # served and torch.compile at 256² b64, one run
+    http_latest = load("serving_gpu_h100_797bc95/http_front_gpu.json")
+    local_latest = load("serving_gpu_h100_797bc95/local_engine_gpu.json")
+    two = load("serving_gpu_h100_797bc95/two_servers_gpu.json")
+    served = load("serving_gpu_h100_f9755e3/serving_gpu.json")  # the latest full runtime table, batch 1/16/64, 256² and 512² (cold cache)
     before = load("serving_gpu_h100/serving_gpu.json")  # the run before it (4ce2cf2, warm cache)
     cold = load("serving_gpu_h100/serving_gpu_cold.json")
     earlier = load("serving_gpu_h100_f4b798d.json")["summary"]  # the run that measured the torch baselines beside the runtime
@@ -40,13 +44,23 @@ def main() -> None:
     reloaded = {x["model"]: x for x in soak["soak"]["reload"]["response"]["results"]}
     closes = [row for row in reload["rows"] if row["step"].startswith("closed")]
     closes_before = [row for row in reload_before["rows"] if row["step"].startswith("closed")]
+    last = latest["served"]["256"]
+    torch_rows = [k for k in latest if k.startswith("torch-") and isinstance(latest[k], dict)]
+    best = {p: min(torch_rows, key=lambda k, p=p: latest[k]["256"][f"{p}_b64_ms"]) for p in ("encode", "decode")}
+    one_latest = [lv for lv in http_latest["levels"] if lv["images_per_request"] == 1]
+    raw_local = local_latest["raw_images_per_s"]
     summary: dict[str, Any] = {
-        "revision": served["revision"],
-        "gpu": served["gpu"],
-        "model": served["model"],
-        "runtime": served["runtime"],
-        "encode_served_img_s": 64 * 1000 / at256["encode_b64_ms"],
-        "decode_served_img_s": 64 * 1000 / at256["decode_b64_ms"],
+        "revision": latest["revision"],
+        "gpu": latest["gpu"],
+        "model": latest["model"],
+        "runtime": latest["runtime"],
+        "encode_served_img_s": 64 * 1000 / last["encode_b64_ms"],
+        "decode_served_img_s": 64 * 1000 / last["decode_b64_ms"],
+        "encode_served_over_best_torch": latest[best["encode"]]["256"]["encode_b64_ms"] / last["encode_b64_ms"],
+        "decode_served_over_best_torch": latest[best["decode"]]["256"]["decode_b64_ms"] / last["decode_b64_ms"],
+        "best_torch_path": best,
+        "encode_served_img_s_f9755e3": 64 * 1000 / at256["encode_b64_ms"],
+        "decode_served_img_s_f9755e3": 64 * 1000 / at256["decode_b64_ms"],
         "encode_b1_ms": at256["encode_b1_ms"],
         "encode_512_served_img_s": 64 * 1000 / served["served"]["512"]["encode_b64_ms"],
         "decode_512_served_img_s": 64 * 1000 / served["served"]["512"]["decode_b64_ms"],
@@ -54,13 +68,18 @@ def main() -> None:
         "decode_served_img_s_previous_run": 64 * 1000 / before["served"]["256"]["decode_b64_ms"],
         "encode_served_over_eager_fp32": served["torch-eager-fp32"]["256"]["encode_b64_ms"] / at256["encode_b64_ms"],
         "decode_served_over_eager_fp32": served["torch-eager-fp32"]["256"]["decode_b64_ms"] / at256["decode_b64_ms"],
-        "encode_served_over_best_torch": earlier["encode_served_over_best_torch"],
-        "decode_served_over_best_torch": earlier["decode_served_over_best_torch"],
+        "encode_served_over_best_torch_f4b798d": earlier["encode_served_over_best_torch"],
+        "decode_served_over_best_torch_f4b798d": earlier["decode_served_over_best_torch"],
         "gpu_token_agreement": served["gate"]["token_agreement"],
         "gpu_decode_psnr_db": served["gate"]["decode_psnr_db"],
         "ready_s_warm_cache": before["load_s"] + before["warmup_s"],
         "ready_s_cold_cache": served["load_s"] + served["warmup_s"],
-        "http_over_raw": min(lv["http_over_raw"] for lv in one_image),
+        "http_over_raw": min(lv["http_over_raw"] for lv in one_latest),
+        "http_over_raw_by_concurrency": {lv["concurrency"]: round(lv["http_over_raw"], 3) for lv in one_latest},
+        "http_front_cpu_ms_per_request": {
+            lv["concurrency"]: round(1000 * lv["server_cpu_s_per_request_by_role"]["fronts"], 2) for lv in one_latest
+        },
+        "http_over_raw_4ce2cf2": min(lv["http_over_raw"] for lv in one_image),
         "http_over_raw_8_images": min(lv["http_over_raw"] for lv in eight) if eight else None,
         "http_over_raw_single_process": http["http_over_raw_min"].get("0"),
         "soak_minutes": soak["soak"]["seconds"] / 60,
@@ -77,10 +96,20 @@ def main() -> None:
         "ray_4gpu_over_1gpu_steady": r["ray_all"]["steady_images_per_s"] / r["ray_1"]["steady_images_per_s"],
         "ray_4gpu_over_1gpu_wall": r["ray_all"]["images_per_s"] / r["ray_1"]["images_per_s"],
         "ray_4gpu_steady_img_s": r["ray_all"]["steady_images_per_s"],
-        "local_over_raw_steady": r["local"]["steady_images_per_s"] / raw,
+        "local_over_raw_steady": local_latest["results"]["local"]["steady_images_per_s"] / raw_local,
+        "local_over_raw_wall": local_latest["results"]["local"]["images_per_s"] / raw_local,
+        "local_over_raw_steady_c764811": r["local"]["steady_images_per_s"] / raw,
+        "two_servers_one_gpu": {k: v for k, v in two["checks"].items()},
+        "two_servers_ready_s": [srv.get("ready_s") for srv in two["servers"]],
     }
     sources = {
-        "encode/decode_served_img_s, encode_b1_ms, *_512_*, *_over_eager_fp32, gpu_token_agreement, ready_s_cold_cache": (
+        "encode/decode_served_img_s, *_over_best_torch, best_torch_path": (
+            f"serving_gpu_h100_797bc95/serving_gpu_256_b64.json ({latest['gpu']}, revision {latest['revision']}): served, torch "
+            "eager fp32 and torch.compile default mode (bf16 autocast, channels_last) at 256², batch 64, in one process. "
+            "max-autotune-no-cudagraphs was started twice and finished neither time (its compile ran past 490 s, then 380 s); "
+            "reduce-overhead was not run"
+        ),
+        "*_f9755e3, encode_b1_ms, *_512_*, *_over_eager_fp32, gpu_token_agreement, ready_s_cold_cache": (
             f"serving_gpu_h100_f9755e3/serving_gpu.json ({served['gpu']}, revision {served['revision']}, empty Inductor cache: "
             "the torch.compile rows of that run did not finish inside its time limit)"
         ),
@@ -88,11 +117,16 @@ def main() -> None:
             f"serving_gpu_h100/serving_gpu.json ({before['gpu']}, another machine, revision {before['revision']}, warm cache)"
         ),
         "ready_s_cold_cache (earlier)": f"serving_gpu_h100/serving_gpu_cold.json: {cold['load_s'] + cold['warmup_s']:.0f} s",
-        "encode/decode_served_over_best_torch": (
+        "*_over_best_torch_f4b798d": (
             f"serving_gpu_h100_f4b798d.json: an earlier same-run measurement (revision {earlier.get('revision')}, {earlier.get('gpu')}, "
             "the v1 model: the same network and runtime); not re-measured since"
         ),
-        "http_over_raw*": (
+        "http_over_raw, http_over_raw_by_concurrency, http_front_cpu_ms_per_request": (
+            f"serving_gpu_h100_797bc95/http_front_gpu.json (H100 with 16 cores, revision {http_latest['setup']['revision']}): "
+            "front_workers=8, one 256² JPEG per request, concurrency 32-256. Its 8-image levels and the 12-front server were "
+            "skipped by the time budget: the step began on a cold Inductor cache"
+        ),
+        "http_over_raw_4ce2cf2, http_over_raw_8_images, http_over_raw_single_process": (
             f"serving_gpu_h100/http_front_gpu.json (H100, revision {http['setup']['revision']}): front_workers=8, minimum over "
             "concurrency 32-256; 8-image requests at concurrency 32 and 64 only (128/256 skipped by the time budget). "
             "Neither the one-write IPC nor the grouped infer messages (both later) were measured on a GPU"
@@ -107,7 +141,16 @@ def main() -> None:
             "serving_gpu_h100_f9755e3/reload_memory_gpu.json (H100, three reloads, buckets to 8) after the one-capture-stream fix; "
             "before it: ray_scale_gpu_h200x2/reload_memory_gpu.json (H200)"
         ),
-        "ray_*, local_*": f"ray_scale_gpu_h200x4/ray_scale_gpu.json (4x {ray['machine']['gpus'][0]}, revision {ray['revision']})",
+        "ray_*, local_over_raw_steady_c764811": f"ray_scale_gpu_h200x4/ray_scale_gpu.json (4x {ray['machine']['gpus'][0]}, revision {ray['revision']})",
+        "local_over_raw_steady, local_over_raw_wall": (
+            f"serving_gpu_h100_797bc95/local_engine_gpu.json ({local_latest['machine']['gpus'][0]}, revision {local_latest['revision']}): "
+            "the local engine against raw (the larger of raw before and after) in one process"
+        ),
+        "two_servers_*": (
+            f"serving_gpu_h100_797bc95/two_servers_gpu.json (H100, revision {two['setup']['revision']}): two servers on GPU 0, "
+            "each with the one model that travelled (v1 stayed behind: the 64 MiB transfer limit), so two_models_per_server is false; "
+            "two models in one server: bench/two_servers.py on the CPU, and scripts/gpu/serving_rest.sh now serves a lone model twice"
+        ),
     }
     out = {"summary": summary, "sources": sources}
     (RESULTS / "serving_gpu_summary.json").write_text(json.dumps(out, indent=1) + "\n")
