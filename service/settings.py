@@ -137,6 +137,13 @@ class Settings(BaseSettings):
         default=128 * 128, ge=1, description="token grid limit per image in tokens, h·w (128² by default), for encode and decode"
     )
     decode_threads: int = Field(default=4, ge=1, le=64, description="threads decoding and encoding images (Pillow)")
+    inline_decode_pixels: int = Field(
+        default=512 * 512,
+        ge=0,
+        description="per encode request, images are decoded on the event loop itself, not in the decode threads, up to this many "
+        "pixels in total (from their headers): for a small image the hop to a thread costs more CPU than decoding it "
+        "(service/README.md); 0 = always the threads",
+    )
     default_resize: ResizeMode = Field(
         default="none",
         description="resize mode when a request names none: none (sides must be multiples of the model's downsample factor), "

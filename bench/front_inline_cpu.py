@@ -1,0 +1,151 @@
+"""One front kept busy, with small images decoded on its event loop or in its decode threads: the
+front's and the inference process's CPU per request, requests/s and latency, A/B in one run.
+
+A split server (`--front-workers 1`) serves a tiny untrained model (f8 FSQ at 32², exported here, so
+that the model costs next to nothing and the front is the limit on a small host); a closed-loop load
+of real 256² JPEGs (resize=crop) comes from `bench/http_front.py`'s load generator. Each round starts
+the server twice, with `inline_decode_pixels=0` (every image in the decode threads: the behaviour
+before the setting) and with the default (512²), alternating, so drift hits both alike. Prints a
+table, writes JSON.
+
+    python bench/front_inline_cpu.py --rounds 2 --seconds 20 --out bench/results/front_inline_cpu/result.json
+    python bench/front_inline_cpu.py --images-per-request 8 --concurrency 8 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.http_front import encode_requests, read_jpegs, run_load, spawn_server, stop_server, tree_cpu_seconds, wait_ready  # noqa: E402
+from bench.service_load import host_fields  # noqa: E402
+from service.settings import Settings  # noqa: E402
+
+_EXPORT = """
+import sys, torch
+from models import create_tokenizer
+from models.export import export_model
+torch.manual_seed(0)
+create_tokenizer("f8-fsq-64k", base_channels=8, norm_groups=4, num_res_blocks=1, resolution=32).save_pretrained(sys.argv[1])
+export_model(sys.argv[1])
+"""
+
+
+def tiny_model(repo: Path) -> str:
+    if not (repo / "tiny32" / "manifest.json").exists():
+        subprocess.run([sys.executable, "-c", _EXPORT, str(repo / "tiny32")], cwd=REPO, check=True)
+    return "tiny32"
+
+
+def one(args: argparse.Namespace, files: list[bytes], budget: int, log: Path) -> dict[str, Any]:
+    server_args = argparse.Namespace(
+        model_repo=args.model_repo,
+        model=args.model,
+        device="cpu",
+        runtime="auto",
+        max_batch_size=16,
+        max_batch_delay_ms=2.0,
+        decode_threads=args.decode_threads,
+        concurrency=[args.concurrency],
+        images_per_request=[args.images_per_request],
+        warmup_size=32,
+        intra_op_threads=None,
+    )
+    env = {**os.environ, "VQTOK_INLINE_DECODE_PIXELS": str(budget)}
+    proc, url = spawn_server(server_args, 1, log, env=env)
+    try:
+        wait_ready(proc, url, log)
+        cpu0, req0 = tree_cpu_seconds(proc.pid), encode_requests(url)
+        level = run_load(url, files, args.concurrency, args.seconds, 1, "crop", per_req=args.images_per_request)
+        cpu1, req1 = tree_cpu_seconds(proc.pid), encode_requests(url)
+    finally:
+        stop_server(proc)
+    n = max(1.0, req1 - req0)
+    return {
+        "inline_decode_pixels": budget,
+        "requests_per_s": level["images_per_s"] / args.images_per_request,
+        "images_per_s": level["images_per_s"],
+        "p50_ms": level["p50_ms"],
+        "p99_ms": level["p99_ms"],
+        "mean_group": level["mean_group"],
+        "mean_batch": level["mean_batch"],
+        "errors": level["errors"],
+        "cpu_ms_per_request": {k: 1000 * (cpu1.get(k, 0.0) - cpu0.get(k, 0.0)) / n for k in ("fronts", "engine", "engine_loop")},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=Path, default=REPO.parent / "shared" / "data" / "photos256" / "val")
+    ap.add_argument("--model-repo", type=Path, default=None, help="a repository holding --model (default: a tiny model exported here)")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--images-per-request", type=int, default=1)
+    ap.add_argument("--decode-threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    tmp = None
+    if args.model_repo is None:
+        tmp = tempfile.TemporaryDirectory(prefix="vqtok-front-inline-")
+        args.model_repo = Path(tmp.name)
+        args.model = tiny_model(args.model_repo)
+    files = read_jpegs(args.images)
+    log = Path(tempfile.gettempdir()) / "vqtok-front-inline.log"
+    default = Settings.model_fields["inline_decode_pixels"].default
+    runs: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        for budget in (0, default):
+            row = one(args, files, budget, log) | {"round": r}
+            runs.append(row)
+            c = row["cpu_ms_per_request"]
+            print(
+                f"round {r} inline_decode_pixels={budget:>7d}: {row['requests_per_s']:7.1f} req/s  p50 {row['p50_ms']:6.1f} ms  "
+                f"group {row['mean_group'] or 0:4.1f}  CPU ms/request: front {c['fronts']:.3f} engine {c['engine']:.3f}  errors {row['errors']}",
+                flush=True,
+            )
+    by = {b: [x for x in runs if x["inline_decode_pixels"] == b] for b in (0, default)}
+    ratio = lambda key, f: statistics.median(f(x) for x in by[default]) / statistics.median(f(x) for x in by[0])  # noqa: E731
+    summary = {
+        "requests_per_s": ratio("requests_per_s", lambda x: x["requests_per_s"]),
+        "p50_ms": ratio("p50_ms", lambda x: x["p50_ms"]),
+        "front_cpu_per_request": ratio("fronts", lambda x: x["cpu_ms_per_request"]["fronts"]),
+        "engine_cpu_per_request": ratio("engine", lambda x: x["cpu_ms_per_request"]["engine"]),
+    }
+    print("\n| inline_decode_pixels | req/s | p50 ms | mean group | front CPU ms/request | engine CPU ms/request |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for x in runs:
+        c = x["cpu_ms_per_request"]
+        print(
+            f"| {x['inline_decode_pixels']} | {x['requests_per_s']:.1f} | {x['p50_ms']:.1f} | {x['mean_group'] or 0:.1f} "
+            f"| {c['fronts']:.3f} | {c['engine']:.3f} |"
+        )
+    print(f"default / 0 (medians): {json.dumps({k: round(v, 3) for k, v in summary.items()})}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
+        result = {
+            "setup": setup | host_fields(None),
+            "runs": runs,
+            "default_over_zero": summary,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
