@@ -90,7 +90,8 @@ def tokenize_local(
         workers, chunk = decode_workers or max(1, cpus - 1), PROCESS_CHUNK
     else:
         workers, chunk = decode_workers or min(32, cpus + 2), 1
-    window = max(4 * batch_size, 4 * workers * chunk)
+    # images decoding ahead of the encoder: two tasks a decoding process (four images a thread), so none waits
+    window = max(4 * batch_size, (2 if chunk > 1 else 4) * workers * chunk)
     decode_wait, encode_wait = [0.0], [0.0]
     in_flight: deque[tuple[cf.Future[list[Encoded]], int]] = deque()
 
