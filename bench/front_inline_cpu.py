@@ -5,7 +5,7 @@ A split server (`--front-workers 1`) serves a tiny untrained model (f8 FSQ at 32
 that the model costs next to nothing and the front is the limit on a small host); a closed-loop load
 of real 256² JPEGs (resize=crop) comes from `bench/http_front.py`'s load generator. Each round starts
 the server twice, with `inline_decode_pixels=0` (every image in the decode threads: the behaviour
-before the setting) and with the default (512²), alternating, so drift hits both alike. Prints a
+before the setting) and with the default (256²), alternating, so drift hits both alike. Prints a
 table, writes JSON.
 
     python bench/front_inline_cpu.py --rounds 2 --seconds 20 --out bench/results/front_inline_cpu/result.json

@@ -138,11 +138,11 @@ class Settings(BaseSettings):
     )
     decode_threads: int = Field(default=4, ge=1, le=64, description="threads decoding and encoding images (Pillow)")
     inline_decode_pixels: int = Field(
-        default=512 * 512,
+        default=256 * 256,
         ge=0,
         description="per encode request, images are decoded on the event loop itself, not in the decode threads, up to this many "
-        "pixels in total (from their headers): for a small image the hop to a thread costs more CPU than decoding it "
-        "(service/README.md); 0 = always the threads",
+        "pixels in total (from their headers; 256² by default, a millisecond or two of the loop): for a small image the hop to "
+        "a thread costs more CPU than decoding it (service/README.md); 0 = always the threads",
     )
     default_resize: ResizeMode = Field(
         default="none",
