@@ -1,7 +1,7 @@
 """One front kept busy, with small images decoded on its event loop or in its decode threads: the
 front's and the inference process's CPU per request, requests/s and latency, A/B in one run.
 
-A split server (`--front-workers 1`) serves a tiny untrained model (f8 FSQ at 32², exported here, so
+A split server (`--front-workers 1`; 0: the single-process server) serves a tiny untrained model (f8 FSQ at 32², exported here, so
 that the model costs next to nothing and the front is the limit on a small host); a closed-loop load
 of real 256² JPEGs (resize=crop) comes from `bench/http_front.py`'s load generator. Each round starts
 the server twice, with `inline_decode_pixels=0` (every image in the decode threads: the behaviour
@@ -63,7 +63,7 @@ def one(args: argparse.Namespace, files: list[bytes], budget: int, log: Path) ->
         intra_op_threads=None,
     )
     env = {**os.environ, "VQTOK_INLINE_DECODE_PIXELS": str(budget)}
-    proc, url = spawn_server(server_args, 1, log, env=env)
+    proc, url = spawn_server(server_args, args.front_workers, log, env=env)
     try:
         wait_ready(proc, url, log)
         cpu0, req0 = tree_cpu_seconds(proc.pid), encode_requests(url)
@@ -81,7 +81,9 @@ def one(args: argparse.Namespace, files: list[bytes], budget: int, log: Path) ->
         "mean_group": level["mean_group"],
         "mean_batch": level["mean_batch"],
         "errors": level["errors"],
-        "cpu_ms_per_request": {k: 1000 * (cpu1.get(k, 0.0) - cpu0.get(k, 0.0)) / n for k in ("fronts", "engine", "engine_loop")},
+        "cpu_ms_per_request": {
+            k: 1000 * (cpu1.get(k, 0.0) - cpu0.get(k, 0.0)) / n for k in ("fronts", "engine", "engine_loop", "server", "total")
+        },
     }
 
 
@@ -95,6 +97,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--images-per-request", type=int, default=1)
     ap.add_argument("--decode-threads", type=int, default=2)
+    ap.add_argument("--front-workers", type=int, default=1, help="0: the single-process server (its one event loop does everything)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     tmp = None
@@ -113,26 +116,32 @@ def main() -> None:
             c = row["cpu_ms_per_request"]
             print(
                 f"round {r} inline_decode_pixels={budget:>7d}: {row['requests_per_s']:7.1f} req/s  p50 {row['p50_ms']:6.1f} ms  "
-                f"group {row['mean_group'] or 0:4.1f}  CPU ms/request: front {c['fronts']:.3f} engine {c['engine']:.3f}  errors {row['errors']}",
+                f"group {row['mean_group'] or 0:4.1f}  CPU ms/request: front {c['fronts']:.3f} engine {c['engine']:.3f} "
+                f"total {c['total']:.3f}  errors {row['errors']}",
                 flush=True,
             )
     by = {b: [x for x in runs if x["inline_decode_pixels"] == b] for b in (0, default)}
-    ratio = lambda key, f: statistics.median(f(x) for x in by[default]) / statistics.median(f(x) for x in by[0])  # noqa: E731
+
+    def ratio(f: Any) -> float | None:  # default / 0, medians; None where the role did not run (single process)
+        on, off = statistics.median(f(x) for x in by[default]), statistics.median(f(x) for x in by[0])
+        return on / off if off else None
+
     summary = {
-        "requests_per_s": ratio("requests_per_s", lambda x: x["requests_per_s"]),
-        "p50_ms": ratio("p50_ms", lambda x: x["p50_ms"]),
-        "front_cpu_per_request": ratio("fronts", lambda x: x["cpu_ms_per_request"]["fronts"]),
-        "engine_cpu_per_request": ratio("engine", lambda x: x["cpu_ms_per_request"]["engine"]),
+        "requests_per_s": ratio(lambda x: x["requests_per_s"]),
+        "p50_ms": ratio(lambda x: x["p50_ms"]),
+        "front_cpu_per_request": ratio(lambda x: x["cpu_ms_per_request"]["fronts"]),
+        "engine_cpu_per_request": ratio(lambda x: x["cpu_ms_per_request"]["engine"]),
+        "total_cpu_per_request": ratio(lambda x: x["cpu_ms_per_request"]["total"]),
     }
-    print("\n| inline_decode_pixels | req/s | p50 ms | mean group | front CPU ms/request | engine CPU ms/request |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| inline_decode_pixels | req/s | p50 ms | mean group | front CPU ms/request | engine CPU ms/request | total CPU ms/request |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for x in runs:
         c = x["cpu_ms_per_request"]
         print(
             f"| {x['inline_decode_pixels']} | {x['requests_per_s']:.1f} | {x['p50_ms']:.1f} | {x['mean_group'] or 0:.1f} "
-            f"| {c['fronts']:.3f} | {c['engine']:.3f} |"
+            f"| {c['fronts']:.3f} | {c['engine']:.3f} | {c['total']:.3f} |"
         )
-    print(f"default / 0 (medians): {json.dumps({k: round(v, 3) for k, v in summary.items()})}")
+    print(f"default / 0 (medians): {json.dumps({k: None if v is None else round(v, 3) for k, v in summary.items()})}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
