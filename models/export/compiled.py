@@ -47,7 +47,7 @@ def configure_inductor() -> None:
     """Inductor's cache in `inductor_cache_dir()` unless the user chose another one. A value equal to
     torch's own default was not chosen: torch writes it into the environment the first time anything
     asks for the cache, and then `setdefault` kept it (797bc95's H100 run: warm restarts, yet no
-    $VQTOK_CACHE/inductor; the kernels were in torch's default /tmp/torchinductor_$USER)."""
+    $VQTOK_CACHE/inductor; the kernels were most likely in torch's default /tmp/torchinductor_$USER)."""
     try:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
