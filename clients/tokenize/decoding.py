@@ -150,7 +150,9 @@ def decode_shared(
         return SharedChunk("", 0, decoded)
     fd, path = tempfile.mkstemp(prefix=prefix, dir=SHARED_DIR)
     try:
-        os.ftruncate(fd, total)
+        # allocate, not just size, the file: writing through the mapping into pages a full tmpfs cannot
+        # give is SIGBUS (the worker dies), where a failed allocation is ENOSPC, handled below
+        os.posix_fallocate(fd, 0, total)
         with mmap.mmap(fd, total) as buf:
             slots: list[Decoded] = []
             offset = 0
@@ -163,7 +165,7 @@ def decode_shared(
                     offset += payload.nbytes
                 else:
                     slots.append((payload, size, error, kind))
-    except OSError:  # tmpfs full: pickle this chunk back instead
+    except OSError:  # tmpfs full (a container's 64 MiB /dev/shm, say): pickle this chunk back instead
         with contextlib.suppress(OSError):
             os.unlink(path)
         return SharedChunk("", 0, decoded)

@@ -379,3 +379,38 @@ def test_local_paths_import_neither_the_server_nor_torch() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+
+
+_FULL_TMPFS = """
+import sys, os
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from clients.tokenize import decoding
+from clients.tokenize.format import ModelSpec
+from models.core.sources import RawItem
+decoding.SHARED_DIR = sys.argv[2]
+files = sorted(Path(sys.argv[3]).glob("*.jpg"))[:16]  # 16 x 196,608 bytes of 256² pixels: 3 MiB, over a 1 MiB tmpfs
+items = [RawItem(i, p.name, data=p.read_bytes()) for i, p in enumerate(files)]
+chunk = decoding.decode_shared(items, ModelSpec("m", 1024, 8, 256, "x", "fp32"), "crop", prefix="vqtok-decode-test-")
+arrays = [p for p, *_ in chunk.open() if p is not None]
+print(repr(chunk.path), len(arrays), sum(a.nbytes for a in arrays), len(os.listdir(sys.argv[2])))
+"""
+
+
+def test_a_full_tmpfs_sends_the_pixels_through_the_pipe_instead_of_killing_the_worker(photos_val_dir: Path, tmp_path: Path) -> None:
+    """A decoding process writes a chunk into /dev/shm; where it is full (a container's 64 MiB), the
+    chunk comes back pickled. Writing through a mapping of an unallocated file on a full tmpfs is SIGBUS,
+    so the file's pages are allocated first. A real 1 MiB tmpfs, in a child process (root only)."""
+    mnt = tmp_path / "shm"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root and mount rights)")
+    try:
+        r = subprocess.run(
+            [sys.executable, "-c", _FULL_TMPFS, str(REPO), str(mnt), str(photos_val_dir)], capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 0, f"the decoding code died (rc {r.returncode}, SIGBUS is -7): {r.stderr[-2000:]}"
+        path, count, nbytes, left = r.stdout.split()
+        assert (path, int(count), int(nbytes), int(left)) == ("''", 16, 16 * 256 * 256 * 3, 0)  # pickled back, nothing left
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
