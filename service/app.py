@@ -96,11 +96,28 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> Any:
 def _repository(settings: Settings, metrics: Metrics, loader: Loader | None, engine_socket: str | None, server_id: str) -> ModelRepository:
     if engine_socket is None:
         return ModelRepository(settings, metrics, loader)
-    from . import ipc
     from .remote import RemoteRepository, slab_name
 
-    slab = ipc.Slab(slab_name(server_id or str(os.getppid())), settings.front_shm_mib * 2**20) if settings.front_shm_mib else None
-    return RemoteRepository(settings, metrics, engine_socket, slab)
+    return RemoteRepository(settings, metrics, engine_socket, front_slab(settings, slab_name(server_id or str(os.getppid()))))
+
+
+def front_slab(settings: Settings, name: str) -> Any:
+    """The front's shared-memory slab (`ipc.Slab`), or None: with front_shm_mib=0, or where /dev/shm has no
+    room for it (a container's default 64 MiB), when pixels travel through the control socket instead."""
+    from . import ipc
+
+    if not settings.front_shm_mib:
+        return None
+    try:
+        return ipc.Slab(name, settings.front_shm_mib * 2**20)
+    except OSError as exc:
+        log.warning(
+            "no room for this front's %d MiB slab in /dev/shm (%s): pixels go through the control socket (slower); "
+            "give /dev/shm front_workers x front_shm_mib (docker run --shm-size)",
+            settings.front_shm_mib,
+            exc,
+        )
+        return None
 
 
 def _on_sighup(callback: object) -> None:

@@ -86,6 +86,15 @@ class Slab:
         self.size = max(ALIGN, size // ALIGN * ALIGN)
         self.shm = shared_memory.SharedMemory(name=name, create=True, size=self.size)
         self.name = self.shm.name
+        try:  # its pages now: a write into a page a full tmpfs cannot give would be SIGBUS, the process gone
+            fd = os.open(os.path.join(SHM_DIR, self.name.lstrip("/")), os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, self.size)
+            finally:
+                os.close(fd)
+        except OSError:
+            self.close()
+            raise
         self._free: list[tuple[int, int]] = [(0, self.size)]  # sorted (offset, length)
 
     @property

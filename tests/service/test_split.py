@@ -392,3 +392,35 @@ def test_deadlines_queue_full_and_reload_behave_as_in_one_process(model_repo: Pa
     finally:
         s.stop()
     assert _segments(s.server.server_id) == []
+
+
+def test_a_slab_gets_its_pages_up_front_and_a_front_without_room_runs_without_one(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A slab's pages are allocated when it is made: on a full /dev/shm that fails (ENOSPC) instead of a
+    later write killing the front with SIGBUS; the front then runs without a slab (the socket path) and
+    says why; nothing is left in /dev/shm."""
+    import errno
+
+    from service import app as app_module
+    from service import ipc
+    from service.settings import Settings
+
+    name = f"vqtok-test-slab-{os.getpid()}"
+    slab = ipc.Slab(name, 2 * 2**20)
+    try:
+        assert os.stat(os.path.join(ipc.SHM_DIR, slab.name.lstrip("/"))).st_blocks * 512 >= slab.size  # allocated, not sparse
+    finally:
+        slab.close()
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ipc.os, "posix_fallocate", full)
+    with pytest.raises(OSError):
+        ipc.Slab(name, 2 * 2**20)
+    assert not os.path.exists(os.path.join(ipc.SHM_DIR, name))
+    with caplog.at_level("WARNING", logger="vqtok.service"):
+        assert app_module.front_slab(Settings(front_shm_mib=8), name) is None
+    assert "no room for this front's 8 MiB slab" in caplog.text
+    assert app_module.front_slab(Settings(front_shm_mib=0), name) is None
