@@ -8,9 +8,10 @@
 # 64 MiB, so move models/pretrained/photo-f8-simvq-16k (v1) out of the tree for these calls: the default (v2)
 # is what is measured. The first runtime start compiles its kernels (≈ 2-3 min cold; cached in $VQTOK_CACHE).
 #   bash scripts/gpu/serving.sh setup      # carry .whl: installs it into /tmp/site
-#   bash scripts/gpu/serving.sh runtime    # carry .gpudata/photos256: served runtime, cold then warm start
+#   bash scripts/gpu/serving.sh runtime    # carry .gpudata/photos256: served runtime, cold then warm start (RUNTIME_BATCHES, RUNTIME_SIZES)
 #   bash scripts/gpu/serving.sh torch      # torch eager fp32 and torch.compile bf16 (TORCH_MODES, one per call) at the same shapes
 #   bash scripts/gpu/serving.sh http [0,8] # bench/http_front.py: raw vs HTTP, fronts 0 and 8, c 32-256, 1 and 8 img/request
+#                                          # (HTTP_CONCURRENCY, HTTP_IMAGES, HTTP_BUDGET, HTTP_CLIENT_PROCS; HTTP_NAME names the files)
 #   bash scripts/gpu/serving.sh reload     # bench/reload_memory.py: what a closed version leaves on the GPU (buckets to 8)
 #   bash scripts/gpu/serving.sh all        # runtime then torch in one process (one run: the same-run ratios)
 #   bash scripts/gpu/serving.sh local      # bench/ray_scale.py --engines local: the local tokenize engine vs raw
@@ -33,9 +34,9 @@ setup)
 runtime)
   # cold: an empty Inductor cache; then warm: a second process on the cache the first one left
   rm -rf "$VQTOK_CACHE"
-  python3 bench/serving_gpu.py --images "$images" --part runtime --revision "$rev" --out /tmp/res/serving_gpu_cold.json 2>&1 | quiet | tee "$out/runtime_cold.log"
+  python3 bench/serving_gpu.py --images "$images" --part runtime ${RUNTIME_BATCHES:+--batches "$RUNTIME_BATCHES"} ${RUNTIME_SIZES:+--sizes "$RUNTIME_SIZES"} --revision "$rev" --out /tmp/res/serving_gpu_cold.json 2>&1 | quiet | tee "$out/runtime_cold.log"
   cp /tmp/res/serving_gpu_cold.json "$out/"
-  python3 bench/serving_gpu.py --images "$images" --part runtime --revision "$rev" --out /tmp/res/serving_gpu.json 2>&1 | quiet | tee "$out/runtime.log"
+  python3 bench/serving_gpu.py --images "$images" --part runtime ${RUNTIME_BATCHES:+--batches "$RUNTIME_BATCHES"} ${RUNTIME_SIZES:+--sizes "$RUNTIME_SIZES"} --revision "$rev" --out /tmp/res/serving_gpu.json 2>&1 | quiet | tee "$out/runtime.log"
   cp /tmp/res/serving_gpu.json "$out/"
   ;;
 torch)
@@ -67,8 +68,9 @@ http)
   # (or torch's default folder: up to 797bc95 the compiled runtime's kernels landed there)
   [ -d "$VQTOK_CACHE/inductor" ] || [ -d "/tmp/torchinductor_$(whoami)" ] || { echo "cold Inductor cache: run 'serving.sh runtime' first" >&2; exit 2; }
   python3 bench/http_front.py --model-repo models/pretrained --images "$images" --device cuda --runtime auto \
-    --front-workers "${2:-0,8}" --concurrency 32,64,128,256 --images-per-request 1,8 --max-batch-size 64 \
-    --client-procs 6 --decode-threads 4 --duration 5 --time-budget 420 --revision "$rev" --out "$out/http_front_gpu.json" 2>&1 | quiet | tee "$out/http_front_gpu.log"
+    --front-workers "${2:-0,8}" --concurrency "${HTTP_CONCURRENCY:-32,64,128,256}" --images-per-request "${HTTP_IMAGES:-1,8}" --max-batch-size 64 \
+    --client-procs "${HTTP_CLIENT_PROCS:-6}" --decode-threads 4 --duration 5 --time-budget "${HTTP_BUDGET:-420}" --revision "$rev" \
+    --out "$out/${HTTP_NAME:-http_front_gpu}.json" 2>&1 | quiet | tee "$out/${HTTP_NAME:-http_front_gpu}.log"
   ;;
 *)
   echo "unknown step $1" >&2
