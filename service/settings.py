@@ -115,6 +115,12 @@ class Settings(BaseSettings):
         "and the batcher, sharing the port; 0 = one process does everything (the default); on a GPU host, about the cores left "
         "for HTTP (8 on 16 cores; service/README.md)",
     )
+    front_accept: Literal["balanced", "shared"] = Field(
+        default="balanced",
+        description="with front-workers: balanced = the supervisor accepts every connection and hands it to the fronts in "
+        "turn; shared = every front accepts on the shared socket (the kernel's choice: a burst of connections lands on a "
+        "few fronts, measured 25/3/23/13 for 64 connections over 4)",
+    )
     front_shm_mib: int = Field(
         default=32,
         ge=0,

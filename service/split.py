@@ -5,8 +5,10 @@
       └─ N front processes  `python -m service.split front`: uvicorn + the FastAPI app on the shared
                             listening socket, models reached through remote.py
 
-The supervisor binds the port once and hands the listening socket to every front (the kernel spreads
-the connections over the processes accepting on it, as uvicorn's own `--workers` does). A child that
+The supervisor binds the port once. By default (`front_accept="balanced"`) it accepts every connection
+itself and hands it to the fronts in turn (handoff.py: the kernel's own spreading over processes that
+accept on one socket piles a burst of keep-alive connections onto a few fronts); with "shared" every
+front accepts on the listening socket, as uvicorn's own `--workers` does. A child that
 exits while the server runs is started again: a front at once, the inference process after a second;
 meanwhile the fronts answer 503. On SIGTERM/SIGINT the fronts stop first (in-flight requests finish on
 the inference process), then the inference process (it drains its queues), then every shared-memory
@@ -36,7 +38,7 @@ from typing import Any
 
 from models.core.errors import CLIError
 
-from . import ipc
+from . import handoff, ipc
 from .settings import Settings
 
 log = logging.getLogger("vqtok.split")
@@ -63,6 +65,7 @@ class SplitServer:
         self._dir = tempfile.mkdtemp(prefix="vqtok-split-")
         self.socket_path = os.path.join(self._dir, "engine.sock")
         self.sock: socket.socket | None = None
+        self.acceptor: handoff.Acceptor | None = None
         self.engine: subprocess.Popen[bytes] | None = None
         self.fronts: list[subprocess.Popen[bytes] | None] = []
         self.restarts = 0
@@ -98,8 +101,19 @@ class SplitServer:
 
     def _spawn_front(self, index: int) -> subprocess.Popen[bytes]:
         assert self.sock is not None
-        fd = self.sock.fileno()
-        return self._spawn("front", {"fd": fd, "index": index}, pass_fds=(fd,))
+        if self.acceptor is None:
+            fd = self.sock.fileno()
+            return self._spawn("front", {"fd": fd, "index": index}, pass_fds=(fd,))
+        parent, child = handoff.channel_pair()
+        try:
+            proc = self._spawn("front", {"channel": child.fileno(), "index": index}, pass_fds=(child.fileno(),))
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self.acceptor.set_channel(index, parent)
+        return proc
 
     def start(self) -> SplitServer:
         s = self.settings
@@ -108,8 +122,12 @@ class SplitServer:
         except OSError as exc:
             shutil.rmtree(self._dir, ignore_errors=True)
             raise CLIError(f"cannot listen on {s.host}:{s.port}: {exc.strerror or exc}") from None
+        if s.front_accept == "balanced":
+            self.acceptor = handoff.Acceptor(self.sock, s.front_workers)
         self.engine = self._spawn_engine()
         self.fronts = [self._spawn_front(i) for i in range(s.front_workers)]
+        if self.acceptor is not None:
+            self.acceptor.start()
         log.info(
             "split server started",
             extra={
@@ -166,6 +184,8 @@ class SplitServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
         grace = math.ceil(self.settings.shutdown_timeout_s) + 5
+        if self.acceptor is not None:
+            self.acceptor.stop()  # no new connections; those the fronts hold finish there
         _terminate([p for p in self.fronts if p is not None], grace)
         if self.engine is not None:
             _terminate([self.engine], grace)
@@ -206,8 +226,11 @@ def _front(settings: Settings, config: dict[str, Any]) -> None:
 
     from .app import create_app, uvicorn_config
 
-    sock = socket.socket(fileno=int(config["fd"]))
     app = create_app(settings, engine_socket=config["socket"], server_id=config["server_id"])
+    if "channel" in config:  # balanced: connections arrive from the supervisor
+        handoff.handoff_server(uvicorn_config(app, settings), socket.socket(fileno=int(config["channel"]))).run()
+        return
+    sock = socket.socket(fileno=int(config["fd"]))
     uvicorn.Server(uvicorn_config(app, settings)).run(sockets=[sock])
 
 

@@ -8,10 +8,12 @@ the service suite runs against a split server too: see conftest.py.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -424,3 +426,90 @@ def test_a_slab_gets_its_pages_up_front_and_a_front_without_room_runs_without_on
         assert app_module.front_slab(Settings(front_shm_mib=8), name) is None
     assert "no room for this front's 8 MiB slab" in caplog.text
     assert app_module.front_slab(Settings(front_shm_mib=0), name) is None
+
+
+# --- connections: handed to the fronts in turn (service/handoff.py) ---
+
+
+def _established(pids: list[int], port: int) -> list[int]:
+    """Established TCP connections on the server's side of `port` that each process holds (from /proc)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                    inodes.add(fields[9])
+    counts = []
+    for pid in pids:
+        held = 0
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                held += link.startswith("socket:[") and link[8:-1] in inodes
+        counts.append(held)
+    return counts
+
+
+def _open_keepalive(port: int, n: int) -> list[socket.socket]:
+    """`n` connections opened in one burst, then one GET /healthz answered on each (so each is with a front)."""
+    conns = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(n)]
+    for c in conns:
+        c.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    for c in conns:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = c.recv(4096)
+            assert chunk, "connection closed without an answer"
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 200"), head[:80]
+    return conns
+
+
+def test_a_burst_of_keepalive_connections_is_spread_evenly_over_the_fronts(model_repo: Path) -> None:
+    s = SplitServerThread(_settings(model_repo, front_workers=4)).start()
+    conns: list[socket.socket] = []
+    try:
+        conns = _open_keepalive(s.port, 40)
+        pids = [p.pid for p in s.server.fronts if p is not None]
+        assert _established(pids, s.port) == [10, 10, 10, 10]  # the kernel's choice on a shared socket: e.g. 25/3/23/13 of 64
+        assert s.server.acceptor is not None and sum(s.server.acceptor.handed) >= 40
+    finally:
+        for c in conns:
+            c.close()
+        s.stop()
+
+
+def test_a_killed_front_gets_no_connections_until_it_is_back_then_its_share(model_repo: Path) -> None:
+    s = SplitServerThread(_settings(model_repo, front_workers=4)).start()
+    conns: list[socket.socket] = []
+    try:
+        victim = s.server.fronts[0]
+        assert victim is not None
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        conns += _open_keepalive(s.port, 9)  # every one answered by the three left (or by the new one)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and s.server.fronts[0] is victim:
+            time.sleep(0.05)
+        assert s.server.fronts[0] is not victim
+        while time.monotonic() < deadline and httpx.get(f"{s.url}/readyz", timeout=10).status_code != 200:
+            time.sleep(0.1)
+        before = _established([p.pid for p in s.server.fronts if p is not None], s.port)
+        conns += _open_keepalive(s.port, 8)
+        after = _established([p.pid for p in s.server.fronts if p is not None], s.port)
+        assert [a - b for a, b in zip(after, before, strict=True)] == [2, 2, 2, 2]
+    finally:
+        for c in conns:
+            c.close()
+        s.stop()
+
+
+def test_shared_accept_still_serves(model_repo: Path, photos: list[Path]) -> None:
+    s = SplitServerThread(_settings(model_repo, front_workers=2, front_accept="shared")).start()
+    try:
+        assert s.server.acceptor is None
+        answers = asyncio.run(_post_all(s.url, [[j] for j in _jpegs(photos, 16)], concurrency=8))
+        assert [r.status_code for r in answers] == [200] * 16
+    finally:
+        s.stop()
