@@ -23,9 +23,16 @@ def load(rel: str) -> dict[str, Any]:
 
 def main() -> None:
     latest = load("serving_gpu_h100_797bc95/serving_gpu_256_b64.json")  # served and torch.compile at 256² b64, one run
-    http_latest = load("serving_gpu_h100_797bc95/http_front_gpu.json")
-    local_latest = load("serving_gpu_h100_797bc95/local_engine_gpu.json")
-    two = load("serving_gpu_h100_797bc95/two_servers_gpu.json")
+    curve = load("serving_gpu_h100_4cdb142/serving_gpu.json")  # the served runtime at batch 1-64, 256², warm cache
+    curve_cold = load("serving_gpu_h100_4cdb142/serving_gpu_cold.json")
+    http_latest = load("serving_gpu_h100_4cdb142/http_front_gpu.json")  # balanced accept, 12 and 8 fronts
+    http_shared = load("serving_gpu_h100_4cdb142/http_front_gpu_shared_accept.json")  # the same machine, shared accept, 12 fronts
+    http_16 = load("serving_gpu_h100_4cdb142/http_front_gpu_16_fronts.json")
+    http_797 = load("serving_gpu_h100_797bc95/http_front_gpu.json")
+    http_inline = load("serving_gpu_h100_4cdb142/http_front_gpu_04a78c5_shared.json")  # inline decode, shared accept, 1 and 8 images
+    local_797 = load("serving_gpu_h100_797bc95/local_engine_gpu.json")
+    local_latest = load("serving_gpu_h100_4cdb142/local_engine_gpu.json")
+    two = load("serving_gpu_h100_4cdb142/two_servers_gpu.json")
     served = load("serving_gpu_h100_f9755e3/serving_gpu.json")  # the latest full runtime table, batch 1/16/64, 256² and 512² (cold cache)
     before = load("serving_gpu_h100/serving_gpu.json")  # the run before it (4ce2cf2, warm cache)
     cold = load("serving_gpu_h100/serving_gpu_cold.json")
@@ -47,7 +54,16 @@ def main() -> None:
     last = latest["served"]["256"]
     torch_rows = [k for k in latest if k.startswith("torch-") and isinstance(latest[k], dict)]
     best = {p: min(torch_rows, key=lambda k, p=p: latest[k]["256"][f"{p}_b64_ms"]) for p in ("encode", "decode")}
-    one_latest = [lv for lv in http_latest["levels"] if lv["images_per_request"] == 1]
+    one_latest = [lv for lv in http_latest["levels"] if lv["images_per_request"] == 1 and lv["front_workers"] == 12]
+
+    def by_concurrency(result: dict[str, Any], fronts: int) -> dict[int, float]:
+        return {
+            lv["concurrency"]: round(lv["http_over_raw"], 3)
+            for lv in result["levels"]
+            if lv["images_per_request"] == 1 and lv["front_workers"] == fronts
+        }
+
+    at256_curve = curve["served"]["256"]
     raw_local = local_latest["raw_images_per_s"]
     summary: dict[str, Any] = {
         "revision": latest["revision"],
@@ -62,6 +78,9 @@ def main() -> None:
         "encode_served_img_s_f9755e3": 64 * 1000 / at256["encode_b64_ms"],
         "decode_served_img_s_f9755e3": 64 * 1000 / at256["decode_b64_ms"],
         "encode_b1_ms": at256["encode_b1_ms"],
+        "encode_b1_ms_4cdb142": at256_curve["encode_b1_ms"],
+        "encode_served_img_s_by_batch": {b: round(b * 1000 / at256_curve[f"encode_b{b}_ms"]) for b in (1, 2, 4, 8, 16, 32, 64)},
+        "decode_served_img_s_by_batch": {b: round(b * 1000 / at256_curve[f"decode_b{b}_ms"]) for b in (1, 2, 4, 8, 16, 32, 64)},
         "encode_512_served_img_s": 64 * 1000 / served["served"]["512"]["encode_b64_ms"],
         "decode_512_served_img_s": 64 * 1000 / served["served"]["512"]["decode_b64_ms"],
         "encode_served_img_s_previous_run": 64 * 1000 / before["served"]["256"]["encode_b64_ms"],
@@ -74,13 +93,28 @@ def main() -> None:
         "gpu_decode_psnr_db": served["gate"]["decode_psnr_db"],
         "ready_s_warm_cache": before["load_s"] + before["warmup_s"],
         "ready_s_cold_cache": served["load_s"] + served["warmup_s"],
+        "ready_s_warm_cache_14_shapes": curve["load_s"] + curve["warmup_s"],
+        "ready_s_cold_cache_14_shapes": curve_cold["load_s"] + curve_cold["warmup_s"],
         "http_over_raw": min(lv["http_over_raw"] for lv in one_latest),
         "http_over_raw_by_concurrency": {lv["concurrency"]: round(lv["http_over_raw"], 3) for lv in one_latest},
+        "http_over_raw_by_fronts": {
+            "8": by_concurrency(http_latest, 8),
+            "12": by_concurrency(http_latest, 12),
+            "16": by_concurrency(http_16, 16),
+            "12_shared_accept": by_concurrency(http_shared, 12),
+        },
+        "http_p50_ms_by_concurrency": {lv["concurrency"]: round(lv["p50_ms"], 1) for lv in one_latest},
+        "http_engine_queue_plus_batch_ms_by_concurrency": {
+            lv["concurrency"]: round(lv["mean_queue_ms"] + lv["mean_inference_ms"], 2) for lv in one_latest
+        },
+        "http_mean_batch_by_concurrency": {lv["concurrency"]: round(lv["mean_batch"], 1) for lv in one_latest},
         "http_front_cpu_ms_per_request": {
             lv["concurrency"]: round(1000 * lv["server_cpu_s_per_request_by_role"]["fronts"], 2) for lv in one_latest
         },
+        "http_over_raw_797bc95": min(lv["http_over_raw"] for lv in http_797["levels"] if lv["images_per_request"] == 1),
         "http_over_raw_4ce2cf2": min(lv["http_over_raw"] for lv in one_image),
-        "http_over_raw_8_images": min(lv["http_over_raw"] for lv in eight) if eight else None,
+        "http_over_raw_8_images": min(lv["http_over_raw"] for lv in http_inline["levels"] if lv["images_per_request"] == 8),
+        "http_over_raw_8_images_4ce2cf2": min(lv["http_over_raw"] for lv in eight) if eight else None,
         "http_over_raw_single_process": http["http_over_raw_min"].get("0"),
         "soak_minutes": soak["soak"]["seconds"] / 60,
         "soak_errors": sum(soak["soak"]["errors_by_status"].values()) if soak["soak"].get("errors_by_status") else 0,
@@ -98,6 +132,7 @@ def main() -> None:
         "ray_4gpu_steady_img_s": r["ray_all"]["steady_images_per_s"],
         "local_over_raw_steady": local_latest["results"]["local"]["steady_images_per_s"] / raw_local,
         "local_over_raw_wall": local_latest["results"]["local"]["images_per_s"] / raw_local,
+        "local_over_raw_steady_797bc95": local_797["results"]["local"]["steady_images_per_s"] / local_797["raw_images_per_s"],
         "local_over_raw_steady_c764811": r["local"]["steady_images_per_s"] / raw,
         "two_servers_one_gpu": {k: v for k, v in two["checks"].items()},
         "two_servers_ready_s": [srv.get("ready_s") for srv in two["servers"]],
@@ -121,12 +156,22 @@ def main() -> None:
             f"serving_gpu_h100_f4b798d.json: an earlier same-run measurement (revision {earlier.get('revision')}, {earlier.get('gpu')}, "
             "the v1 model: the same network and runtime); not re-measured since"
         ),
-        "http_over_raw, http_over_raw_by_concurrency, http_front_cpu_ms_per_request": (
-            f"serving_gpu_h100_797bc95/http_front_gpu.json (H100 with 16 cores, revision {http_latest['setup']['revision']}): "
-            "front_workers=8, one 256² JPEG per request, concurrency 32-256. Its 8-image levels and the 12-front server were "
-            "skipped by the time budget: the step began on a cold Inductor cache"
+        "http_over_raw, http_over_raw_by_concurrency, http_front_cpu_ms_per_request, http_p50_*, http_engine_*, http_mean_batch_*": (
+            f"serving_gpu_h100_4cdb142/http_front_gpu.json (H100 with 16 cores, revision {http_latest['setup']['revision']}): "
+            "front_workers=12, balanced accept (the supervisor hands connections to the fronts in turn), inline decode, one 256² "
+            "JPEG per request, concurrency 32-256"
         ),
-        "http_over_raw_4ce2cf2, http_over_raw_8_images, http_over_raw_single_process": (
+        "http_over_raw_by_fronts": (
+            "8 and 12 fronts: serving_gpu_h100_4cdb142/http_front_gpu.json (8 fronts: concurrency 256 skipped by the time budget); "
+            "12 with shared accept: http_front_gpu_shared_accept.json, the same machine right after; 16: http_front_gpu_16_fronts.json, "
+            "the same machine two calls later"
+        ),
+        "http_over_raw_797bc95": "serving_gpu_h100_797bc95/http_front_gpu.json: 8 fronts, shared accept, decode in threads",
+        "http_over_raw_8_images": (
+            "serving_gpu_h100_4cdb142/http_front_gpu_04a78c5_shared.json (H100, revision 04a78c5: inline decode, shared accept): "
+            "8 and 12 fronts, eight 256² JPEGs per request, concurrency 32-256"
+        ),
+        "http_over_raw_4ce2cf2, http_over_raw_8_images_4ce2cf2, http_over_raw_single_process": (
             f"serving_gpu_h100/http_front_gpu.json (H100, revision {http['setup']['revision']}): front_workers=8, minimum over "
             "concurrency 32-256; 8-image requests at concurrency 32 and 64 only (128/256 skipped by the time budget). "
             "Neither the one-write IPC nor the grouped infer messages (both later) were measured on a GPU"
@@ -142,14 +187,18 @@ def main() -> None:
             "before it: ray_scale_gpu_h200x2/reload_memory_gpu.json (H200)"
         ),
         "ray_*, local_over_raw_steady_c764811": f"ray_scale_gpu_h200x4/ray_scale_gpu.json (4x {ray['machine']['gpus'][0]}, revision {ray['revision']})",
+        "encode/decode_served_img_s_by_batch, encode_b1_ms_4cdb142, ready_s_*_14_shapes": (
+            f"serving_gpu_h100_4cdb142/serving_gpu.json ({curve['gpu']}, revision {curve['revision']}): the served runtime alone "
+            "at batch 1-64, 256², host to host, warm cache (serving_gpu_cold.json: the same on an empty cache)"
+        ),
+        "local_over_raw_steady_797bc95": "serving_gpu_h100_797bc95/local_engine_gpu.json: 8-image decoding tasks",
         "local_over_raw_steady, local_over_raw_wall": (
-            f"serving_gpu_h100_797bc95/local_engine_gpu.json ({local_latest['machine']['gpus'][0]}, revision {local_latest['revision']}): "
+            f"serving_gpu_h100_4cdb142/local_engine_gpu.json ({local_latest['machine']['gpus'][0]}, revision {local_latest['revision']}): "
             "the local engine against raw (the larger of raw before and after) in one process"
         ),
         "two_servers_*": (
-            f"serving_gpu_h100_797bc95/two_servers_gpu.json (H100, revision {two['setup']['revision']}): two servers on GPU 0, "
-            "each with the one model that travelled (v1 stayed behind: the 64 MiB transfer limit), so two_models_per_server is false; "
-            "two models in one server: bench/two_servers.py on the CPU, and scripts/gpu/serving_rest.sh now serves a lone model twice"
+            f"serving_gpu_h100_4cdb142/two_servers_gpu.json (H100, revision {two['setup']['revision']}): two servers on GPU 0, "
+            "each serving two models: v2 and the same files under a second name (v1 cannot travel: the 64 MiB transfer limit)"
         ),
     }
     out = {"summary": summary, "sources": sources}
