@@ -1,0 +1,163 @@
+"""How a split server's connections spread over its fronts: `front_accept=balanced` (the supervisor
+accepts and hands each connection to the fronts in turn) against `shared` (every front accepts on one
+socket), A/B in one run, on the CPU.
+
+A split server with `--fronts` fronts serves a tiny untrained model (the one `bench/front_inline_cpu.py`
+exports, so that the model costs next to nothing); a closed-loop load of real 256² JPEGs (resize=crop)
+on `--concurrency` keep-alive connections comes from `bench/http_front.py`'s load generator. Three
+seconds in, the established connections each front holds are counted from /proc. Each round starts
+the server once per mode, alternating. Prints a table, writes JSON. The GPU figures (H100, 8/12/16
+fronts) come from `bench/http_front.py` with VQTOK_FRONT_ACCEPT set: BENCHMARKS.md.
+
+    python bench/front_accept_cpu.py --rounds 2 --fronts 4 --concurrency 64 --out bench/results/front_accept_cpu/result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.front_inline_cpu import tiny_model  # noqa: E402
+from bench.http_front import read_jpegs, run_load, spawn_server, stop_server, tree_cpu_seconds, wait_ready  # noqa: E402
+from bench.service_load import host_fields  # noqa: E402
+
+
+def established_by_process(pids: list[int], port: int) -> list[int]:
+    """Established TCP connections on the server side of `port` that each process holds (/proc)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                inodes.add(fields[9])
+    counts = []
+    for pid in pids:
+        held = 0
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            fds = []
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            held += link.startswith("socket:[") and link[8:-1] in inodes
+        counts.append(held)
+    return counts
+
+
+def front_pids(server_pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == server_pid and b"service.split\0front" in cmd:
+            out.append(int(entry.name))
+    return sorted(out)
+
+
+def one(args: argparse.Namespace, files: list[bytes], mode: str, log: Path) -> dict[str, Any]:
+    server_args = argparse.Namespace(
+        model_repo=args.model_repo,
+        model=args.model,
+        device="cpu",
+        runtime="auto",
+        max_batch_size=16,
+        max_batch_delay_ms=2.0,
+        decode_threads=2,
+        concurrency=[args.concurrency],
+        images_per_request=[1],
+        warmup_size=32,
+        intra_op_threads=None,
+    )
+    proc, url = spawn_server(server_args, args.fronts, log, env={**os.environ, "VQTOK_FRONT_ACCEPT": mode})
+    port = int(url.rsplit(":", 1)[1])
+    spread: list[int] = []
+    try:
+        wait_ready(proc, url, log)
+        pids = front_pids(proc.pid)
+        probe = threading.Timer(3.0, lambda: spread.extend(established_by_process(pids, port)))
+        probe.start()
+        cpu0 = tree_cpu_seconds(proc.pid)
+        level = run_load(url, files, args.concurrency, args.seconds, args.client_procs, "crop")
+        cpu1 = tree_cpu_seconds(proc.pid)
+        probe.join()
+    finally:
+        stop_server(proc)
+    requests = level["images_per_s"] * args.seconds
+    return {
+        "front_accept": mode,
+        "connections_by_front": spread,
+        "max_over_mean": max(spread) / (sum(spread) / len(spread)) if spread and sum(spread) else None,
+        "requests_per_s": level["images_per_s"],
+        "p50_ms": level["p50_ms"],
+        "p99_ms": level["p99_ms"],
+        "errors": level["errors"],
+        "cpu_ms_per_request": {k: 1000 * (cpu1.get(k, 0.0) - cpu0.get(k, 0.0)) / max(1.0, requests) for k in ("fronts", "engine", "total")},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=Path, default=REPO.parent / "shared" / "data" / "photos256" / "val")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--fronts", type=int, default=4)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--client-procs", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    tmp = tempfile.TemporaryDirectory(prefix="vqtok-front-accept-")
+    args.model_repo = Path(tmp.name)
+    args.model = tiny_model(args.model_repo)
+    files = read_jpegs(args.images)
+    log = Path(tempfile.gettempdir()) / "vqtok-front-accept.log"
+    runs: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        for mode in ("shared", "balanced"):
+            row = one(args, files, mode, log) | {"round": r}
+            runs.append(row)
+            print(
+                f"round {r} {mode:8s}: connections by front {row['connections_by_front']}  {row['requests_per_s']:7.1f} req/s  "
+                f"p50 {row['p50_ms']:6.1f} ms  p99 {row['p99_ms']:6.1f} ms  errors {row['errors']}",
+                flush=True,
+            )
+    print("\n| front_accept | connections by front | max / mean | req/s | p50 ms | p99 ms | front CPU ms/request |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for x in runs:
+        print(
+            f"| {x['front_accept']} | {'/'.join(map(str, x['connections_by_front']))} | {x['max_over_mean'] or 0:.2f} "
+            f"| {x['requests_per_s']:.1f} | {x['p50_ms']:.1f} | {x['p99_ms']:.1f} | {x['cpu_ms_per_request']['fronts']:.3f} |"
+        )
+    med = {m: statistics.median(x["requests_per_s"] for x in runs if x["front_accept"] == m) for m in ("shared", "balanced")}
+    print(f"balanced / shared req/s (medians): {med['balanced'] / med['shared']:.3f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
+        result = {"setup": setup | host_fields(None), "runs": runs, "balanced_over_shared_requests_per_s": med["balanced"] / med["shared"]}
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
