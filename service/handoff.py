@@ -70,23 +70,21 @@ class Acceptor:
             self.set_channel(i, None)
 
     def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self.listener.fileno(), select.POLLIN)
         while not self._stop.is_set():
-            ready, _, _ = select.select([self.listener], [], [], 0.2)
-            if not ready:
+            if not poller.poll(200):
                 continue
-            while True:  # everything waiting, so a burst costs one wake-up
+            while not self._stop.is_set():  # everything waiting, so a burst costs one wake-up
                 try:
                     conn, _ = self.listener.accept()
                 except (BlockingIOError, InterruptedError):
                     break
-                except OSError as exc:
-                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                except OSError as exc:  # out of descriptors (EMFILE, ENFILE), or a connection reset while queued
+                    if exc.errno not in (errno.ECONNABORTED, errno.EPROTO):
                         log.error("cannot accept a connection: %s", exc)
-                        self._stop.wait(0.05)  # out of descriptors: let some close
-                        break
-                    if self._stop.is_set():
-                        return
-                    raise
+                        self._stop.wait(0.05)  # let some close; never let this thread die (the port would go deaf)
+                    break
                 with conn:  # the front has its own descriptor once it is sent; this one closes here
                     self._hand(conn)
 
