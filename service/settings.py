@@ -113,7 +113,7 @@ class Settings(BaseSettings):
         le=64,
         description="front processes (HTTP, image decoding and encoding) in front of one inference process that owns the models "
         "and the batcher, sharing the port; 0 = one process does everything (the default); on a GPU host, about the cores left "
-        "for HTTP (8 on 16 cores; service/README.md)",
+        "for HTTP (12 on 16 cores; service/README.md)",
     )
     front_accept: Literal["balanced", "shared"] = Field(
         default="balanced",
