@@ -175,10 +175,27 @@ def main() -> int:
             folder = folder_for(units)
             out = work / f"out-{engine}"
             if engine == "local":
-                t0 = time.perf_counter()
+                t0, cpu0, kids0 = time.perf_counter(), time.thread_time(), os.times()
                 s = tokenize_local(folder, out, RuntimeEncoder(runtime), **common)
                 row = summary_row(s, time.perf_counter() - t0)
-                row["decode_pool"] = s.decode_pool
+                kids1 = os.times()
+                # where the driver's time went: its own thread's CPU, waiting for decoded images, waiting for
+                # encode results; what is left of the wall is the GIL (the encode threads') and the OS
+                row |= {
+                    "decode_pool": s.decode_pool,
+                    "driver_cpu_s": time.thread_time() - cpu0,
+                    "driver_decode_wait_s": s.decode_wait_s,
+                    "driver_encode_wait_s": s.encode_wait_s,
+                    "process_cpu_s": (kids1.user + kids1.system) - (kids0.user + kids0.system),
+                    "decoding_processes_cpu_s": (kids1.children_user + kids1.children_system)
+                    - (kids0.children_user + kids0.children_system),
+                }
+                print(
+                    "local: the driver's thread used {driver_cpu_s:.1f} s of CPU and waited {driver_decode_wait_s:.1f} s for decoded "
+                    "images and {driver_encode_wait_s:.1f} s for encode results, of {seconds:.1f} s; this process {process_cpu_s:.1f} s "
+                    "of CPU, the decoding processes {decoding_processes_cpu_s:.1f} s".format(**row),
+                    flush=True,
+                )
             else:
                 import ray
 
