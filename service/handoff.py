@@ -7,9 +7,16 @@ keep-alive connection stays where it landed. Measured on the CPU: 64 connections
 the host had 9 of its 16 cores idle (the busiest fronts saturated, the others waited).
 
 Here the supervisor alone accepts, and passes each connection's file descriptor (SCM_RIGHTS over a Unix
-socket pair, one per front) to the next front in turn; the front adopts it into its event loop as an
-accepted connection of its uvicorn server. One hand-off per connection, none per request. A front that
-cannot take one (exited, or its channel full) is skipped; with none left the connection is closed.
+socket pair, one per front: its channel) to the next front in turn; the front adopts it into its event
+loop as an accepted connection of its uvicorn server. One hand-off per connection, none per request.
+
+- A front gets connections once it says it is serving (one byte, "r", on its channel after its
+  server's startup); while no front is, connections wait in the listen backlog.
+- A front whose channel is closed (it exited) is dropped until the supervisor starts it again. A front
+  whose channel is full, or a send that fails for another reason (e.g. too many descriptors in flight),
+  is skipped for that connection only. With no front left to take it, the connection is closed.
+- A front whose channel reaches end of file (the supervisor dropped it) or fails stops, and is started
+  again; one that cannot take a descriptor (out of them) logs it and goes on.
 """
 
 from __future__ import annotations
@@ -18,14 +25,20 @@ import asyncio
 import contextlib
 import errno
 import logging
+import resource
 import select
 import socket
 import threading
+import time
 from typing import Any
 
 log = logging.getLogger("vqtok.split")
 
+READY = b"r"  # a front to the supervisor, on its channel: serving, send connections
 _BATCH = 64  # descriptors one read of a channel takes at most
+_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF, errno.ECONNREFUSED})
+_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:
@@ -36,22 +49,49 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
     return parent, child
 
 
+def raise_open_files_limit() -> None:
+    """The soft limit on open descriptors up to the hard one: a descriptor in flight on a channel counts
+    against the sender's limit (past it, sendmsg fails with ETOOMANYREFS), and every connection is one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class _Throttled:
+    """log.error at most once a second (an accept or send error can repeat for every connection)."""
+
+    def __init__(self) -> None:
+        self._last = 0.0
+
+    def __call__(self, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last >= 1.0:
+            self._last = now
+            log.error(msg, *args)
+
+
 class Acceptor:
-    """The supervisor's accept loop (a thread): every connection goes to the next front whose channel
-    takes it. `channels[i]` is front i's supervisor end, or None while it has none."""
+    """The supervisor's accept loop (a thread): every connection goes to the next ready front whose
+    channel takes it. `channels[i]`: front i's supervisor end, or None while it has none; `ready[i]`:
+    front i said it serves."""
 
     def __init__(self, listener: socket.socket, fronts: int) -> None:
         self.listener = listener
         self.channels: list[socket.socket | None] = [None] * fronts
+        self.ready = [False] * fronts
         self.handed = [0] * fronts  # connections each front got, for tests and logs
         self._lock = threading.Lock()
         self._next = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._error = _Throttled()
 
     def set_channel(self, index: int, channel: socket.socket | None) -> None:
+        """Front `index`'s channel (a started front: not ready until it says so), or None."""
         with self._lock:
             old, self.channels[index] = self.channels[index], channel
+            self.ready[index] = False
         if old is not None:
             old.close()  # connections queued in it and never read are closed with it
 
@@ -62,31 +102,64 @@ class Acceptor:
         return self
 
     def stop(self) -> None:
-        """No more connections are taken (those already handed stay with their fronts)."""
+        """No more connections are taken (those already handed stay with their fronts, which see their
+        channels end)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
         for i in range(len(self.channels)):
             self.set_channel(i, None)
 
+    def _drop(self, index: int, channel: socket.socket) -> None:
+        """Front `index` is gone (its channel ended or broke): nothing more for it until it is started again."""
+        with self._lock:
+            if self.channels[index] is channel:
+                self.channels[index], self.ready[index] = None, False
+                channel.close()
+
     def _run(self) -> None:
-        poller = select.poll()
-        poller.register(self.listener.fileno(), select.POLLIN)
         while not self._stop.is_set():
-            if not poller.poll(200):
-                continue
-            while not self._stop.is_set():  # everything waiting, so a burst costs one wake-up
-                try:
-                    conn, _ = self.listener.accept()
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as exc:  # out of descriptors (EMFILE, ENFILE), or a connection reset while queued
-                    if exc.errno not in (errno.ECONNABORTED, errno.EPROTO):
-                        log.error("cannot accept a connection: %s", exc)
-                        self._stop.wait(0.05)  # let some close; never let this thread die (the port would go deaf)
-                    break
-                with conn:  # the front has its own descriptor once it is sent; this one closes here
-                    self._hand(conn)
+            poller = select.poll()  # rebuilt each turn: channels come and go with the fronts
+            with self._lock:
+                watched = {ch.fileno(): (i, ch) for i, ch in enumerate(self.channels) if ch is not None}
+                serving = any(self.ready)
+            for fd in watched:
+                poller.register(fd, select.POLLIN)
+            if serving:  # with no front serving, connections wait in the backlog
+                poller.register(self.listener.fileno(), select.POLLIN)
+            for fd, _ in poller.poll(200):
+                if fd in watched:
+                    self._read_channel(*watched[fd])
+                elif not self._stop.is_set():
+                    self._accept_all()
+
+    def _read_channel(self, index: int, channel: socket.socket) -> None:
+        try:
+            data = channel.recv(64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(index, channel)
+        elif READY in data:
+            with self._lock:
+                if self.channels[index] is channel:
+                    self.ready[index] = True
+
+    def _accept_all(self) -> None:
+        while not self._stop.is_set():  # everything waiting, so a burst costs one wake-up
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors (EMFILE, ENFILE), or a connection reset while queued
+                if exc.errno not in (errno.ECONNABORTED, errno.EPROTO):
+                    self._error("cannot accept a connection: %s", exc)
+                    self._stop.wait(0.05)  # let some close; never let this thread die (the port would go deaf)
+                return
+            with conn:  # the front has its own descriptor once it is sent; this one closes here
+                self._hand(conn)
 
     def _hand(self, conn: socket.socket) -> None:
         with self._lock:
@@ -94,26 +167,31 @@ class Acceptor:
             for k in range(n):
                 i = (self._next + k) % n
                 channel = self.channels[i]
-                if channel is None:
+                if channel is None or not self.ready[i]:
                     continue
                 try:
-                    socket.send_fds(channel, [b"c"], [conn.fileno()])
+                    socket.send_fds(channel, [b"c"], [conn.fileno()], _NOSIGNAL)
                 except (BlockingIOError, InterruptedError):
                     continue  # that front is behind on its channel: the next one
-                except OSError:  # the front is gone (EPIPE, ECONNRESET): until it is started again
-                    self.channels[i] = None
-                    channel.close()
+                except OSError as exc:
+                    if exc.errno in _GONE:  # the front exited: until it is started again
+                        self.channels[i], self.ready[i] = None, False
+                        channel.close()
+                    else:  # e.g. ETOOMANYREFS, ENOBUFS: this connection only, the front stays
+                        self._error("cannot hand a connection to front %d: %s", i, exc)
                     continue
                 self.handed[i] += 1
                 self._next = i + 1
                 return
-        log.error("no front process can take a connection; closing it")
+        self._error("no front process can take a connection; closing it")
 
 
 def handoff_server(config: Any, channel: socket.socket) -> Any:
     """A uvicorn.Server for `config` without a listening socket of its own: it adopts every connection
     the supervisor sends over `channel`, with the protocol uvicorn would have made for it."""
     import uvicorn
+
+    channel.set_inheritable(False)
 
     class HandoffServer(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -127,19 +205,30 @@ def handoff_server(config: Any, channel: socket.socket) -> Any:
                 return cfg.http_protocol_class(config=cfg, server_state=self.server_state, app_state=self.lifespan.state)  # type: ignore[call-arg]
 
             self._adopting: set[asyncio.Task[Any]] = set()
+            self._lost = _Throttled()
             channel.setblocking(False)
             loop.add_reader(channel.fileno(), self._receive, loop, protocol)
+            try:
+                channel.send(READY)
+            except OSError as exc:
+                self._end(loop, f"cannot tell the supervisor it serves ({exc})")
+
+        def _end(self, loop: asyncio.AbstractEventLoop, why: str) -> None:
+            """No more connections will come: stop (the supervisor starts this front again)."""
+            with contextlib.suppress(Exception):
+                loop.remove_reader(channel.fileno())
+            if not self.should_exit:
+                log.info("front stops: %s", why)
+                self.should_exit = True
 
         def _receive(self, loop: asyncio.AbstractEventLoop, protocol: Any) -> None:
             while True:
                 try:
-                    _, fds, _, _ = socket.recv_fds(channel, _BATCH, _BATCH)
+                    msg, fds, flags, _ = socket.recv_fds(channel, _BATCH, _BATCH, _CLOEXEC)
                 except (BlockingIOError, InterruptedError):
                     return
-                except OSError:
-                    fds = []
-                if not fds:  # the supervisor is gone (EOF): its parent-watch thread stops this process
-                    loop.remove_reader(channel.fileno())
+                except OSError as exc:
+                    self._end(loop, f"its connection channel failed ({exc})")
                     return
                 for fd in fds:
                     conn = socket.socket(fileno=fd)
@@ -150,13 +239,20 @@ def handoff_server(config: Any, channel: socket.socket) -> Any:
                     task = loop.create_task(self._adopt(loop, protocol, conn))
                     self._adopting.add(task)
                     task.add_done_callback(self._adopting.discard)
+                if flags & socket.MSG_CTRUNC:  # out of descriptors (EMFILE): that client's connection is lost
+                    self._lost("a connection handed to this front was lost: no file descriptor left (raise ulimit -n)")
+                elif not msg and not fds:
+                    self._end(loop, "the supervisor closed its connection channel")
+                    return
 
         @staticmethod
         async def _adopt(loop: asyncio.AbstractEventLoop, protocol: Any, conn: socket.socket) -> None:
             try:
                 await loop.connect_accepted_socket(protocol, conn)
-            except OSError:  # the client left before the front took it
+            except Exception as exc:  # the client left before the front took it (OSError), or a bug: never the loop
                 conn.close()
+                if not isinstance(exc, OSError):
+                    log.exception("cannot adopt a connection")
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             with contextlib.suppress(Exception):

@@ -123,6 +123,7 @@ class SplitServer:
             shutil.rmtree(self._dir, ignore_errors=True)
             raise CLIError(f"cannot listen on {s.host}:{s.port}: {exc.strerror or exc}") from None
         if s.front_accept == "balanced":
+            handoff.raise_open_files_limit()
             self.acceptor = handoff.Acceptor(self.sock, s.front_workers)
         self.engine = self._spawn_engine()
         self.fronts = [self._spawn_front(i) for i in range(s.front_workers)]
@@ -186,6 +187,8 @@ class SplitServer:
         grace = math.ceil(self.settings.shutdown_timeout_s) + 5
         if self.acceptor is not None:
             self.acceptor.stop()  # no new connections; those the fronts hold finish there
+            if self.sock is not None:
+                self.sock.close()  # refused now, rather than waiting in the backlog while the fronts drain
         _terminate([p for p in self.fronts if p is not None], grace)
         if self.engine is not None:
             _terminate([self.engine], grace)
