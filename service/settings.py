@@ -119,7 +119,7 @@ class Settings(BaseSettings):
         default="balanced",
         description="with front-workers: balanced = the supervisor accepts every connection and hands it to the fronts in "
         "turn; shared = every front accepts on the shared socket (the kernel's choice: a burst of connections lands on a "
-        "few fronts, measured 25/3/23/13 for 64 connections over 4)",
+        "few fronts: 8/18/24/14 and 9/10/11/34 for 64 connections over 4, bench/front_accept_cpu.py)",
     )
     front_shm_mib: int = Field(
         default=32,
