@@ -8,7 +8,6 @@ the service suite runs against a split server too: see conftest.py.)"""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import glob
 import io
 import os
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.front_accept_cpu import established_by_process
 from models.core import pixels
 from service import ipc
 from service.engine import _Merged
@@ -431,26 +431,6 @@ def test_a_slab_gets_its_pages_up_front_and_a_front_without_room_runs_without_on
 # --- connections: handed to the fronts in turn (service/handoff.py) ---
 
 
-def _established(pids: list[int], port: int) -> list[int]:
-    """Established TCP connections on the server's side of `port` that each process holds (from /proc)."""
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(FileNotFoundError), open(table) as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
-                    inodes.add(fields[9])
-    counts = []
-    for pid in pids:
-        held = 0
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                held += link.startswith("socket:[") and link[8:-1] in inodes
-        counts.append(held)
-    return counts
-
-
 def _open_keepalive(port: int, n: int) -> list[socket.socket]:
     """`n` connections opened in one burst, then one GET /healthz answered on each (so each is with a front)."""
     conns = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(n)]
@@ -472,7 +452,7 @@ def test_a_burst_of_keepalive_connections_is_spread_evenly_over_the_fronts(model
     try:
         conns = _open_keepalive(s.port, 40)
         pids = [p.pid for p in s.server.fronts if p is not None]
-        assert _established(pids, s.port) == [10, 10, 10, 10]  # the kernel's choice on a shared socket: e.g. 25/3/23/13 of 64
+        assert established_by_process(pids, s.port) == [10, 10, 10, 10]  # the kernel's choice on a shared socket: e.g. 25/3/23/13 of 64
         assert s.server.acceptor is not None and sum(s.server.acceptor.handed) >= 40
     finally:
         for c in conns:
@@ -495,9 +475,9 @@ def test_a_killed_front_gets_no_connections_until_it_is_back_then_its_share(mode
         assert s.server.fronts[0] is not victim
         while time.monotonic() < deadline and httpx.get(f"{s.url}/readyz", timeout=10).status_code != 200:
             time.sleep(0.1)
-        before = _established([p.pid for p in s.server.fronts if p is not None], s.port)
+        before = established_by_process([p.pid for p in s.server.fronts if p is not None], s.port)
         conns += _open_keepalive(s.port, 8)
-        after = _established([p.pid for p in s.server.fronts if p is not None], s.port)
+        after = established_by_process([p.pid for p in s.server.fronts if p is not None], s.port)
         assert [a - b for a, b in zip(after, before, strict=True)] == [2, 2, 2, 2]
     finally:
         for c in conns:
