@@ -2,8 +2,9 @@
 
     supervisor (this module; `vqtok serve --front-workers N`)
       ├─ inference process  `python -m service.split engine`: repository, runtimes, batchers (engine.py)
-      └─ N front processes  `python -m service.split front`: uvicorn + the FastAPI app on the shared
-                            listening socket, models reached through remote.py
+      └─ N front processes  `python -m service.split front`: uvicorn + the FastAPI app on the connections
+                            the supervisor hands over (or the shared listening socket), models reached
+                            through remote.py
 
 The supervisor binds the port once. By default (`front_accept="balanced"`) it accepts every connection
 itself and hands it to the fronts in turn (handoff.py: the kernel's own spreading over processes that
