@@ -27,7 +27,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.front_inline_cpu import tiny_model  # noqa: E402
+from bench.front_inline_cpu import tiny_model, tiny_server_args  # noqa: E402
 from bench.http_front import read_jpegs, run_load, spawn_server, stop_server, tree_cpu_seconds, wait_ready  # noqa: E402
 from bench.service_load import host_fields  # noqa: E402
 
@@ -77,19 +77,7 @@ def front_pids(server_pid: int) -> list[int]:
 
 
 def one(args: argparse.Namespace, files: list[bytes], mode: str, log: Path) -> dict[str, Any]:
-    server_args = argparse.Namespace(
-        model_repo=args.model_repo,
-        model=args.model,
-        device="cpu",
-        runtime="auto",
-        max_batch_size=16,
-        max_batch_delay_ms=2.0,
-        decode_threads=2,
-        concurrency=[args.concurrency],
-        images_per_request=[1],
-        warmup_size=32,
-        intra_op_threads=None,
-    )
+    server_args = tiny_server_args(args.model_repo, args.model, args.concurrency)
     proc, url = spawn_server(server_args, args.fronts, log, env={**os.environ, "VQTOK_FRONT_ACCEPT": mode})
     port = int(url.rsplit(":", 1)[1])
     spread: list[int] = []

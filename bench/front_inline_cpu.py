@@ -48,20 +48,27 @@ def tiny_model(repo: Path) -> str:
     return "tiny32"
 
 
-def one(args: argparse.Namespace, files: list[bytes], budget: int, log: Path) -> dict[str, Any]:
-    server_args = argparse.Namespace(
-        model_repo=args.model_repo,
-        model=args.model,
+def tiny_server_args(
+    model_repo: Path, model: str, concurrency: int, images_per_request: int = 1, decode_threads: int = 2
+) -> argparse.Namespace:
+    """`bench/http_front.py`'s server settings for the tiny model on the CPU (the CPU front benches)."""
+    return argparse.Namespace(
+        model_repo=model_repo,
+        model=model,
         device="cpu",
         runtime="auto",
         max_batch_size=16,
         max_batch_delay_ms=2.0,
-        decode_threads=args.decode_threads,
-        concurrency=[args.concurrency],
-        images_per_request=[args.images_per_request],
+        decode_threads=decode_threads,
+        concurrency=[concurrency],
+        images_per_request=[images_per_request],
         warmup_size=32,
         intra_op_threads=None,
     )
+
+
+def one(args: argparse.Namespace, files: list[bytes], budget: int, log: Path) -> dict[str, Any]:
+    server_args = tiny_server_args(args.model_repo, args.model, args.concurrency, args.images_per_request, args.decode_threads)
     env = {**os.environ, "VQTOK_INLINE_DECODE_PIXELS": str(budget)}
     proc, url = spawn_server(server_args, args.front_workers, log, env=env)
     try:
