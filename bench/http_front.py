@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -281,16 +282,19 @@ def encode_requests(url: str) -> float:
     return total
 
 
-def start_server(args: argparse.Namespace, fronts: int, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
-    proc, url = spawn_server(args, fronts, log_path)
+def start_server(
+    args: argparse.Namespace, fronts: int, log_path: Path, batch_workers: int | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    proc, url = spawn_server(args, fronts, log_path, batch_workers=batch_workers)
     wait_ready(proc, url, log_path)
     return proc, url
 
 
 def spawn_server(
-    args: argparse.Namespace, fronts: int, log_path: Path, env: dict[str, str] | None = None
+    args: argparse.Namespace, fronts: int, log_path: Path, env: dict[str, str] | None = None, batch_workers: int | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """`vqtok serve` on a free localhost port with the settings in `args` (not waited for: `wait_ready`)."""
+    """`vqtok serve` on a free localhost port with the settings in `args` (not waited for: `wait_ready`);
+    `batch_workers`: the server's batches in flight per model (None: its default)."""
     port = free_port()
     cmd = [*VQTOK, "serve", "--model-repo", str(args.model_repo), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--device", args.device, "--runtime", args.runtime, "--max-batch-size", str(args.max_batch_size)]
@@ -298,6 +302,8 @@ def spawn_server(
     cmd += ["--max-queue-images", str(max(4096, 8 * max(args.concurrency) * max(args.images_per_request)))]
     cmd += ["--warmup-sizes", str(args.warmup_size), "--request-timeout-s", "120", "--log-level", "warning"]
     cmd += ["--front-workers", str(fronts)]
+    if batch_workers is not None:
+        cmd += ["--batch-workers", str(batch_workers)]
     if args.intra_op_threads:
         cmd += ["--intra-op-threads", str(args.intra_op_threads)]
     if args.model:
@@ -347,6 +353,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)))
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-batch-delay-ms", type=float, default=2.0)
+    p.add_argument("--batch-workers", type=ints, default=[1], help="comma-separated: batches in flight per model, one server each")
+    p.add_argument(
+        "--raw-threads", type=int, default=2, help="threads of the pipelined raw figure (reported beside the one-call-at-a-time raw)"
+    )
     p.add_argument("--decode-threads", type=int, default=max(2, min(8, (os.cpu_count() or 2) // 2)))
     p.add_argument("--intra-op-threads", type=int, default=None)
     p.add_argument("--raw-seconds", type=float, default=3.0)
@@ -373,7 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     runtime = load_runtime(model_dir, runtime=args.runtime, device=args.device, max_batch_size=args.max_batch_size)
     runtime.warmup([(args.warmup_size, args.warmup_size)])
     raw_before = raw_throughput(runtime, files, args.resize, args.max_batch_size, args.raw_seconds)
-    print(f"  raw {getattr(runtime, 'runtime_name', '')}: {raw_before:.1f} img/s at batch {args.max_batch_size}", flush=True)
+    piped_before = raw_throughput(runtime, files, args.resize, args.max_batch_size, args.raw_seconds, threads=args.raw_threads)
+    print(
+        f"  raw {getattr(runtime, 'runtime_name', '')}: {raw_before:.1f} img/s at batch {args.max_batch_size} "
+        f"({piped_before:.1f} from {args.raw_threads} threads)",
+        flush=True,
+    )
     result: dict[str, Any] = {
         "setup": {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
@@ -383,23 +398,26 @@ def main(argv: list[str] | None = None) -> int:
             "images": len(files),
         },
         "raw_images_per_s": {"before": raw_before},
+        "raw_pipelined_images_per_s": {"threads": args.raw_threads, "before": piped_before},
         "levels": [],
         "skipped": [],
     }
     per_level = args.duration + 6
-    for fronts in args.front_workers:
+    for fronts, workers in itertools.product(args.front_workers, args.batch_workers):
         todo = [(n, c) for n in args.images_per_request for c in args.concurrency]
         if left() < 60 + per_level:
-            result["skipped"] += [{"front_workers": fronts, "images_per_request": n, "concurrency": c} for n, c in todo]
+            result["skipped"] += [
+                {"front_workers": fronts, "batch_workers": workers, "images_per_request": n, "concurrency": c} for n, c in todo
+            ]
             continue
         t0 = time.monotonic()
-        proc, url = start_server(args, fronts, log_path)
+        proc, url = start_server(args, fronts, log_path, batch_workers=workers)
         ready_s = time.monotonic() - t0
-        print(f"  front_workers={fronts}: server ready in {ready_s:.1f} s", flush=True)
+        print(f"  front_workers={fronts} batch_workers={workers}: server ready in {ready_s:.1f} s", flush=True)
         try:
             for n, c in todo:
                 if left() < per_level + args.raw_seconds + 20:
-                    result["skipped"].append({"front_workers": fronts, "images_per_request": n, "concurrency": c})
+                    result["skipped"].append({"front_workers": fronts, "batch_workers": workers, "images_per_request": n, "concurrency": c})
                     continue
                 cpu0, req0, host0, t_level = tree_cpu_seconds(proc.pid), encode_requests(url), host_busy_seconds(), time.monotonic()
                 level = run_load(url, files, c, args.duration, args.client_procs, args.resize, per_req=n)
@@ -412,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                 requests = max(1.0, req1 - req0)
                 level.update(
                     front_workers=fronts,
+                    batch_workers=workers,
                     images_per_request=n,
                     server_ready_s=ready_s,
                     server_cpu_s_per_request=(cpu1["total"] - cpu0["total"]) / requests,
@@ -435,16 +454,23 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stop_server(proc)
     raw_after = raw_throughput(runtime, files, args.resize, args.max_batch_size, args.raw_seconds)
+    piped_after = raw_throughput(runtime, files, args.resize, args.max_batch_size, args.raw_seconds, threads=args.raw_threads)
     result["raw_images_per_s"]["after"] = raw_after
+    result["raw_pipelined_images_per_s"]["after"] = piped_after
     raw = max(raw_before, raw_after)
+    piped = max(piped_before, piped_after)
     result["raw_images_per_s"]["used"] = raw
+    result["raw_pipelined_images_per_s"]["used"] = piped
     for level in result["levels"]:
         level["http_over_raw"] = level["images_per_s"] / raw
-    by_mode: dict[int, list[float]] = {}
+        level["http_over_raw_pipelined"] = level["images_per_s"] / piped
+    by_mode: dict[str, list[float]] = {}
     for level in result["levels"]:
         if 32 <= level["concurrency"] <= 256:
-            by_mode.setdefault(level["front_workers"], []).append(level["http_over_raw"])
-    result["http_over_raw_min"] = {str(k): min(v) for k, v in by_mode.items()}
+            workers = level.get("batch_workers", 1)
+            mode = str(level["front_workers"]) if workers == 1 else f"{level['front_workers']}+bw{workers}"
+            by_mode.setdefault(mode, []).append(level["http_over_raw"])
+    result["http_over_raw_min"] = {k: min(v) for k, v in by_mode.items()}
     result["wall_s"] = time.monotonic() - t_begin
     print_table(result)
     if args.out:
@@ -458,19 +484,22 @@ def print_table(result: dict[str, Any]) -> None:
         f"\nHTTP front vs raw: {s['runtime']} on {s['runtime_device']}, {s['cpus']} CPUs; raw {raw['used']:.1f} img/s at batch "
         f"{s['max_batch_size']} (before {raw['before']:.1f}, after {raw['after']:.1f}); JPEGs resize={s['resize']}"
     )
+    piped = result.get("raw_pipelined_images_per_s")
+    if piped:
+        print(f"pipelined raw ({piped['threads']} threads calling encode): {piped['used']:.1f} img/s (HTTP/pipelined in the JSON)")
     print(
-        "| front_workers | img/request | concurrency | HTTP img/s | HTTP/raw | p50 ms | p99 ms | mean batch | mean group | server CPU ms/request | server cores busy "
+        "| front_workers | batch_workers | img/request | concurrency | HTTP img/s | HTTP/raw | p50 ms | p99 ms | mean batch | mean group | server CPU ms/request | server cores busy "
         "| load generator CPU ms/request | host cores busy | errors |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for lv in result["levels"]:
         print(
-            f"| {lv['front_workers']} | {lv['images_per_request']} | {lv['concurrency']} | {lv['images_per_s']:.1f} | {lv['http_over_raw']:.2f} "
+            f"| {lv['front_workers']} | {lv.get('batch_workers', 1)} | {lv['images_per_request']} | {lv['concurrency']} | {lv['images_per_s']:.1f} | {lv['http_over_raw']:.2f} "
             f"| {lv['p50_ms'] or 0:.1f} | {lv['p99_ms'] or 0:.1f} | {lv['mean_batch'] or 0:.1f} | {lv['mean_group'] or 0:.1f} "
             f"| {1000 * lv['server_cpu_s_per_request']:.2f} "
             f"| {lv['server_cores_busy']:.2f} | {1000 * lv['client_cpu_s_per_request']:.2f} | {lv['host_cores_busy']:.1f} | {lv['errors'] or 0} |"
         )
-    print(f"minimum HTTP/raw over concurrency 32-256, by front_workers: {result['http_over_raw_min']}")
+    print(f"minimum HTTP/raw over concurrency 32-256, by front_workers (+batch workers): {result['http_over_raw_min']}")
     if result["skipped"]:
         print(f"skipped (time budget): {result['skipped']}")
 

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,22 @@ def runtime_part(model: Path, sets: dict[int, np.ndarray], batches: list[int], o
             x, t = tile(images, b), tile(tokens, b)
             row[f"encode_b{b}_ms"] = time_host(lambda x=x: rt.encode(x))
             row[f"decode_b{b}_ms"] = time_host(lambda t=t: rt.decode(t))
+        # the same runtime called from two threads at once (a server's two batch workers, a tokenization
+        # job's encode threads): the next batch is staged and queued while one runs
+        b = max(batches)
+        x, t = tile(images, b), tile(tokens, b)
+        row[f"encode_b{b}_2threads_img_s"] = pipelined_img_s(lambda x=x: rt.encode(x), b)
+        row[f"decode_b{b}_2threads_img_s"] = pipelined_img_s(lambda t=t: rt.decode(t), b)
         out["served"][str(size)] = row
+
+
+def pipelined_img_s(fn: Callable[[], Any], batch: int, threads: int = 2, calls: int = 20) -> float:
+    """Images/s of `calls` calls per thread from `threads` threads at once (after one warm-up call each)."""
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda _: fn(), range(threads)))
+        t = time.perf_counter()
+        list(pool.map(lambda _: [fn() for _ in range(calls)], range(threads)))
+        return threads * calls * batch / (time.perf_counter() - t)
 
 
 TORCH_MODES = {  # torch.compile mode -> row label
@@ -229,6 +245,13 @@ def main() -> None:
     for name, by_size in rows.items():
         for size, r in by_size.items():
             print(f"{name:22s} {size:>5s}" + "".join(f"  {rate(r, f'encode_b{b}_ms', b)} {rate(r, f'decode_b{b}_ms', b)}" for b in batches))
+    for size, r in out.get("served", {}).items():
+        piped = {k: v for k, v in r.items() if k.endswith("_2threads_img_s")}
+        if piped:
+            print(
+                f"served, two threads calling at once, {size}²: "
+                + ", ".join(f"{k.removesuffix('_img_s')} {v:.0f} img/s" for k, v in piped.items())
+            )
     at256 = {k: out[k].get("256", {}) for k in ("served", *torch_rows) if k in out}
     timed = {p: [k for k in torch_rows if f"{p}_b64_ms" in at256[k]] for p in ("encode", "decode")}  # a row may lack an op (--torch-ops)
     if all(f"{p}_b64_ms" in at256.get("served", {}) and timed[p] for p in ("encode", "decode")):  # the summary point: 256², batch 64

@@ -8,10 +8,12 @@
 # 64 MiB, so move models/pretrained/photo-f8-simvq-16k (v1) out of the tree for these calls: the default (v2)
 # is what is measured. The first runtime start compiles its kernels (≈ 2-3 min cold; cached in $VQTOK_CACHE).
 #   bash scripts/gpu/serving.sh setup      # carry .whl: installs it into /tmp/site
+#   bash scripts/gpu/serving.sh check      # the compiled runtime's CUDA-only tests (threads at once give the tokens of one at a time)
 #   bash scripts/gpu/serving.sh runtime    # carry .gpudata/photos256: served runtime, cold then warm start (RUNTIME_BATCHES, RUNTIME_SIZES)
 #   bash scripts/gpu/serving.sh torch      # torch eager fp32 and torch.compile bf16 (TORCH_MODES, one per call) at the same shapes
 #   bash scripts/gpu/serving.sh http [0,8] # bench/http_front.py: raw vs HTTP, fronts 0 and 8, c 32-256, 1 and 8 img/request
-#                                          # (HTTP_CONCURRENCY, HTTP_IMAGES, HTTP_BUDGET, HTTP_CLIENT_PROCS; HTTP_NAME names the files)
+#                                          # (HTTP_CONCURRENCY, HTTP_IMAGES, HTTP_BUDGET, HTTP_CLIENT_PROCS, HTTP_BATCH_WORKERS (1,2: a
+#                                          # server each); HTTP_NAME names the files)
 #   bash scripts/gpu/serving.sh reload     # bench/reload_memory.py: what a closed version leaves on the GPU (buckets to 8)
 #   bash scripts/gpu/serving.sh all        # runtime then torch in one process (one run: the same-run ratios)
 #   bash scripts/gpu/serving.sh local      # bench/ray_scale.py --engines local: the local tokenize engine vs raw
@@ -30,6 +32,10 @@ setup)
   python3 -c 'import torch, fastapi, uvicorn, simplejpeg; print("torch", torch.__version__, torch.cuda.get_device_name(0), "fastapi", fastapi.__version__, "simplejpeg", simplejpeg.__version__)'
   nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv,noheader
   nproc
+  ;;
+check)
+  VQTOK_DATA=$PWD/.gpudata python3 -m pytest -q -p no:cacheprovider tests/service/test_compiled_cuda.py 2>&1 | quiet | tee "$out/check.log"
+  exit "${PIPESTATUS[0]}"
   ;;
 runtime)
   # cold: an empty Inductor cache; then warm: a second process on the cache the first one left
@@ -68,7 +74,7 @@ http)
   # (or torch's default folder: up to 797bc95 the compiled runtime's kernels landed there)
   [ -n "${HTTP_COLD:-}" ] || [ -d "$VQTOK_CACHE/inductor" ] || [ -d "/tmp/torchinductor_$(whoami)" ] || { echo "cold Inductor cache: run 'serving.sh runtime' first" >&2; exit 2; }
   python3 bench/http_front.py --model-repo models/pretrained --images "$images" --device cuda --runtime auto \
-    --front-workers "${2:-0,8}" --concurrency "${HTTP_CONCURRENCY:-32,64,128,256}" --images-per-request "${HTTP_IMAGES:-1,8}" --max-batch-size 64 \
+    --front-workers "${2:-0,8}" --concurrency "${HTTP_CONCURRENCY:-32,64,128,256}" --images-per-request "${HTTP_IMAGES:-1,8}" --max-batch-size 64 --batch-workers "${HTTP_BATCH_WORKERS:-1}" \
     --client-procs "${HTTP_CLIENT_PROCS:-6}" --decode-threads 4 --duration 5 --time-budget "${HTTP_BUDGET:-420}" --revision "$rev" \
     --out "$out/${HTTP_NAME:-http_front_gpu}.json" 2>&1 | quiet | tee "$out/${HTTP_NAME:-http_front_gpu}.log"
   ;;
