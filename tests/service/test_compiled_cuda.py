@@ -49,15 +49,17 @@ def test_concurrent_calls_match_one_at_a_time(runtime, photos_val_dir: Path) -> 
         together = list(pool.map(runtime.encode, batches))
     for a, t, b in zip(alone, together, batches, strict=True):
         assert t.shape == (len(b), 32, 32)
-        np.testing.assert_array_equal(a, t)
+        np.testing.assert_array_equal(a, t)  # the same graphs as one at a time: bit for bit
     pixels_alone = [runtime.decode(t) for t in alone]
     with cf.ThreadPoolExecutor(4) as pool:
         pixels_together = list(pool.map(runtime.decode, alone))
     for a, t in zip(pixels_alone, pixels_together, strict=True):
         np.testing.assert_array_equal(a, t)
-    # and the answers are the images' own: not another call's (a clobbered buffer would give those)
+    # and the answers are the images' own, not another call's (a clobbered buffer would give those): the
+    # first image alone (padded to a graph of another batch size, whose fp16 kernels may differ) agrees
+    # on nearly every position (measured: 1 of 1,024 differed once on an H200), another image's on ~none
     for b, t in zip(batches, together, strict=True):
-        np.testing.assert_array_equal(runtime.encode(b[:1])[0], t[0])
+        assert (runtime.encode(b[:1])[0] == t[0]).mean() >= 0.99
 
 
 def test_answers_outlive_later_calls(runtime, photos_val_dir: Path) -> None:  # type: ignore[no-untyped-def]
