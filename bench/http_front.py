@@ -48,7 +48,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.service_load import collect_clients, free_port, host_fields, raw_throughput, read_jpegs, scrape  # noqa: E402
+from bench.service_load import StartGate, collect_clients, free_port, host_fields, raw_throughput, read_jpegs, scrape  # noqa: E402
 
 VQTOK = [sys.executable, "-c", "import sys; from clients.cli import main; sys.exit(main())"]
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -214,10 +214,12 @@ async def _connection(
         writer.close()
 
 
-def _client_proc(port: int, requests: list[bytes], first: int, connections: int, step: int, warmup: float, seconds: float, q: Any) -> None:
+def _client_proc(
+    port: int, requests: list[bytes], first: int, connections: int, step: int, warmup: float, seconds: float, q: Any, gate: StartGate
+) -> None:
     async def run() -> dict[str, Any]:
         stats: dict[str, Any] = {"latencies": [], "requests": 0, "errors": {}}
-        t_start = time.monotonic()
+        t_start = gate.ready()  # every process's window is the same (StartGate)
         t_measure, t_end = t_start + warmup, t_start + warmup + seconds
         cpu0 = time.process_time()
         await asyncio.gather(*(_connection(port, requests, first + i, step, t_measure, t_end, stats) for i in range(connections)))
@@ -243,11 +245,12 @@ def run_load(url: str, files: list[bytes], concurrency: int, seconds: float, pro
     q = ctx.Queue()
     shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
     before = scrape(url)
+    gate = StartGate(ctx)
     workers, first = [], 0
     for n in shares:
-        workers.append(ctx.Process(target=_client_proc, args=(port, requests, first, n, concurrency, 1.0, seconds, q), daemon=True))
+        workers.append(ctx.Process(target=_client_proc, args=(port, requests, first, n, concurrency, 1.0, seconds, q, gate), daemon=True))
         first += n
-    results, lat, errors, batches, batched, after = collect_clients(workers, q, seconds, url, before)
+    results, lat, errors, batches, batched, after = collect_clients(workers, q, seconds, url, before, gate)
     n = sum(r["requests"] for r in results) * per_req
     client_cpu = sum(r["cpu_s"] for r in results) / max(1, sum(r["sent"] for r in results)) * (seconds / (seconds + 1.0))
     pct = lambda q: float(np.percentile(lat, q) * 1000) if len(lat) else None  # noqa: E731
@@ -255,6 +258,7 @@ def run_load(url: str, files: list[bytes], concurrency: int, seconds: float, pro
         "concurrency": concurrency,
         "images": n,
         "images_per_s": n / seconds,
+        "server_window": after["window"],  # the server's batcher over the same window: a check on the count above
         "p50_ms": pct(50),
         "p95_ms": pct(95),
         "p99_ms": pct(99),

@@ -103,17 +103,56 @@ def scrape(url: str) -> dict[str, float]:
 # --- the clients (separate processes, so the load generator is not the bottleneck) ---
 
 
-def _client_proc(url: str, files: list[bytes], connections: int, seconds: float, rate: float, per_req: int, resize: str, q: Any) -> None:
-    q.put(asyncio.run(_client(url, files, connections, seconds, 1.0, rate, per_req, resize)))
+class StartGate:
+    """One start time for every load-generator process: each measures over the same window.
+
+    Each process used to start its clock when it had started (spawned, numpy imported: up to a second
+    or more apart on a busy host), so the windows were staggered and the sum of the processes' counts
+    over-stated throughput: in a closed loop, a process measuring while others had not started or had
+    already stopped saw less load. (Found on an H200: HTTP reported 1.2-1.4x of what the server's own
+    batch counters allowed.) `ready` is called in each process when it is set up, then waits for the
+    parent's `open`, which sets one start time (CLOCK_MONOTONIC: the same clock in every process)."""
+
+    def __init__(self, ctx: Any) -> None:
+        self._ready = ctx.Semaphore(0)
+        self._go = ctx.Event()
+        self._at = ctx.Value("d", 0.0)
+
+    def ready(self) -> float:
+        """In a client process: say it is ready, wait for the gate, and sleep until the start time; returns it."""
+        self._ready.release()
+        self._go.wait()
+        at = float(self._at.value)
+        time.sleep(max(0.0, at - time.monotonic()))
+        return at
+
+    def open(self, processes: int, timeout: float = 120.0) -> None:
+        """In the parent: once `processes` are ready, start them all 0.1 s from now."""
+        deadline = time.monotonic() + timeout
+        for _ in range(processes):
+            if not self._ready.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise SystemExit(f"a load-generator process was not ready after {timeout:.0f} s")
+        self._at.value = time.monotonic() + 0.1
+        self._go.set()
+
+    @property
+    def start(self) -> float:
+        return float(self._at.value)
+
+
+def _client_proc(
+    url: str, files: list[bytes], connections: int, seconds: float, rate: float, per_req: int, resize: str, q: Any, gate: StartGate
+) -> None:
+    q.put(asyncio.run(_client(url, files, connections, seconds, 1.0, rate, per_req, resize, gate)))
 
 
 async def _client(
-    url: str, files: list[bytes], connections: int, seconds: float, warmup: float, rate: float, per_req: int, resize: str
+    url: str, files: list[bytes], connections: int, seconds: float, warmup: float, rate: float, per_req: int, resize: str, gate: StartGate
 ) -> dict[str, Any]:
     latencies: list[float] = []
     errors: dict[str, int] = {}
     images = 0
-    t_start = time.monotonic()
+    t_start = gate.ready()
     t_measure, t_end = t_start + warmup, t_start + warmup + seconds
     interval = connections / rate if rate > 0 else 0.0  # open loop: each connection starts a request every `interval`
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
@@ -152,12 +191,19 @@ async def _client(
 
 
 def collect_clients(
-    workers: list[Any], q: Any, seconds: float, url: str, before: dict[str, float]
+    workers: list[Any], q: Any, seconds: float, url: str, before: dict[str, float], gate: StartGate, warmup: float = 1.0
 ) -> tuple[list[dict[str, Any]], np.ndarray, dict[str, int], float, float, dict[str, float]]:
-    """Start the load-generator processes, gather their reports and the server's batch counters after them:
-    (reports, sorted latencies, errors summed by kind, batches run, images batched, metrics scraped after)."""
+    """Start the load-generator processes together (`gate`), gather their reports and the server's batch
+    counters after them: (reports, sorted latencies, errors summed by kind, batches run, images batched,
+    metrics scraped after). The metrics scraped after hold `window`: the server's own counters over the
+    clients' measured window (scraped at its start and end), a check on the clients' count."""
     for w in workers:
         w.start()
+    gate.open(len(workers))
+    time.sleep(max(0.0, gate.start + warmup - time.monotonic()))
+    t0, w0 = time.monotonic(), scrape(url)
+    time.sleep(max(0.0, gate.start + warmup + seconds - time.monotonic()))
+    t1, w1 = time.monotonic(), scrape(url)
     results = [q.get(timeout=seconds + 300) for _ in workers]
     for w in workers:
         w.join(timeout=30)
@@ -169,7 +215,22 @@ def collect_clients(
             errors[k] = errors.get(k, 0) + v
     batches = after["vqtok_batch_size_count"] - before["vqtok_batch_size_count"]
     batched = after["vqtok_batch_size_sum"] - before["vqtok_batch_size_sum"]
+    after = dict(after)
+    after["window"] = window_figures(w0, w1, t1 - t0)  # type: ignore[assignment]
     return results, lat, errors, batches, batched, after
+
+
+def window_figures(w0: dict[str, float], w1: dict[str, float], seconds: float) -> dict[str, float | None]:
+    """The server's batcher over one window: images batched per second, mean batch, mean inference ms."""
+    batches = w1["vqtok_batch_size_count"] - w0["vqtok_batch_size_count"]
+    images = w1["vqtok_batch_size_sum"] - w0["vqtok_batch_size_sum"]
+    inference = w1["vqtok_inference_seconds_sum"] - w0["vqtok_inference_seconds_sum"]
+    return {
+        "seconds": seconds,
+        "images_per_s": images / seconds if seconds > 0 else None,
+        "mean_batch": images / batches if batches else None,
+        "mean_inference_ms": 1000 * inference / batches if batches else None,
+    }
 
 
 def run_load(
@@ -180,16 +241,18 @@ def run_load(
     q = ctx.Queue()
     shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
     before = scrape(url)
+    gate = StartGate(ctx)
     workers = [
-        ctx.Process(target=_client_proc, args=(url, files, n, seconds, rate * n / concurrency, per_req, resize, q), daemon=True)
+        ctx.Process(target=_client_proc, args=(url, files, n, seconds, rate * n / concurrency, per_req, resize, q, gate), daemon=True)
         for n in shares
     ]
-    results, lat, errors, batches, batched, after = collect_clients(workers, q, seconds, url, before)
+    results, lat, errors, batches, batched, after = collect_clients(workers, q, seconds, url, before, gate)
     n = sum(r["images"] for r in results)
     return {
         "concurrency": concurrency,
         "images": n,
         "images_per_s": n / seconds,
+        "server_window": after["window"],
         "p50_ms": float(np.percentile(lat, 50) * 1000) if len(lat) else None,
         "p95_ms": float(np.percentile(lat, 95) * 1000) if len(lat) else None,
         "p99_ms": float(np.percentile(lat, 99) * 1000) if len(lat) else None,

@@ -212,6 +212,11 @@ class Batcher:
         return self._queued_images
 
     @property
+    def workers(self) -> int:
+        """Batches this model runs at the same time."""
+        return self._n_workers
+
+    @property
     def busy(self) -> bool:
         return self._queued_images > 0 or self._running_batches > 0
 

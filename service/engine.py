@@ -164,6 +164,7 @@ class Engine:
                     "runtime_name": str(getattr(rt, "runtime_name", "")),
                     "providers": list(getattr(rt, "providers", [])),
                     "max_batch_size": s.batcher.max_batch_size,
+                    "batch_workers": s.batcher.workers,
                     "max_batch_pixels": s.batcher.max_batch_pixels,
                     "max_queue_images": s.batcher.max_queue_images,
                     "queued_images": s.batcher.queued_images,

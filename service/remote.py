@@ -292,6 +292,7 @@ class RemoteBatcher:
         self._client = client
         self.model = model
         self.max_batch_size: int = served["max_batch_size"]
+        self.workers: int = served["batch_workers"]
         self.max_batch_pixels: int | None = served["max_batch_pixels"]
         self.max_queue_images: int = served["max_queue_images"]
         self.queued_images: int = served["queued_images"]

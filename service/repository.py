@@ -40,6 +40,15 @@ log = logging.getLogger("vqtok.repository")
 Loader = Callable[..., ModelRuntime]  # signature of ModelRuntime.load
 
 
+def batch_workers(settings: Settings, runtime: object) -> int:
+    """Batches one model runs at once: the setting, else 2 on the compiled runtime (its calls overlap on
+    the device: one batch is staged and queued while the other runs) and 1 on ONNX Runtime (whose
+    session already uses every core on the CPU)."""
+    if settings.batch_workers is not None:
+        return settings.batch_workers
+    return 2 if getattr(runtime, "runtime_kind", "") == "compiled" else 1
+
+
 class UnknownModel(LookupError):
     pass
 
@@ -294,7 +303,7 @@ class ModelRepository:
         )
         f = runtime.info.downsample
         sizes = [(max(f, size // f * f),) * 2 for size in s.warmup_sizes]
-        workers = s.batch_workers
+        workers = batch_workers(s, runtime)
         executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"infer-{name}")
         if not sizes:
             return runtime, executor
@@ -330,7 +339,7 @@ class ModelRepository:
             max_batch_size=s.max_batch_size,
             max_delay_s=s.max_batch_delay_ms / 1000,
             max_queue_images=s.max_queue_images,
-            workers=s.batch_workers,
+            workers=batch_workers(s, runtime),
             max_batch_pixels=pixels,
             downsample=runtime.info.downsample,
             pixel_pool=pool,

@@ -84,6 +84,7 @@ class ModelOut(BaseModel):
     device: str | None = Field(default=None, description="cuda | cpu: where this model runs")
     runtime: str | None = Field(default=None, description="the runtime serving it, with its version (e.g. onnxruntime 1.23.2)")
     providers: list[str] = []
+    batch_workers: int | None = Field(default=None, description="batches this model runs at the same time")
     queue_depth: int = 0
     loaded_at: float | None = Field(default=None, description="unix time the serving version was loaded")
 

@@ -32,6 +32,7 @@ def model_out(entry: ModelEntry) -> ModelOut:
                 device=served.runtime.device,
                 runtime=served.runtime.runtime_name,
                 providers=list(served.runtime.providers),
+                batch_workers=served.batcher.workers,
                 queue_depth=served.batcher.queued_images,
                 loaded_at=served.loaded_at,
             )

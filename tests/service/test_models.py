@@ -215,6 +215,26 @@ def test_every_inference_thread_is_warmed_before_ready(serve, model_repo: Path) 
     assert ran and ran <= set(warmed)
 
 
+def test_batch_workers_default_by_runtime_and_reported(serve, model_repo: Path) -> None:  # type: ignore[no-untyped-def]
+    """Unset, a model runs one batch at a time on ONNX Runtime and two on the compiled runtime (whose
+    calls overlap on the device); the setting overrides both; /v1/models says which, in both server modes."""
+    from service.repository import batch_workers
+    from service.settings import Settings
+
+    class Compiled:
+        runtime_kind = "compiled"
+
+    assert batch_workers(Settings(), Compiled()) == 2
+    assert batch_workers(Settings(), object()) == 1
+    assert batch_workers(Settings(batch_workers=3), Compiled()) == 3
+    s = serve(model_repo=model_repo / "simvq4")
+    with httpx.Client(base_url=s.url, timeout=30) as c:
+        assert [m["batch_workers"] for m in c.get("/v1/models").json()["models"]] == [1]
+    s = serve(model_repo=model_repo / "simvq4", batch_workers=2)
+    with httpx.Client(base_url=s.url, timeout=30) as c:
+        assert [m["batch_workers"] for m in c.get("/v1/models").json()["models"]] == [2]
+
+
 def test_the_shipped_default_is_the_default_where_the_repository_holds_it(serve, model_repo: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Unset default_model: DEFAULT_MODEL when the repository has it (v1 sorts before v2 by name), else the first by name."""
     from models.core.artefacts import DEFAULT_MODEL
