@@ -201,11 +201,70 @@ def main() -> None:
             "each serving two models: v2 and the same files under a second name (v1 cannot travel: the 64 MiB transfer limit)"
         ),
     }
+    summary["h200"], sources["h200"] = h200()
     out = {"summary": summary, "sources": sources}
     (RESULTS / "serving_gpu_summary.json").write_text(json.dumps(out, indent=1) + "\n")
     width = max(map(len, summary))
     for k, v in summary.items():
         print(f"{k:{width}s}  {v:.4g}" if isinstance(v, float) else f"{k:{width}s}  {v}")
+
+
+def h200() -> tuple[dict[str, Any], str]:
+    """The seventh pass, on an H200 with 16 cores (the machine lent then): the same keys, from its own runs."""
+    d = "serving_gpu_h200_2c8332a"
+    same_run = load(f"{d}/serving_gpu_all.json")  # served and torch.compile (default, reduce-overhead) at 256², one process
+    cold, warm = load(f"{d}/runtime_cold_11433b4.json"), load(f"{d}/runtime_warm_11433b4.json")
+    local = load(f"{d}/local_engine_gpu.json")
+    one, eight = load(f"{d}/http_bw_1img.json"), load(f"{d}/http_bw_8img_efcc9ee.json")
+    at = same_run["served"]["256"]
+    curve = warm["served"]["256"]
+    torch_rows = [k for k in same_run if k.startswith("torch-") and isinstance(same_run[k], dict)]
+    best = {p: min(torch_rows, key=lambda k, p=p: same_run[k]["256"][f"{p}_b64_ms"]) for p in ("encode", "decode")}
+    raw_local = local["raw_images_per_s"]
+
+    def by_workers(result: dict[str, Any]) -> dict[str, dict[int, float]]:
+        out: dict[str, dict[int, float]] = {}
+        for lv in result["levels"]:
+            out.setdefault(f"batch_workers_{lv['batch_workers']}", {})[lv["concurrency"]] = round(lv["http_over_raw"], 3)
+        return out
+
+    figures = {
+        "revision": same_run["revision"],
+        "gpu": same_run["gpu"],
+        "encode_served_img_s": 64 * 1000 / at["encode_b64_ms"],
+        "decode_served_img_s": 64 * 1000 / at["decode_b64_ms"],
+        "encode_served_2threads_img_s": at["encode_b64_2threads_img_s"],
+        "decode_served_2threads_img_s": at["decode_b64_2threads_img_s"],
+        "encode_served_over_best_torch": same_run[best["encode"]]["256"]["encode_b64_ms"] / at["encode_b64_ms"],
+        "decode_served_over_best_torch": same_run[best["decode"]]["256"]["decode_b64_ms"] / at["decode_b64_ms"],
+        "best_torch_path": best,
+        "encode_b1_ms": at["encode_b1_ms"],
+        "gpu_token_agreement": same_run["gate"]["token_agreement"],
+        "gpu_decode_psnr_db": same_run["gate"]["decode_psnr_db"],
+        "encode_served_img_s_by_batch": {b: round(b * 1000 / curve[f"encode_b{b}_ms"]) for b in (1, 2, 4, 8, 16, 32, 64)},
+        "decode_served_img_s_by_batch": {b: round(b * 1000 / curve[f"decode_b{b}_ms"]) for b in (1, 2, 4, 8, 16, 32, 64)},
+        "ready_s_cold_cache_14_shapes": cold["load_s"] + cold["warmup_s"],
+        "ready_s_warm_cache_14_shapes": warm["load_s"] + warm["warmup_s"],
+        "http_raw_img_s": one["raw_images_per_s"]["used"],
+        "http_raw_2threads_img_s": one["raw_pipelined_images_per_s"]["used"],
+        "http_over_raw_1_image_12_fronts": by_workers(one),
+        "http_over_raw_8_images_12_fronts": by_workers(eight),
+        "http_over_raw": one["http_over_raw_min"],
+        "local_over_raw_steady": local["results"]["local"]["steady_images_per_s"] / raw_local,
+        "local_over_raw_wall": local["results"]["local"]["images_per_s"] / raw_local,
+        "local_driver_encode_wait_s": local["results"]["local"]["driver_encode_wait_s"],
+        "local_driver_decode_wait_s": local["results"]["local"]["driver_decode_wait_s"],
+    }
+    source = (
+        f"{d}/ (NVIDIA H200, 16 cores): serving_gpu_all.json (revision {same_run['revision']}, warm cache: served and torch.compile "
+        "default and reduce-overhead at 256² in one process; max-autotune not run); runtime_{cold,warm}_11433b4.json (the runtime "
+        "by batch; the fix of 2c8332a changes only calls on two graphs at once); local_engine_gpu.json (2c8332a); "
+        "http_bw_1img.json (2c8332a) and http_bw_8img_efcc9ee.json: 12 fronts, batch workers 1 and 2, six client processes "
+        "that each started their own measuring window (the StartGate came later). Those HTTP figures are the clients' count: "
+        "the server's batch counters over the whole level (mean batch / mean inference time) allow 1.2-1.4x less, which the "
+        "server_window figures of the next run will settle"
+    )
+    return figures, source
 
 
 if __name__ == "__main__":
