@@ -70,3 +70,20 @@ def test_answers_outlive_later_calls(runtime, photos_val_dir: Path) -> None:  # 
     for _ in range(5):
         runtime.encode(images[16:32])
     np.testing.assert_array_equal(first, kept)
+
+
+def test_a_caller_on_its_own_stream_gets_its_own_answers(runtime, photos_val_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """The runtime enqueues on the device's default stream whatever stream the calling thread has set, so
+    a caller inside `torch.cuda.stream(...)` running beside others still gets the answers of one at a time."""
+    images = _photos(photos_val_dir, 32)
+    batches = [images[i : i + s] for i, s in zip((0, 4, 8, 16, 20, 24), (4, 3, 5, 4, 3, 8), strict=True)]
+    alone = [runtime.decode(runtime.encode(b)) for b in batches]
+
+    def on_side_stream(b: np.ndarray) -> np.ndarray:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            return runtime.decode(runtime.encode(b))
+
+    with cf.ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(on_side_stream, batches))
+    for a, t in zip(alone, together, strict=True):
+        np.testing.assert_array_equal(a, t)
