@@ -7,10 +7,12 @@ against 0.53 ms here. The networks run in float16 with cuDNN's per-shape algorit
 token agreement with the CPU float32 reference; bfloat16 keeps only 97.3 %), the search in
 float32-accurate 3×TF32 inside the Triton kernel.
 
-Shapes: batches are padded (repeating the last item) to a power of two up to `max_batch_size`, and
-each (batch, height, width) is compiled and captured once, in `warmup`. A batch whose bucket nobody
-warmed pads up to the next warmed bucket of its image size (a tokenization job warms only its batch
-size: its few short batches cost one full batch each, its start-up one graph instead of seven); an
+Shapes: each (batch, height, width) is compiled and captured once, in `warmup`, and a batch is padded
+(repeating the last item) up to the smallest warmed batch size of its image size that holds it. By
+default the warmed sizes are the powers of two up to `max_batch_size` (at most 2× padding, few
+shapes); `warmup_batch_sizes` warms others (e.g. 1,2,4,8,12,16,24,32,48,64: at most 1.5× padding, ten
+shapes a size). A tokenization job warms only its batch size: its few short batches cost one full
+batch each, its start-up one graph instead of seven. An
 image size nobody warmed runs on the ONNX Runtime `fallback` (same tokens within the parity bounds),
 so no request ever waits for a compile. Compiled kernels persist in Inductor's cache (`$VQTOK_CACHE/
 inductor`): the first start compiles (≈20 s a shape), later starts load them.
@@ -199,6 +201,7 @@ class CompiledRuntime:
         self.providers = ["torch.compile+cudagraph", f"cuda:{device.index or 0}"] if on_cuda else ["torch-eager", "cpu"]
         self._graphs = graphs
         self._captured: dict[tuple[str, tuple[int, ...]], _Graph] = {}
+        self._warmed: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = {}  # (part, item shape) -> batch sizes captured, ascending
         self._pool = torch.cuda.graph_pool_handle() if on_cuda else None  # one memory pool for every captured shape
         self._replay_lock = threading.Lock()  # the pool's: see _Graph
         self._capture_lock = threading.Lock()
@@ -260,6 +263,7 @@ class CompiledRuntime:
 
         with self._capture_lock:
             self._captured.clear()
+            self._warmed.clear()
             self._graphs = None
         self.fallback.close()
         gc.collect()
@@ -284,16 +288,9 @@ class CompiledRuntime:
 
     # --- inference ---
 
-    def _bucket(self, n: int) -> int:
-        """The smallest bucket that holds `n` images; above the largest, the largest (`_run` splits)."""
-        return next((b for b in self.buckets if b >= n), self.buckets[-1])
-
     def _warmed_bucket(self, part: str, item: tuple[int, ...], n: int) -> int | None:
-        """The smallest bucket holding `n` items of shape `item` that has a captured graph, if any."""
-        for b in self.buckets:
-            if b >= n and (part, (b, *item)) in self._captured:
-                return b
-        return None
+        """The smallest captured batch size holding `n` items of shape `item`, if any."""
+        return next((b for b in self._warmed.get((part, item), ()) if b >= n), None)
 
     def _graph(self, part: str, shape: tuple[int, ...], example: np.ndarray) -> _Graph:
         key = (part, shape)
@@ -307,6 +304,8 @@ class CompiledRuntime:
                     fn = self._graphs.encoder if part == "encode" else self._graphs.decoder
                     graph = _Graph(fn, torch.from_numpy(example).to(self.device_handle), self._pool, self._replay_lock)
                     self._captured[key] = graph
+                    item = (part, shape[1:])  # a new tuple, not changed in place: requests read it without the lock
+                    self._warmed[item] = tuple(sorted({*self._warmed.get(item, ()), shape[0]}))
         return graph
 
     def _run(self, part: str, array: np.ndarray, fallback: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
@@ -330,13 +329,14 @@ class CompiledRuntime:
     def warmup(
         self, sizes: Sequence[tuple[int, int]], batch_sizes: Sequence[int] | None = None, parts: Sequence[str] = ("encode", "decode")
     ) -> None:
-        """Compile and capture every (bucket, size) now; the ONNX fallback warms its own shapes. `parts`:
-        the graphs to warm ("encode", "decode"; a tokenization job only encodes: half the compiles)."""
+        """Compile and capture every (batch size, size) now: `batch_sizes` (each capped at `max_batch_size`),
+        by default the powers of two up to it; the ONNX fallback warms its own shapes. `parts`: the graphs
+        to warm ("encode", "decode"; a tokenization job only encodes: half the compiles)."""
         f = self.info.downsample
         rng = np.random.default_rng(0)
         for h, w in sizes:
             for b in batch_sizes or self.buckets:
-                size = self._bucket(b)
+                size = min(b, self.buckets[-1])
                 images = rng.integers(0, 256, size=(size, h, w, 3), dtype=np.uint8)
                 tokens = rng.integers(0, self.info.codebook_size, size=(size, h // f, w // f), dtype=np.int32)
                 if "encode" in parts:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -126,6 +128,37 @@ def test_a_batch_whose_bucket_was_not_warmed_pads_to_the_next_warmed_one(model_r
     assert got.shape == (3, 8, 8) and (got == ort.encode(images)).mean() >= gate.GPU_PARITY.min_token_agreement
     with pytest.raises(AssertionError, match="the ONNX fallback ran"):
         rt.encode(np.stack([photo_crop(p, 40) for p in photos[:2]]))  # an image size nobody warmed: the fallback
+
+
+def test_warmed_batch_sizes_between_the_powers_of_two_are_buckets_too(model_repo: Path, photos: list[Path]) -> None:
+    """`warmup_batch_sizes` such as 12 and 24 are buckets of their own: a batch of 10 pads to 12, not 16
+    (less padding where single-image requests form batches of 9-24 on the GPU)."""
+    from service.compiled import CompiledRuntime
+
+    d = model_repo / "simvq4"
+    rt = CompiledRuntime.load(d, eager_cpu=True, max_batch_size=32)
+    rt.warmup([(32, 32)], [12, 16, 24, 40], parts=("encode",))  # 40 is above max_batch_size: warmed as 32
+    shapes = {s[0] for s in rt.session_shapes()["encoder"] if s[1:] == (32, 32, 3)}
+    assert {12, 16, 24, 32} <= shapes
+    ran: list[int] = []
+
+    def recording(graph: Any, size: int) -> Callable[[np.ndarray], np.ndarray]:
+        real = graph.run
+
+        def run(host: np.ndarray) -> np.ndarray:
+            ran.append(size)
+            return real(host)  # type: ignore[no-any-return]
+
+        return run
+
+    for size in (12, 16, 24, 32):
+        graph = rt._captured[("encode", (size, 32, 32, 3))]
+        graph.run = recording(graph, size)
+    images = np.stack([photo_crop(photos[i % len(photos)], 32) for i in range(30)])
+    for n, expected in ((10, 12), (12, 12), (13, 16), (17, 24), (25, 32)):
+        ran.clear()
+        assert rt.encode(images[:n]).shape == (n, 8, 8)
+        assert ran == [expected], (n, ran)
 
 
 def test_the_gate_refuses_a_runtime_that_disagrees(model_repo: Path, tmp_path: Path) -> None:
