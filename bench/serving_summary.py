@@ -201,6 +201,12 @@ def main() -> None:
             "each serving two models: v2 and the same files under a second name (v1 cannot travel: the 64 MiB transfer limit)"
         ),
     }
+    sources["every http_* figure"] = (
+        "counted by the load generator's six client processes, each of which opened its own measuring window when it had "
+        "started (fixed after these runs: StartGate). On the CPU that over-counted by 7-18 % "
+        "(load_generator_window_cpu/); on the H200 the server's own batch counters allow 1.2-1.4x less than the clients "
+        "counted. Read them as upper bounds until a GPU run with server_window"
+    )
     summary["h200"], sources["h200"] = h200()
     out = {"summary": summary, "sources": sources}
     (RESULTS / "serving_gpu_summary.json").write_text(json.dumps(out, indent=1) + "\n")
