@@ -167,8 +167,9 @@ class _Graph:
             done.record(stream)
         done.synchronize()  # outside the lock: the next call enqueues its batch meanwhile
         # The answer stays in pinned memory (no copy): its block returns to torch's pinned cache when the
-        # caller drops the last slice of it. The cache keeps what it held at its peak (a few batches in
-        # flight: 16 MiB blocks for a decode of 64 × 256², 64 MiB at 512²) for later calls.
+        # caller drops the last slice of it (a server copies decoded pixels out at once; `encode` copies
+        # its small token grids). The cache keeps what it held at its peak (a few batches in flight: 16 MiB
+        # blocks for a decode of 64 × 256², 64 MiB at 512²) for later calls.
         return answer.numpy()[:n]
 
 
@@ -320,7 +321,9 @@ class CompiledRuntime:
     def encode(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W, 3) -> int32 token ids (B, H/f, W/f)."""
         check_images(images, self.info.downsample)
-        return self._run("encode", images, self.fallback.encode).astype(np.int32, copy=False)
+        # a copy (256 KiB for 64 × 256²): token grids live long (a tokenization job keeps a shard's until it
+        # commits) and must not hold the pinned block they were copied into
+        return self._run("encode", images, self.fallback.encode).astype(np.int32, copy=True)
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """integer token ids (B, h, w) in [0, K) -> uint8 images (B, h·f, w·f, 3)."""
