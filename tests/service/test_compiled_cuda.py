@@ -40,7 +40,7 @@ def _photos(folder: Path, n: int) -> np.ndarray:
 
 def test_concurrent_calls_match_one_at_a_time(runtime, photos_val_dir: Path) -> None:  # type: ignore[no-untyped-def]
     images = _photos(photos_val_dir, 48)
-    # batch sizes that pad (3 -> 4, 5 -> 16, 11 -> 16) and fill (4, 16) their graphs; different images in each
+    # batch sizes that pad (3 -> 4, 5 -> 8: the gate warmed 8, 11 -> 16) and fill (4, 16) their graphs; different images in each
     sizes = [16, 3, 16, 5, 4, 11, 16, 4, 3, 16, 5, 11] * 2
     rng = np.random.default_rng(0)
     batches = [images[rng.choice(len(images), size=s, replace=False)] for s in sizes]
