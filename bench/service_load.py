@@ -275,27 +275,34 @@ def decoded_batch(runtime: Any, files: list[bytes], resize: str, batch: int) -> 
     return np.stack([arrays[i % len(arrays)] for i in range(batch)])
 
 
-def raw_throughput(runtime: Any, files: list[bytes], resize: str, batch: int, seconds: float, threads: int = 1) -> float:
-    """Images/s of `runtime.encode` on full batches, called back to back by `threads` threads (1: one call
-    at a time; 2: the next batch is staged and queued while one runs, as a server with two batch
-    workers or a tokenization job does)."""
-    x = decoded_batch(runtime, files, resize, batch)
-    runtime.encode(x)  # warm this shape
+def encode_back_to_back(runtime: Any, x: np.ndarray, seconds: float, callers: int = 1, min_calls: int = 1) -> tuple[int, float]:
+    """`runtime.encode(x)` back to back for `seconds` (and at least `min_calls` a thread), from `callers`
+    threads at once (1: one call at a time; 2-3: the next batch is staged and queued while one runs, as
+    a server with two batch workers or a tokenization job's encode threads do): (images, seconds)."""
     t0 = time.perf_counter()
 
     def loop() -> int:
-        n = 0
-        while time.perf_counter() - t0 < seconds or n < 3:
+        calls = 0
+        while time.perf_counter() - t0 < seconds or calls < min_calls:
             runtime.encode(x)
-            n += 1
-        return n
+            calls += 1
+        return calls * len(x)
 
-    if threads == 1:
+    if callers == 1:
         n = loop()
     else:
-        with ThreadPoolExecutor(threads) as pool:
-            n = sum(pool.map(lambda _: loop(), range(threads)))
-    return batch * n / (time.perf_counter() - t0)
+        with ThreadPoolExecutor(callers) as pool:
+            n = sum(pool.map(lambda _: loop(), range(callers)))
+    return n, time.perf_counter() - t0
+
+
+def raw_throughput(runtime: Any, files: list[bytes], resize: str, batch: int, seconds: float, threads: int = 1) -> float:
+    """Images/s of `runtime.encode` on full batches of the server's own preprocessing, from `threads`
+    callers at once (`encode_back_to_back`)."""
+    x = decoded_batch(runtime, files, resize, batch)
+    runtime.encode(x)  # warm this shape
+    n, dt = encode_back_to_back(runtime, x, seconds, threads, min_calls=3)
+    return n / dt
 
 
 # --- main ---

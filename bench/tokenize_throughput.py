@@ -108,25 +108,10 @@ def decoded_batch(batch_size: int) -> np.ndarray:
 def bench_raw(runtime: Any, batch: np.ndarray, seconds: float, callers: int = 1) -> dict[str, Any]:
     """Images/s of `runtime.encode(batch)` back to back for `seconds`, from `callers` threads at once (a
     tokenization job's encode threads: 3 on CUDA, whose calls overlap on the device)."""
+    from bench.service_load import encode_back_to_back
+
     runtime.encode(batch)  # warm-up (allocations, cuDNN algorithm search)
-    t0 = time.perf_counter()
-
-    def loop() -> int:
-        n = 0
-        while True:
-            runtime.encode(batch)
-            n += len(batch)
-            if time.perf_counter() - t0 >= seconds:
-                return n
-
-    if callers == 1:
-        n = loop()
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(callers) as pool:
-            n = sum(pool.map(lambda _: loop(), range(callers)))
-    dt = time.perf_counter() - t0
+    n, dt = encode_back_to_back(runtime, batch, seconds, callers)
     return {"images": n, "seconds": dt, "images_per_s": n / dt, "callers": callers}
 
 
