@@ -107,7 +107,7 @@ class Settings(BaseSettings):
         ge=1,
         le=16,
         description="batches one model runs at the same time; unset = 2 on the compiled GPU runtime (the next batch is "
-        "staged and queued while one runs: +10-35 % at concurrency 64-256 on an H200, BENCHMARKS.md), 1 on ONNX Runtime",
+        "staged and queued while one runs: faster at concurrency 64-256 on an H200, BENCHMARKS.md), 1 on ONNX Runtime",
     )
     request_timeout_s: float = Field(default=30.0, gt=0, description="per-request deadline in seconds; past it the answer is 504")
     retry_after_s: int = Field(default=1, ge=1, description="seconds sent in the Retry-After header of a 503")
