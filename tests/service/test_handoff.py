@@ -67,6 +67,19 @@ def _peer_port(conn: socket.socket) -> int:
     return int(conn.getpeername()[1])
 
 
+def _all_serve(acceptor: handoff.Acceptor, ends: list[socket.socket]) -> None:
+    """Every front says it serves; returns once the acceptor has heard them all."""
+    for end in ends:
+        end.send(handoff.READY)
+    assert _until(lambda: all(acceptor.ready))
+
+
+def _close(*socks: socket.socket | None) -> None:
+    for sock in socks:
+        if sock is not None:
+            sock.close()
+
+
 def test_connections_wait_until_a_front_serves_then_go_in_turn(fronts: _Fronts) -> None:
     acceptor, ends, port = fronts
     first = socket.create_connection(("127.0.0.1", port))
@@ -81,31 +94,23 @@ def test_connections_wait_until_a_front_serves_then_go_in_turn(fronts: _Fronts) 
     assert all(t is not None for t in taken)
     assert sorted(_peer_port(t) for t in taken if t) == sorted(c.getsockname()[1] for c in clients)
     assert acceptor.handed == [3, 2] or acceptor.handed == [2, 3]
-    for c in [first, got, *clients, *taken]:
-        if c is not None:
-            c.close()
+    _close(first, got, *clients, *taken)
 
 
 def test_a_front_that_is_gone_is_dropped_and_the_others_take_its_share(fronts: _Fronts) -> None:
     acceptor, ends, port = fronts
-    for end in ends:
-        end.send(handoff.READY)
-    assert _until(lambda: all(acceptor.ready))
+    _all_serve(acceptor, ends)
     ends[1].close()  # the front exited
     assert _until(lambda: acceptor.channels[1] is None)
     clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
     taken = [_received(ends[0]) for _ in range(3)]
     assert all(t is not None for t in taken) and acceptor.handed[1] == 0
-    for c in [*clients, *taken]:
-        if c is not None:
-            c.close()
+    _close(*clients, *taken)
 
 
 def test_a_full_channel_is_skipped_for_that_connection_only(fronts: _Fronts) -> None:
     acceptor, ends, port = fronts
-    for end in ends:
-        end.send(handoff.READY)
-    assert _until(lambda: all(acceptor.ready))
+    _all_serve(acceptor, ends)
     channel = acceptor.channels[1]
     assert channel is not None
     with acceptor._lock:  # fill front 1's channel with bytes it has not read (the acceptor is idle meanwhile)
@@ -118,16 +123,12 @@ def test_a_full_channel_is_skipped_for_that_connection_only(fronts: _Fronts) -> 
     taken = [_received(ends[0]) for _ in range(2)]
     assert all(t is not None for t in taken)
     assert acceptor.channels[1] is channel and acceptor.ready[1]  # kept: only behind
-    for c in [*clients, *taken]:
-        if c is not None:
-            c.close()
+    _close(*clients, *taken)
 
 
 def test_a_send_that_fails_otherwise_skips_the_front_but_keeps_it(fronts: _Fronts, monkeypatch: pytest.MonkeyPatch) -> None:
     acceptor, ends, port = fronts
-    for end in ends:
-        end.send(handoff.READY)
-    assert _until(lambda: all(acceptor.ready))
+    _all_serve(acceptor, ends)
     real, refused = socket.send_fds, acceptor.channels[1]
 
     def send_fds(sock: socket.socket, *args: object) -> int:
@@ -144,9 +145,7 @@ def test_a_send_that_fails_otherwise_skips_the_front_but_keeps_it(fronts: _Front
     more = socket.create_connection(("127.0.0.1", port))
     got = _received(ends[1]) or _received(ends[0])
     assert got is not None
-    for c in [*clients, *taken, more, got]:
-        if c is not None:
-            c.close()
+    _close(*clients, *taken, more, got)
 
 
 def test_a_front_whose_channel_the_supervisor_closes_stops_and_is_started_again(model_repo: Path) -> None:
