@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -60,6 +61,7 @@ def create_app(
             log.info("service stopped")
 
     app = FastAPI(
+        **_telemetry(settings),
         title="vqtok",
         summary="Image tokenizer service: images to discrete token ids and back.",
         version="0.1.0",
@@ -76,6 +78,15 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, metrics=metrics)
     return app
+
+
+def _telemetry(settings: Settings) -> dict[str, Any]:
+    """FastAPI's `telemetry` argument where this FastAPI has native OpenTelemetry (0.165 on): off unless
+    `settings.opentelemetry`. (The Prometheus metrics at /metrics are this service's own, either way.)"""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    on = settings.opentelemetry
+    return {"telemetry": {"tracing": on, "metrics": on, "logs": on, "operation_spans": on}}
 
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> Any:
