@@ -152,9 +152,7 @@ class _Graph:
                 return self.fn(self.input).cpu().numpy()[:n]
         # Pinned blocks come from torch's caching host allocator: after the first calls, no allocation.
         staged = torch.empty(self.input.shape, dtype=self.input.dtype, pin_memory=True)
-        staged[:n].copy_(torch.from_numpy(np.ascontiguousarray(host)))
-        if n < size:
-            staged[n:].copy_(staged[n - 1 : n].expand(size - n, *staged.shape[1:]))
+        stage(host, staged.numpy())
         answer = torch.empty(self.output.shape, dtype=self.output.dtype, pin_memory=True)
         done = torch.cuda.Event(blocking=True)  # its waiter sleeps rather than spins a core
         # The device's default stream, named rather than taken as current: the ordering above holds only
@@ -171,6 +169,21 @@ class _Graph:
         # its small token grids). The cache keeps what it held at its peak (a few batches in flight: 16 MiB
         # blocks for a decode of 64 × 256², 64 MiB at 512²) for later calls.
         return answer.numpy()[:n]
+
+
+def stage(host: np.ndarray, buffer: np.ndarray) -> None:
+    """`host` (n ≤ len(buffer) items) into `buffer`, its last item repeated over the rest (the padding).
+
+    With numpy, one thread: not torch's `copy_`, whose OpenMP workers then spin for milliseconds after
+    each copy (libgomp's default wait policy). Measured on 2 cores (torch 2 threads, 8 × 256² images,
+    a 5 ms wait after each copy as for the GPU): 0.12 ms to copy, 5.4 ms of CPU per batch. On the H200
+    host (4 torch threads) the server's inference process spent 17.8 ms of CPU per batch of 7.3 images
+    (2.4 ms a request, ≈ 6 cores at 2,400 requests/s; bench/results/serving_gpu_h200_dec86ed/), cores
+    its fronts share: this spin would explain it (not yet measured there with this change)."""
+    n = len(host)
+    buffer[:n] = host
+    if n < len(buffer):
+        buffer[n:] = buffer[n - 1]
 
 
 def _padded(array: np.ndarray, size: int) -> np.ndarray:

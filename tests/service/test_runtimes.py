@@ -179,3 +179,17 @@ def test_the_gate_refuses_a_runtime_that_disagrees(model_repo: Path, tmp_path: P
         CompiledRuntime.load(d, eager_cpu=True, max_batch_size=8)
     with pytest.raises(ModelLoadError, match="ONNX Runtime fp32"):
         ModelRuntime.load(d, device="cpu").check_parity()
+
+
+@pytest.mark.parametrize("n", [1, 3, 4])
+def test_staging_pads_with_the_last_item_in_the_buffers_dtype(n: int) -> None:
+    """What a CUDA graph's call copies into its pinned input (`compiled.stage`, numpy: no OpenMP spin):
+    the items, then the last one repeated up to the graph's batch, cast to the graph's dtype."""
+    from service.compiled import stage
+
+    rng = np.random.default_rng(n)
+    host = rng.integers(0, 16384, size=(n, 2, 3), dtype=np.int64)[:, ::-1]  # not contiguous, not the buffer's dtype
+    buffer = np.full((4, 2, 3), -1, dtype=np.int32)
+    stage(host, buffer)
+    expected = np.concatenate([host, np.repeat(host[-1:], 4 - n, axis=0)]).astype(np.int32)
+    np.testing.assert_array_equal(buffer, expected)
