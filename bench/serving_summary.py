@@ -208,6 +208,7 @@ def main() -> None:
         "counted. Read them as upper bounds until a GPU run with server_window"
     )
     summary["h200"], sources["h200"] = h200()
+    summary["h200_dec86ed"], sources["h200_dec86ed"] = h200_dec86ed()
     out = {"summary": summary, "sources": sources}
     (RESULTS / "serving_gpu_summary.json").write_text(json.dumps(out, indent=1) + "\n")
     width = max(map(len, summary))
@@ -269,6 +270,60 @@ def h200() -> tuple[dict[str, Any], str]:
         "that each started their own measuring window (the StartGate came later). Those HTTP figures are the clients' count: "
         "the server's batch counters over the whole level (mean batch / mean inference time) allow 1.2-1.4x less, which the "
         "server_window figures of the next run will settle"
+    )
+    return figures, source
+
+
+def h200_dec86ed() -> tuple[dict[str, Any], str]:
+    """The eighth pass (H200, 16 cores): the first HTTP figures counted over one window by every client
+    process (StartGate), each level checked against the server's own batch counters over that window;
+    and torch.compile's max-autotune decode beside the served runtime in one process."""
+    d = "serving_gpu_h200_dec86ed"
+    same_run = load(f"{d}/serving_gpu_autotune_same_run.json")  # served and max-autotune-no-cudagraphs decode, 256² b64
+    runs = {
+        "pow2_delay2ms": load(f"{d}/http_1img_bw2.json"),
+        "fine_delay2ms": load(f"{d}/http_1img_bw2_fine.json"),
+        "fine_delay0.5ms": load(f"{d}/http_1img_fine_delay05.json"),
+    }
+    eight = load(f"{d}/http_8img_bw2.json")
+    at = same_run["served"]["256"]
+
+    def ratios(result: dict[str, Any], fronts: int) -> dict[int, float]:
+        return {lv["concurrency"]: round(lv["http_over_raw"], 3) for lv in result["levels"] if lv["front_workers"] == fronts}
+
+    def agreement(result: dict[str, Any]) -> list[float]:  # clients' count / the server's batch counters, same window
+        return [round(lv["images_per_s"] / lv["server_window"]["images_per_s"], 3) for lv in result["levels"]]
+
+    one_image = {f"{name}_12_fronts": ratios(r, 12) for name, r in runs.items()}
+    one_image["fine_delay0.5ms_16_fronts"] = ratios(runs["fine_delay0.5ms"], 16)
+    figures = {
+        "revision": same_run["revision"],
+        "gpu": same_run["gpu"],
+        "encode_served_img_s": 64 * 1000 / at["encode_b64_ms"],
+        "decode_served_img_s": 64 * 1000 / at["decode_b64_ms"],
+        "decode_max_autotune_img_s": 64 * 1000 / same_run["torch-compile-mat-bf16"]["256"]["decode_b64_ms"],
+        "decode_served_over_max_autotune": same_run["torch-compile-mat-bf16"]["256"]["decode_b64_ms"] / at["decode_b64_ms"],
+        "gpu_token_agreement": same_run["gate"]["token_agreement"],
+        "http_raw_img_s": runs["pow2_delay2ms"]["raw_images_per_s"]["used"],
+        "http_raw_2threads_img_s": runs["pow2_delay2ms"]["raw_pipelined_images_per_s"]["used"],
+        "http_over_raw_1_image": one_image,
+        "http_over_raw_8_images_12_fronts": ratios(eight, 12),
+        "http_over_raw": min(min(v.values()) for v in one_image.values()),
+        "http_over_raw_best_config_by_concurrency": {c: max(v[c] for v in one_image.values()) for c in (32, 64, 128, 256)},
+        "http_clients_over_server_window": {
+            "min": min(x for r in [*runs.values(), eight] for x in agreement(r)),
+            "max": max(x for r in [*runs.values(), eight] for x in agreement(r)),
+        },
+    }
+    source = (
+        f"{d}/ (NVIDIA H200, 16 cores, revision dec86ed). serving_gpu_autotune_same_run.json: served and "
+        "torch.compile max-autotune-no-cudagraphs (bf16, channels-last) decode at 256² batch 64 in one process; the "
+        "autotuning of an earlier call on the same machine was cached (torch.log: 207 s to tune). http_1img_bw2.json "
+        "(powers-of-two buckets, 2 ms batch delay), http_1img_bw2_fine.json (buckets 1,2,4,8,12,16,24,32,48,64), "
+        "http_1img_fine_delay05.json (fine buckets, 0.5 ms delay, 12 and 16 fronts), http_8img_bw2.json: batch workers 2, "
+        "six client processes sharing one window (StartGate); each level's server_window agrees with the clients' count "
+        "within the min/max given. http_1img_bw2_intra1.json: --intra-op-threads 1 (it reaches ONNX Runtime's fallback "
+        "only, not torch: no change)"
     )
     return figures, source
 
