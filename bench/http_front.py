@@ -277,6 +277,12 @@ def _mean_group(before: dict[str, float], after: dict[str, float]) -> float | No
     return (after["vqtok_infer_message_requests_sum"] - before["vqtok_infer_message_requests_sum"]) / messages if messages else None
 
 
+def served_batch_workers(url: str) -> int | None:
+    """The batch workers the server runs its (first) model with, as /v1/models reports them."""
+    models = httpx.get(f"{url}/v1/models", timeout=10).json().get("models") or [{}]
+    return models[0].get("batch_workers")
+
+
 def encode_requests(url: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=10).text
     total = 0.0
@@ -308,6 +314,8 @@ def spawn_server(
     cmd += ["--front-workers", str(fronts)]
     if batch_workers is not None:
         cmd += ["--batch-workers", str(batch_workers)]
+    if getattr(args, "compile_mode", "default") != "default":
+        cmd += ["--compile-mode", args.compile_mode]
     if args.intra_op_threads:
         cmd += ["--intra-op-threads", str(args.intra_op_threads)]
     if args.model:
@@ -350,6 +358,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-size", type=int, default=256)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "compiled"])
+    p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune"], help="the compiled runtime's (raw and served)")
     p.add_argument("--front-workers", type=ints, default=[0, 2], help="comma-separated; 0 = single process")
     p.add_argument("--concurrency", type=ints, default=[32, 64, 128, 256])
     p.add_argument("--images-per-request", type=ints, default=[1, 8])
@@ -357,7 +366,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)))
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-batch-delay-ms", type=float, default=2.0)
-    p.add_argument("--batch-workers", type=ints, default=[1], help="comma-separated: batches in flight per model, one server each")
+    p.add_argument(
+        "--batch-workers",
+        type=ints,
+        default=[0],
+        help="comma-separated: batches in flight per model, one server each (0: the server's default)",
+    )
     p.add_argument(
         "--raw-threads", type=int, default=2, help="threads of the pipelined raw figure (reported beside the one-call-at-a-time raw)"
     )
@@ -384,7 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model_repo / args.model if args.model else args.model_repo
     if not (model_dir / "manifest.json").exists():
         model_dir = next(d for d in sorted(args.model_repo.iterdir()) if (d / "manifest.json").exists())
-    runtime = load_runtime(model_dir, runtime=args.runtime, device=args.device, max_batch_size=args.max_batch_size)
+    runtime = load_runtime(
+        model_dir, runtime=args.runtime, device=args.device, max_batch_size=args.max_batch_size, compile_mode=args.compile_mode
+    )
     runtime.warmup([(args.warmup_size, args.warmup_size)])
     raw_before = raw_throughput(runtime, files, args.resize, args.max_batch_size, args.raw_seconds)
     piped_before = raw_throughput(runtime, files, args.resize, args.max_batch_size, args.raw_seconds, threads=args.raw_threads)
@@ -415,8 +431,9 @@ def main(argv: list[str] | None = None) -> int:
             ]
             continue
         t0 = time.monotonic()
-        proc, url = start_server(args, fronts, log_path, batch_workers=workers)
+        proc, url = start_server(args, fronts, log_path, batch_workers=workers or None)
         ready_s = time.monotonic() - t0
+        workers = served_batch_workers(url) or workers  # 0: the server's default, recorded as what it runs
         print(f"  front_workers={fronts} batch_workers={workers}: server ready in {ready_s:.1f} s", flush=True)
         try:
             for n, c in todo:

@@ -62,11 +62,12 @@ def time_host(fn: Callable[[], Any], warmup: int = 3, repeats: int = 15) -> floa
     return statistics.median(times)
 
 
-def runtime_part(model: Path, sets: dict[int, np.ndarray], batches: list[int], out: dict[str, Any]) -> None:
+def runtime_part(model: Path, sets: dict[int, np.ndarray], batches: list[int], out: dict[str, Any], compile_mode: str = "default") -> None:
     from service.runtimes import load_runtime
 
     t0 = time.perf_counter()
-    rt = load_runtime(model, runtime="auto", max_batch_size=max(batches))
+    rt = load_runtime(model, runtime="auto", max_batch_size=max(batches), compile_mode=compile_mode)
+    out["compile_mode"] = compile_mode
     out["load_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     rt.warmup([(size, size) for size in sets], batches)
@@ -203,6 +204,12 @@ def main() -> None:
     )
     ap.add_argument("--torch-ops", default="encode,decode", help="what the torch rows time (decode alone: max-autotune's long compile)")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script's steps (tiny model), no figures worth keeping")
+    ap.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=("default", "max-autotune"),
+        help="the served compiled runtime's (max-autotune: minutes a shape on an empty cache; a second call resumes from the cache)",
+    )
     args = ap.parse_args()
     ops = tuple(o for o in args.torch_ops.split(",") if o)
     if not ops or set(ops) - {"encode", "decode"}:
@@ -225,7 +232,7 @@ def main() -> None:
         model=args.model.name,
     )
     if args.part in ("runtime", "all"):
-        runtime_part(args.model, sets, batches, out)
+        runtime_part(args.model, sets, batches, out, args.compile_mode)
         args.out.write_text(json.dumps(out, indent=1) + "\n")
     if args.part in ("torch", "all"):
         torch_part(

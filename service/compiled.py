@@ -232,9 +232,12 @@ class CompiledRuntime:
         intra_op_threads: int | None = None,
         max_batch_size: int = 64,
         eager_cpu: bool = False,
+        compile_mode: str = "default",
     ) -> CompiledRuntime:
         """`eager_cpu`: the same graphs, padding and fallback on the CPU without compiling or CUDA
-        graphs (tests check the runtime's contract with it); otherwise CUDA only."""
+        graphs (tests check the runtime's contract with it); otherwise CUDA only. `compile_mode`:
+        "default" or "max-autotune" (`models.export.compiled.compiled_graphs`: minutes a shape on an
+        empty cache)."""
         if not eager_cpu:
             why = compiled_available()
             if why is not None:
@@ -247,8 +250,11 @@ class CompiledRuntime:
             )
         import torch
 
-        from models.export.compiled import compiled_graphs
+        from models.export.compiled import COMPILE_MODES, compiled_graphs
         from models.tokenizer import Tokenizer
+
+        if compile_mode not in COMPILE_MODES:
+            raise ModelLoadError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
 
         model_dir = Path(model_dir)
         t0 = time.perf_counter()
@@ -259,7 +265,7 @@ class CompiledRuntime:
         )
         dev = torch.device("cpu") if eager_cpu else torch.device("cuda", int(os.environ.get("VQTOK_CUDA_DEVICE", "0")))
         tok = Tokenizer.from_pretrained(model_dir).eval()
-        graphs = compiled_graphs(tok, dev, compile=not eager_cpu)
+        graphs = compiled_graphs(tok, dev, compile=not eager_cpu, mode=compile_mode)
         info = ModelInfo(**{**exported.info.__dict__, "precision": graphs.precision})
         runtime = cls(model_dir, info, graphs, dev, power_buckets(max_batch_size), fallback)
         runtime.check_parity()

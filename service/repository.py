@@ -128,7 +128,7 @@ class ModelRepository:
     def __init__(self, settings: Settings, metrics: Metrics, loader: Loader | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
-        self._loader: Loader = loader or functools.partial(load_runtime, runtime=settings.runtime)
+        self._loader: Loader = loader or functools.partial(load_runtime, runtime=settings.runtime, compile_mode=settings.compile_mode)
         self._entries: dict[str, ModelEntry] = {}
         self._lock = asyncio.Lock()
         self._stopping: set[asyncio.Task[None]] = set()

@@ -34,12 +34,14 @@ def load_runtime(
     precision: Precision = "auto",
     intra_op_threads: int | None = None,
     max_batch_size: int = 64,
+    compile_mode: str = "default",
 ) -> Any:
     """The runtime that serves `model_dir`: "onnxruntime", "compiled" (torch.compile + CUDA graphs +
     the fused search; needs torch with CUDA), or "auto": the compiled runtime on a CUDA host where it
     can run and passes its parity gate, else ONNX Runtime. The rule is measured (H100, shipped model,
     bench/results/compiled_probe_h100/): compiled encodes batch 1 in 0.53 ms against ORT's 4.3 ms and
-    batch 64 at 2,719 against 1,118 images/s. A forced runtime that cannot run is a ModelLoadError."""
+    batch 64 at 2,719 against 1,118 images/s. A forced runtime that cannot run is a ModelLoadError.
+    `compile_mode` ("default", "max-autotune") is the compiled runtime's; ONNX Runtime ignores it."""
     if runtime not in RUNTIMES:
         raise ModelLoadError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     common: dict[str, Any] = dict(name=name, device=device, intra_op_threads=intra_op_threads, max_batch_size=max_batch_size)
@@ -51,7 +53,7 @@ def load_runtime(
         why = compiled_available()
         if runtime == "compiled" or why is None:
             try:
-                return CompiledRuntime.load(model_dir, precision=precision, **common)
+                return CompiledRuntime.load(model_dir, precision=precision, compile_mode=compile_mode, **common)
             except ModelLoadError as exc:
                 if runtime == "compiled":
                     raise

@@ -15,7 +15,7 @@
 #   bash scripts/gpu/serving.sh torch      # torch eager fp32 and torch.compile bf16 (TORCH_MODES, one per call) at the same shapes
 #   bash scripts/gpu/serving.sh http [0,8] # bench/http_front.py: raw vs HTTP, fronts 0 and 8, c 32-256, 1 and 8 img/request
 #                                          # (HTTP_CONCURRENCY, HTTP_IMAGES, HTTP_BUDGET, HTTP_CLIENT_PROCS, HTTP_BATCH_WORKERS (1,2: a
-#                                          # server each); HTTP_NAME names the files)
+#                                          # server each; 0, the default: the server's), HTTP_DELAY_MS (the batcher's); HTTP_NAME names the files)
 #   bash scripts/gpu/serving.sh reload     # bench/reload_memory.py: what a closed version leaves on the GPU (buckets to 8)
 #   bash scripts/gpu/serving.sh all        # runtime then torch in one process (one run: the same-run ratios)
 #   bash scripts/gpu/serving.sh local      # bench/ray_scale.py --engines local: the local tokenize engine vs raw
@@ -62,8 +62,11 @@ reload)
   ;;
 all)
   # on a warm Inductor cache only: cold, the runtime's warm-up (≈ 190 s) and the torch compiles do not fit one call
+  # COMPILE_MODE=max-autotune: the served runtime autotuned too (≈ 200 s a shape and part on an empty cache: with
+  # RUNTIME_BATCHES=64 TORCH_OPS=decode TORCH_MODES=max-autotune-no-cudagraphs, two calls; the second resumes from the cache)
   timeout "${ALL_TIMEOUT:-540}" python3 bench/serving_gpu.py --images "$images" --part all --torch-modes "${TORCH_MODES:-default,reduce-overhead}" \
-    --revision "$rev" --out /tmp/res/serving_gpu.json 2>&1 | quiet | tee "$out/serving_all.log"
+    ${RUNTIME_BATCHES:+--batches "$RUNTIME_BATCHES"} ${RUNTIME_SIZES:+--sizes "$RUNTIME_SIZES"} ${TORCH_OPS:+--torch-ops "$TORCH_OPS"} \
+    ${COMPILE_MODE:+--compile-mode "$COMPILE_MODE"} --revision "$rev" --out /tmp/res/serving_gpu.json 2>&1 | quiet | tee "$out/serving_all.log"
   cp /tmp/res/serving_gpu.json "$out/"
   ;;
 local)
@@ -76,7 +79,8 @@ http)
   # (or torch's default folder: up to 797bc95 the compiled runtime's kernels landed there)
   [ -n "${HTTP_COLD:-}" ] || [ -d "$VQTOK_CACHE/inductor" ] || [ -d "/tmp/torchinductor_$(whoami)" ] || { echo "cold Inductor cache: run 'serving.sh runtime' first" >&2; exit 2; }
   python3 bench/http_front.py --model-repo models/pretrained --images "$images" --device cuda --runtime auto \
-    --front-workers "${2:-0,8}" --concurrency "${HTTP_CONCURRENCY:-32,64,128,256}" --images-per-request "${HTTP_IMAGES:-1,8}" --max-batch-size 64 --batch-workers "${HTTP_BATCH_WORKERS:-1}" \
+    --front-workers "${2:-0,8}" --concurrency "${HTTP_CONCURRENCY:-32,64,128,256}" --images-per-request "${HTTP_IMAGES:-1,8}" --max-batch-size 64 --batch-workers "${HTTP_BATCH_WORKERS:-0}" \
+    --max-batch-delay-ms "${HTTP_DELAY_MS:-2}" ${COMPILE_MODE:+--compile-mode "$COMPILE_MODE"} \
     --client-procs "${HTTP_CLIENT_PROCS:-6}" --decode-threads 4 --duration 5 --time-budget "${HTTP_BUDGET:-420}" --revision "$rev" \
     --out "$out/${HTTP_NAME:-http_front_gpu}.json" 2>&1 | quiet | tee "$out/${HTTP_NAME:-http_front_gpu}.log"
   ;;

@@ -193,3 +193,49 @@ def test_staging_pads_with_the_last_item_in_the_buffers_dtype(n: int) -> None:
     stage(host, buffer)
     expected = np.concatenate([host, np.repeat(host[-1:], 4 - n, axis=0)]).astype(np.int32)
     np.testing.assert_array_equal(buffer, expected)
+
+
+def test_the_compile_mode_reaches_the_compiled_runtime(model_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--compile-mode` (Settings) -> the repository's loader -> `load_runtime` -> `CompiledRuntime.load`, which
+    refuses a mode it does not know; ONNX Runtime ignores it."""
+    import service.compiled
+    from service.metrics import Metrics
+    from service.repository import ModelRepository
+    from service.settings import Settings
+
+    seen: list[str] = []
+    real_load = service.compiled.CompiledRuntime.load
+
+    def load(model_dir: Path, **kw: Any) -> Any:
+        seen.append(kw["compile_mode"])
+        return real_load(model_dir, eager_cpu=True, max_batch_size=kw["max_batch_size"], compile_mode=kw["compile_mode"])
+
+    monkeypatch.setattr(runtimes, "gpu_visible", lambda: True)
+    monkeypatch.setattr(service.compiled, "compiled_available", lambda: None)
+    monkeypatch.setattr(service.compiled.CompiledRuntime, "load", load)
+    repo = ModelRepository(Settings(model_repo=model_repo, compile_mode="max-autotune"), Metrics())
+    rt = repo._loader(model_repo / "fsq4", name="fsq4", device="auto", precision="auto", intra_op_threads=None, max_batch_size=4)
+    assert isinstance(rt, service.compiled.CompiledRuntime) and seen == ["max-autotune"]
+    with pytest.raises(ModelLoadError, match="compile_mode must be one of"):
+        real_load(model_repo / "fsq4", eager_cpu=True, compile_mode="max-autotune-no-cudagraphs")
+    assert isinstance(load_runtime(model_repo / "fsq4", runtime="onnxruntime", compile_mode="max-autotune"), ModelRuntime)
+
+
+@pytest.mark.parametrize(("mode", "passed"), [("default", {}), ("max-autotune", {"mode": "max-autotune-no-cudagraphs"})])
+def test_compiled_graphs_compile_in_the_mode_asked(
+    mode: str, passed: dict[str, str], model_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max-autotune is torch.compile's max-autotune-no-cudagraphs: the runtime captures its own CUDA graphs."""
+    import torch
+
+    import models.export.compiled as compiled
+    from models.tokenizer import Tokenizer
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(compiled, "configure_inductor", lambda: None)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    tok = Tokenizer.from_pretrained(model_repo / "fsq4").eval()
+    compiled.compiled_graphs(tok, torch.device("cpu"), mode=mode)
+    assert calls == [{"dynamic": False, **passed}] * 2
+    with pytest.raises(ValueError, match="compile mode must be one of"):
+        compiled.compiled_graphs(tok, torch.device("cpu"), mode="reduce-overhead")
