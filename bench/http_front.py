@@ -121,6 +121,11 @@ def _thread_cpu_seconds(pid: int, tid: int | None = None) -> float:
 # machine, while the server sat mostly idle; this client spends a few tens of microseconds per request)
 
 
+def cpu_probe(server_pid: int) -> Callable[[], dict[str, float]]:
+    """CPU seconds so far of the server's processes by role (`tree_cpu_seconds`) and of the whole host (`host`)."""
+    return lambda: {**tree_cpu_seconds(server_pid), "host": host_busy_seconds()}
+
+
 def host_busy_seconds() -> float:
     """CPU seconds the whole host has spent busy (all cores, /proc/stat: everything but idle and iowait)."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -235,7 +240,16 @@ def _client_proc(
         q.put(asyncio.run(run()))
 
 
-def run_load(url: str, files: list[bytes], concurrency: int, seconds: float, procs: int, resize: str, per_req: int = 1) -> dict[str, Any]:
+def run_load(
+    url: str,
+    files: list[bytes],
+    concurrency: int,
+    seconds: float,
+    procs: int,
+    resize: str,
+    per_req: int = 1,
+    probe: Callable[[], dict[str, float]] | None = None,
+) -> dict[str, Any]:
     """`concurrency` keep-alive connections, each sending its next request when the last is answered,
     over `procs` processes; images/s and latencies over `seconds` after 1 s of warm-up."""
     port = int(url.rsplit(":", 1)[1])
@@ -250,7 +264,7 @@ def run_load(url: str, files: list[bytes], concurrency: int, seconds: float, pro
     for n in shares:
         workers.append(ctx.Process(target=_client_proc, args=(port, requests, first, n, concurrency, 1.0, seconds, q, gate), daemon=True))
         first += n
-    results, lat, errors, batches, batched, after = collect_clients(workers, q, seconds, url, before, gate)
+    results, lat, errors, batches, batched, after = collect_clients(workers, q, seconds, url, before, gate, probe=probe)
     n = sum(r["requests"] for r in results) * per_req
     client_cpu = sum(r["cpu_s"] for r in results) / max(1, sum(r["sent"] for r in results)) * (seconds / (seconds + 1.0))
     pct = lambda q: float(np.percentile(lat, q) * 1000) if len(lat) else None  # noqa: E731
@@ -440,25 +454,20 @@ def main(argv: list[str] | None = None) -> int:
                 if left() < per_level + args.raw_seconds + 20:
                     result["skipped"].append({"front_workers": fronts, "batch_workers": workers, "images_per_request": n, "concurrency": c})
                     continue
-                cpu0, req0, host0, t_level = tree_cpu_seconds(proc.pid), encode_requests(url), host_busy_seconds(), time.monotonic()
-                level = run_load(url, files, c, args.duration, args.client_procs, args.resize, per_req=n)
-                cpu1, req1, host1, t_level = (
-                    tree_cpu_seconds(proc.pid),
-                    encode_requests(url),
-                    host_busy_seconds(),
-                    time.monotonic() - t_level,
-                )
-                requests = max(1.0, req1 - req0)
+                # CPU over the clients' measured window only (read at its start and end), per request answered in it
+                level = run_load(url, files, c, args.duration, args.client_procs, args.resize, per_req=n, probe=cpu_probe(proc.pid))
+                rates = level["server_window"].pop("rates")
+                per_s = max(1e-9, level["images_per_s"] / n)  # requests answered per second in the window
                 level.update(
                     front_workers=fronts,
                     batch_workers=workers,
                     images_per_request=n,
                     server_ready_s=ready_s,
-                    server_cpu_s_per_request=(cpu1["total"] - cpu0["total"]) / requests,
-                    server_cpu_s_per_image=(cpu1["total"] - cpu0["total"]) / (requests * n),
-                    server_cpu_s_per_request_by_role={k: (v - cpu0.get(k, 0.0)) / requests for k, v in cpu1.items() if k != "total"},
-                    server_cores_busy=(cpu1["total"] - cpu0["total"]) / (args.duration + 1.0),
-                    host_cores_busy=(host1 - host0) / t_level,  # everything on the host, load generator included
+                    server_cpu_s_per_request=rates["total"] / per_s,
+                    server_cpu_s_per_image=rates["total"] / (per_s * n),
+                    server_cpu_s_per_request_by_role={k: v / per_s for k, v in rates.items() if k not in ("total", "host")},
+                    server_cores_busy=rates["total"],
+                    host_cores_busy=rates["host"],  # everything on the host, load generator included
                 )
                 result["levels"].append(level)
                 if args.out:  # as it goes: a run cut short still leaves its levels

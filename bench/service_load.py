@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -191,19 +192,28 @@ async def _client(
 
 
 def collect_clients(
-    workers: list[Any], q: Any, seconds: float, url: str, before: dict[str, float], gate: StartGate, warmup: float = 1.0
+    workers: list[Any],
+    q: Any,
+    seconds: float,
+    url: str,
+    before: dict[str, float],
+    gate: StartGate,
+    warmup: float = 1.0,
+    probe: Callable[[], dict[str, float]] | None = None,
 ) -> tuple[list[dict[str, Any]], np.ndarray, dict[str, int], float, float, dict[str, float]]:
     """Start the load-generator processes together (`gate`), gather their reports and the server's batch
     counters after them: (reports, sorted latencies, errors summed by kind, batches run, images batched,
     metrics scraped after). The metrics scraped after hold `window`: the server's own counters over the
-    clients' measured window (scraped at its start and end), a check on the clients' count."""
+    clients' measured window (scraped at its start and end), a check on the clients' count; and, with
+    `probe` (counters such as CPU seconds, read at the window's start and end), each one's rate per second
+    over the window under `window["rates"]`."""
     for w in workers:
         w.start()
     gate.open(len(workers))
     time.sleep(max(0.0, gate.start + warmup - time.monotonic()))
-    t0, w0 = time.monotonic(), scrape(url)
+    t0, w0, p0 = time.monotonic(), scrape(url), probe() if probe else {}
     time.sleep(max(0.0, gate.start + warmup + seconds - time.monotonic()))
-    t1, w1 = time.monotonic(), scrape(url)
+    t1, w1, p1 = time.monotonic(), scrape(url), probe() if probe else {}
     results = [q.get(timeout=seconds + 300) for _ in workers]
     for w in workers:
         w.join(timeout=30)
@@ -217,6 +227,7 @@ def collect_clients(
     batched = after["vqtok_batch_size_sum"] - before["vqtok_batch_size_sum"]
     after = dict(after)
     after["window"] = window_figures(w0, w1, t1 - t0)  # type: ignore[assignment]
+    after["window"]["rates"] = {k: (p1[k] - p0.get(k, 0.0)) / (t1 - t0) for k in p1}  # type: ignore[index]
     return results, lat, errors, batches, batched, after
 
 
