@@ -291,10 +291,10 @@ def _mean_group(before: dict[str, float], after: dict[str, float]) -> float | No
     return (after["vqtok_infer_message_requests_sum"] - before["vqtok_infer_message_requests_sum"]) / messages if messages else None
 
 
-def served_batch_workers(url: str) -> int | None:
-    """The batch workers the server runs its (first) model with, as /v1/models reports them."""
-    models = httpx.get(f"{url}/v1/models", timeout=10).json().get("models") or [{}]
-    return models[0].get("batch_workers")
+def served_batch_workers(url: str, model: str) -> int | None:
+    """The batch workers the server runs `model` with, as /v1/models reports them."""
+    models = httpx.get(f"{url}/v1/models", timeout=10).json().get("models") or []
+    return next((m.get("batch_workers") for m in models if m.get("name") == model), None)
 
 
 def encode_requests(url: str) -> float:
@@ -412,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model_repo / args.model if args.model else args.model_repo
     if not (model_dir / "manifest.json").exists():
         model_dir = next(d for d in sorted(args.model_repo.iterdir()) if (d / "manifest.json").exists())
+    args.model = args.model or model_dir.name  # the servers answer with the model the raw figure measures
     runtime = load_runtime(
         model_dir, runtime=args.runtime, device=args.device, max_batch_size=args.max_batch_size, compile_mode=args.compile_mode
     )
@@ -447,9 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         proc, url = start_server(args, fronts, log_path, batch_workers=workers or None)
         ready_s = time.monotonic() - t0
-        workers = served_batch_workers(url) or workers  # 0: the server's default, recorded as what it runs
-        print(f"  front_workers={fronts} batch_workers={workers}: server ready in {ready_s:.1f} s", flush=True)
         try:
+            workers = served_batch_workers(url, model_dir.name) or workers  # 0: the server's default, recorded as what it runs
+            print(f"  front_workers={fronts} batch_workers={workers}: server ready in {ready_s:.1f} s", flush=True)
             for n, c in todo:
                 if left() < per_level + args.raw_seconds + 20:
                     result["skipped"].append({"front_workers": fronts, "batch_workers": workers, "images_per_request": n, "concurrency": c})

@@ -43,9 +43,10 @@ class Settings(BaseSettings):
     compile_mode: Literal["default", "max-autotune"] = Field(
         default="default",
         description="the compiled runtime's kernels: default, or max-autotune (Inductor times candidate kernels for every "
-        "convolution and matmul of each warmed shape and keeps the fastest; minutes a shape on an empty cache, "
-        "cached in $VQTOK_CACHE afterwards). Measured on an H200 at 256², batch 64: torch.compile's max-autotune "
-        "decodes 1.02x the default-compiled served runtime",
+        "convolution and matmul of each warmed shape and keeps the fastest; minutes a shape and part on an empty cache, "
+        "so the first start takes the better part of an hour with the default warm-up; cached in $VQTOK_CACHE afterwards). "
+        "Not yet measured in the runtime: torch.compile's own max-autotune decoded 0.98-1.04x the default-compiled "
+        "runtime's rate on an H200 (256², batch 64)",
     )
     device: Device = Field(default="auto", description="where the models run: auto (CUDA when available, else CPU), cuda or cpu")
     precision: Precision = Field(

@@ -76,9 +76,10 @@ def compiled_graphs(
 
     `mode` "max-autotune": Inductor times its candidate kernels (Triton templates against cuDNN and
     cuBLAS) for every convolution and matmul of each shape and keeps the fastest, as torch.compile's
-    max-autotune-no-cudagraphs does (the runtime captures its own CUDA graphs). Measured on an H200
-    (dec86ed, 256², batch 64): that mode decodes at 3,389 images/s against the default-compiled served
-    runtime's 3,328, and took 207 s to tune that one shape, cached afterwards."""
+    max-autotune-no-cudagraphs does (the runtime captures its own CUDA graphs). What is measured (H200,
+    dec86ed, 256², batch 64) is torch.compile's own max-autotune on the bench's bf16 graphs, not this
+    mode: 3,389 decodes/s against the default-compiled served runtime's 3,328 in one run (3,250 in the
+    call that tuned it, 207 s for that one shape). This mode itself is not yet measured on a GPU."""
     from ..quantizers.search_op import register
 
     if mode not in COMPILE_MODES:

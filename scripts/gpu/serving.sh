@@ -77,6 +77,7 @@ http)
   # a cold Inductor cache: the in-process runtime and every server start would compile first (≈ 200 s), which the
   # sweep's time budget does not cover (measured: 797bc95's sweep lost its 8-image and 12-front levels to it)
   # (or torch's default folder: up to 797bc95 the compiled runtime's kernels landed there)
+  # (COMPILE_MODE=max-autotune: tune the cache with the `all` step first; tuning every bucket here does not fit a call)
   [ -n "${HTTP_COLD:-}" ] || [ -d "$VQTOK_CACHE/inductor" ] || [ -d "/tmp/torchinductor_$(whoami)" ] || { echo "cold Inductor cache: run 'serving.sh runtime' first" >&2; exit 2; }
   python3 bench/http_front.py --model-repo models/pretrained --images "$images" --device cuda --runtime auto \
     --front-workers "${2:-0,8}" --concurrency "${HTTP_CONCURRENCY:-32,64,128,256}" --images-per-request "${HTTP_IMAGES:-1,8}" --max-batch-size 64 --batch-workers "${HTTP_BATCH_WORKERS:-0}" \
