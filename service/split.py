@@ -10,8 +10,9 @@ The supervisor binds the port once. By default (`front_accept="balanced"`) it ac
 itself and hands it to the fronts in turn (handoff.py: the kernel's own spreading over processes that
 accept on one socket piles a burst of keep-alive connections onto a few fronts); with "shared" every
 front accepts on the listening socket, as uvicorn's own `--workers` does. A child that
-exits while the server runs is started again: a front at once, the inference process after a second;
-meanwhile the fronts answer 503. On SIGTERM/SIGINT the fronts stop first (in-flight requests finish on
+exits while the server runs is started again (`Restarts`): at once if it had run for a while, else after
+a delay that doubles with each quick exit (0.5 s up to 30 s), so a child that cannot start does not spawn
+a Python process five times a second; while the inference process is down the fronts answer 503. On SIGTERM/SIGINT the fronts stop first (in-flight requests finish on
 the inference process), then the inference process (it drains its queues), then every shared-memory
 segment of this server is removed, including those of a killed front. SIGHUP reloads the models.
 
@@ -57,6 +58,26 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+class Restarts:
+    """When to start an exited child again. A child that ran for `stable_s` or longer is started again at
+    once; one that exited sooner waits `first_s`, then twice as long after each further quick exit, up
+    to `max_s`. `now` is a monotonic clock (tests pass their own)."""
+
+    def __init__(self, first_s: float = 0.5, max_s: float = 30.0, stable_s: float = 30.0) -> None:
+        self.first_s, self.max_s, self.stable_s = first_s, max_s, stable_s
+        self.delay = 0.0
+        self.started = 0.0
+
+    def exited(self, now: float) -> float:
+        """The child exited at `now`: the time to start it again."""
+        quick = now - self.started < self.stable_s
+        self.delay = min(self.max_s, max(self.first_s, 2 * self.delay)) if quick else 0.0
+        return now + self.delay
+
+    def start(self, now: float) -> None:
+        self.started = now
+
+
 class SplitServer:
     """The supervisor: `start()`, then `run()` (blocks, restarting children) or `watch_in_thread()`; `stop()`."""
 
@@ -70,6 +91,8 @@ class SplitServer:
         self.engine: subprocess.Popen[bytes] | None = None
         self.fronts: list[subprocess.Popen[bytes] | None] = []
         self.restarts = 0
+        self._backoff: dict[str | int, Restarts] = {}  # "engine", or a front's index
+        self._due: dict[str | int, float] = {}  # the children waiting to be started again: when
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -126,6 +149,10 @@ class SplitServer:
         if s.front_accept == "balanced":
             handoff.raise_open_files_limit()
             self.acceptor = handoff.Acceptor(self.sock, s.front_workers)
+        now = time.monotonic()
+        self._backoff = {key: Restarts() for key in ["engine", *range(s.front_workers)]}
+        for restarts in self._backoff.values():
+            restarts.start(now)
         self.engine = self._spawn_engine()
         self.fronts = [self._spawn_front(i) for i in range(s.front_workers)]
         if self.acceptor is not None:
@@ -142,20 +169,37 @@ class SplitServer:
         return self
 
     def check(self) -> None:
-        """Start again any child that exited (called every 0.2 s by `run`/`watch_in_thread`)."""
+        """Start again any child that exited, once its backoff (`Restarts`) has passed (called every 0.2 s
+        by `run`/`watch_in_thread`). A child waiting to be started again is None meanwhile."""
         if self._stopping.is_set():
             return
-        if self.engine is not None and self.engine.poll() is not None:
-            log.error("the inference process exited; starting it again", extra={"returncode": self.engine.returncode})
+        now = time.monotonic()
+        children: list[tuple[str | int, subprocess.Popen[bytes] | None]] = [("engine", self.engine), *enumerate(self.fronts)]
+        for key, proc in children:
+            if proc is not None and proc.poll() is not None:
+                due = self._backoff[key].exited(now)
+                self._due[key] = due
+                what = "the inference process" if key == "engine" else "a front process"
+                log.error(
+                    "%s exited; starting it again in %.1f s",
+                    what,
+                    due - now,
+                    extra={"returncode": proc.returncode, **({} if key == "engine" else {"index": key})},
+                )
+                if key == "engine":
+                    self.engine = None
+                else:
+                    self.fronts[int(key)] = None
+        for key, due in list(self._due.items()):
+            if now < due or self._stopping.is_set():
+                continue
+            del self._due[key]
             self.restarts += 1
-            time.sleep(1.0)  # a crash loop must not spin
-            if not self._stopping.is_set():
+            self._backoff[key].start(now)
+            if key == "engine":
                 self.engine = self._spawn_engine()
-        for i, front in enumerate(self.fronts):
-            if front is not None and front.poll() is not None and not self._stopping.is_set():
-                log.error("a front process exited; starting it again", extra={"returncode": front.returncode, "index": i})
-                self.restarts += 1
-                self.fronts[i] = self._spawn_front(i)
+            else:
+                self.fronts[int(key)] = self._spawn_front(int(key))
 
     def watch_in_thread(self) -> SplitServer:
         def loop() -> None:

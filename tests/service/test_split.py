@@ -493,3 +493,48 @@ def test_shared_accept_still_serves(model_repo: Path, photos: list[Path]) -> Non
         assert [r.status_code for r in answers] == [200] * 16
     finally:
         s.stop()
+
+
+def test_restart_backoff_doubles_on_quick_exits_and_resets_after_a_stable_run() -> None:
+    from service.split import Restarts
+
+    r = Restarts(first_s=0.5, max_s=4.0, stable_s=30.0)
+    r.start(100.0)
+    assert r.exited(101.0) == 101.5  # quick: the first delay
+    r.start(101.5)
+    assert r.exited(102.0) == 103.0  # quick again: twice as long
+    for now, want in [(103.0, 105.0), (105.0, 109.0), (109.0, 113.0)]:  # doubling up to max_s
+        r.start(now)
+        assert r.exited(now) == want
+    r.start(113.0)
+    assert r.exited(200.0) == 200.0  # after a stable run: at once, and the doubling starts over
+    r.start(200.0)
+    assert r.exited(201.0) == 201.5
+
+
+def test_a_front_that_keeps_dying_is_started_again_later_each_time(model_repo: Path) -> None:
+    """The supervisor's backoff on a real split server: a front killed right after each start waits
+    0.5 s, then 1 s, before it is started again (lower bounds only: a start can never come sooner),
+    and the server serves with every front once they are back."""
+    s = SplitServerThread(_settings(model_repo, front_workers=2)).start()
+    try:
+        waits = []
+        for _ in range(2):
+            front = s.server.fronts[0]
+            assert front is not None
+            front.kill()
+            t0 = time.monotonic()
+            while s.server.fronts[0] is None or s.server.fronts[0] is front:
+                time.sleep(0.02)
+            waits.append(time.monotonic() - t0)
+        assert waits[0] >= 0.5 and waits[1] >= 1.0, waits
+        assert s.server.restarts == 2
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{s.url}/readyz", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "the fronts did not come back"
+            time.sleep(0.1)
+        img = pixels.encode_png(np.zeros((32, 32, 3), np.uint8))
+        answers = [httpx.post(f"{s.url}/v1/encode", files={"images": img}, timeout=30).status_code for _ in range(4)]
+        assert answers == [200] * 4
+    finally:
+        s.stop()
