@@ -25,11 +25,13 @@ exception.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +154,7 @@ class _Graph:
                 return self.fn(self.input).cpu().numpy()[:n]
         # Pinned blocks come from torch's caching host allocator: after the first calls, no allocation.
         staged = torch.empty(self.input.shape, dtype=self.input.dtype, pin_memory=True)
-        stage(host, staged.numpy())
+        stage(host, staged.numpy(), _stage_helpers())
         answer = torch.empty(self.output.shape, dtype=self.output.dtype, pin_memory=True)
         done = torch.cuda.Event(blocking=True)  # its waiter sleeps rather than spins a core
         # The device's default stream, named rather than taken as current: the ordering above holds only
@@ -171,17 +173,43 @@ class _Graph:
         return answer.numpy()[:n]
 
 
-def stage(host: np.ndarray, buffer: np.ndarray) -> None:
+STAGE_THREADS = max(1, min(4, os.cpu_count() or 1))  # a large batch's copy into pinned memory: threads, the caller's included
+_STAGE_PART_BYTES = 1 << 21  # but no part smaller than this: a thread hop costs more than copying 2 MiB
+_stage_pool: ThreadPoolExecutor | None = None
+_stage_pool_lock = threading.Lock()
+
+
+def _stage_helpers() -> ThreadPoolExecutor | None:
+    """The process's threads that help `stage` copy (idle threads block; they never spin); None on one core."""
+    global _stage_pool
+    with _stage_pool_lock:
+        if _stage_pool is None and STAGE_THREADS > 1:
+            _stage_pool = ThreadPoolExecutor(STAGE_THREADS - 1, thread_name_prefix="stage")
+        return _stage_pool
+
+
+def stage(host: np.ndarray, buffer: np.ndarray, helpers: ThreadPoolExecutor | None = None) -> None:
     """`host` (n ≤ len(buffer) items) into `buffer`, its last item repeated over the rest (the padding).
 
-    With numpy, one thread: not torch's `copy_`, whose OpenMP workers then spin for milliseconds after
-    each copy (libgomp's default wait policy). Measured on 2 cores (torch 2 threads, 8 × 256² images,
-    a 5 ms wait after each copy as for the GPU): 0.12 ms to copy, 5.4 ms of CPU per batch. On the H200
-    host (4 torch threads) the server's inference process spent 17.8 ms of CPU per batch of 7.3 images
-    (2.4 ms a request, ≈ 6 cores at 2,400 requests/s; bench/results/serving_gpu_h200_dec86ed/), cores
-    its fronts share: this spin would explain it (not yet measured there with this change)."""
+    With numpy, not torch's `copy_`, whose OpenMP workers spin for milliseconds after each copy
+    (libgomp's default wait policy). Measured on 2 cores (torch 2 threads, 8 × 256² images, a 5 ms wait
+    after each copy as for the GPU): 0.12 ms to copy, 5.4 ms of CPU per batch. On the H200 host (4 torch
+    threads) the server's inference process spent 17.8 ms of CPU per batch of 7.3 images (2.4 ms a
+    request, ≈ 6 cores at 2,400 requests/s; bench/results/serving_gpu_h200_dec86ed/), cores its fronts
+    share: this spin would explain it (not yet measured there with this change). A large batch is still
+    copied by several threads (`helpers` and the caller's; numpy lets go of the GIL while it copies), as
+    torch's threads did: one thread alone would add ≈ 1 ms to a batch of 64 × 256² that a lone caller
+    waits for (on 2 cores: 1.01 ms alone, 0.64 ms in two threads, the same CPU)."""
     n = len(host)
-    buffer[:n] = host
+    parts = min(n, STAGE_THREADS, host.nbytes // _STAGE_PART_BYTES)
+    if helpers is None or parts <= 1:
+        buffer[:n] = host
+    else:
+        bounds = [n * i // parts for i in range(parts + 1)]
+        copies = [helpers.submit(buffer.__setitem__, slice(a, b), host[a:b]) for a, b in itertools.pairwise(bounds[1:])]
+        buffer[: bounds[1]] = host[: bounds[1]]
+        for copy in copies:
+            copy.result()
     if n < len(buffer):
         buffer[n:] = buffer[n - 1]
 

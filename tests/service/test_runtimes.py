@@ -195,6 +195,22 @@ def test_staging_pads_with_the_last_item_in_the_buffers_dtype(n: int) -> None:
     np.testing.assert_array_equal(buffer, expected)
 
 
+@pytest.mark.parametrize("n", [24, 37, 64])
+def test_staging_a_large_batch_in_parallel_parts_gives_the_same_buffer(n: int) -> None:
+    """A batch of several MiB is copied in parts by the helper threads and the caller (numpy lets go of
+    the GIL while copying); every part lands where one copy would have put it."""
+    from service.compiled import _stage_helpers, stage
+
+    host = np.random.default_rng(n).integers(0, 256, size=(n, 256, 256, 3), dtype=np.uint8)
+    assert host.nbytes // (1 << 21) >= 2  # large enough to be split
+    one, parallel = np.zeros((64, 256, 256, 3), np.uint8), np.zeros((64, 256, 256, 3), np.uint8)
+    stage(host, one)
+    stage(host, parallel, _stage_helpers())
+    np.testing.assert_array_equal(parallel, one)
+    np.testing.assert_array_equal(parallel[:n], host)
+    np.testing.assert_array_equal(parallel[n:], np.broadcast_to(host[-1], (64 - n, 256, 256, 3)))
+
+
 def test_the_compile_mode_reaches_the_compiled_runtime(model_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`--compile-mode` (Settings) -> the repository's loader -> `load_runtime` -> `CompiledRuntime.load`, which
     refuses a mode it does not know; ONNX Runtime ignores it."""
