@@ -9,12 +9,13 @@
 The supervisor binds the port once. By default (`front_accept="balanced"`) it accepts every connection
 itself and hands it to the fronts in turn (handoff.py: the kernel's own spreading over processes that
 accept on one socket piles a burst of keep-alive connections onto a few fronts); with "shared" every
-front accepts on the listening socket, as uvicorn's own `--workers` does. A child that
-exits while the server runs is started again (`Restarts`): at once if it had run for a while, else after
-a delay that doubles with each quick exit (0.5 s up to 30 s), so a child that cannot start does not spawn
-a Python process five times a second; while the inference process is down the fronts answer 503. On SIGTERM/SIGINT the fronts stop first (in-flight requests finish on
-the inference process), then the inference process (it drains its queues), then every shared-memory
-segment of this server is removed, including those of a killed front. SIGHUP reloads the models.
+front accepts on the listening socket, as uvicorn's own `--workers` does. A child that exits while the
+server runs is started again (`Restarts`): at once if it had run for a while, else after a delay that
+doubles with each quick exit (0.5 s up to 30 s), so a child that cannot start does not spawn a Python
+process five times a second; while the inference process is down the fronts answer 503. On
+SIGTERM/SIGINT the fronts stop first (in-flight requests finish on the inference process), then the
+inference process (it drains its queues), then every shared-memory segment of this server is removed,
+including those of a killed front. SIGHUP reloads the models.
 
 Children get their settings as JSON on stdin (API keys never show in `ps` or the environment).
 """
