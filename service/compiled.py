@@ -173,7 +173,8 @@ class _Graph:
         return answer.numpy()[:n]
 
 
-STAGE_THREADS = max(1, min(4, os.cpu_count() or 1))  # a large batch's copy into pinned memory: threads, the caller's included
+STAGE_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+# ^ a large batch's copy into pinned memory: threads, the caller's included (within this process's CPUs)
 _STAGE_PART_BYTES = 1 << 21  # but no part smaller than this: a thread hop costs more than copying 2 MiB
 _stage_pool: ThreadPoolExecutor | None = None
 _stage_pool_lock = threading.Lock()
@@ -186,6 +187,15 @@ def _stage_helpers() -> ThreadPoolExecutor | None:
         if _stage_pool is None and STAGE_THREADS > 1:
             _stage_pool = ThreadPoolExecutor(STAGE_THREADS - 1, thread_name_prefix="stage")
         return _stage_pool
+
+
+def _forget_stage_helpers() -> None:
+    """In a forked child: the parent's pool has no threads here, and its lock may be held."""
+    global _stage_pool, _stage_pool_lock
+    _stage_pool, _stage_pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_stage_helpers)
 
 
 def stage(host: np.ndarray, buffer: np.ndarray, helpers: ThreadPoolExecutor | None = None) -> None:
@@ -206,7 +216,13 @@ def stage(host: np.ndarray, buffer: np.ndarray, helpers: ThreadPoolExecutor | No
         buffer[:n] = host
     else:
         bounds = [n * i // parts for i in range(parts + 1)]
-        copies = [helpers.submit(buffer.__setitem__, slice(a, b), host[a:b]) for a, b in itertools.pairwise(bounds[1:])]
+        copies = []
+        for a, b in itertools.pairwise(bounds[1:]):
+            try:
+                copies.append(helpers.submit(buffer.__setitem__, slice(a, b), host[a:b]))
+            except RuntimeError:  # the pool is shut down (the interpreter is exiting): this thread copies the rest
+                buffer[a:n] = host[a:]
+                break
         buffer[: bounds[1]] = host[: bounds[1]]
         for copy in copies:
             copy.result()

@@ -195,12 +195,17 @@ class SplitServer:
             if now < due or self._stopping.is_set():
                 continue
             del self._due[key]
-            self.restarts += 1
             self._backoff[key].start(now)
-            if key == "engine":
-                self.engine = self._spawn_engine()
-            else:
-                self.fronts[int(key)] = self._spawn_front(int(key))
+            try:
+                if key == "engine":
+                    self.engine = self._spawn_engine()
+                else:
+                    self.fronts[int(key)] = self._spawn_front(int(key))
+            except OSError as exc:  # no process or no socket pair (EMFILE, ...): try again after the backoff
+                self._due[key] = self._backoff[key].exited(now)
+                log.error("could not start a child process (%s); trying again in %.1f s", exc, self._due[key] - now)
+                continue
+            self.restarts += 1
 
     def watch_in_thread(self) -> SplitServer:
         def loop() -> None:

@@ -196,19 +196,29 @@ def test_staging_pads_with_the_last_item_in_the_buffers_dtype(n: int) -> None:
 
 
 @pytest.mark.parametrize("n", [24, 37, 64])
-def test_staging_a_large_batch_in_parallel_parts_gives_the_same_buffer(n: int) -> None:
+def test_staging_a_large_batch_in_parallel_parts_gives_the_same_buffer(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch of several MiB is copied in parts by the helper threads and the caller (numpy lets go of
-    the GIL while copying); every part lands where one copy would have put it."""
-    from service.compiled import _stage_helpers, stage
+    the GIL while copying); every part lands where one copy would have put it, also when the helpers'
+    pool is shut down (the interpreter exiting: the caller copies the rest)."""
+    from concurrent.futures import ThreadPoolExecutor
 
+    import service.compiled
+    from service.compiled import stage
+
+    monkeypatch.setattr(service.compiled, "STAGE_THREADS", 4)  # four parts whatever this machine's cores
     host = np.random.default_rng(n).integers(0, 256, size=(n, 256, 256, 3), dtype=np.uint8)
     assert host.nbytes // (1 << 21) >= 2  # large enough to be split
-    one, parallel = np.zeros((64, 256, 256, 3), np.uint8), np.zeros((64, 256, 256, 3), np.uint8)
+    one = np.zeros((64, 256, 256, 3), np.uint8)
     stage(host, one)
-    stage(host, parallel, _stage_helpers())
-    np.testing.assert_array_equal(parallel, one)
-    np.testing.assert_array_equal(parallel[:n], host)
-    np.testing.assert_array_equal(parallel[n:], np.broadcast_to(host[-1], (64 - n, 256, 256, 3)))
+    np.testing.assert_array_equal(one[:n], host)
+    np.testing.assert_array_equal(one[n:], np.broadcast_to(host[-1], (64 - n, 256, 256, 3)))
+    with ThreadPoolExecutor(3) as helpers:
+        parallel = np.zeros_like(one)
+        stage(host, parallel, helpers)
+        np.testing.assert_array_equal(parallel, one)
+    shut = np.zeros_like(one)
+    stage(host, shut, helpers)  # shut down by the `with`: submit raises
+    np.testing.assert_array_equal(shut, one)
 
 
 def test_the_compile_mode_reaches_the_compiled_runtime(model_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -205,10 +205,10 @@ def test_the_inference_process_dying_answers_503_then_serves_again(model_repo: P
         assert codes <= {200, 503} and 503 in codes, codes
         gone = next(r for r in answers if r.status_code == 503)
         assert gone.json()["type"] == "urn:vqtok:problem:model-not-ready" and gone.headers["retry-after"] == "1"
-        while s.server.engine is engine:  # until the supervisor starts it again, everything answers 503
+        while s.server.engine in (None, engine):  # until the supervisor starts it again (after its backoff), 503s
             models = httpx.get(f"{s.url}/v1/models", timeout=10)
             reload = httpx.post(f"{s.url}/v1/admin/reload", headers={"Authorization": "Bearer admin-key-123"}, timeout=10)
-            if s.server.engine is engine:
+            if s.server.engine in (None, engine):
                 assert models.status_code == 200 and reload.status_code == 503, reload.text
                 assert reload.json()["type"] == "urn:vqtok:problem:model-not-ready"
             time.sleep(0.05)
@@ -221,7 +221,7 @@ def test_the_inference_process_dying_answers_503_then_serves_again(model_repo: P
             assert r.status_code == 503 and r.json()["type"] == "urn:vqtok:problem:not-ready"
             time.sleep(0.1)
         assert r.status_code == 200
-        assert s.server.engine is not engine and s.server.restarts == 1
+        assert s.server.engine not in (None, engine) and s.server.restarts == 1
         again = asyncio.run(_post_all(s.url, [[j] for j in jpegs[:8]], concurrency=8))
         assert [r.status_code for r in again] == [200] * 8
     finally:
@@ -239,10 +239,10 @@ def test_shutdown_leaves_no_shared_memory_even_of_a_killed_front(model_repo: Pat
         victim.wait()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (
-            s.server.fronts[0] is not victim and httpx.get(f"{s.url}/readyz", timeout=10).status_code == 200
+            s.server.fronts[0] not in (None, victim) and httpx.get(f"{s.url}/readyz", timeout=10).status_code == 200
         ):
             time.sleep(0.1)
-        assert s.server.fronts[0] is not victim  # started again
+        assert s.server.fronts[0] not in (None, victim)  # started again (None: its restart is still pending)
     finally:
         s.stop()
     assert _segments(s.server.server_id) == []
@@ -470,10 +470,14 @@ def test_a_killed_front_gets_no_connections_until_it_is_back_then_its_share(mode
         victim.wait()
         conns += _open_keepalive(s.port, 9)  # every one answered by the three left (or by the new one)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and s.server.fronts[0] is victim:
+        while time.monotonic() < deadline and s.server.fronts[0] in (None, victim):
             time.sleep(0.05)
-        assert s.server.fronts[0] is not victim
-        while time.monotonic() < deadline and httpx.get(f"{s.url}/readyz", timeout=10).status_code != 200:
+        assert s.server.fronts[0] not in (None, victim)
+        acceptor = s.server.acceptor
+        assert acceptor is not None
+        while time.monotonic() < deadline and not (
+            all(acceptor.ready) and httpx.get(f"{s.url}/readyz", timeout=10).status_code == 200
+        ):  # /readyz: every front reaches the engine; `ready`: every front has told the supervisor it serves
             time.sleep(0.1)
         before = established_by_process([p.pid for p in s.server.fronts if p is not None], s.port)
         conns += _open_keepalive(s.port, 8)
@@ -536,5 +540,32 @@ def test_a_front_that_keeps_dying_is_started_again_later_each_time(model_repo: P
         img = pixels.encode_png(np.zeros((32, 32, 3), np.uint8))
         answers = [httpx.post(f"{s.url}/v1/encode", files={"images": img}, timeout=30).status_code for _ in range(4)]
         assert answers == [200] * 4
+    finally:
+        s.stop()
+
+
+def test_a_front_that_cannot_be_started_is_tried_again(model_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart that fails to spawn (no process, no socket pair: EMFILE and the like) is tried again
+    after the backoff instead of leaving the slot empty for good."""
+    s = SplitServerThread(_settings(model_repo, front_workers=2)).start()
+    try:
+        real_spawn = s.server._spawn_front
+        failures = []
+
+        def spawn(index: int) -> subprocess.Popen[bytes]:
+            if not failures:
+                failures.append(index)
+                raise OSError(24, "Too many open files")
+            return real_spawn(index)
+
+        monkeypatch.setattr(s.server, "_spawn_front", spawn)
+        victim = s.server.fronts[0]
+        assert victim is not None
+        victim.kill()
+        deadline = time.monotonic() + 60
+        while s.server.fronts[0] in (None, victim):
+            assert time.monotonic() < deadline, "the front was not started again"
+            time.sleep(0.05)
+        assert failures == [0] and s.server.restarts == 1
     finally:
         s.stop()
