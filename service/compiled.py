@@ -147,10 +147,10 @@ class _Graph:
         copies of the last item)."""
         import torch
 
-        n, size = len(host), int(self.input.shape[0])
+        n = len(host)
         if self.graph is None:
             with self.lock, torch.no_grad():
-                self.input.copy_(torch.from_numpy(_padded(host, size)))
+                stage(host, self.input.numpy())  # the eager CPU mode's input is a host tensor
                 return self.fn(self.input).cpu().numpy()[:n]
         # Pinned blocks come from torch's caching host allocator: after the first calls, no allocation.
         staged = torch.empty(self.input.shape, dtype=self.input.dtype, pin_memory=True)
@@ -228,14 +228,6 @@ def stage(host: np.ndarray, buffer: np.ndarray, helpers: ThreadPoolExecutor | No
             copy.result()
     if n < len(buffer):
         buffer[n:] = buffer[n - 1]
-
-
-def _padded(array: np.ndarray, size: int) -> np.ndarray:
-    """`array` with its last item repeated up to `size` items."""
-    n = len(array)
-    if n >= size:
-        return np.ascontiguousarray(array)
-    return np.concatenate([array, np.broadcast_to(array[-1:], (size - n, *array.shape[1:]))])
 
 
 class CompiledRuntime:

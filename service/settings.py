@@ -45,7 +45,7 @@ class Settings(BaseSettings):
         description="the compiled runtime's kernels: default, or max-autotune (Inductor times candidate kernels for every "
         "convolution and matmul of each warmed shape and keeps the fastest; minutes a shape and part on an empty cache, "
         "so the first start takes the better part of an hour with the default warm-up; cached in $VQTOK_CACHE afterwards). "
-        "Not yet measured in the runtime: torch.compile's own max-autotune decoded 0.98-1.04x the default-compiled "
+        "Not yet measured in the runtime: torch.compile's own max-autotune decoded 0.98-1.02x the default-compiled "
         "runtime's rate on an H200 (256², batch 64)",
     )
     device: Device = Field(default="auto", description="where the models run: auto (CUDA when available, else CPU), cuda or cpu")
@@ -179,8 +179,8 @@ class Settings(BaseSettings):
     opentelemetry: bool = Field(
         default=False,
         description="FastAPI's native OpenTelemetry spans, metrics and logs (FastAPI >= 0.165, sent to the providers the "
-        "process configures); off by default: its per-request check reads the environment (4-8 % of a front's samples in a CPU profile, though no "
-        "difference in a front's CPU per request showed end to end on 2 cores)",
+        "process configures); off by default: its per-request check reads the environment (4-8 % of a front's samples "
+        "in a CPU profile, though no difference in a front's CPU per request showed end to end on 2 cores)",
     )
 
     @field_validator("api_keys", "admin_api_keys", mode="before")
