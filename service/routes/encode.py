@@ -11,11 +11,10 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.core import pixels as images
 
+from .. import forms
 from ..deps import State, require_api_key
 from ..problems import BadRequest, NotAcceptable, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 from ..repository import ServedModel
@@ -57,19 +56,19 @@ async def _read_request(request: Request, state: State) -> tuple[list[bytes], st
     limit = state.settings.max_images_per_request
     kind = media_type(request)
     if kind == "multipart/form-data":
+        body = await request.body()
         try:
-            form = await request.form(max_files=limit, max_fields=16)
-        except StarletteHTTPException as exc:
-            if "too many files" in str(exc.detail).lower():
+            form = forms.parse_form(body, request.headers["content-type"], max_files=limit, max_fields=16)
+        except forms.TooManyParts as exc:
+            if "files" in str(exc):
                 raise PayloadTooLarge(f"more than {limit} images in one request") from None
-            raise BadRequest(f"cannot parse the multipart body: {exc.detail}") from None
-        parts = form.getlist("images")
-        files = [p for p in parts if isinstance(p, UploadFile)]
-        if len(files) != len(parts):
+            raise BadRequest(f"cannot parse the multipart body: {exc}") from None
+        except forms.FormError as exc:
+            raise BadRequest(f"cannot parse the multipart body: {exc}") from None
+        parts = form.files("images")
+        if any(p.filename is None for p in parts):
             raise Unprocessable("'images' parts must be files (filename=...)")
-        data = [await f.read() for f in files]
-        model, resize = form.get("model"), form.get("resize")
-        return data, model if isinstance(model, str) else None, resize if isinstance(resize, str) else None
+        return [bytes(p.data) for p in parts], form.field("model"), form.field("resize")
     if kind == JSON:
         body = await request.body()
         try:
@@ -103,7 +102,7 @@ def _prepare_all(state: State, served: ServedModel, files: list[bytes], resize: 
     s, info = state.settings, served.runtime.info
     loop = asyncio.get_running_loop()
 
-    def prepare(data: bytes) -> images.PreparedImage:
+    def prepare(data: bytes, header: images.Header | None = None) -> images.PreparedImage:
         return images.prepare(
             data,
             downsample=info.downsample,
@@ -111,30 +110,36 @@ def _prepare_all(state: State, served: ServedModel, files: list[bytes], resize: 
             resize=resize,
             max_pixels=s.max_image_pixels,
             max_grid_tokens=s.max_grid_tokens,
+            header=header,
         )
 
     budget = s.inline_decode_pixels
     futures: list[asyncio.Future[images.PreparedImage]] = []
     for data in files:
-        size = _probe(data, budget) if budget > 0 else None  # None: larger than what is left, or unreadable
-        if size is None:
+        header = _header(data, budget) if budget > 0 else None  # None: larger than what is left, or unreadable
+        if header is None:
             futures.append(loop.run_in_executor(state.pool, prepare, data))
             continue
-        budget -= size[0] * size[1]
+        budget -= header.size[0] * header.size[1]
         future = loop.create_future()
         try:
-            future.set_result(prepare(data))
+            future.set_result(prepare(data, header))
         except Exception as exc:  # the same errors the threads' futures carry
             future.set_exception(exc)
         futures.append(future)
     return futures
 
 
-def _probe(data: bytes, max_pixels: int) -> tuple[int, int] | None:
+def _header(data: bytes, max_pixels: int) -> images.Header | None:
     try:
-        return images.probe_image(data, max_pixels=max_pixels)
+        return images.read_header(data, max_pixels=max_pixels)
     except (images.ImageError, images.ImageTooLarge):
         return None  # decoding reports it, in its own words
+
+
+def _probe(data: bytes, max_pixels: int) -> tuple[int, int] | None:
+    header = _header(data, max_pixels)
+    return None if header is None else header.size
 
 
 async def _check_pixel_budget(state: State, served: ServedModel, files: list[bytes], resize: ResizeMode) -> None:

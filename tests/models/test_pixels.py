@@ -197,3 +197,26 @@ def test_fast_path_steps_aside_for_cmyk_rotations_and_corrupt_files(monkeypatch:
     assert calls == [1]
     with pytest.raises(images.ImageError, match="cannot decode image"):
         _by_pillow(monkeypatch, lambda: images.decode_pixels(truncated))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("resize", ["none", "crop", "pad"])
+def test_a_header_read_once_prepares_the_same_pixels(fmt: str, resize: str) -> None:
+    rng = np.random.default_rng(3)
+    photo = Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the header's size is swapped
+    data = encoded(photo, fmt, exif=exif) if fmt == "JPEG" else encoded(photo, fmt)
+    header = images.read_header(data, max_pixels=10**6)
+    assert header.size == ((56, 40) if fmt == "JPEG" else (40, 56))
+    once = images.prepare(data, downsample=8, resolution=32, resize=resize, header=header, **LIMITS)  # type: ignore[arg-type]
+    twice = prep(data, resize, f=8)
+    assert once.source_size == twice.source_size == header.size
+    np.testing.assert_array_equal(once.pixels, twice.pixels)
+
+
+def test_a_header_read_under_a_larger_limit_is_checked_again() -> None:
+    data = encoded(Image.new("RGB", (64, 64)), "PNG")
+    header = images.read_header(data, max_pixels=64 * 64)
+    with pytest.raises(images.ImageTooLarge, match="limit is 4095"):
+        images.prepare(data, downsample=8, resolution=32, resize="none", max_pixels=64 * 64 - 1, header=header)
