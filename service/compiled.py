@@ -41,7 +41,7 @@ from models.core import gate
 from models.core.artefacts import Device, ModelInfo, open_exported
 from models.core.errors import InvalidInputError, ModelLoadError
 
-from .runtime import ModelRuntime, check_images, check_tokens
+from .runtime import ModelRuntime, check_images, check_tokens, cuda_available
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,18 @@ def compiled_available() -> str | None:
     except ImportError:
         return "triton is not installed (it ships with torch's CUDA wheels)"
     return None
+
+
+def fallback_device(eager_cpu: bool) -> Device:
+    """Where the ONNX Runtime fallback (image sizes nobody warmed) runs: CUDA where onnxruntime-gpu is
+    installed, else the CPU, said in its own words (device="auto" would log ONNX Runtime's "a GPU is
+    visible ... serving on the CPU", which reads as if the whole model were served on the CPU)."""
+    if eager_cpu:
+        return "cpu"
+    if cuda_available():
+        return "cuda"
+    log.info("the compiled runtime's fallback for image sizes not warmed runs on the CPU (this onnxruntime has no CUDA provider)")
+    return "cpu"
 
 
 def power_buckets(max_batch_size: int) -> tuple[int, ...]:
@@ -295,9 +307,8 @@ class CompiledRuntime:
         model_dir = Path(model_dir)
         t0 = time.perf_counter()
         exported = open_exported(model_dir, precision="fp32", on_cuda=True, name=name)  # verifies the artefacts
-        ort_device: Device = "cpu" if eager_cpu else "auto"  # CUDA where onnxruntime-gpu is installed
         fallback = ModelRuntime.load(
-            model_dir, name=name, device=ort_device, intra_op_threads=intra_op_threads, max_batch_size=max_batch_size
+            model_dir, name=name, device=fallback_device(eager_cpu), intra_op_threads=intra_op_threads, max_batch_size=max_batch_size
         )
         dev = torch.device("cpu") if eager_cpu else torch.device("cuda", int(os.environ.get("VQTOK_CUDA_DEVICE", "0")))
         tok = Tokenizer.from_pretrained(model_dir).eval()
@@ -415,4 +426,4 @@ class CompiledRuntime:
         return out
 
 
-__all__ = ["CompiledRuntime", "InvalidInputError", "compiled_available", "power_buckets"]
+__all__ = ["CompiledRuntime", "InvalidInputError", "compiled_available", "fallback_device", "power_buckets"]

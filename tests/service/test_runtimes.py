@@ -265,3 +265,21 @@ def test_compiled_graphs_compile_in_the_mode_asked(
     assert calls == [{"dynamic": False, **passed}] * 2
     with pytest.raises(ValueError, match="compile mode must be one of"):
         compiled.compiled_graphs(tok, torch.device("cpu"), mode="reduce-overhead")
+
+
+def test_the_compiled_runtimes_fallback_device_is_said_in_its_own_words(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a GPU host with CPU-only onnxruntime the fallback runs on the CPU, and the log says so of the
+    fallback, not ONNX Runtime's "a GPU is visible ... serving on the CPU" (seen on the H200 while the
+    model was served on the GPU)."""
+    pytest.importorskip("torch")
+    from service import compiled
+
+    monkeypatch.setattr(compiled, "cuda_available", lambda: False)
+    with caplog.at_level(logging.INFO, logger="service.compiled"):
+        assert compiled.fallback_device(eager_cpu=False) == "cpu"
+    assert "fallback for image sizes not warmed runs on the CPU" in caplog.text
+    monkeypatch.setattr(compiled, "cuda_available", lambda: True)
+    assert compiled.fallback_device(eager_cpu=False) == "cuda"
+    assert compiled.fallback_device(eager_cpu=True) == "cpu"
