@@ -209,6 +209,7 @@ def main() -> None:
     )
     summary["h200"], sources["h200"] = h200()
     summary["h200_dec86ed"], sources["h200_dec86ed"] = h200_dec86ed()
+    summary["h200_ninth_pass"], sources["h200_ninth_pass"] = h200_ninth_pass()
     out = {"summary": summary, "sources": sources}
     (RESULTS / "serving_gpu_summary.json").write_text(json.dumps(out, indent=1) + "\n")
     width = max(map(len, summary))
@@ -324,6 +325,64 @@ def h200_dec86ed() -> tuple[dict[str, Any], str]:
         "six client processes sharing one window (StartGate); each level's server_window agrees with the clients' count "
         "within the min/max given. http_1img_bw2_intra1.json: --intra-op-threads 1 (it reaches ONNX Runtime's fallback "
         "only, not torch: no change)"
+    )
+    return figures, source
+
+
+def h200_ninth_pass() -> tuple[dict[str, Any], str]:
+    """The ninth pass (H200, 16 cores): the served runtime autotuned (`--compile-mode max-autotune`)
+    against torch.compile's max-autotune decode in one process (27561a8), and the single-image HTTP
+    sweep after the inference process stopped spinning torch's OpenMP workers on staging (fa59cfe)."""
+    autotuned = load("serving_gpu_h200_27561a8/serving_gpu_max_autotune_same_run.json")
+    http = load("serving_gpu_h200_fa59cfe/http_1img_fine_delay05.json")
+    before = load("serving_gpu_h200_dec86ed/http_1img_fine_delay05.json")  # the same configuration, the pass before
+    at = autotuned["served"]["256"]
+    torch_ms = autotuned["torch-compile-mat-bf16"]["256"]["decode_b64_ms"]
+
+    def levels(result: dict[str, Any]) -> list[dict[str, Any]]:
+        return [lv for lv in result["levels"] if lv["front_workers"] == 12 and lv["images_per_request"] == 1]
+
+    def ms(lv: dict[str, Any], *roles: str) -> float:
+        return round(1000 * sum(lv["server_cpu_s_per_request_by_role"][r] for r in roles), 2)
+
+    now, then = levels(http), levels(before)
+    figures = {
+        "revision_runtime": autotuned["revision"],
+        "revision_http": http["setup"]["revision"],
+        "gpu": autotuned["gpu"],
+        "compile_mode": autotuned["compile_mode"],
+        "encode_served_img_s": 64 * 1000 / at["encode_b64_ms"],
+        "decode_served_img_s": 64 * 1000 / at["decode_b64_ms"],
+        "decode_max_autotune_img_s": 64 * 1000 / torch_ms,
+        "decode_served_over_max_autotune": torch_ms / at["decode_b64_ms"],
+        "ready_s_autotuned_partly_cached": autotuned["load_s"] + autotuned["warmup_s"],
+        "gpu_token_agreement": autotuned["gate"]["token_agreement"],
+        "gpu_decode_psnr_db": autotuned["gate"]["decode_psnr_db"],
+        "http_raw_img_s": http["raw_images_per_s"]["used"],
+        "http_raw_2threads_img_s": http["raw_pipelined_images_per_s"]["used"],
+        "http_over_raw_1_image_12_fronts": {lv["concurrency"]: round(lv["http_over_raw"], 3) for lv in now},
+        "http_over_raw_1_image_12_fronts_dec86ed": {lv["concurrency"]: round(lv["http_over_raw"], 3) for lv in then},
+        "http_over_raw": min(lv["http_over_raw"] for lv in now),
+        "http_p50_ms": {lv["concurrency"]: round(lv["p50_ms"], 1) for lv in now},
+        "http_p99_ms": {lv["concurrency"]: round(lv["p99_ms"], 1) for lv in now},
+        "inference_process_cpu_ms_per_request": {lv["concurrency"]: ms(lv, "engine", "engine_loop") for lv in now},
+        "inference_process_cpu_ms_per_request_dec86ed": {lv["concurrency"]: ms(lv, "engine", "engine_loop") for lv in then},
+        "fronts_cpu_ms_per_request": {lv["concurrency"]: ms(lv, "fronts") for lv in now},
+        "server_cores_busy": {lv["concurrency"]: round(lv["server_cores_busy"], 1) for lv in now},
+        "server_cores_busy_dec86ed": {lv["concurrency"]: round(lv["server_cores_busy"], 1) for lv in then},
+        "mean_batch": {lv["concurrency"]: round(lv["mean_batch"], 1) for lv in now},
+        "http_clients_over_server_window": [round(lv["images_per_s"] / lv["server_window"]["images_per_s"], 3) for lv in now],
+        "server_ready_s_cold_20_shapes": now[0]["server_ready_s"],
+    }
+    source = (
+        "serving_gpu_h200_27561a8/serving_gpu_max_autotune_same_run.json (NVIDIA H200, revision 27561a8): `serving_gpu.py "
+        "--part all --compile-mode max-autotune --batches 64 --sizes 256 --torch-modes max-autotune-no-cudagraphs "
+        "--torch-ops decode`, the second of two calls on one machine (the first was stopped by its time limit while "
+        "tuning; the second resumed from the tuning cache). serving_gpu_h200_fa59cfe/http_1img_fine_delay05.json "
+        "(revision fa59cfe: numpy staging, in-memory multipart, one header read): 12 fronts, 2 batch workers, buckets "
+        "1,2,4,8,12,16,24,32,48,64, 0.5 ms batch delay, one 256² JPEG a request, six client processes, cold Inductor "
+        "cache; the *_dec86ed figures are the same configuration one pass earlier "
+        "(serving_gpu_h200_dec86ed/http_1img_fine_delay05.json)"
     )
     return figures, source
 
