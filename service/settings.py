@@ -45,8 +45,8 @@ class Settings(BaseSettings):
         description="the compiled runtime's kernels: default, or max-autotune (Inductor times candidate kernels for every "
         "convolution and matmul of each warmed shape and keeps the fastest; minutes a shape and part on an empty cache, "
         "so the first start takes the better part of an hour with the default warm-up; cached in $VQTOK_CACHE afterwards). "
-        "Not yet measured in the runtime: torch.compile's own max-autotune decoded 0.98-1.02x the default-compiled "
-        "runtime's rate on an H200 (256², batch 64)",
+        "Measured on an H200 (256², batch 64, one process): decode 3,620 images/s, 1.12x torch.compile's own "
+        "max-autotune (3,235) where the default mode is 0.98x; encode 4,759 (default 4,727)",
     )
     device: Device = Field(default="auto", description="where the models run: auto (CUDA when available, else CPU), cuda or cpu")
     precision: Precision = Field(
