@@ -59,3 +59,21 @@ def test_the_clients_count_matches_the_servers_over_the_same_window(model_repo: 
     window = level["server_window"]
     assert level["errors"] == {} and level["images"] > 0
     assert window["images_per_s"] == pytest.approx(level["images_per_s"], rel=0.1)
+
+
+def test_the_front_floor_bench_measures_each_server_it_names(model_repo: Path, tmp_path: Path) -> None:
+    """bench/front_floor.py: the bare, work, fastapi and vqtok servers all answer the load generator's
+    real multipart JPEGs without an error, and each row has the CPU of the processes it names."""
+    from bench import front_floor
+
+    out = tmp_path / "floor.json"
+    result = front_floor.main(
+        ["--model-repo", str(model_repo), "--model", "fsq4", "--seconds", "1", "--concurrency", "2", "--out", str(out)]
+    )
+    assert result is not None and out.is_file()
+    rows = result["variants"]
+    assert list(rows) == list(front_floor.VARIANTS)
+    for name, row in rows.items():
+        assert not row["errors"] and row["requests_per_s"] > 0, (name, row)
+        assert set(row["cpu_ms_per_request"]) == ({"front", "inference process"} if name == "vqtok" else {"front"})
+        assert all(ms > 0 for ms in row["cpu_ms_per_request"].values()), (name, row)
