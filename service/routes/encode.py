@@ -56,19 +56,19 @@ async def _read_request(request: Request, state: State) -> tuple[list[bytes], st
     limit = state.settings.max_images_per_request
     kind = media_type(request)
     if kind == "multipart/form-data":
-        body = await request.body()
         try:
-            form = forms.parse_form(body, request.headers["content-type"], max_files=limit, max_fields=16)
-        except forms.TooManyParts as exc:
-            if "files" in str(exc):
-                raise PayloadTooLarge(f"more than {limit} images in one request") from None
-            raise BadRequest(f"cannot parse the multipart body: {exc}") from None
+            parser = forms.FormParser(request.headers["content-type"], max_files=limit, max_fields=16)
+            async for chunk in request.stream():  # parsed as it arrives: no second copy of the body
+                parser.write(chunk)
+            form = parser.finish()
+        except forms.TooManyFiles:
+            raise PayloadTooLarge(f"more than {limit} images in one request") from None
         except forms.FormError as exc:
             raise BadRequest(f"cannot parse the multipart body: {exc}") from None
         parts = form.files("images")
         if any(p.filename is None for p in parts):
             raise Unprocessable("'images' parts must be files (filename=...)")
-        return [bytes(p.data) for p in parts], form.field("model"), form.field("resize")
+        return [p.data for p in parts], form.field("model"), form.field("resize")
     if kind == JSON:
         body = await request.body()
         try:
