@@ -46,7 +46,7 @@ class Settings(BaseSettings):
         "convolution and matmul of each warmed shape and keeps the fastest; minutes a shape and part on an empty cache, "
         "so the first start takes the better part of an hour with the default warm-up; cached in $VQTOK_CACHE afterwards). "
         "Measured on an H200 (256², batch 64, one process): decode 3,620 images/s, 1.12x torch.compile's own "
-        "max-autotune (3,235) where the default mode is 0.98x; encode 4,759 (default 4,727)",
+        "max-autotune (3,235; the default mode was 0.98x of it in another run); encode 4,759 (default 4,727, that run)",
     )
     device: Device = Field(default="auto", description="where the models run: auto (CUDA when available, else CPU), cuda or cpu")
     precision: Precision = Field(
