@@ -55,12 +55,12 @@ def _decode(data: bytes, encoding: str) -> str:
 
 
 def _charset(params: dict[bytes, bytes]) -> str:
-    """The body's declared charset when it is a text encoding, else latin-1 (as Starlette's)."""
+    """The body's declared charset, latin-1 when no codec has that name (as Starlette's); one that is
+    no text encoding (rot13, hex) falls back in `_decode`."""
     try:
-        info = codecs.lookup(params.get(b"charset", b"utf-8").decode("latin-1"))
+        return codecs.lookup(params.get(b"charset", b"utf-8").decode("latin-1")).name
     except LookupError:
         return "latin-1"
-    return info.name if getattr(info, "_is_text_encoding", True) else "latin-1"
 
 
 MAX_FIELD_BYTES = 1 << 20  # a plain field's limit, as Starlette's

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -91,10 +90,7 @@ async def with_deadline(request: Request, state: ServiceState, work: Callable[[f
     """Run `work(deadline)` under the request's deadline (monotonic seconds); past it: 504."""
     timeout = deadline_seconds(request, state)
     try:
-        if sys.version_info >= (3, 11):  # a timeout scope: no task of its own, unlike wait_for before 3.12
-            async with asyncio.timeout(timeout):
-                return await work(time.monotonic() + timeout)
-        return await asyncio.wait_for(work(time.monotonic() + timeout), timeout)  # pragma: no cover - 3.10
+        return await asyncio.wait_for(work(time.monotonic() + timeout), timeout)
     except asyncio.TimeoutError:
         # Label with the model that was leased (a bounded set), never with a client-supplied string.
         model = getattr(request.state, "served_model", None) or "-"

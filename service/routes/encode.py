@@ -254,8 +254,5 @@ async def _encode_grouped(state: State, served: ServedModel, pixels: list[np.nda
         for j, i in enumerate(indices):
             out[i] = result[j]
 
-    if len(groups) == 1:  # the common case: no gather (a task per group) needed
-        await one(next(iter(groups.values())))
-    else:
-        await asyncio.gather(*(one(ix) for ix in groups.values()))
+    await asyncio.gather(*(one(ix) for ix in groups.values()))
     return [t for t in out if t is not None]
