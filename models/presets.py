@@ -36,6 +36,7 @@ _PRESETS: dict[str, TokenizerConfig] = {
     "cifar-fsq": _fsq(_CIFAR, (8, 5, 5, 5)),  # 1,000 codes: the FSQ paper's level set nearest K = 1,024
     "f8-simvq-16k": _vq(_F8, 16384, linear_codebook=True),
     "f16-simvq-64k": _vq(_F16, 65536, linear_codebook=True),
+    "f16-simvq-16k": _vq(_F16, 16384, linear_codebook=True),  # 256 tokens at 256², 14 bits each: 0.055 bpp
     "f8-fsq-64k": _fsq(_F8, (8, 8, 8, 5, 5, 5)),  # 64,000 codes (≈ 16 bits a token)
     "f16-fsq-64k": _fsq(_F16, (8, 8, 8, 5, 5, 5)),
     "f16-fsq-1k": _fsq(_F16, (8, 5, 5, 5)),  # 1,000 codes

@@ -43,6 +43,10 @@ class ModelSection:
     # decoder) and leaves the other parts freshly initialised.
     init_parts: list[str] = field(default_factory=list)
     freeze: list[str] = field(default_factory=list)  # parts trained no further, e.g. [encoder, quantizer]: init_from's tokens
+    # with init_from: build the network from `preset` + `overrides` (e.g. f16) and copy init_from's weights
+    # wherever a tensor of the same role and shape exists (training/warmstart.py: a deeper network grown from
+    # a shallower one); everything else starts fresh
+    init_grow: bool = False
 
 
 @dataclass
@@ -153,9 +157,11 @@ class TrainConfig:
                 fail(key, f"parts are {', '.join(MODEL_PARTS)}; got {parts}")
         if mc.init_parts and not mc.init_from:
             fail("model.init_parts", "names parts of model.init_from, which is not set")
-        if mc.init_from and mc.overrides and not mc.init_parts:
+        if mc.init_grow and (not mc.init_from or mc.init_parts or mc.freeze):
+            fail("model.init_grow", "needs model.init_from, and neither init_parts nor freeze (it copies whatever fits)")
+        if mc.init_from and mc.overrides and not mc.init_parts and not mc.init_grow:
             fail("model.overrides", "change the network that model.init_from gives: name the parts to load in model.init_parts")
-        loaded = mc.init_parts or (MODEL_PARTS if mc.init_from else ())
+        loaded = mc.init_parts or (MODEL_PARTS if mc.init_from and not mc.init_grow else ())
         if any(p not in loaded for p in mc.freeze):
             fail("model.freeze", f"only parts loaded from model.init_from can be frozen (loaded: {list(loaded)}), got {mc.freeze}")
         if self.optim.lr <= 0:

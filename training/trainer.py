@@ -26,6 +26,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -62,6 +64,7 @@ from .losses import PatchDiscriminator, adaptive_weight, generator_loss, hinge_d
 from .lpips import LPIPS
 from .metrics import psnr
 from .runlog import RunLog, reconstruction_grid, usage_histogram
+from .warmstart import grow_into
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +229,11 @@ class Trainer:
         if not mc.init_from:
             return Tokenizer(self.config.tokenizer_config())
         source = Tokenizer.from_pretrained(mc.init_from)
+        if mc.init_grow:
+            model = Tokenizer(self.config.tokenizer_config())
+            report = grow_into(model, source)
+            log.info("grown from %s: %s", mc.init_from, report)
+            return model
         if mc.init_parts:  # init_from's network with the overrides, only the named parts' weights from it
             try:
                 model = Tokenizer(source.config.replace(**mc.overrides))
@@ -567,6 +575,7 @@ class Trainer:
         window_counts = torch.zeros(self.model.codebook_size, dtype=torch.long, device=self.device)
         window_start, images_total = time.monotonic(), 0
         reason, saved_at = "max_steps", -1
+        terminated = _Termination()
         positions_per_batch = c.batch_size * self.dist.world
         empty_run = 0  # stream positions consumed since the last trained step
         while self.step < c.max_steps:
@@ -574,9 +583,10 @@ class Trainer:
                 reason = "stop_at_step"
                 break
             images, skipped = next(batches)
-            stop, fewest = self._agree(time.monotonic() - start >= budget_s, images.shape[0])
+            over_budget = time.monotonic() - start >= budget_s
+            stop, fewest = self._agree(over_budget or terminated.is_set(), images.shape[0])
             if stop:  # this batch is not consumed: a resumed run starts with it
-                reason = "time_budget"
+                reason = "time_budget" if over_budget else "terminated"
                 break
             self.data_position += positions_per_batch
             self.skipped_images += skipped
@@ -614,6 +624,7 @@ class Trainer:
             if self.step % c.checkpoint_every == 0:
                 self.save()
                 saved_at = self.step
+        terminated.restore()
         call_seconds = time.monotonic() - start
         self.train_seconds += call_seconds
         if saved_at != self.step:
@@ -678,3 +689,22 @@ class Trainer:
 
 def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+class _Termination:
+    """SIGTERM asks the run to stop as the time budget does: after the current step, with a checkpoint and
+    the exported model (a scheduler's pre-emption, or a script ending a detached run, loses nothing)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._previous: Any = None
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self._event.set())
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
