@@ -3,7 +3,8 @@
 # coarsest level, trained side by side; the narrower or wider pair is stopped once the validation curves and
 # images/s say which to keep, and the kept pair trains on alone. Runs are detached (setsid), checkpoint every
 # 250 steps and resume when started again, so one run spans several device calls.
-#   bash scripts/gpu/budgets.sh pack                 # HERE: .gpudata/p0..p3, one tar of the data split for transfer
+#   bash scripts/gpu/budgets.sh pack [PARTS] [extra] # HERE: .gpudata/p0..p{PARTS-1} (default 4), one tar of the data
+#                                                    # split for transfer; photos-extra only with `extra`
 #   bash scripts/gpu/budgets.sh stage                # THERE: join and unpack the parts into .gpudata/d
 #   bash scripts/gpu/budgets.sh start [RUN...]       # start (or resume) vq-n vq-w fsq-n fsq-w (default: all four)
 #   bash scripts/gpu/budgets.sh watch SECONDS        # wait (at most SECONDS, or until every run ended), report;
@@ -27,8 +28,10 @@ start() {
     echo "$name is running already"
     return
   fi
+  local extra=("data.extra_train=[]" "data.train_weights=[]")  # photos256/train alone where photos-extra did not travel
+  [ -d $d/extra ] && extra=("data.extra_train=[$d/extra/*]")
   VQTOK_CACHE=$PWD/$d/w setsid nohup python3 -m vqtok train --config "$(config_of "$name")" --out "runs/$name" --resume \
-    "$(width_of "$name")" data.train=$d/p256/train "data.extra_train=[$d/extra/*]" data.val=$d/p256/val \
+    "$(width_of "$name")" data.train=$d/p256/train "${extra[@]}" data.val=$d/p256/val \
     model.init_from=$d/v2 >>"runs/logs/$name.log" 2>&1 </dev/null &
   echo $! >"runs/logs/$name.pid"
   echo "started $name (pid $!)"
@@ -63,9 +66,13 @@ PY
 
 case "${1:-}" in
   pack)
-    rm -rf .gpudata && mkdir -p .gpudata/d/p256 .gpudata/d/extra .gpudata/d/v2 .gpudata/d/w/lpips
+    parts=${2:-4}
+    rm -rf .gpudata && mkdir -p .gpudata/d/p256 .gpudata/d/v2 .gpudata/d/w/lpips
     cp -r ../shared/data/photos256/train ../shared/data/photos256/val .gpudata/d/p256/
-    for g in clothing houses pets scenes; do cp -r "../shared/data/photos-extra/$g" .gpudata/d/extra/; done
+    if [ "${3:-}" = extra ]; then
+      mkdir -p .gpudata/d/extra
+      for g in clothing houses pets scenes; do cp -r "../shared/data/photos-extra/$g" .gpudata/d/extra/; done
+    fi
     cp models/pretrained/photo-f8-simvq-16k-v2/config.json models/pretrained/photo-f8-simvq-16k-v2/model.safetensors .gpudata/d/v2/
     # LPIPS-VGG in float16 for the transfer (half the bytes); loading casts it back to the float32 parameters
     .venv/bin/python -c "
@@ -73,15 +80,16 @@ from safetensors.torch import load_file, save_file
 from training.lpips import weights_path
 save_file({k: v.half() for k, v in load_file(str(weights_path('vgg'))).items()}, '.gpudata/d/w/lpips/lpips_vgg.safetensors')"
     tar -cf .gpudata/all.tar -C .gpudata d && rm -rf .gpudata/d
-    split -n 4 -d -a 1 .gpudata/all.tar .gpudata/part && rm .gpudata/all.tar
-    for i in 0 1 2 3; do mkdir -p ".gpudata/p$i" && mv ".gpudata/part$i" ".gpudata/p$i/part"; done
+    split -n "$parts" -d -a 1 .gpudata/all.tar .gpudata/part && rm .gpudata/all.tar
+    for ((i = 0; i < parts; i++)); do mkdir -p ".gpudata/p$i" && mv ".gpudata/part$i" ".gpudata/p$i/part"; done
     du -sh .gpudata/p*
     ;;
   stage)
     if [ ! -d $d ]; then
-      cat .gpudata/p0/part .gpudata/p1/part .gpudata/p2/part .gpudata/p3/part | tar -xf - -C .gpudata
+      cat .gpudata/p[0-9]/part | tar -xf - -C .gpudata
     fi
-    for x in $d/p256/train $d/p256/val $d/extra/*; do printf '%6d images  %s\n' "$(find "$x" -name '*.jpg' | wc -l)" "$x"; done
+    for x in $d/p256/train $d/p256/val $d/extra/*; do
+      [ -d "$x" ] || continue printf '%6d images  %s\n' "$(find "$x" -name '*.jpg' | wc -l)" "$x"; done
     ls -la $d/v2 $d/w/lpips
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
     python3 -c 'import torch; print("torch", torch.__version__)'
