@@ -37,9 +37,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models import Tokenizer  # noqa: E402
 from models.core import pixels  # noqa: E402
 from models.export.graphs import DecoderGraph, EncoderGraph, images_to_input, output_to_images  # noqa: E402
+from models.tokenizer import Tokenizer  # noqa: E402
 
 MODEL = ROOT / "models" / "pretrained" / "photo-f8-simvq-16k"
 RESULTS: dict[str, Any] = {"rows": [], "errors": []}

@@ -34,8 +34,8 @@ from service.settings import Settings  # noqa: E402
 
 _EXPORT = """
 import sys, torch
-from models import create_tokenizer
-from models.export import export_model
+from models.presets import create_tokenizer
+from models.export.driver import export_model
 torch.manual_seed(0)
 create_tokenizer("f8-fsq-64k", base_channels=8, norm_groups=4, num_res_blocks=1, resolution=32).save_pretrained(sys.argv[1])
 export_model(sys.argv[1])

@@ -33,8 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import create_tokenizer
-from models.export import DecoderGraph, EncoderGraph, export_model, git_revision
+from models.export.driver import export_model, git_revision
+from models.export.graphs import DecoderGraph, EncoderGraph
+from models.presets import create_tokenizer
 
 
 def sync(device: str) -> None:
@@ -84,7 +85,7 @@ class TorchPaths:
         self.device = device
 
     def encode(self, images: torch.Tensor, bf16: bool) -> torch.Tensor:
-        from models.export import images_to_input
+        from models.export.graphs import images_to_input
 
         with torch.no_grad():
             with torch.autocast(self.device, dtype=torch.bfloat16, enabled=bf16):
@@ -92,7 +93,7 @@ class TorchPaths:
             return self.enc.quant.indices(z.float())
 
     def decode(self, tokens: torch.Tensor, bf16: bool) -> torch.Tensor:
-        from models.export import output_to_images
+        from models.export.graphs import output_to_images
 
         with torch.no_grad():
             codes = self.dec.quant.codes(tokens)
@@ -104,7 +105,7 @@ class TorchPaths:
 def ort_session(path: Path, device: str, nhwc: bool = False) -> Any:
     import onnxruntime as ort
 
-    from service.runtime import cuda_provider_options, session_options
+    from models.runtime.onnx import cuda_provider_options, session_options
 
     providers: list[Any] = ["CPUExecutionProvider"]
     if device == "cuda":
@@ -188,7 +189,7 @@ def bench_model(
                         ort_device_runner(dec_s, "tokens", tokens_np, device),
                     )
                 if device == "cuda":
-                    from service.runtime import ModelRuntime
+                    from models.runtime.onnx import ModelRuntime
 
                     rt = ModelRuntime.load(d, device="cuda", precision="fp16")
                     paths["ort-fp16-host"] = (partial(rt.encode, images_np), partial(rt.decode, tokens_np))

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from bench.tokenize_throughput import InstantEncoder, image_folder  # noqa: E402
 from clients.tokenize.local import tokenize_local  # noqa: E402
 from models.core.artefacts import DEFAULT_MODEL  # noqa: E402
-from service.runtime import ModelRuntime  # noqa: E402
+from models.runtime.onnx import ModelRuntime  # noqa: E402
 
 
 def cpu_s(usage: resource.struct_rusage) -> tuple[float, float]:

@@ -5,7 +5,7 @@ process, service/split.py) it starts `vqtok serve`, sends real JPEGs as multipar
 per request, then 8-image requests) from separate load-generator processes at each concurrency, and
 records images/s, p50/p99 latency, the batches the server formed and the server's CPU seconds per
 request (the whole process tree: supervisor, fronts and inference process). The raw runtime
-(`service.runtimes.load_runtime`, the server's own choice of runtime) is timed in this process on
+(`models.runtime.choose.load_runtime`, the server's own choice of runtime) is timed in this process on
 already-decoded images at the server's max batch size, at the start and at the end; ratios are to the
 better of the two. Prints a table, writes JSON.
 
@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.service_load import StartGate, collect_clients, free_port, host_fields, raw_throughput, read_jpegs, scrape  # noqa: E402
 
-VQTOK = [sys.executable, "-c", "import sys; from clients.cli import main; sys.exit(main())"]
+VQTOK = [sys.executable, "-c", "import sys; from vqtok.cli import main; sys.exit(main())"]
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_bytes(b"")
 
-    from service.runtimes import load_runtime
+    from models.runtime.choose import load_runtime
 
     model_dir = args.model_repo / args.model if args.model else args.model_repo
     if not (model_dir / "manifest.json").exists():

@@ -30,7 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.runtime import cuda_provider_options, read_manifest, session_options  # noqa: E402
+from models.runtime.onnx import cuda_provider_options, read_manifest, session_options  # noqa: E402
 
 
 def make_session(path: Path, cuda: bool, overrides: dict[str, str] | None = None, profile_dir: Path | None = None) -> Any:
@@ -188,7 +188,7 @@ def shape_probe(
 ) -> dict[str, Any]:
     """Per CUDA EP setting: load, warm every bucket (as the server does), then time each batch size
     twice (ms). A setting under which warmed shapes stay slow shows up here."""
-    from service.runtime import ModelRuntime
+    from models.runtime.onnx import ModelRuntime
 
     rng = np.random.default_rng(0)
     x = {b: rng.integers(0, 256, size=(b, 256, 256, 3), dtype=np.uint8) for b in batches}

@@ -24,7 +24,7 @@ from vector_quantize_pytorch import SimVQ, VectorQuantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.export import git_revision
+from models.export.driver import git_revision
 from models.quantizers import VectorQuantizer
 
 

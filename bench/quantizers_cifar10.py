@@ -41,10 +41,10 @@ from torch import Tensor, nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models import Tokenizer  # noqa: E402
 from models.presets import preset_config  # noqa: E402
 from models.quantizers import QuantizerOutput  # noqa: E402
 from models.quantizers.functional import code_counts, perplexity_from_counts, usage_from_counts  # noqa: E402
+from models.tokenizer import Tokenizer  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "cifar10"
 OURS = ("vq-ste", "vq-rotation", "simvq-ste", "simvq-rotation", "fsq")

@@ -35,7 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models import Tokenizer  # noqa: E402
+from models.tokenizer import Tokenizer  # noqa: E402
 from training.data import decode_image, iter_images  # noqa: E402
 from training.evaluate import (  # noqa: E402
     EvalOptions,

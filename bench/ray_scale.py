@@ -4,7 +4,7 @@ engine on one GPU, the Ray engine with one encoder actor (one GPU) and with one 
     python bench/ray_scale.py --model models/pretrained/photo-f8-simvq-16k-v2 --batch-size 64 --out ray_scale.json
     python bench/ray_scale.py --model DIR --device cpu --images 256 --seconds 3      # a CPU smoke run
 
-The runtime is `service.runtimes.load_runtime` (`--runtime auto`: the compiled runtime on a CUDA host
+The runtime is `models.runtime.choose.load_runtime` (`--runtime auto`: the compiled runtime on a CUDA host
 where torch can run it, else ONNX Runtime), loaded here on GPU 0 with the encoder's batch shapes warmed
 (which fills the Inductor cache, `$VQTOK_CACHE/inductor`, that the Ray actors then load from). `raw`
 is that runtime encoding one already-decoded batch of `--batch-size` photos over and over, measured
@@ -106,8 +106,8 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     t_start = time.perf_counter()
 
-    from clients.tokenize import RuntimeEncoder, tokenize_local
-    from clients.tokenize.encoders import load_encoder_runtime
+    from clients.tokenize.encoders import RuntimeEncoder, load_encoder_runtime
+    from clients.tokenize.local import tokenize_local
 
     names = gpus(args.device)
     n_gpus = len(names)
@@ -203,7 +203,7 @@ def main() -> int:
             else:
                 import ray
 
-                from clients.tokenize import tokenize_ray
+                from clients.tokenize.ray import tokenize_ray
 
                 if not ray.is_initialized():
                     t0 = time.perf_counter()

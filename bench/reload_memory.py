@@ -96,7 +96,7 @@ def main() -> None:
     if sites:
         torch.cuda.memory._record_memory_history(max_entries=200_000)
 
-    from service.compiled import CompiledRuntime
+    from models.runtime.compiled import CompiledRuntime
 
     on_cuda = not args.eager_cpu
     rows: list[dict[str, Any]] = []

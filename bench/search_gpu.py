@@ -48,7 +48,6 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models import Tokenizer  # noqa: E402
 from models.quantizers.functional import nearest_code  # noqa: E402
 from models.quantizers.search_triton import (  # noqa: E402
     AUTOTUNE_CONFIGS,
@@ -58,6 +57,7 @@ from models.quantizers.search_triton import (  # noqa: E402
     nearest_code_triton,
     triton_available,
 )
+from models.tokenizer import Tokenizer  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "pretrained" / "photo-f8-simvq-16k"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "kodak"

@@ -37,7 +37,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-VQTOK = [sys.executable, "-c", "import sys; from clients.cli import main; sys.exit(main())"]
+VQTOK = [sys.executable, "-c", "import sys; from vqtok.cli import main; sys.exit(main())"]
 NPY = "application/x-npy"
 
 
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         rss_start = rss_mib(proc.pid)
         # The raw runtime lives in this process; it is timed right after each level, while the
         # server sits idle, so both numbers of a ratio are taken under the same machine conditions.
-        from service.runtimes import load_runtime
+        from models.runtime.choose import load_runtime
 
         model_dir = args.model_repo / name if (args.model_repo / name).is_dir() else args.model_repo
         runtime = load_runtime(

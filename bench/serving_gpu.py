@@ -1,6 +1,6 @@
 """The served GPU path against the best PyTorch paths, in one run on one GPU.
 
-Measures the runtime the service picks on a CUDA host (`service.runtimes.load_runtime`, runtime=auto:
+Measures the runtime the service picks on a CUDA host (`models.runtime.choose.load_runtime`, runtime=auto:
 the compiled runtime), its time to ready (cold Inductor cache, then warm in a second process), its
 parity against the CPU float32 reference (the load-time gate's own figures), and images/s at batch
 1/16/64 for encode and decode at 256² and 512², next to torch eager fp32 and torch.compile bf16
@@ -63,7 +63,7 @@ def time_host(fn: Callable[[], Any], warmup: int = 3, repeats: int = 15) -> floa
 
 
 def runtime_part(model: Path, sets: dict[int, np.ndarray], batches: list[int], out: dict[str, Any], compile_mode: str = "default") -> None:
-    from service.runtimes import load_runtime
+    from models.runtime.choose import load_runtime
 
     t0 = time.perf_counter()
     rt = load_runtime(model, runtime="auto", max_batch_size=max(batches), compile_mode=compile_mode)
@@ -122,9 +122,9 @@ def torch_part(
 ) -> None:
     import torch
 
-    from models import Tokenizer
     from models.export.compiled import configure_inductor
     from models.export.graphs import images_to_input, output_to_images
+    from models.tokenizer import Tokenizer
 
     configure_inductor()  # the runtime's cache folder: a second call resumes max-autotune's tuning where the first stopped
     dev = torch.device(device)

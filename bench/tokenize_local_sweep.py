@@ -118,8 +118,9 @@ def main() -> int:
 
     import onnxruntime
 
-    from clients.tokenize import RuntimeEncoder, tokenize_local
-    from service.runtime import ModelRuntime
+    from clients.tokenize.encoders import RuntimeEncoder
+    from clients.tokenize.local import tokenize_local
+    from models.runtime.onnx import ModelRuntime
 
     runtimes: dict[int | None, Any] = {}
 

@@ -49,7 +49,7 @@ class InstantEncoder:
     """The model taken out of the pipeline: answers every batch at once with one real image's ids."""
 
     def __init__(self, runtime: Any) -> None:
-        from clients.tokenize import RuntimeEncoder
+        from clients.tokenize.encoders import RuntimeEncoder
 
         real = RuntimeEncoder(runtime)
         self.spec, self.concurrency, self.decode_pool = real.spec, 1, real.decode_pool
@@ -61,8 +61,8 @@ class InstantEncoder:
 
 _EXPORT = """
 import sys, torch
-from models import create_tokenizer
-from models.export import export_model
+from models.presets import create_tokenizer
+from models.export.driver import export_model
 torch.manual_seed(0)
 create_tokenizer(sys.argv[1]).save_pretrained(sys.argv[2])
 export_model(sys.argv[2])
@@ -188,8 +188,9 @@ def main() -> int:
 
     import onnxruntime
 
-    from clients.tokenize import RuntimeEncoder, ServerEncoder, tokenize_local
-    from service.runtime import ModelRuntime
+    from clients.tokenize.encoders import RuntimeEncoder, ServerEncoder
+    from clients.tokenize.local import tokenize_local
+    from models.runtime.onnx import ModelRuntime
 
     work = Path(tempfile.mkdtemp(prefix="vqtok-bench-"))
     try:
@@ -236,7 +237,7 @@ def main() -> int:
             if engine == "ray":
                 import ray
 
-                from clients.tokenize import tokenize_ray
+                from clients.tokenize.ray import tokenize_ray
 
                 ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
                 t0 = time.perf_counter()  # Ray start-up (seconds, once per cluster) is not the pipeline's cost

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import create_tokenizer
+from models.presets import create_tokenizer
 
 
 def make_step(preset: str, batch: int, size: int, channels_last: bool, compile_: bool, device: str, overrides: dict):

@@ -22,7 +22,7 @@ from PIL import Image
 from models.core import pixels as _images
 from models.core.artefacts import Device, Precision, model_name, resolve_model_dir
 from models.core.errors import ImageError, ImageShapeError, ImageTooLarge, InvalidInputError
-from service.runtimes import load_runtime
+from models.runtime.choose import load_runtime
 
 from . import _base
 from ._base import ImageInput, Images, ModelCard, Output, SingleImage
@@ -30,7 +30,7 @@ from .errors import BadRequestError, NotFoundError, PayloadTooLargeError, Valida
 
 
 class LocalBackend:
-    """One model directory served in-process by the runtime `vqtok serve` would pick (`service.runtimes.load_runtime`).
+    """One model directory served in-process by the runtime `vqtok serve` would pick (`models.runtime.choose.load_runtime`).
 
     Args:
         model_dir: an exported model (manifest.json, encoder.onnx, decoder.onnx), named as everywhere in

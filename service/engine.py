@@ -45,11 +45,12 @@ import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 
+from models.core.errors import InvalidInputError
+
 from . import ipc
 from .batcher import BatchDeadlineExceeded, BatchFailed, QueueFull, ShuttingDown, TooLarge
 from .metrics import Metrics
 from .repository import Loader, ModelNotReady, ModelRepository, UnknownModel
-from .runtime import InvalidInputError
 from .settings import Settings
 
 log = logging.getLogger("vqtok.engine")

@@ -30,11 +30,12 @@ from typing import Any, cast
 import numpy as np
 from prometheus_client import generate_latest
 
+from models.core.errors import InvalidInputError
+
 from . import ipc
 from .batcher import BatchDeadlineExceeded, BatchFailed, Key, QueueFull, ShuttingDown, TooLarge, batch_limit, item_pixels
 from .metrics import Metrics
 from .repository import ModelEntry, ModelNotReady, ModelRepository, ServedModel, UnknownModel
-from .runtime import InvalidInputError
 from .settings import Settings
 
 log = logging.getLogger("vqtok.front")

@@ -28,16 +28,17 @@ import numpy as np
 from prometheus_client import generate_latest
 
 from models.core.artefacts import DEFAULT_MODEL
+from models.core.errors import ModelLoadError
+from models.runtime import Runtime, load_runtime
+from models.runtime.onnx import configure_cuda_memory
 
 from .batcher import Batcher, PixelPool, pixel_budget
 from .metrics import Metrics
-from .runtime import ModelLoadError, ModelRuntime, configure_cuda_memory
-from .runtimes import load_runtime
 from .settings import Settings
 
 log = logging.getLogger("vqtok.repository")
 
-Loader = Callable[..., ModelRuntime]  # signature of ModelRuntime.load
+Loader = Callable[..., Runtime]  # signature of models.runtime.load_runtime
 
 
 def batch_workers(settings: Settings, runtime: object) -> int:
@@ -63,7 +64,7 @@ class ServedModel:
 
     name: str
     path: Path
-    runtime: ModelRuntime
+    runtime: Runtime
     batcher: Batcher
     executor: ThreadPoolExecutor
     loaded_at: float = field(default_factory=time.time)
@@ -283,7 +284,7 @@ class ModelRepository:
         )
         return True
 
-    def _load_and_warm(self, name: str, path: Path) -> tuple[ModelRuntime, ThreadPoolExecutor]:
+    def _load_and_warm(self, name: str, path: Path) -> tuple[Runtime, ThreadPoolExecutor]:
         """The runtime and its inference threads, each thread already warmed.
 
         Warm-up runs once on every inference thread rather than on the loading thread, so that what
@@ -323,7 +324,7 @@ class ModelRepository:
             raise
         return runtime, executor
 
-    def _serve(self, name: str, path: Path, runtime: ModelRuntime, executor: ThreadPoolExecutor) -> ServedModel:
+    def _serve(self, name: str, path: Path, runtime: Runtime, executor: ThreadPoolExecutor) -> ServedModel:
         s = self.settings
 
         def run(op: str, batch: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ def default_model_repo() -> Path:
 
 class Settings(BaseSettings):
     """Every field is a `VQTOK_<NAME>` environment variable and a `vqtok serve --<name>` flag; its
-    `description` is the flag's help (the flags are generated from these fields by `service.cli`)."""
+    `description` is the flag's help (the flags are generated from these fields by `service.commands`)."""
 
     model_config = SettingsConfigDict(env_prefix="VQTOK_", protected_namespaces=(), extra="ignore")
 

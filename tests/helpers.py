@@ -20,8 +20,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 _EXPORT = """
 import sys, torch
-from models import create_tokenizer
-from models.export import export_model
+from models.presets import create_tokenizer
+from models.export.driver import export_model
 torch.manual_seed(0)
 create_tokenizer(sys.argv[1], base_channels=8, norm_groups=4, num_res_blocks=1).save_pretrained(sys.argv[2])
 export_model(sys.argv[2])

@@ -47,7 +47,7 @@ def test_contract_fails_on_an_upward_import(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "models.core is torch-free and imports nothing else of vqtok BROKEN" in result.stdout.replace("\n", " ")
     leaf = copy_tree(tmp_path / "leaf")
-    plant(leaf, "training.cli", "import clients.cli  # noqa")
+    plant(leaf, "training.commands", "import vqtok.cli  # noqa")
     result = lint(leaf)
     assert result.returncode != 0
     assert "BROKEN" in result.stdout

@@ -35,22 +35,32 @@ def test_import_vqtok_imports_neither_torch_nor_httpx(tmp_path: Path) -> None:
     assert got == {"before": [], "after_config": [], "torch_free": True}
 
 
-def test_the_public_names_are_the_packages_own() -> None:
-    import clients
-    import clients.tokenize
-    import models
-    import models.export
-    from models.core import artefacts, errors
+def test_the_public_names_are_their_modules_own() -> None:
+    import importlib
 
-    assert vqtok.Tokenizer is models.Tokenizer and vqtok.TokenizerConfig is models.TokenizerConfig
+    import models
+
+    for name, module in vqtok._EXPORTS.items():
+        assert getattr(vqtok, name) is getattr(importlib.import_module(module), name), name
+    assert vqtok.Tokenizer is models.Tokenizer and vqtok.TokenizerConfig is models.TokenizerConfig  # DESIGN.md's spelling
     assert vqtok.create_tokenizer is models.create_tokenizer and vqtok.list_presets is models.list_presets
-    assert vqtok.Client is clients.Client and vqtok.AsyncClient is clients.AsyncClient and vqtok.LocalBackend is clients.LocalBackend
-    assert vqtok.VqtokError is clients.VqtokError and issubclass(vqtok.NotFoundError, vqtok.APIStatusError)
-    assert vqtok.tokenize_local is clients.tokenize.tokenize_local and vqtok.read_tokens is clients.tokenize.read_tokens
-    assert vqtok.export_model is models.export.export_model
-    assert vqtok.resolve_model_dir is artefacts.resolve_model_dir and vqtok.ModelNotFound is errors.ModelNotFound
+    assert issubclass(vqtok.NotFoundError, vqtok.APIStatusError)
     assert vqtok.__version__ == version("vqtok")
     assert "f8-simvq-16k" in vqtok.list_presets() and vqtok.DEFAULT_MODEL in vqtok.shipped_models()
+
+
+def test_one_table_and_its_type_checking_imports_agree() -> None:
+    """The table and the TYPE_CHECKING block (for IDEs) list the same names from the same modules, and no
+    package other than `vqtok` (and `models`' four contract names) re-exports anything."""
+    import ast
+
+    tree = ast.parse((REPO / "vqtok" / "__init__.py").read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING")
+    imported = {a.asname or a.name: n.module for n in block.body if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert imported == vqtok._EXPORTS
+    for package in ("clients", "clients/tokenize", "models/export", "service", "training"):
+        init = ast.parse((REPO / package / "__init__.py").read_text())
+        assert [type(n).__name__ for n in init.body] in ([], ["Expr"]), f"{package}/__init__.py holds more than a docstring"
 
 
 def test_every_listed_name_resolves_and_others_do_not() -> None:
@@ -63,13 +73,6 @@ def test_every_listed_name_resolves_and_others_do_not() -> None:
         vqtok.nope  # noqa: B018
 
 
-def test_load_tokens_follows_clients_tokenize() -> None:
-    """Re-exported by name: present in `vqtok` exactly when `clients.tokenize` has it."""
-    import clients.tokenize
-
-    assert getattr(vqtok, "load_tokens", None) is getattr(clients.tokenize, "load_tokens", None)
-
-
 def test_python_m_vqtok_is_the_command_line(tmp_path: Path) -> None:
     result = run("-m", "vqtok", "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -78,5 +81,3 @@ def test_python_m_vqtok_is_the_command_line(tmp_path: Path) -> None:
     assert train.returncode == 0 and "-m vqtok train" in " ".join(train.stdout.split())
     bad = run("-m", "vqtok", "eval", "--model", "no-such-model", "--data", str(tmp_path), cwd=tmp_path)
     assert bad.returncode == 2 and "no such directory, and no shipped model" in bad.stderr
-    legacy = run("-m", "clients", "--help", cwd=tmp_path)  # the older spelling keeps working
-    assert legacy.returncode == 0 and legacy.stdout == result.stdout

@@ -104,9 +104,12 @@ def test_export_parity_images(files: tuple[Path, dict[str, np.ndarray]]) -> None
 def test_dataset_tokenization_and_the_service(files: tuple[Path, dict[str, np.ndarray]], tiny_model: Path, tmp_path: Path) -> None:
     """Tokenization decodes to the rule's pixels; the tokens it writes and those a real server answers
     are the runtime's tokens for exactly those pixels."""
-    from clients.tokenize import RuntimeEncoder, prepare_item, read_tokens, tokenize_local
+    from clients.tokenize.decoding import prepare_item
+    from clients.tokenize.encoders import RuntimeEncoder
+    from clients.tokenize.format import read_tokens
+    from clients.tokenize.local import tokenize_local
     from models.core.sources import open_source
-    from service.runtime import ModelRuntime
+    from models.runtime.onnx import ModelRuntime
     from service.settings import Settings
 
     folder, expected = files

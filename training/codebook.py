@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models import Tokenizer
 from models.quantizers import FSQ, VectorQuantizer
 from models.quantizers.functional import nearest_code, perplexity_from_counts, usage_from_counts
+from models.tokenizer import Tokenizer
 
 from .data import Augment, ImageDataset, StreamSampler, collate_skip, open_source, to_float, to_uint8
 from .evaluate import progress_bar

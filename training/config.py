@@ -210,7 +210,7 @@ class TrainConfig:
             fail("loss.disc_betas", f"each must be in [0, 1), got {lc.disc_betas}")
         if lc.disc_layers < 1 or lc.disc_channels < 1:
             fail("loss.disc_layers", "disc_layers and disc_channels must be >= 1")
-        from models import list_presets  # light: models imports torch, but config checks need the registry
+        from models.presets import list_presets  # light: models imports torch, but config checks need the registry
 
         if self.model.preset not in list_presets():
             fail("model.preset", f"unknown preset {self.model.preset!r}; known: {', '.join(list_presets())}")

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from models import Tokenizer
 from models.quantizers.functional import perplexity_from_counts, usage_from_counts
+from models.tokenizer import Tokenizer
 
 from .data import iter_images, open_source, to_float, to_uint8
 from .kid import kid

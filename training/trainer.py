@@ -40,9 +40,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from models import Tokenizer
 from models.config import ConfigError
 from models.quantizers.functional import perplexity_from_counts, usage_from_counts
+from models.tokenizer import Tokenizer
 
 from .checkpointing import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import CONFIG_NAME, MODEL_PARTS, TrainConfig, TrainConfigError

@@ -11,7 +11,9 @@ One import namespace for the public API of the four packages (models, training, 
         grids = client.encode(["a.jpg"])
 
 Every name resolves lazily, on first use: `import vqtok` imports neither torch nor httpx, so a
-serving or client install (no torch) and the command line pay only for what they touch.
+serving or client install (no torch) and the command line pay only for what they touch. This is the one
+re-export table of the project: the packages themselves re-export nothing (except `models`' four
+contract names, which its torch-free core obliges it to resolve lazily too).
 `python -m vqtok ...` is the `vqtok` command line (also under `torchrun ... -m vqtok train`).
 """
 
@@ -20,141 +22,80 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # the re-exported names, for type checkers and IDEs
-    from clients import (
-        APIConnectionError,
-        APIStatusError,
-        APITimeoutError,
-        AsyncClient,
-        AuthenticationError,
-        BadRequestError,
-        Client,
-        LocalBackend,
-        ModelCard,
-        NotFoundError,
-        OverloadedError,
-        PayloadTooLargeError,
-        RateLimitError,
-        RequestTimeoutError,
-        RetryPolicy,
-        ServerError,
-        UnprocessableEntityError,
-        UnsupportedMediaTypeError,
-        ValidationError,
-        VqtokError,
-    )
-    from clients.tokenize import RuntimeEncoder, ServerEncoder, TokenizeError, load_tokens, read_tokens, tokenize_local, tokenize_ray
-    from models import (
-        CheckpointError,
-        ConfigError,
-        Tokenizer,
-        TokenizerConfig,
-        TokenizerOutput,
-        create_tokenizer,
-        list_presets,
-        preset_config,
-    )
-    from models.core.artefacts import DEFAULT_MODEL, resolve_model_dir, shipped_models
-    from models.core.errors import ModelLoadError, ModelNotFound
-    from models.export import ExportError, export_model
-
-    __version__: str
-
-# where each name lives: the packages' own lazy re-exports, resolved by name on first use (listed
-# here rather than read from the packages' __all__, so that `import vqtok` imports no package at all)
+# where each public name is defined (tests/test_namespace.py checks the TYPE_CHECKING block below lists the same)
 _MODULES: dict[str, tuple[str, ...]] = {
-    "models": (
-        "CheckpointError",
-        "ConfigError",
-        "Tokenizer",
-        "TokenizerConfig",
-        "TokenizerOutput",
-        "create_tokenizer",
-        "list_presets",
-        "preset_config",
-    ),
+    "models.config": ("ConfigError", "TokenizerConfig"),
+    "models.presets": ("create_tokenizer", "list_presets", "preset_config"),
+    "models.tokenizer": ("CheckpointError", "Tokenizer", "TokenizerOutput"),
     "models.core.artefacts": ("DEFAULT_MODEL", "resolve_model_dir", "shipped_models"),
     "models.core.errors": ("ModelLoadError", "ModelNotFound"),
-    "models.export": ("ExportError", "export_model"),
-    "clients": (
+    "models.export.driver": ("export_model",),
+    "models.export.parity": ("ExportError",),
+    "clients.client": ("AsyncClient", "Client"),
+    "clients.local": ("LocalBackend",),
+    "clients._base": ("ModelCard",),
+    "clients._retry": ("RetryPolicy",),
+    "clients.errors": (
         "APIConnectionError",
         "APIStatusError",
         "APITimeoutError",
-        "AsyncClient",
         "AuthenticationError",
         "BadRequestError",
-        "Client",
-        "LocalBackend",
-        "ModelCard",
         "NotFoundError",
         "OverloadedError",
         "PayloadTooLargeError",
         "RateLimitError",
         "RequestTimeoutError",
-        "RetryPolicy",
         "ServerError",
         "UnprocessableEntityError",
         "UnsupportedMediaTypeError",
         "ValidationError",
         "VqtokError",
     ),
-    "clients.tokenize": (
-        "RuntimeEncoder",
-        "ServerEncoder",
-        "TokenizeError",
-        "load_tokens",
-        "read_tokens",
-        "tokenize_local",
-        "tokenize_ray",
-    ),
+    "clients.tokenize.encoders": ("RuntimeEncoder", "ServerEncoder"),
+    "clients.tokenize.format": ("TokenizeError", "load_tokens", "read_tokens"),
+    "clients.tokenize.local": ("tokenize_local",),
+    "clients.tokenize.ray": ("tokenize_ray",),
 }
-_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "APIConnectionError",
-    "APIStatusError",
-    "APITimeoutError",
-    "AsyncClient",
-    "AuthenticationError",
-    "BadRequestError",
-    "CheckpointError",
-    "Client",
-    "ConfigError",
-    "ExportError",
-    "LocalBackend",
-    "ModelCard",
-    "ModelLoadError",
-    "ModelNotFound",
-    "NotFoundError",
-    "OverloadedError",
-    "PayloadTooLargeError",
-    "RateLimitError",
-    "RequestTimeoutError",
-    "RetryPolicy",
-    "RuntimeEncoder",
-    "ServerEncoder",
-    "ServerError",
-    "TokenizeError",
-    "Tokenizer",
-    "TokenizerConfig",
-    "TokenizerOutput",
-    "UnprocessableEntityError",
-    "UnsupportedMediaTypeError",
-    "ValidationError",
-    "VqtokError",
-    "__version__",
-    "create_tokenizer",
-    "export_model",
-    "list_presets",
-    "load_tokens",
-    "preset_config",
-    "read_tokens",
-    "resolve_model_dir",
-    "shipped_models",
-    "tokenize_local",
-    "tokenize_ray",
-]
+if TYPE_CHECKING:  # the same names, for type checkers and IDEs
+    from clients._base import ModelCard
+    from clients._retry import RetryPolicy
+    from clients.client import AsyncClient, Client
+    from clients.errors import (
+        APIConnectionError,
+        APIStatusError,
+        APITimeoutError,
+        AuthenticationError,
+        BadRequestError,
+        NotFoundError,
+        OverloadedError,
+        PayloadTooLargeError,
+        RateLimitError,
+        RequestTimeoutError,
+        ServerError,
+        UnprocessableEntityError,
+        UnsupportedMediaTypeError,
+        ValidationError,
+        VqtokError,
+    )
+    from clients.local import LocalBackend
+    from clients.tokenize.encoders import RuntimeEncoder, ServerEncoder
+    from clients.tokenize.format import TokenizeError, load_tokens, read_tokens
+    from clients.tokenize.local import tokenize_local
+    from clients.tokenize.ray import tokenize_ray
+    from models.config import ConfigError, TokenizerConfig
+    from models.core.artefacts import DEFAULT_MODEL, resolve_model_dir, shipped_models
+    from models.core.errors import ModelLoadError, ModelNotFound
+    from models.export.driver import export_model
+    from models.export.parity import ExportError
+    from models.presets import create_tokenizer, list_presets, preset_config
+    from models.tokenizer import CheckpointError, Tokenizer, TokenizerOutput
+
+    __version__: str
+
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = sorted([*_EXPORTS, "__version__"])
 
 
 def _version() -> str:
@@ -178,4 +119,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__, *_EXPORTS})
+    return sorted({*globals(), *__all__})

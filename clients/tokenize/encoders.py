@@ -17,7 +17,7 @@ from .format import ErrorKind, ModelSpec
 if TYPE_CHECKING:
     from ..client import Client
 
-RUNTIMES = ("auto", "onnxruntime", "compiled")  # service.runtimes.RUNTIMES (not imported here: the CLI reads it)
+RUNTIMES = ("auto", "onnxruntime", "compiled")  # models.runtime.choose.RUNTIMES (not imported here: the CLI reads it)
 
 
 def load_encoder_runtime(
@@ -30,14 +30,14 @@ def load_encoder_runtime(
     batch_size: int = 32,
     resize: str | None = None,
 ) -> Any:
-    """The runtime a tokenization engine encodes with: `service.runtimes.load_runtime`'s rule ("auto":
+    """The runtime a tokenization engine encodes with: `models.runtime.choose.load_runtime`'s rule ("auto":
     the compiled runtime on a CUDA host where it can run, else ONNX Runtime; "onnxruntime" or
     "compiled" forced: one that cannot run is a ModelLoadError). On CUDA, under resize crop (one image
     size, the model's resolution), the encoder is warmed at `batch_size` only: the compiled runtime
     compiles that one graph now (or loads it from `$VQTOK_CACHE/inductor`), and the job's few shorter
     batches (the end of a shard) pad up to it instead of each bucket being compiled and captured at
     start-up, which every Ray actor pays."""
-    from service.runtimes import load_runtime
+    from models.runtime.choose import load_runtime
 
     rt = load_runtime(
         model_dir,
@@ -80,7 +80,7 @@ class FileEncoder(Protocol):
 
 
 class RuntimeEncoder:
-    """Encodes in-process through a runtime (`service.runtimes.load_runtime`: ONNX Runtime or the
+    """Encodes in-process through a runtime (`models.runtime.choose.load_runtime`: ONNX Runtime or the
     compiled GPU runtime).
 
     On CUDA, by default, three batches run at once (the next ones are copied in and queued while one

@@ -14,7 +14,7 @@ output block. The decoded pixels of a chunk travel as one buffer (a large_binary
 are the images back to back): the actor views a batch of them in place in Ray's object store (no
 copy, no per-image Python) and hands them to the runtime as one (B, H, W, 3) array; the token ids go
 back as one list column built from offsets. Each actor loads its runtime through
-`service.runtimes.load_runtime` (`runtime`: auto, onnxruntime or compiled), warms the encoder's
+`models.runtime.choose.load_runtime` (`runtime`: auto, onnxruntime or compiled), warms the encoder's
 batch shapes before its first batch and, on a GPU, runs 3 batches at once (the next ones are fetched
 and viewed while one computes).
 
@@ -240,7 +240,7 @@ def tokenize_ray(
 
     Uses the Ray instance already initialised in this process if there is one; else connects to
     `ray_address`, or starts a local Ray for the job (and stops it afterwards). `runtime`: what each
-    encoder actor runs, as `service.runtimes.load_runtime` picks it ("auto": the compiled runtime
+    encoder actor runs, as `models.runtime.choose.load_runtime` picks it ("auto": the compiled runtime
     on a GPU where torch can run it, else ONNX Runtime; "onnxruntime"/"compiled" forced; a forced
     runtime that cannot run is a ModelLoadError). `num_actors`: encoder actors (default: one per GPU
     of the cluster, one GPU each; on CPUs, CPUs / 4). `actor_concurrency`: batches each encoder

@@ -16,7 +16,7 @@ case "${1:?pilot or full}" in
 pilot)
   minutes=${2:-4}
   for preset in f8-simvq-16k f8-fsq-64k; do
-    python3 -m clients train --config configs/pilot.yaml --out "$runs/pilot-$preset" \
+    python3 -m vqtok train --config configs/pilot.yaml --out "$runs/pilot-$preset" \
       model.preset="$preset" data.train="$data/train" data.val="$data/val" \
       time_budget_minutes="$minutes" > "$out/pilot-$preset.log" 2>&1 &
   done
@@ -29,7 +29,7 @@ pilot)
   ;;
 full)
   preset=${2:?preset}; steps=${3:?max steps}; minutes=${4:-9}; shift 4 || shift $#
-  python3 -m clients train --config "configs/$preset.yaml" --out "$runs/full" --resume \
+  python3 -m vqtok train --config "configs/$preset.yaml" --out "$runs/full" --resume \
     model.preset="$preset" data.train="$data/train" data.val="$data/val" \
     max_steps="$steps" time_budget_minutes="$minutes" "$@" 2>&1 | tail -c 4000 | tee "$out/full.log"
   cp "$runs/full/metrics.jsonl" "$runs/full/summary.json" "$runs/full/train_config.json" "$out/"

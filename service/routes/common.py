@@ -13,11 +13,12 @@ from typing import Any, TypeVar
 import numpy as np
 from fastapi import Request
 
+from models.core.errors import InvalidInputError
+
 from ..batcher import BatchDeadlineExceeded, BatchFailed, QueueFull, ShuttingDown, TooLarge
 from ..deps import ServiceState
 from ..problems import ClientClosed, DeadlineExceeded, NotFound, PayloadTooLarge, Problem, Unavailable, Unprocessable
 from ..repository import ModelNotReady, ServedModel, UnknownModel
-from ..runtime import InvalidInputError
 
 T = TypeVar("T")
 NPY = "application/x-npy"

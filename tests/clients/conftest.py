@@ -28,7 +28,7 @@ def model_dir(model_repo: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def runtime(model_dir: Path) -> Any:
-    from service.runtime import ModelRuntime
+    from models.runtime.onnx import ModelRuntime
 
     return ModelRuntime.load(model_dir, device="cpu")
 

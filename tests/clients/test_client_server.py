@@ -13,18 +13,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients import (
+from clients.client import AsyncClient, Client
+from clients.errors import (
     APIConnectionError,
-    AsyncClient,
     AuthenticationError,
     BadRequestError,
-    Client,
-    LocalBackend,
     NotFoundError,
     PayloadTooLargeError,
     RequestTimeoutError,
     ValidationError,
 )
+from clients.local import LocalBackend
 
 from .conftest import MODEL_NAME, Server
 

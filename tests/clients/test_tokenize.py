@@ -26,7 +26,10 @@ import pytest
 from PIL import Image
 
 from clients.client import Client
-from clients.tokenize import ERRORS, MANIFEST, RuntimeEncoder, ServerEncoder, TokenizeError, decoding, read_tokens, tokenize_local
+from clients.tokenize import decoding
+from clients.tokenize.encoders import RuntimeEncoder, ServerEncoder
+from clients.tokenize.format import ERRORS, MANIFEST, TokenizeError, read_tokens
+from clients.tokenize.local import tokenize_local
 from clients.tokenize.ray import actor_pool, tokenize_ray
 
 from .conftest import REPO, Server
@@ -291,7 +294,7 @@ def test_interrupted_commit_is_redone_without_duplicates(cifar_subset: Path, run
 
 def _cli(args: list[str]) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    entry = "import sys; from clients.cli import main; sys.exit(main())"  # what the `vqtok` console command runs
+    entry = "import sys; from vqtok.cli import main; sys.exit(main())"  # what the `vqtok` console command runs
     return subprocess.Popen(
         [sys.executable, "-c", entry, "tokenize", *args],
         cwd=REPO,
@@ -360,7 +363,7 @@ def test_kill_9_then_resume_gives_exactly_the_expected_rows(
 
 
 def test_cli_user_errors(tmp_path: Path) -> None:
-    from clients.cli import main
+    from vqtok.cli import main
 
     assert main(["tokenize", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o"), "--model", "x"]) == 2
     assert main(["tokenize", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--model", "no-such-model"]) == 2

@@ -22,21 +22,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from clients.tokenize import (
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_RESIZE,
-    ERRORS,
-    JOB_DIR,
-    MANIFEST,
-    RuntimeEncoder,
-    TokenizeError,
-    load_tokens,
-    read_tokens,
-    tokenize_local,
-    tokenize_ray,
-)
-from clients.tokenize import cli as tokenize_cli
+from clients.tokenize import commands as tokenize_commands
+from clients.tokenize.encoders import RuntimeEncoder
+from clients.tokenize.format import DEFAULT_MAX_TOKENS, DEFAULT_RESIZE, ERRORS, JOB_DIR, MANIFEST, TokenizeError, load_tokens, read_tokens
 from clients.tokenize.job import JobRun
+from clients.tokenize.local import tokenize_local
+from clients.tokenize.ray import tokenize_ray
 from models.core.artefacts import DEFAULT_MODEL
 from models.core.errors import SourceError
 
@@ -138,7 +129,7 @@ def files_of(out: Path) -> dict[str, bytes]:
 
 # ---------------------------------------------------------------- defaults
 def test_the_defaults_agree_everywhere() -> None:
-    assert DEFAULT_RESIZE == tokenize_cli.DEFAULT_RESIZE == "crop" and DEFAULT_MAX_TOKENS == tokenize_cli.DEFAULT_MAX_TOKENS
+    assert DEFAULT_RESIZE == tokenize_commands.DEFAULT_RESIZE == "crop" and DEFAULT_MAX_TOKENS == tokenize_commands.DEFAULT_MAX_TOKENS
     for fn in (tokenize_local, tokenize_ray):
         params = inspect.signature(fn).parameters
         assert params["resize"].default == "crop" and params["columns"].default is None, fn
@@ -149,7 +140,7 @@ def test_defaults_tokenize_every_readable_photo_and_none_refuses_the_rest(
     awkward: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`vqtok tokenize --input photos/ --output out/`: no --model, no --resize."""
-    from clients.cli import main
+    from vqtok.cli import main
 
     out = tmp_path / "out"
     assert main(["tokenize", "--input", str(awkward), "--output", str(out), "--no-progress"]) == 0

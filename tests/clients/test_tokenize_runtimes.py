@@ -1,4 +1,4 @@
-"""`vqtok tokenize --runtime`: the engines load their model through `service.runtimes.load_runtime`;
+"""`vqtok tokenize --runtime`: the engines load their model through `models.runtime.choose.load_runtime`;
 a forced ONNX Runtime gives the same shards as the default on a CPU host (local and Ray alike), a
 forced compiled runtime on a CPU host is a clear error with a non-zero exit; bench/ray_scale.py runs
 end to end on the CPU (a real Ray, real photos, the tiny model)."""
@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from clients.cli import main
-from clients.tokenize import tokenize_local
 from clients.tokenize.encoders import RuntimeEncoder, load_encoder_runtime
+from clients.tokenize.local import tokenize_local
 from clients.tokenize.ray import decode_task_images, tokenize_ray
 from models.core.errors import ModelLoadError
+from vqtok.cli import main
 
 from .conftest import REPO
 

@@ -30,7 +30,8 @@ PROGRAM = textwrap.dedent(
     import numpy as np
     from PIL import Image
 
-    from clients import AsyncClient, Client, LocalBackend
+    from clients.client import AsyncClient, Client
+    from clients.local import LocalBackend
 
 
     def right(client: Client, local: LocalBackend, pixels: np.ndarray, paths: Sequence[Path], anything: list[Any]) -> None:

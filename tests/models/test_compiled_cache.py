@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from models import create_tokenizer
 from models.export import compiled
+from models.presets import create_tokenizer
 
 
 @pytest.fixture

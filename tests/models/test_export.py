@@ -14,10 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from models import Tokenizer, create_tokenizer
-from models import export as export_mod
-from models.export import ExportError, ParityBounds, export_model, images_to_input, output_to_images, psnr_uint8
-from service.runtime import ModelRuntime
+from models.core.artefacts import sha256_file
+from models.export import parity as export_parity
+from models.export.driver import export_model
+from models.export.graphs import images_to_input, output_to_images
+from models.export.parity import ExportError, ParityBounds, psnr_uint8
+from models.presets import create_tokenizer
+from models.runtime.onnx import ModelRuntime
+from models.tokenizer import Tokenizer
 
 TINY = dict(base_channels=8, norm_groups=4, num_res_blocks=1)
 FAMILIES = {"vq-rotation": "cifar-vq-rotation", "simvq": "cifar-simvq", "fsq": "cifar-fsq"}
@@ -52,7 +56,7 @@ def test_export_writes_checked_graphs_and_manifest(exported: dict[str, Path], fa
     assert set(manifest["files"]) == expected
     for name in expected:
         assert (d / name).is_file()
-        assert manifest["files"][name]["sha256"] == export_mod.sha256_file(d / name)
+        assert manifest["files"][name]["sha256"] == sha256_file(d / name)
     for name in ("encoder.onnx", "decoder.onnx"):
         onnx.checker.check_model(str(d / name), full_check=True)
     assert manifest["opset"] == 18 and manifest["grid"]["downsample"] == 4
@@ -80,7 +84,7 @@ def test_ort_matches_torch_on_real_images(exported: dict[str, Path], kodak_dir: 
     d = exported[family]
     tok = Tokenizer.from_pretrained(d).eval()
     rt = ModelRuntime.load(d, device="cpu", precision=precision)  # type: ignore[arg-type]
-    bounds = export_mod.PARITY[precision]
+    bounds = export_parity.PARITY[precision]
     for h, w in [(64, 96), (256, 256)]:  # two sizes through the same graphs
         images = kodak_batch(kodak_dir, h, w)
         ids = rt.encode(images)
@@ -107,7 +111,7 @@ def test_chunked_codebook_search_in_graph(tmp_path: Path, kodak_dir: Path) -> No
 
 def test_parity_failure_aborts_and_writes_nothing(tmp_path: Path, kodak_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     d = create_tokenizer("cifar-fsq", **TINY).save_pretrained(tmp_path / "m")
-    monkeypatch.setitem(export_mod.PARITY, "fp32", ParityBounds(min_token_agreement=1.01, min_decode_psnr_db=50.0))
+    monkeypatch.setitem(export_parity.PARITY, "fp32", ParityBounds(min_token_agreement=1.01, min_decode_psnr_db=50.0))
     with pytest.raises(ExportError, match=r"(?s)parity check failed.*token agreement"):
         export_model(d, parity_images=kodak_dir)
     assert sorted(p.name for p in d.iterdir()) == ["README.md", "config.json", "model.safetensors"]

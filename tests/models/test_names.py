@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from clients.cli import main
 from models.core.artefacts import DEFAULT_MODEL, hub_id, model_name, open_exported, pretrained_repo, resolve_model_dir
 from models.core.errors import ModelNotFound
 from tests.helpers import exported_model_repo
+from vqtok.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = pretrained_repo() / DEFAULT_MODEL
@@ -131,7 +131,7 @@ def hub(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     """A hub cache holding `acme/tiny-fsq`: a tiny untrained tokenizer, `create_tokenizer("cifar-fsq",
     base_channels=8, norm_groups=4, num_res_blocks=1).save_pretrained(...)` then exported to ONNX
     (`tests.helpers.exported_model_repo`), so both torch and ONNX Runtime can load it, plus its hub card."""
-    from models import Tokenizer
+    from models.tokenizer import Tokenizer
 
     saved = exported_model_repo(request, tmp_path_factory, {"tiny-fsq": "cifar-fsq"}) / "tiny-fsq"
     card = Tokenizer.from_pretrained(saved).save_pretrained(tmp_path_factory.mktemp("card") / "tiny-fsq", model_card=True)
@@ -151,7 +151,7 @@ def test_hub_id_from_the_local_cache_offline(hub: Path, tmp_path: Path) -> None:
         "ids = tok.encode(torch.zeros(1, 3, 32, 32))\n"
         "d = resolve_model_dir('acme/tiny-fsq')\n"
         f"pinned = resolve_model_dir('acme/tiny-fsq@{COMMIT}')\n"
-        "from clients import LocalBackend\n"
+        "from clients.local import LocalBackend\n"
         "with LocalBackend('acme/tiny-fsq', device='cpu') as backend:\n"
         "    local = backend.encode(numpy.zeros((32, 32, 3), numpy.uint8))\n"
         "    served = backend.info.name\n"
@@ -182,7 +182,7 @@ def test_hub_id_not_in_the_cache_offline_is_one_clear_line(hub: Path, tmp_path: 
 @needs_hub
 def test_hub_id_on_the_command_line(hub: Path, tmp_path: Path) -> None:
     """`vqtok eval --model ORG/NAME` resolves through the cache; --data is checked next."""
-    code = "import sys; from clients.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from vqtok.cli import main; sys.exit(main(sys.argv[1:]))"
     env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "PATH": ""}
     base = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     for model, message in (("acme/tiny-fsq", "--data"), ("acme/other", f"--model: acme/other: {NOT_FOUND}")):
@@ -196,7 +196,8 @@ def test_hub_id_on_the_command_line(hub: Path, tmp_path: Path) -> None:
 
 
 def test_save_pretrained_writes_a_hub_card_and_keeps_one(tmp_path: Path) -> None:
-    from models import CheckpointError, Tokenizer, create_tokenizer
+    from models.presets import create_tokenizer
+    from models.tokenizer import CheckpointError, Tokenizer
 
     tok = create_tokenizer("cifar-fsq", base_channels=8, norm_groups=4, num_res_blocks=1)
     assert sorted(p.name for p in tok.save_pretrained(tmp_path / "bare", model_card=False).iterdir()) == [
@@ -242,7 +243,7 @@ def test_the_shipped_model_has_a_hub_card_and_still_verifies() -> None:
 
 def test_local_backend_by_name(kodak_dir: Path) -> None:
     pytest.importorskip("onnxruntime")
-    from clients import LocalBackend
+    from clients.local import LocalBackend
 
     image = sorted(kodak_dir.glob("*.png"))[0]
     with LocalBackend(DEFAULT_MODEL, device="cpu", precision="fp32") as by_name, LocalBackend(device="cpu", precision="fp32") as default:
@@ -269,7 +270,7 @@ def test_model_names_on_the_command_line(command: list[str], tmp_path: Path, cap
 
 def test_eval_by_name(photos_val_dir: Path, tmp_path: Path) -> None:
     """`vqtok eval --model photo-f8-simvq-16k` from a directory outside the checkout."""
-    code = "import sys; from clients.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from vqtok.cli import main; sys.exit(main(sys.argv[1:]))"
     out = tmp_path / "report.json"
     args = [
         "eval",

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import CheckpointError, ConfigError, Tokenizer, TokenizerConfig, create_tokenizer, list_presets
+from models.config import ConfigError, TokenizerConfig
+from models.presets import create_tokenizer, list_presets
+from models.tokenizer import CheckpointError, Tokenizer
 
 TINY = dict(base_channels=8, norm_groups=4, num_res_blocks=1)
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.runtime import ModelRuntime
+from models.runtime.onnx import ModelRuntime
 from service.settings import Settings
 from tests.helpers import ServerThread, SplitServerThread, exported_model_repo
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from clients.cli import build_parser
 from models.core.errors import CLIError
-from service.cli import _flag_type, settings_from_args
+from service.commands import _flag_type, settings_from_args
 from service.settings import Settings
+from vqtok.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -114,5 +114,5 @@ def test_a_setting_of_an_unknown_type_has_no_flag() -> None:
 
 def test_building_the_root_parser_imports_no_pydantic() -> None:
     """The serve flags are added when `serve` is parsed: `vqtok tokenize --help` stays light."""
-    code = "import sys, clients.cli; clients.cli.build_parser(); assert 'pydantic' not in sys.modules, 'pydantic imported'"
+    code = "import sys, vqtok.cli; vqtok.cli.build_parser(); assert 'pydantic' not in sys.modules, 'pydantic imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

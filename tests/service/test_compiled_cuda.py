@@ -21,8 +21,8 @@ MODEL = REPO / "models" / "pretrained" / "photo-f8-simvq-16k-v2"
 
 @pytest.fixture(scope="module")
 def runtime():  # type: ignore[no-untyped-def]
-    from service.compiled import compiled_available
-    from service.runtimes import load_runtime
+    from models.runtime.choose import load_runtime
+    from models.runtime.compiled import compiled_available
 
     if compiled_available() is not None:
         pytest.skip(compiled_available())

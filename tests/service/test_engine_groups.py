@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from models.runtime.onnx import ModelRuntime
 from service import ipc
 from service.batcher import QueueFull
 from service.engine import Engine
 from service.metrics import Metrics
 from service.remote import EngineGone, RemoteRepository
-from service.runtime import ModelRuntime
 from service.settings import Settings
 
 from .conftest import Faults, cpu_settings

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service import runtime as runtime_mod
-from service.runtime import ModelRuntime
+from models.runtime import onnx as runtime_mod
+from models.runtime.onnx import ModelRuntime
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,7 +33,7 @@ def test_a_visible_but_unusable_gpu_is_warned_about_once(
 ) -> None:
     monkeypatch.setattr(runtime_mod, "gpu_visible", lambda: True)
     monkeypatch.setattr(runtime_mod, "_warned_gpu", False)
-    with caplog.at_level(logging.WARNING, logger="service.runtime"):
+    with caplog.at_level(logging.WARNING, logger="models.runtime.onnx"):
         for _ in range(2):
             rt = ModelRuntime.load(model_repo / "fsq4", device="auto")
             assert rt.device == "cpu"
@@ -43,7 +43,7 @@ def test_a_visible_but_unusable_gpu_is_warned_about_once(
     caplog.clear()
     monkeypatch.setattr(runtime_mod, "_warned_gpu", False)
     monkeypatch.setattr(runtime_mod, "gpu_visible", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="service.runtime"):
+    with caplog.at_level(logging.WARNING, logger="models.runtime.onnx"):
         ModelRuntime.load(model_repo / "fsq4", device="auto")
     assert not [r for r in caplog.records if "GPU is visible" in r.getMessage()]
 
@@ -62,7 +62,7 @@ def test_a_missing_default_model_keeps_the_service_not_ready_with_the_reason(ser
 
 @pytest.mark.parametrize(("module", "argv", "fix"), [("torch", ["train", "--out", "x", "--data", "."], "pip install 'vqtok[train]'")])
 def test_a_missing_extra_answers_with_the_one_line_fix(module: str, argv: list[str], fix: str, tmp_path: Path) -> None:
-    code = f"import sys; sys.modules[{module!r}] = None; from clients.cli import main; sys.exit(main({argv!r}))"
+    code = f"import sys; sys.modules[{module!r}] = None; from vqtok.cli import main; sys.exit(main({argv!r}))"
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert fix in r.stderr

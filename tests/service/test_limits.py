@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients import Client, PayloadTooLargeError
+from clients.client import Client
+from clients.errors import PayloadTooLargeError
 from models.core import pixels
 from service.settings import Settings
 

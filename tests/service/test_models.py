@@ -22,8 +22,8 @@ from .conftest import REPO, Faults, png_bytes
 from .test_batching import encode, wait_until
 from .test_errors import assert_problem
 
-# The `vqtok` console script's entry point (`python -m clients.cli` would import clients.cli twice).
-VQTOK = [sys.executable, "-c", "import sys; from clients.cli import main; sys.exit(main())"]
+# The `vqtok` console script's entry point (`python -m vqtok.cli` would import vqtok.cli twice).
+VQTOK = [sys.executable, "-c", "import sys; from vqtok.cli import main; sys.exit(main())"]
 IMG = png_bytes(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
 ADMIN = {"Authorization": "Bearer admin-key-123"}
 
@@ -114,7 +114,7 @@ def test_readyz_is_503_until_models_are_warm(serve, model_repo: Path, tmp_path: 
     release = threading.Event()
 
     def slow_loader(path: Path, **kw: object):  # type: ignore[no-untyped-def]
-        from service.runtime import ModelRuntime
+        from models.runtime.onnx import ModelRuntime
 
         release.wait(10)
         return ModelRuntime.load(path, **kw)  # type: ignore[arg-type]
@@ -130,7 +130,7 @@ def test_readyz_is_503_until_models_are_warm(serve, model_repo: Path, tmp_path: 
 
 
 def test_service_imports_no_torch() -> None:
-    code = "import sys, service.app, service.cli, service.batcher, models.core.pixels; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, service.app, service.commands, service.batcher, models.core.pixels; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
@@ -186,7 +186,7 @@ def test_every_inference_thread_is_warmed_before_ready(serve, model_repo: Path) 
     thread), and inference later runs on those same threads."""
     import threading
 
-    from service.runtime import ModelRuntime
+    from models.runtime.onnx import ModelRuntime
 
     warmed: list[str] = []
     ran: set[str] = set()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.runtime import ModelRuntime
+from models.runtime.onnx import ModelRuntime
 
 from .conftest import MODELS, photo_crop, png_bytes
 

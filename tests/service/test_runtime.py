@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.runtime import InvalidInputError, ModelLoadError, ModelRuntime
+from models.runtime.onnx import InvalidInputError, ModelLoadError, ModelRuntime
 
 TINY = dict(base_channels=8, norm_groups=4, num_res_blocks=1)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, kodak_dir: Path) -> Path:
-    from models import create_tokenizer
-    from models.export import export_model
+    from models.export.driver import export_model
+    from models.presets import create_tokenizer
 
     d = create_tokenizer("cifar-simvq", **TINY).save_pretrained(tmp_path_factory.mktemp("rt") / "simvq")
     export_model(d, parity_images=kodak_dir)
@@ -35,7 +35,7 @@ def copy_of(model_dir: Path, tmp_path: Path) -> Path:
 def test_runtime_does_not_import_torch(model_dir: Path) -> None:
     code = (
         "import sys, numpy as np\n"
-        "from service.runtime import ModelRuntime\n"
+        "from models.runtime.onnx import ModelRuntime\n"
         f"rt = ModelRuntime.load({str(model_dir)!r})\n"
         "ids = rt.encode(np.zeros((1, 32, 32, 3), np.uint8))\n"
         "rt.decode(ids)\n"
@@ -85,7 +85,7 @@ def test_truncated_onnx_is_a_clear_error(copy_of: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"does not match manifest\.json"):
         ModelRuntime.load(copy_of)
     # even with the hash "fixed", ORT's refusal becomes a ModelLoadError, not a crash
-    from models.export import sha256_file
+    from models.core.artefacts import sha256_file
 
     manifest = json.loads((copy_of / "manifest.json").read_text())
     manifest["files"]["encoder.onnx"]["sha256"] = sha256_file(path)
@@ -129,7 +129,7 @@ def test_precision_and_device_requests(model_dir: Path) -> None:
 
 
 def test_batch_buckets() -> None:
-    from service.runtime import batch_buckets
+    from models.runtime.onnx import batch_buckets
 
     assert batch_buckets(64) == (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
     assert batch_buckets(1) == (1,)
@@ -174,7 +174,7 @@ def test_padded_batches_match_unpadded(model_dir: Path, monkeypatch: pytest.Monk
 def test_one_session_per_input_shape(model_dir: Path) -> None:
     """With per-shape sessions each shape gets its own ORT session (a CUDA session re-picks its cuDNN
     algorithms whenever its input shape changes); answers are unchanged."""
-    from service.runtime import ShapeSessions
+    from models.runtime.onnx import ShapeSessions
 
     plain = ModelRuntime.load(model_dir)
     rt = ModelRuntime.load(model_dir, pad_batches=True, session_per_shape=True, max_batch_size=4)
@@ -210,7 +210,7 @@ def test_per_shape_session_failure_falls_back_to_the_shared_session(model_dir: P
 
     rt._per_shape["encoder"]._factory = broken  # type: ignore[index]
     images = np.random.default_rng(3).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
-    with caplog.at_level("WARNING", logger="service.runtime"):
+    with caplog.at_level("WARNING", logger="models.runtime.onnx"):
         for _ in range(3):
             assert np.array_equal(rt.encode(images), plain.encode(images))
     assert "shared session" in caplog.text and "CUDNN_STATUS_INTERNAL_ERROR" in caplog.text

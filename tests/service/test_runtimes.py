@@ -18,9 +18,9 @@ import pytest
 from models.core import gate
 from models.core.artefacts import file_record
 from models.core.errors import ModelLoadError
-from service import runtimes
-from service.runtime import ModelRuntime
-from service.runtimes import load_runtime
+from models.runtime import choose as runtimes
+from models.runtime.choose import load_runtime
+from models.runtime.onnx import ModelRuntime
 
 from .conftest import photo_crop
 
@@ -54,7 +54,7 @@ def test_auto_is_onnxruntime_without_a_usable_gpu(
     assert isinstance(rt, ModelRuntime) and rt.device == "cpu"
     # a GPU that torch cannot use: auto says why and serves with ONNX Runtime
     monkeypatch.setattr(runtimes, "gpu_visible", lambda: True)
-    with caplog.at_level(logging.INFO, logger="service.runtimes"):
+    with caplog.at_level(logging.INFO, logger="models.runtime.choose"):
         rt = load_runtime(model_repo / "fsq4", runtime="auto")
     assert isinstance(rt, ModelRuntime)
     assert any("compiled runtime unavailable" in r.getMessage() for r in caplog.records)
@@ -63,18 +63,18 @@ def test_auto_is_onnxruntime_without_a_usable_gpu(
 def test_auto_names_both_reasons_when_neither_runtime_can_serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A directory that is no model, on a host where the compiled runtime could run: the refusal says why
     for both runtimes (it once said only ONNX Runtime's, "no CUDAExecutionProvider", which hid the cause)."""
-    import service.compiled
+    import models.runtime.compiled
 
     empty = tmp_path / "not-a-model"
     empty.mkdir()
     monkeypatch.setattr(runtimes, "gpu_visible", lambda: True)
-    monkeypatch.setattr(service.compiled, "compiled_available", lambda: None)
+    monkeypatch.setattr(models.runtime.compiled, "compiled_available", lambda: None)
     with pytest.raises(ModelLoadError, match=r"no runtime can serve it: compiled: .*not a vqtok model directory.*; ONNX Runtime: "):
         load_runtime(empty, runtime="auto")
 
 
 def test_compiled_graphs_match_onnxruntime_and_pad_to_their_buckets(model_repo: Path, photos: list[Path]) -> None:
-    from service.compiled import CompiledRuntime
+    from models.runtime.compiled import CompiledRuntime
 
     d = model_repo / "simvq4"
     ort = ModelRuntime.load(d, device="cpu")
@@ -96,7 +96,7 @@ def test_compiled_graphs_match_onnxruntime_and_pad_to_their_buckets(model_repo: 
 
 
 def test_compiled_runtime_loads_with_buckets_smaller_than_its_parity_set(model_repo: Path) -> None:
-    from service.compiled import CompiledRuntime
+    from models.runtime.compiled import CompiledRuntime
 
     d = model_repo / "simvq4"
     parity = gate.read_parity_set(d)
@@ -109,7 +109,7 @@ def test_compiled_runtime_loads_with_buckets_smaller_than_its_parity_set(model_r
 def test_a_batch_whose_bucket_was_not_warmed_pads_to_the_next_warmed_one(model_repo: Path, photos: list[Path]) -> None:
     """What a tokenization job relies on: it warms only its batch size, and its short batches (a shard's
     end) run on that graph, padded, not on the ONNX fallback and not on a new compile."""
-    from service.compiled import CompiledRuntime
+    from models.runtime.compiled import CompiledRuntime
 
     d = model_repo / "simvq4"
     ort = ModelRuntime.load(d, device="cpu")
@@ -133,7 +133,7 @@ def test_a_batch_whose_bucket_was_not_warmed_pads_to_the_next_warmed_one(model_r
 def test_warmed_batch_sizes_between_the_powers_of_two_are_buckets_too(model_repo: Path, photos: list[Path]) -> None:
     """`warmup_batch_sizes` such as 12 and 24 are buckets of their own: a batch of 10 pads to 12, not 16
     (less padding where single-image requests form batches of 9-24 on the GPU)."""
-    from service.compiled import CompiledRuntime
+    from models.runtime.compiled import CompiledRuntime
 
     d = model_repo / "simvq4"
     rt = CompiledRuntime.load(d, eager_cpu=True, max_batch_size=32)
@@ -162,7 +162,7 @@ def test_warmed_batch_sizes_between_the_powers_of_two_are_buckets_too(model_repo
 
 
 def test_the_gate_refuses_a_runtime_that_disagrees(model_repo: Path, tmp_path: Path) -> None:
-    from service.compiled import CompiledRuntime
+    from models.runtime.compiled import CompiledRuntime
 
     d = tmp_path / "simvq4"
     shutil.copytree(model_repo / "simvq4", d)
@@ -185,7 +185,7 @@ def test_the_gate_refuses_a_runtime_that_disagrees(model_repo: Path, tmp_path: P
 def test_staging_pads_with_the_last_item_in_the_buffers_dtype(n: int) -> None:
     """What a CUDA graph's call copies into its pinned input (`compiled.stage`, numpy: no OpenMP spin):
     the items, then the last one repeated up to the graph's batch, cast to the graph's dtype."""
-    from service.compiled import stage
+    from models.runtime.compiled import stage
 
     rng = np.random.default_rng(n)
     host = rng.integers(0, 16384, size=(n, 2, 3), dtype=np.int64)[:, ::-1]  # not contiguous, not the buffer's dtype
@@ -202,10 +202,10 @@ def test_staging_a_large_batch_in_parallel_parts_gives_the_same_buffer(n: int, m
     pool is shut down (the interpreter exiting: the caller copies the rest)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import service.compiled
-    from service.compiled import stage
+    import models.runtime.compiled
+    from models.runtime.compiled import stage
 
-    monkeypatch.setattr(service.compiled, "STAGE_THREADS", 4)  # four parts whatever this machine's cores
+    monkeypatch.setattr(models.runtime.compiled, "STAGE_THREADS", 4)  # four parts whatever this machine's cores
     host = np.random.default_rng(n).integers(0, 256, size=(n, 256, 256, 3), dtype=np.uint8)
     assert host.nbytes // (1 << 21) >= 2  # large enough to be split
     one = np.zeros((64, 256, 256, 3), np.uint8)
@@ -224,24 +224,24 @@ def test_staging_a_large_batch_in_parallel_parts_gives_the_same_buffer(n: int, m
 def test_the_compile_mode_reaches_the_compiled_runtime(model_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`--compile-mode` (Settings) -> the repository's loader -> `load_runtime` -> `CompiledRuntime.load`, which
     refuses a mode it does not know; ONNX Runtime ignores it."""
-    import service.compiled
+    import models.runtime.compiled
     from service.metrics import Metrics
     from service.repository import ModelRepository
     from service.settings import Settings
 
     seen: list[str] = []
-    real_load = service.compiled.CompiledRuntime.load
+    real_load = models.runtime.compiled.CompiledRuntime.load
 
     def load(model_dir: Path, **kw: Any) -> Any:
         seen.append(kw["compile_mode"])
         return real_load(model_dir, eager_cpu=True, max_batch_size=kw["max_batch_size"], compile_mode=kw["compile_mode"])
 
     monkeypatch.setattr(runtimes, "gpu_visible", lambda: True)
-    monkeypatch.setattr(service.compiled, "compiled_available", lambda: None)
-    monkeypatch.setattr(service.compiled.CompiledRuntime, "load", load)
+    monkeypatch.setattr(models.runtime.compiled, "compiled_available", lambda: None)
+    monkeypatch.setattr(models.runtime.compiled.CompiledRuntime, "load", load)
     repo = ModelRepository(Settings(model_repo=model_repo, compile_mode="max-autotune"), Metrics())
     rt = repo._loader(model_repo / "fsq4", name="fsq4", device="auto", precision="auto", intra_op_threads=None, max_batch_size=4)
-    assert isinstance(rt, service.compiled.CompiledRuntime) and seen == ["max-autotune"]
+    assert isinstance(rt, models.runtime.compiled.CompiledRuntime) and seen == ["max-autotune"]
     with pytest.raises(ModelLoadError, match="compile_mode must be one of"):
         real_load(model_repo / "fsq4", eager_cpu=True, compile_mode="max-autotune-no-cudagraphs")
     assert isinstance(load_runtime(model_repo / "fsq4", runtime="onnxruntime", compile_mode="max-autotune"), ModelRuntime)
@@ -274,10 +274,10 @@ def test_the_compiled_runtimes_fallback_device_is_said_in_its_own_words(
     fallback, not ONNX Runtime's "a GPU is visible ... serving on the CPU" (seen on the H200 while the
     model was served on the GPU)."""
     pytest.importorskip("torch")
-    from service import compiled
+    from models.runtime import compiled
 
     monkeypatch.setattr(compiled, "cuda_available", lambda: False)
-    with caplog.at_level(logging.INFO, logger="service.compiled"):
+    with caplog.at_level(logging.INFO, logger="models.runtime.compiled"):
         assert compiled.fallback_device(eager_cpu=False) == "cpu"
     assert "fallback for image sizes not warmed runs on the CPU" in caplog.text
     monkeypatch.setattr(compiled, "cuda_available", lambda: True)

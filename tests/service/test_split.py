@@ -25,10 +25,10 @@ from PIL import Image
 
 from bench.front_accept_cpu import established_by_process
 from models.core import pixels
+from models.runtime.onnx import ModelRuntime
 from service import ipc
 from service.engine import _Merged
 from service.metrics import Metrics
-from service.runtime import ModelRuntime
 from service.settings import Settings
 from tests.helpers import REPO, SplitServerThread, free_port
 from tests.service.conftest import cpu_settings, metric_value
@@ -251,7 +251,7 @@ def test_shutdown_leaves_no_shared_memory_even_of_a_killed_front(model_repo: Pat
 
 def test_vqtok_serve_front_workers_stops_cleanly_on_sigterm(model_repo: Path) -> None:
     port = free_port()
-    cmd = [sys.executable, "-c", "import sys; from clients.cli import main; sys.exit(main())", "serve", "--model-repo", str(model_repo)]
+    cmd = [sys.executable, "-c", "import sys; from vqtok.cli import main; sys.exit(main())", "serve", "--model-repo", str(model_repo)]
     cmd += ["--port", str(port), "--front-workers", "2", "--warmup-sizes", "32", "--device", "cpu", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -282,7 +282,7 @@ def test_a_port_in_use_is_one_clear_line(model_repo: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        cmd = [sys.executable, "-c", "import sys; from clients.cli import main; sys.exit(main())", "serve", "--model-repo", str(model_repo)]
+        cmd = [sys.executable, "-c", "import sys; from vqtok.cli import main; sys.exit(main())", "serve", "--model-repo", str(model_repo)]
         done = subprocess.run([*cmd, "--port", str(port), "--front-workers", "1"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr

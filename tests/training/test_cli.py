@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from clients.cli import main
+from vqtok.cli import main
 
 from .conftest import tiny_overrides
 
-LAUNCH = "import sys; from clients.cli import main; sys.exit(main(sys.argv[1:]))"
+LAUNCH = "import sys; from vqtok.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def vqtok(*args: str) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import create_tokenizer
+from models.presets import create_tokenizer
 from models.quantizers import VectorQuantizer
 from training.codebook import CodebookError, RetrainOptions, kmeans, retrain_codebook
 

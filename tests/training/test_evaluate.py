@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models import create_tokenizer
+from models.presets import create_tokenizer
 from training.evaluate import EvalOptions, encode_at_rate, evaluate, format_table, pad_to_multiple, reconstruct, token_bpp
 from training.lpips import LPIPS, LPIPSWeightsMissing
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models import Tokenizer, create_tokenizer
+from models.presets import create_tokenizer
+from models.tokenizer import Tokenizer
 from training.evaluate import EvalOptions, encode_at_quality, evaluate
 
 from .conftest import TINY

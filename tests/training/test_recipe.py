@@ -14,8 +14,8 @@ import torch
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from models import Tokenizer
 from models.presets import preset_config
+from models.tokenizer import Tokenizer
 from tests.helpers import free_port
 from training.config import TrainConfigError, build_config, load_config
 from training.data import DataError, MixtureSampler, StreamSampler, open_train_sources

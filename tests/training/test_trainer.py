@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from models import Tokenizer
+from models.tokenizer import Tokenizer
 from tests.helpers import free_port
 from training.checkpointing import list_checkpoints, load_checkpoint
 from training.config import build_config

@@ -39,7 +39,7 @@ def _model_dir(name_or_dir: str, what: str = "--model") -> Path:
 
 
 def _load_model(model_dir: Path) -> Tokenizer:
-    from models import CheckpointError, Tokenizer
+    from models.tokenizer import CheckpointError, Tokenizer
 
     try:
         return Tokenizer.from_pretrained(model_dir)
@@ -247,7 +247,7 @@ def _codebook_retrain(args: argparse.Namespace) -> int:
     if args.steps < 0 or args.batch_size < 1 or (args.codebook_size is not None and args.codebook_size < 2):
         raise CLIError("--steps must be >= 0, --batch-size >= 1 and --codebook-size >= 2")
     model = _load_model(model_dir)
-    from models import ConfigError
+    from models.config import ConfigError
     from training.codebook import CodebookError, RetrainOptions, retrain_codebook
     from training.data import DataError
 

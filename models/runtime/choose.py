@@ -1,12 +1,11 @@
 """The runtimes that can serve a model directory, and the rule that picks one.
 
-- `onnxruntime` (`runtime.ModelRuntime`): the portable runtime, CPU everywhere, CUDA where
+- `onnxruntime` (`onnx.ModelRuntime`): the portable runtime, CPU everywhere, CUDA where
   onnxruntime-gpu is installed; torch-free.
 - `compiled` (`compiled.CompiledRuntime`): torch.compile + CUDA graphs + the fused code search;
   needs torch with CUDA; imported only when chosen.
 
-Both answer the same contract: `encode`, `decode`, `warmup`, `info`, `device`, `runtime_name`,
-`providers`, `check_images`, `check_tokens`.
+Both answer the same contract, `base.Runtime`.
 """
 
 from __future__ import annotations
@@ -18,7 +17,8 @@ from typing import Any
 from models.core.artefacts import Device, Precision
 from models.core.errors import ModelLoadError
 
-from .runtime import ModelRuntime, gpu_visible
+from .base import Runtime
+from .onnx import ModelRuntime, gpu_visible
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def load_runtime(
     intra_op_threads: int | None = None,
     max_batch_size: int = 64,
     compile_mode: str = "default",
-) -> Any:
+) -> Runtime:
     """The runtime that serves `model_dir`: "onnxruntime", "compiled" (torch.compile + CUDA graphs +
     the fused search; needs torch with CUDA), or "auto": the compiled runtime on a CUDA host where it
     can run and passes its parity gate, else ONNX Runtime. The rule is measured (H100, shipped model,

@@ -42,18 +42,18 @@ def missing_extra(exc: ModuleNotFoundError) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from clients.tokenize import cli as tokenize_cli
-    from models.export import cli as export_cli
-    from service import cli as service_cli
-    from training import cli as training_cli
+    from clients.tokenize import commands as tokenize_commands
+    from models.export import commands as export_commands
+    from service import commands as service_commands
+    from training import commands as training_commands
 
     parser = argparse.ArgumentParser(prog="vqtok", description="Image tokenizers: train, evaluate, export, serve, tokenize datasets.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    training_cli.register(sub)  # train, eval, codebook
-    export_cli.register(sub)
-    service_cli.register(sub)
-    tokenize_cli.register(sub)
+    training_commands.register(sub)  # train, eval, codebook
+    export_commands.register(sub)
+    service_commands.register(sub)
+    tokenize_commands.register(sub)
     return parser
 
 

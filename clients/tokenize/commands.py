@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from .job import Summary
 
 ENGINES = ("local", "ray", "server")
-RUNTIMES = ("auto", "onnxruntime", "compiled")  # service.runtimes.RUNTIMES, not imported here (the CLI imports no numpy at start)
+RUNTIMES = ("auto", "onnxruntime", "compiled")  # models.runtime.choose.RUNTIMES, not imported here (the CLI imports no numpy at start)
 RESIZE_MODES = ("none", "crop", "pad")  # models.core.pixels.RESIZE_MODES, not imported here: it loads numpy and Pillow
 DEFAULT_RESIZE = "crop"  # format.DEFAULT_RESIZE and DEFAULT_MAX_TOKENS, not imported here: format loads pyarrow
 DEFAULT_MAX_TOKENS = 256 * 256

@@ -41,7 +41,7 @@ from models.core import gate
 from models.core.artefacts import Device, ModelInfo, open_exported
 from models.core.errors import InvalidInputError, ModelLoadError
 
-from .runtime import ModelRuntime, check_images, check_tokens, cuda_available
+from .onnx import ModelRuntime, check_images, check_tokens, cuda_available
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--model: {exc}") from exc
     if args.opset < 18:
         raise CLIError(f"--opset {args.opset}: the torch exporter needs opset 18 or newer")
-    from models.export import ExportError, export_model
+    from models.export.driver import export_model
+    from models.export.parity import ExportError
     from models.tokenizer import CheckpointError
 
     try:
