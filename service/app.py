@@ -69,7 +69,7 @@ def create_app(
         docs_url=None,  # /docs and /redoc come from routes.docs, on assets served here (no CDN)
         redoc_url=None,
     )
-    problems.install(app)
+    problems.install(app, settings.retry_after_s)
     for router in ROUTERS:
         app.include_router(router)
     docs.install(app)

@@ -35,6 +35,8 @@ from typing import cast
 
 import numpy as np
 
+from models.core.errors import DeadlineExceeded, QueueFull, ShuttingDown, TooLarge, inference_problem
+
 from .metrics import Metrics
 
 log = logging.getLogger("vqtok.batcher")
@@ -123,30 +125,6 @@ class PixelPool:
                 continue
             self.in_use += n
             fut.set_result(None)
-
-
-class QueueFull(Exception):
-    """The model's queue holds `max_queue_images` already."""
-
-
-class TooLarge(Exception):
-    """The request alone holds more images than `max_queue_images`: it can never be queued (413, not 503)."""
-
-
-class ShuttingDown(Exception):
-    """The batcher is stopping (server shutdown or model swapped out) and takes no new work."""
-
-
-class BatchDeadlineExceeded(Exception):
-    """The item's deadline passed before its batch started."""
-
-
-class BatchFailed(Exception):
-    """The inference call of the batch this item was in raised `cause`."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(f"{type(cause).__name__}: {cause}")
-        self.cause = cause
 
 
 @dataclass(eq=False)
@@ -363,7 +341,7 @@ class Batcher:
                 continue
             if item.deadline <= now:
                 self._metrics.rejected.labels(self.model, "deadline").inc()
-                item.future.set_exception(BatchDeadlineExceeded("deadline passed while queued"))
+                item.future.set_exception(DeadlineExceeded("deadline passed while queued"))
                 continue
             batch.append(item)
             size += item.n
@@ -399,9 +377,10 @@ class Batcher:
                 extra={"model": self.model, "op": op, "batch": len(batch), "error": repr(exc)},
                 exc_info=exc,
             )
+            problem = inference_problem(exc)
             for item in batch:
                 if not item.future.done():
-                    item.future.set_exception(BatchFailed(exc))
+                    item.future.set_exception(problem)
             return
         finally:
             self._running_batches -= 1

@@ -46,7 +46,7 @@ def _key_ok(creds: HTTPAuthorizationCredentials | None, keys: list[str]) -> bool
 async def require_api_key(state: State, creds: Credentials) -> None:
     keys = state.settings.api_keys
     if keys and not _key_ok(creds, keys):
-        raise Unauthorized("missing or wrong API key (Authorization: Bearer <key>)", headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized("missing or wrong API key (Authorization: Bearer <key>)")
 
 
 async def require_admin_key(state: State, creds: Credentials) -> None:
@@ -54,4 +54,4 @@ async def require_admin_key(state: State, creds: Credentials) -> None:
     if not keys:
         raise Forbidden("admin routes are off: set VQTOK_ADMIN_API_KEYS or VQTOK_API_KEYS (or send SIGHUP to reload)")
     if not _key_ok(creds, keys):
-        raise Unauthorized("missing or wrong admin API key", headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized("missing or wrong admin API key")

@@ -45,29 +45,21 @@ import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 
-from models.core.errors import InvalidInputError
+from models.core.errors import Problem, inference_problem
 
 from . import ipc
-from .batcher import BatchDeadlineExceeded, BatchFailed, QueueFull, ShuttingDown, TooLarge
 from .metrics import Metrics
-from .repository import Loader, ModelNotReady, ModelRepository, UnknownModel
+from .repository import Loader, ModelRepository
 from .settings import Settings
 
 log = logging.getLogger("vqtok.engine")
 
-_PASSED = (QueueFull, TooLarge, ShuttingDown, BatchDeadlineExceeded, UnknownModel, ModelNotReady)
-
 
 def error_fields(exc: BaseException) -> dict[str, Any]:
-    """An exception as a reply the front turns back into the same exception (`remote.raise_error`)."""
-    if isinstance(exc, BatchFailed):
-        cause = exc.cause
-        kind = "invalid" if isinstance(cause, InvalidInputError) else "memory" if isinstance(cause, MemoryError) else "other"
-        return {"err": "BatchFailed", "msg": str(cause), "kind": kind}
-    for cls in _PASSED:
-        if isinstance(exc, cls):
-            return {"err": cls.__name__, "msg": str(exc)}
-    return {"err": "BatchFailed", "msg": f"{type(exc).__name__}: {exc}", "kind": "other"}
+    """An exception as a reply the front turns back into the same problem (`remote.raise_error`): the
+    Problem's class name and detail; anything else is the inference failure it stands for."""
+    problem: Problem = exc if isinstance(exc, Problem) else inference_problem(exc)
+    return {"err": type(problem).__name__, "msg": problem.detail, "retry_after_s": problem.retry_after_s}
 
 
 @dataclass(eq=False)

@@ -1,7 +1,10 @@
 """RFC 7807 `application/problem+json` for every error the service answers, one body shape for all.
 
-Routes raise `Problem` (or a subclass named for the case); FastAPI's validation errors, Starlette's
-404/405 and anything unexpected are mapped to the same body by the handlers installed here.
+Every error a request can end in is a `models.core.errors.Problem`, whose class carries its status, its
+problem type and whether to add `Retry-After`; the core's own (invalid input, unknown model, queue full,
+deadline, …) and the few only HTTP has (below: authentication, media types, body limits) are answered by
+the one handler installed here. FastAPI's validation errors, Starlette's 404/405 and anything unexpected
+are mapped to the same body.
 """
 
 from __future__ import annotations
@@ -9,42 +12,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from http import HTTPStatus
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from models.core.errors import Problem
+
 from .logs import request_id_var
 
 PROBLEM_JSON = "application/problem+json"
 log = logging.getLogger("vqtok.service")
-
-
-class Problem(Exception):
-    """An error answer. `slug` names the case in `type` (urn:vqtok:problem:<slug>)."""
-
-    status = 500
-    slug = "internal"
-
-    def __init__(
-        self,
-        detail: str,
-        *,
-        status: int | None = None,
-        slug: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        **extra: Any,
-    ) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        if status is not None:
-            self.status = status
-        if slug is not None:
-            self.slug = slug
-        self.headers = dict(headers or {})
-        self.extra = extra
 
 
 class BadRequest(Problem):
@@ -53,14 +33,11 @@ class BadRequest(Problem):
 
 class Unauthorized(Problem):
     status, slug = 401, "unauthorized"
+    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": "Bearer"}
 
 
 class Forbidden(Problem):
     status, slug = 403, "forbidden"
-
-
-class NotFound(Problem):
-    status, slug = 404, "not-found"
 
 
 class NotAcceptable(Problem):
@@ -79,16 +56,12 @@ class Unprocessable(Problem):
     status, slug = 422, "invalid-input"
 
 
-class Unavailable(Problem):
-    status, slug = 503, "unavailable"
+class NotReady(Problem):
+    status, slug, retry = 503, "not-ready", True
 
 
 class ClientClosed(Problem):
     status, slug = 499, "client-closed-request"
-
-
-class DeadlineExceeded(Problem):
-    status, slug = 504, "deadline-exceeded"
 
 
 def _title(status: int) -> str:
@@ -124,10 +97,20 @@ def _jsonable_errors(errors: Any) -> list[dict[str, Any]]:
     return out[:20]
 
 
-def install(app: FastAPI) -> None:
+def problem_headers(exc: Problem, retry_after_s: float) -> dict[str, str]:
+    headers = dict(getattr(exc, "headers", {}))
+    if exc.retry:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_s if exc.retry_after_s is not None else retry_after_s)))
+    return headers
+
+
+def install(app: FastAPI, retry_after_s: float) -> None:
+    """The handlers; `retry_after_s`: the `Retry-After` of a retryable problem that does not know its own."""
+
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
-        return problem_response(exc.status, exc.detail, slug=exc.slug, instance=request.url.path, headers=exc.headers, **exc.extra)
+        headers = problem_headers(exc, retry_after_s)
+        return problem_response(exc.status, exc.detail, slug=exc.slug, instance=request.url.path, headers=headers, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

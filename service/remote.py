@@ -30,12 +30,12 @@ from typing import Any, cast
 import numpy as np
 from prometheus_client import generate_latest
 
-from models.core.errors import InvalidInputError
+from models.core.errors import ModelNotReady, problem_class
 
 from . import ipc
-from .batcher import BatchDeadlineExceeded, BatchFailed, Key, QueueFull, ShuttingDown, TooLarge, batch_limit, item_pixels
+from .batcher import Key, batch_limit, item_pixels
 from .metrics import Metrics
-from .repository import ModelEntry, ModelNotReady, ModelRepository, ServedModel, UnknownModel
+from .repository import ModelEntry, ModelRepository, ServedModel
 from .settings import Settings
 
 log = logging.getLogger("vqtok.front")
@@ -50,21 +50,9 @@ class EngineGone(ModelNotReady):
 def raise_error(rep: dict[str, Any]) -> None:
     """Raise the exception the inference process reported (`engine.error_fields`)."""
     err, msg = rep["err"], rep.get("msg", "")
-    simple: dict[str, type[Exception]] = {
-        "QueueFull": QueueFull,
-        "TooLarge": TooLarge,
-        "ShuttingDown": ShuttingDown,
-        "BatchDeadlineExceeded": BatchDeadlineExceeded,
-        "UnknownModel": UnknownModel,
-        "ModelNotReady": ModelNotReady,
-    }
-    if err in simple:
-        raise simple[err](msg)
     if err == "cancelled":
         raise EngineGone("the inference process dropped this request")
-    kind = rep.get("kind")
-    cause: BaseException = InvalidInputError(msg) if kind == "invalid" else MemoryError(msg) if kind == "memory" else RuntimeError(msg)
-    raise BatchFailed(cause)
+    raise problem_class(err)(msg, retry_after_s=rep.get("retry_after_s"))
 
 
 @dataclass(eq=False)

@@ -28,7 +28,7 @@ import numpy as np
 from prometheus_client import generate_latest
 
 from models.core.artefacts import DEFAULT_MODEL
-from models.core.errors import ModelLoadError
+from models.core.errors import ModelLoadError, ModelNotReady, UnknownModel
 from models.runtime import Runtime, load_runtime
 from models.runtime.onnx import configure_cuda_memory
 
@@ -48,14 +48,6 @@ def batch_workers(settings: Settings, runtime: object) -> int:
     if settings.batch_workers is not None:
         return settings.batch_workers
     return 2 if getattr(runtime, "runtime_kind", "") == "compiled" else 1
-
-
-class UnknownModel(LookupError):
-    pass
-
-
-class ModelNotReady(RuntimeError):
-    pass
 
 
 @dataclass(eq=False)

@@ -5,8 +5,6 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query
 
 from ..deps import State, require_admin_key
-from ..problems import NotFound, Unavailable
-from ..repository import ModelNotReady, UnknownModel
 from ..schemas import ModelName, ReloadOutcome, ReloadResponse
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin_key)])
@@ -16,11 +14,6 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(req
 async def reload(state: State, model: ModelName | None = Query(None, description="one model; default: rescan all")) -> ReloadResponse:
     """A model whose new version fails to load keeps serving its old version (`reloaded: false`, with
     the reason); requests in flight finish on the version they started on."""
-    try:
-        outcomes = await state.repo.reload(model)
-    except UnknownModel as exc:
-        raise NotFound(str(exc), slug="unknown-model") from None
-    except ModelNotReady as exc:  # a split server whose inference process is away
-        raise Unavailable(str(exc), slug="model-not-ready", headers={"Retry-After": str(state.settings.retry_after_s)}) from None
+    outcomes = await state.repo.reload(model)  # UnknownModel: 404; ModelNotReady (a split server's inference process away): 503
     results = [ReloadOutcome(**o) for o in outcomes]
     return ReloadResponse(ok=all(r.reloaded for r in results), results=results)

@@ -1,5 +1,5 @@
 """What the encode and decode routes share: content negotiation, npy bodies, the per-request
-deadline, dropping work whose client went away, and mapping internal errors to problems."""
+deadline, dropping work whose client went away, the model lease and the batcher call."""
 
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ from typing import Any, TypeVar
 import numpy as np
 from fastapi import Request
 
-from models.core.errors import InvalidInputError
+from models.core.errors import DeadlineExceeded
 
-from ..batcher import BatchDeadlineExceeded, BatchFailed, QueueFull, ShuttingDown, TooLarge
 from ..deps import ServiceState
-from ..problems import ClientClosed, DeadlineExceeded, NotFound, PayloadTooLarge, Problem, Unavailable, Unprocessable
-from ..repository import ModelNotReady, ServedModel, UnknownModel
+from ..problems import ClientClosed, PayloadTooLarge, Unprocessable
+from ..repository import ServedModel
 
 T = TypeVar("T")
 NPY = "application/x-npy"
@@ -122,41 +121,33 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             task.cancel()
 
 
-async def infer(state: ServiceState, served: ServedModel, op: str, batch: np.ndarray, deadline: float) -> np.ndarray:
-    """Submit one same-shape batch to the model's batcher; internal failures become problems."""
-    retry = {"Retry-After": str(state.settings.retry_after_s)}
-    try:
-        return await served.batcher.submit(op, batch, deadline)
-    except TooLarge as exc:
-        raise PayloadTooLarge(str(exc)) from None
-    except QueueFull as exc:
-        raise Unavailable(str(exc), slug="queue-full", headers=retry) from None
-    except ShuttingDown as exc:
-        raise Unavailable(str(exc), slug="shutting-down", headers=retry) from None
-    except BatchDeadlineExceeded as exc:
-        raise DeadlineExceeded(str(exc)) from None
-    except BatchFailed as exc:
-        if isinstance(exc.cause, InvalidInputError):
-            raise Unprocessable(str(exc.cause)) from None
-        text = str(exc.cause).lower()
-        if "out of memory" in text or "failed to allocate" in text or isinstance(exc.cause, MemoryError):
-            raise Unavailable("the model ran out of memory on this batch; retry", slug="out-of-memory", headers=retry) from None
-        raise Problem("inference failed for the batch this request was in", status=500, slug="inference-failed") from None
+async def infer(served: ServedModel, op: str, batch: np.ndarray, deadline: float) -> np.ndarray:
+    """Submit one same-shape batch to the model's batcher (what it refuses or fails with is a Problem)."""
+    return await served.batcher.submit(op, batch, deadline)
 
 
 @asynccontextmanager
 async def leased(state: ServiceState, model: str | None, request: Request | None = None) -> AsyncIterator[ServedModel]:
     """The served model; with `request`, its resolved name is kept on `request.state.served_model`
     (for metric labels, which must not take client-supplied strings)."""
-    try:
-        async with state.repo.lease(model) as served:
-            if request is not None:
-                request.state.served_model = served.name
-            yield served
-    except UnknownModel as exc:
-        raise NotFound(str(exc), slug="unknown-model") from None
-    except ModelNotReady as exc:
-        raise Unavailable(str(exc), slug="model-not-ready", headers={"Retry-After": str(state.settings.retry_after_s)}) from None
+    async with state.repo.lease(model) as served:
+        if request is not None:
+            request.state.served_model = served.name
+        yield served
+
+
+def too_many_pixels(state: ServiceState, served: ServedModel, what: str, h: int, w: int) -> PayloadTooLarge | None:
+    """The 413 for one image (`what`: "images[2]", "grid 64×64") whose h×w pixels at the model's input
+    exceed what one inference call may hold, so that it could never run; None when it fits."""
+    budget = served.batcher.max_batch_pixels
+    if budget is None or h * w <= budget:
+        return None
+    s = state.settings
+    source = "" if s.max_batch_pixels is not None else f", from memory_budget_gib={s.memory_budget_gib:g}"
+    return PayloadTooLarge(
+        f"{what} is {w}×{h} = {h * w} pixels at the model's input; one inference call holds at most "
+        f"{budget} pixels (max_batch_pixels{source}), so it can never run: send a smaller one"
+    )
 
 
 def in_pool(state: ServiceState, fn: Callable[..., T], *args: Any) -> Awaitable[T]:

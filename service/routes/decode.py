@@ -19,7 +19,21 @@ from ..deps import State, require_api_key
 from ..problems import BadRequest, NotAcceptable, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 from ..repository import ServedModel
 from ..schemas import DecodeJSONRequest, DecodeResponse, ModelName
-from .common import JSON, NPY, PNG, from_npy, in_pool, infer, leased, media_type, negotiate, to_npy, unless_disconnected, with_deadline
+from .common import (
+    JSON,
+    NPY,
+    PNG,
+    from_npy,
+    in_pool,
+    infer,
+    leased,
+    media_type,
+    negotiate,
+    to_npy,
+    too_many_pixels,
+    unless_disconnected,
+    with_deadline,
+)
 
 router = APIRouter(prefix="/v1", tags=["decode"], dependencies=[Depends(require_api_key)])
 
@@ -93,13 +107,10 @@ def _validate(ids: np.ndarray, state: State, served: ServedModel) -> np.ndarray:
         raise PayloadTooLarge(f"{b} grids in one request; the limit is {s.max_images_per_request}")
     if h * w > s.max_grid_tokens:
         raise PayloadTooLarge(f"grid {h}×{w} has {h * w} tokens; the limit is {s.max_grid_tokens}")
-    budget, f = served.batcher.max_batch_pixels, served.runtime.info.downsample
-    if budget is not None and h * w * f * f > budget:
-        source = "" if s.max_batch_pixels is not None else f", from memory_budget_gib={s.memory_budget_gib:g}"
-        raise PayloadTooLarge(
-            f"grid {h}×{w} decodes to {w * f}×{h * f} = {h * w * f * f} pixels; one inference call holds at most "
-            f"{budget} pixels (max_batch_pixels{source}), so it can never run: send a smaller grid"
-        )
+    f = served.runtime.info.downsample
+    problem = too_many_pixels(state, served, f"grid {h}×{w}", h * f, w * f)
+    if problem is not None:
+        raise problem
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= k:
         bad = lo if lo < 0 else hi
@@ -131,7 +142,7 @@ async def decode(
             raise NotAcceptable(f"image/png holds one image; this request has {raw.shape[0]} grids (ask for JSON or npy)")
         async with leased(state, body_model or model, request) as served:
             ids = _validate(raw, state, served)
-            pixels = await unless_disconnected(request, infer(state, served, "decode", ids, deadline))
+            pixels = await unless_disconnected(request, infer(served, "decode", ids, deadline))
             state.metrics.images.labels(served.name, "decode").inc(len(pixels))
             state.metrics.tokens.labels(served.name, "decode").inc(ids.size)
             headers = {"X-Model": served.name}

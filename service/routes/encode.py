@@ -20,7 +20,19 @@ from ..problems import BadRequest, NotAcceptable, PayloadTooLarge, Unprocessable
 from ..repository import ServedModel
 from ..schemas import EncodeJSONRequest, EncodeResponse, ModelName
 from ..settings import ResizeMode
-from .common import JSON, NPY, infer, leased, media_type, negotiate, small_inline, to_npy, unless_disconnected, with_deadline
+from .common import (
+    JSON,
+    NPY,
+    infer,
+    leased,
+    media_type,
+    negotiate,
+    small_inline,
+    to_npy,
+    too_many_pixels,
+    unless_disconnected,
+    with_deadline,
+)
 
 router = APIRouter(prefix="/v1", tags=["encode"], dependencies=[Depends(require_api_key)])
 
@@ -159,24 +171,17 @@ async def _check_pixel_budget(state: State, served: ServedModel, files: list[byt
         h, w = (info.resolution, info.resolution) if resize == "crop" else size
         if resize == "pad":
             h, w = -(-h // f) * f, -(-w // f) * f
-        if h * w > budget:
-            source = "" if s.max_batch_pixels is not None else f", from memory_budget_gib={s.memory_budget_gib:g}"
-            raise PayloadTooLarge(
-                f"images[{i}] is {w}×{h} = {h * w} pixels at the model's input; one inference call holds at most "
-                f"{budget} pixels (max_batch_pixels{source}), so it can never run: send a smaller image"
-            )
+        problem = too_many_pixels(state, served, f"images[{i}]", h, w)
+        if problem is not None:
+            raise problem
 
 
 async def _prepare(state: State, served: ServedModel, files: list[bytes], resize: ResizeMode) -> list[images.PreparedImage]:
     results = await asyncio.gather(*_prepare_all(state, served, files, resize), return_exceptions=True)
     out = []
     for i, r in enumerate(results):
-        if isinstance(r, images.ImageTooLarge):
-            raise PayloadTooLarge(f"images[{i}]: {r}")
-        if isinstance(r, images.ImageShapeError):
-            raise Unprocessable(f"images[{i}]: {r}")
-        if isinstance(r, images.ImageError):
-            raise BadRequest(f"images[{i}]: {r}", slug="undecodable-image")
+        if isinstance(r, (images.ImageTooLarge, images.ImageShapeError, images.ImageError)):
+            raise type(r)(f"images[{i}]: {r}")  # the same problem, naming the image
         if isinstance(r, BaseException):
             raise r
         out.append(r)
@@ -250,7 +255,7 @@ async def _encode_grouped(state: State, served: ServedModel, pixels: list[np.nda
 
     async def one(indices: list[int]) -> None:
         batch = np.stack([pixels[i] for i in indices])
-        result = await infer(state, served, "encode", batch, deadline)
+        result = await infer(served, "encode", batch, deadline)
         for j, i in enumerate(indices):
             out[i] = result[j]
 

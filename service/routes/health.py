@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..deps import State
-from ..problems import Unavailable
+from ..problems import NotReady
 from ..schemas import Health
 
 router = APIRouter(tags=["health"])
@@ -22,7 +22,7 @@ async def readyz(state: State) -> Health:
     models = {e.name: e.state for e in state.repo.entries()}
     why = "draining for shutdown" if state.draining else state.repo.not_ready_reason()
     if why is not None:
-        raise Unavailable(why, slug="not-ready", headers={"Retry-After": "1"}, models=models)
+        raise NotReady(why, retry_after_s=1, models=models)
     return Health(status="ready", models=models)
 
 

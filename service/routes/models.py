@@ -5,8 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from ..deps import ServiceState, State, require_api_key
-from ..problems import NotFound
-from ..repository import ModelEntry, UnknownModel
+from ..repository import ModelEntry
 from ..schemas import Limits, ModelList, ModelName, ModelOut
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(require_api_key)])
@@ -61,7 +60,4 @@ async def list_models(state: State) -> ModelList:
 @router.get("/models/{name}", response_model=ModelOut, summary="One model")
 async def get_model(name: ModelName, state: State) -> ModelOut:
     await state.repo.refresh()
-    try:
-        return model_out(state.repo.entry(name))
-    except UnknownModel as exc:
-        raise NotFound(str(exc), slug="unknown-model") from None
+    return model_out(state.repo.entry(name))

@@ -14,19 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.batcher import (
-    BASE_GIB,
-    BYTES_PER_PIXEL,
-    BatchDeadlineExceeded,
-    Batcher,
-    PixelPool,
-    QueueFull,
-    ShuttingDown,
-    TooLarge,
-    _Item,
-    item_pixels,
-    pixel_budget,
-)
+from models.core.errors import DeadlineExceeded, QueueFull, ShuttingDown, TooLarge
+from service.batcher import BASE_GIB, BYTES_PER_PIXEL, Batcher, PixelPool, _Item, item_pixels, pixel_budget
 from service.metrics import Metrics
 
 
@@ -75,7 +64,7 @@ def test_take_skips_items_cancelled_before_their_callback_ran() -> None:
         batch = b._take(("encode", 2))  # must neither run it nor crash on it
         assert batch == [items[2]]
         assert b.queued_images == 0
-        with pytest.raises(BatchDeadlineExceeded):
+        with pytest.raises(DeadlineExceeded):
             items[1].future.result()
         await asyncio.sleep(0)  # the late callback finds the item already gone
 
@@ -141,28 +130,16 @@ def test_a_request_larger_than_the_queue_is_too_large_not_queue_full() -> None:
     assert not issubclass(TooLarge, QueueFull)  # a retry can never help: not a 503
 
 
-def test_infer_maps_too_large_to_413_and_queue_full_to_503() -> None:
-    from types import SimpleNamespace
+def test_refusals_carry_their_answer() -> None:
+    """The batcher's refusals are core problems: the status, type and Retry-After are theirs, written once."""
+    from service.problems import problem_headers
 
-    from service.problems import PayloadTooLarge, Unavailable
-    from service.routes.common import infer
-
-    class Raising:
-        def __init__(self, exc: Exception) -> None:
-            self.exc = exc
-
-        async def submit(self, *args: Any) -> np.ndarray:
-            raise self.exc
-
-    state: Any = SimpleNamespace(settings=SimpleNamespace(retry_after_s=1))
-
-    async def main() -> None:
-        with pytest.raises(PayloadTooLarge):
-            await infer(state, SimpleNamespace(batcher=Raising(TooLarge("x"))), "encode", np.zeros((1,)), 0.0)  # type: ignore[arg-type]
-        with pytest.raises(Unavailable):
-            await infer(state, SimpleNamespace(batcher=Raising(QueueFull("x"))), "encode", np.zeros((1,)), 0.0)  # type: ignore[arg-type]
-
-    asyncio.run(main())
+    assert (TooLarge.status, TooLarge.slug, TooLarge.retry) == (413, "too-large", False)
+    assert (QueueFull.status, QueueFull.slug, QueueFull.retry) == (503, "queue-full", True)
+    assert (DeadlineExceeded.status, DeadlineExceeded.slug) == (504, "deadline-exceeded")
+    assert problem_headers(QueueFull("x"), retry_after_s=3) == {"Retry-After": "3"}
+    assert problem_headers(QueueFull("x", retry_after_s=7.4), retry_after_s=3) == {"Retry-After": "7"}
+    assert problem_headers(TooLarge("x"), retry_after_s=3) == {}
 
 
 # --- the pixel budget ---

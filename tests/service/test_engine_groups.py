@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from models.core.errors import QueueFull
 from models.runtime.onnx import ModelRuntime
 from service import ipc
-from service.batcher import QueueFull
 from service.engine import Engine
 from service.metrics import Metrics
 from service.remote import EngineGone, RemoteRepository
