@@ -71,7 +71,7 @@ def front_pids(server_pid: int) -> list[int]:
             cmd = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat[stat.rindex(")") + 2 :].split()[1]) == server_pid and b"service.split\0front" in cmd:
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == server_pid and b"service.multiproc.server\0front" in cmd:
             out.append(int(entry.name))
     return sorted(out)
 

@@ -97,7 +97,9 @@ def tree_cpu_seconds(root: int) -> dict[str, float]:
             cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        role = "engine" if "service.split engine" in cmd else "fronts" if "service.split front" in cmd else "server"
+        role = (
+            "engine" if "service.multiproc.server inference" in cmd else "fronts" if "service.multiproc.server front" in cmd else "server"
+        )
         if role == "server" and "resource_tracker" in cmd:
             role = "fronts"
         out[role] = out.get(role, 0.0) + times.get(p, 0.0)

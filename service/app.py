@@ -20,7 +20,7 @@ from . import problems
 from .deps import ServiceState
 from .metrics import Metrics
 from .middleware import BodyLimit, RequestContext
-from .repository import Loader, ModelRepository
+from .repository import Loader, ModelRepository, Repository
 from .routes import ROUTERS, docs, playground
 from .settings import Settings
 
@@ -28,11 +28,11 @@ log = logging.getLogger("vqtok.service")
 
 
 def create_app(
-    settings: Settings | None = None, *, loader: Loader | None = None, engine_socket: str | None = None, server_id: str = ""
+    settings: Settings | None = None, *, loader: Loader | None = None, inference_socket: str | None = None, server_id: str = ""
 ) -> FastAPI:
     """`loader` replaces `ModelRuntime.load` (tests wrap the real runtime to inject faults).
-    `engine_socket`: this app is a front process of a split server (`front_workers` > 0): the models
-    run in the inference process listening there (`engine.py`), not in this process; `server_id` names
+    `inference_socket`: this app is a front process of a split server (`front_workers` > 0): the models
+    run in the inference process listening there (`inference.py`), not in this process; `server_id` names
     this front's shared-memory slab (`ipc.sweep` removes what a killed front left)."""
     settings = settings or Settings()
     metrics = Metrics()
@@ -42,7 +42,7 @@ def create_app(
         # Pillow's own bomb guard, as a second line behind the header check in images.py.
         Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
         pool = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="images")
-        repo = _repository(settings, metrics, loader, engine_socket, server_id)
+        repo = _repository(settings, metrics, loader, inference_socket, server_id)
         state = app.state.vqtok = ServiceState(settings, metrics, repo, pool)
         # Load in the background: /healthz answers at once, /readyz turns 200 once models are warm.
         loading = asyncio.create_task(repo.load_all(), name="load-models")
@@ -104,18 +104,18 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> Any:
     )
 
 
-def _repository(settings: Settings, metrics: Metrics, loader: Loader | None, engine_socket: str | None, server_id: str) -> ModelRepository:
-    if engine_socket is None:
+def _repository(settings: Settings, metrics: Metrics, loader: Loader | None, inference_socket: str | None, server_id: str) -> Repository:
+    if inference_socket is None:
         return ModelRepository(settings, metrics, loader)
-    from .remote import RemoteRepository, slab_name
+    from .multiproc.front import RemoteRepository, slab_name
 
-    return RemoteRepository(settings, metrics, engine_socket, front_slab(settings, slab_name(server_id or str(os.getppid()))))
+    return RemoteRepository(settings, metrics, inference_socket, front_slab(settings, slab_name(server_id or str(os.getppid()))))
 
 
 def front_slab(settings: Settings, name: str) -> Any:
     """The front's shared-memory slab (`ipc.Slab`), or None: with front_shm_mib=0, or where /dev/shm has no
     room for it (a container's default 64 MiB), when pixels travel through the control socket instead."""
-    from . import ipc
+    from .multiproc import ipc
 
     if not settings.front_shm_mib:
         return None

@@ -143,7 +143,7 @@ def _serve(args: argparse.Namespace) -> int:
     elif not settings.model_repo.is_dir():
         raise CLIError(f"model repository {settings.model_repo} is not a directory")
     if settings.front_workers > 0:
-        from .split import serve
+        from .multiproc.server import serve
 
         return serve(settings)
     uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()

@@ -14,7 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .metrics import Metrics
 from .problems import Forbidden, Unauthorized
-from .repository import ModelRepository
+from .repository import Repository
 from .settings import Settings
 
 
@@ -22,7 +22,7 @@ from .settings import Settings
 class ServiceState:
     settings: Settings
     metrics: Metrics
-    repo: ModelRepository
+    repo: Repository
     pool: ThreadPoolExecutor  # image decoding and PNG encoding
     draining: bool = False  # shutdown has begun
 

@@ -1,5 +1,9 @@
 """The model repository: a folder of exported model directories, one per model name.
 
+`Repository` is what the routes see (entries, readiness, leases, metrics; the `Served` protocol of one
+served version); `ModelRepository` loads and runs the models in this process. A front process of the
+multi-process server has its own kind beside it (service/multiproc/front.py).
+
 Every directory is loaded and warmed at start; one that cannot be loaded is refused with a log line
 and listed as `failed`, and the others serve. A reload (admin route or SIGHUP) builds the new runtime
 beside the old one and swaps it in only when it loaded and warmed; requests already holding the old
@@ -17,17 +21,18 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from prometheus_client import generate_latest
 
-from models.core.artefacts import DEFAULT_MODEL
+from models.core.artefacts import DEFAULT_MODEL, ModelInfo
 from models.core.errors import ModelLoadError, ModelNotReady, UnknownModel
 from models.runtime import Runtime, load_runtime
 from models.runtime.onnx import configure_cuda_memory
@@ -48,6 +53,47 @@ def batch_workers(settings: Settings, runtime: object) -> int:
     if settings.batch_workers is not None:
         return settings.batch_workers
     return 2 if getattr(runtime, "runtime_kind", "") == "compiled" else 1
+
+
+class ModelFacts(Protocol):
+    """What the routes read of a served model's runtime (`models.runtime.Runtime` has it all)."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def runtime_name(self) -> str: ...
+    @property
+    def providers(self) -> Sequence[str]: ...
+
+
+class Queue(Protocol):
+    """What the routes use of a served model's batcher: `Batcher` here, its stand-in in a front process."""
+
+    @property
+    def max_batch_pixels(self) -> int | None: ...
+    @property
+    def workers(self) -> int: ...
+    @property
+    def queued_images(self) -> int: ...
+
+    async def submit(self, op: str, array: np.ndarray, deadline: float) -> np.ndarray: ...
+
+
+class Served(Protocol):
+    """One served version of a model, as a lease hands it to a request."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def path(self) -> Path: ...
+    @property
+    def runtime(self) -> ModelFacts: ...
+    @property
+    def batcher(self) -> Queue: ...
+    @property
+    def loaded_at(self) -> float: ...
 
 
 @dataclass(eq=False)
@@ -71,7 +117,7 @@ class ModelEntry:
     path: Path
     state: str = "loading"  # loading | ready | failed
     error: str | None = None  # why the last load or reload failed
-    served: ServedModel | None = None
+    served: Served | None = None
 
 
 def _release(served: ServedModel) -> None:
@@ -117,16 +163,16 @@ def _runtime_labels(runtime: Any) -> tuple[str, str, str]:
     return str(getattr(runtime, "runtime_name", "")), str(getattr(runtime, "device", "")), str(runtime.info.precision)
 
 
-class ModelRepository:
-    def __init__(self, settings: Settings, metrics: Metrics, loader: Loader | None = None) -> None:
+class Repository(ABC):
+    """The models a server answers for, as the routes see them: entries, readiness, leases, metrics. Two
+    kinds: `ModelRepository` loads and runs them in this process; a front process of the multi-process
+    server sees the inference process's (`service.multiproc.front.RemoteRepository`)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self._loader: Loader = loader or functools.partial(load_runtime, runtime=settings.runtime, compile_mode=settings.compile_mode)
         self._entries: dict[str, ModelEntry] = {}
-        self._lock = asyncio.Lock()
-        self._stopping: set[asyncio.Task[None]] = set()
-        self._pixel_pools: dict[int, PixelPool] = {}  # one per pixel limit: every model's batcher shares it
-        self.loaded = False  # the first load_all finished
+        self.loaded = False  # the first load finished
 
     # --- queries ---
 
@@ -168,30 +214,68 @@ class ModelRepository:
             return "no model is ready"
         return None
 
-    @asynccontextmanager
-    async def lease(self, name: str | None) -> AsyncIterator[ServedModel]:
-        """The served model `name` (None: the default), held until the block ends."""
+    def served(self, name: str | None) -> Served:
+        """The version of model `name` (None: the default) that serves now."""
         if name is None:
             name = self.default_name
             if name is None:
                 raise UnknownModel("no models are loaded")
         entry = self.entry(name)
-        served = entry.served
-        if served is None:
+        if entry.served is None:
             raise ModelNotReady(f"model {name!r} is {entry.state}" + (f": {entry.error}" if entry.error else ""))
+        return entry.served
+
+    @asynccontextmanager
+    async def lease(self, name: str | None) -> AsyncIterator[Served]:
+        """The served model `name` (None: the default), held until the block ends."""
+        yield self.served(name)
+
+    async def refresh(self) -> None:  # noqa: B027 - up to date already, except where a front must ask
+        """Bring the entries up to date (a split server's front asks the inference process; here they are)."""
+
+    async def exposition(self) -> bytes:
+        """The Prometheus text of this server (a split server's front sums every process's)."""
+        return generate_latest(self.metrics.registry)  # type: ignore[no-any-return]
+
+    @abstractmethod
+    async def load_all(self) -> None:
+        """Load every model (a front: connect to the inference process, for the life of the front)."""
+
+    @abstractmethod
+    async def reload(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Reload one model, or rescan the repository; one outcome a model."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Shutdown."""
+
+
+class ModelRepository(Repository):
+    """The model repository of this process: each model loaded, warmed and batched here."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, loader: Loader | None = None) -> None:
+        super().__init__(settings, metrics)
+        self._loader: Loader = loader or functools.partial(load_runtime, runtime=settings.runtime, compile_mode=settings.compile_mode)
+        self._live: dict[str, ServedModel] = {}  # the version each model serves now (its entry's `served`)
+        self._lock = asyncio.Lock()
+        self._stopping: set[asyncio.Task[None]] = set()
+        self._pixel_pools: dict[int, PixelPool] = {}  # one per pixel limit: every model's batcher shares it
+
+    def live(self, name: str) -> ServedModel | None:
+        """The version of model `name` serving now, with its runtime and batcher (None: not serving)."""
+        return self._live.get(name)
+
+    @asynccontextmanager
+    async def lease(self, name: str | None) -> AsyncIterator[ServedModel]:
+        """As `Repository.lease`; the version is counted as held, so that a reload retires it only once the
+        last request holding it is done."""
+        served = self._live[self.served(name).name]
         served.active += 1
         try:
             yield served
         finally:
             served.active -= 1
             self._maybe_stop(served)
-
-    async def refresh(self) -> None:
-        """Bring the entries up to date (a split server's front asks the inference process; here they are)."""
-
-    async def exposition(self) -> bytes:
-        """The Prometheus text of this server (a split server's front sums every process's)."""
-        return generate_latest(self.metrics.registry)  # type: ignore[no-any-return]
 
     # --- loading ---
 
@@ -222,9 +306,10 @@ class ModelRepository:
                 found = {name: found[name]}
             else:
                 for gone in set(self._entries) - set(found):
-                    entry = self._entries.pop(gone)
-                    if entry.served:
-                        self._retire(entry.served)
+                    self._entries.pop(gone)
+                    old = self._live.pop(gone, None)
+                    if old is not None:
+                        self._retire(old)
                     self.metrics.model_state.remove(gone)
                     log.info("model removed from the repository", extra={"model": gone})
             outcomes = []
@@ -252,7 +337,9 @@ class ModelRepository:
                 log.error("reload refused; the previous version keeps serving", extra={"model": name, "path": str(path), "reason": reason})
             return False
         served = self._serve(name, path, runtime, executor)
-        old, entry.served, entry.state, entry.error = entry.served, served, "ready", None
+        old = self._live.get(name)
+        self._live[name] = entry.served = served
+        entry.state, entry.error = "ready", None
         self.metrics.model_state.labels(name).state("ready")
         self.metrics.reloads.labels(name, "ok").inc()
         if old is not None:
@@ -373,7 +460,7 @@ class ModelRepository:
 
     async def close(self) -> None:
         """Shutdown: drain every batcher (bounded by shutdown_timeout_s), then stop."""
-        live = [e.served for e in self._entries.values() if e.served is not None and not e.served.stopping]
+        live = [s for s in self._live.values() if not s.stopping]
         for served in live:
             served.retired = served.stopping = True
         await asyncio.gather(*(self._stop(s) for s in live), *self._stopping)

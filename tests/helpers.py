@@ -126,7 +126,7 @@ class SplitServerThread:
     free localhost port, supervised from a thread of the test process; the same face as ServerThread."""
 
     def __init__(self, settings: Any) -> None:
-        from service.split import SplitServer
+        from service.multiproc.server import SplitServer
 
         self.port = free_port()
         self.settings = settings.model_copy(update={"port": self.port, "front_workers": settings.front_workers or 2})

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 def export_untrained(preset: str, model_dir: Path) -> int:
     import torch
 
-    from .. import create_tokenizer
+    from ..presets import create_tokenizer
     from .driver import export_model
     from .parity import ExportError
 

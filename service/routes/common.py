@@ -17,7 +17,7 @@ from models.core.errors import DeadlineExceeded
 
 from ..deps import ServiceState
 from ..problems import ClientClosed, PayloadTooLarge, Unprocessable
-from ..repository import ServedModel
+from ..repository import Served
 
 T = TypeVar("T")
 NPY = "application/x-npy"
@@ -121,13 +121,13 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             task.cancel()
 
 
-async def infer(served: ServedModel, op: str, batch: np.ndarray, deadline: float) -> np.ndarray:
+async def infer(served: Served, op: str, batch: np.ndarray, deadline: float) -> np.ndarray:
     """Submit one same-shape batch to the model's batcher (what it refuses or fails with is a Problem)."""
     return await served.batcher.submit(op, batch, deadline)
 
 
 @asynccontextmanager
-async def leased(state: ServiceState, model: str | None, request: Request | None = None) -> AsyncIterator[ServedModel]:
+async def leased(state: ServiceState, model: str | None, request: Request | None = None) -> AsyncIterator[Served]:
     """The served model; with `request`, its resolved name is kept on `request.state.served_model`
     (for metric labels, which must not take client-supplied strings)."""
     async with state.repo.lease(model) as served:
@@ -136,7 +136,7 @@ async def leased(state: ServiceState, model: str | None, request: Request | None
         yield served
 
 
-def too_many_pixels(state: ServiceState, served: ServedModel, what: str, h: int, w: int) -> PayloadTooLarge | None:
+def too_many_pixels(state: ServiceState, served: Served, what: str, h: int, w: int) -> PayloadTooLarge | None:
     """The 413 for one image (`what`: "images[2]", "grid 64×64") whose h×w pixels at the model's input
     exceed what one inference call may hold, so that it could never run; None when it fits."""
     budget = served.batcher.max_batch_pixels

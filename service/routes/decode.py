@@ -17,7 +17,7 @@ from models.core import pixels as images
 
 from ..deps import State, require_api_key
 from ..problems import BadRequest, NotAcceptable, PayloadTooLarge, Unprocessable, UnsupportedMediaType
-from ..repository import ServedModel
+from ..repository import Served
 from ..schemas import DecodeJSONRequest, DecodeResponse, ModelName
 from .common import (
     JSON,
@@ -100,7 +100,7 @@ def _as_batch(ids: np.ndarray) -> np.ndarray:
     return ids
 
 
-def _validate(ids: np.ndarray, state: State, served: ServedModel) -> np.ndarray:
+def _validate(ids: np.ndarray, state: State, served: Served) -> np.ndarray:
     s, k = state.settings, served.runtime.info.codebook_size
     b, h, w = ids.shape
     if b > s.max_images_per_request:

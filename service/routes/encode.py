@@ -17,7 +17,7 @@ from models.core import pixels as images
 from .. import forms
 from ..deps import State, require_api_key
 from ..problems import BadRequest, NotAcceptable, PayloadTooLarge, Unprocessable, UnsupportedMediaType
-from ..repository import ServedModel
+from ..repository import Served
 from ..schemas import EncodeJSONRequest, EncodeResponse, ModelName
 from ..settings import ResizeMode
 from .common import (
@@ -106,7 +106,7 @@ def _b64(text: str, index: int) -> bytes:
         raise BadRequest(f"images[{index}] is not valid base64") from None
 
 
-def _prepare_all(state: State, served: ServedModel, files: list[bytes], resize: ResizeMode) -> list[asyncio.Future[images.PreparedImage]]:
+def _prepare_all(state: State, served: Served, files: list[bytes], resize: ResizeMode) -> list[asyncio.Future[images.PreparedImage]]:
     """One future per image: small images prepared here on the event loop, up to `inline_decode_pixels`
     in total by their headers (no thread hop: 26-30 % less front CPU a 1-image request on 2 CPU cores, ≈ 16 % on the H100 host),
     the others in the decode threads. A header that cannot be read goes to the threads, whose
@@ -154,7 +154,7 @@ def _probe(data: bytes, max_pixels: int) -> tuple[int, int] | None:
     return None if header is None else header.size
 
 
-async def _check_pixel_budget(state: State, served: ServedModel, files: list[bytes], resize: ResizeMode) -> None:
+async def _check_pixel_budget(state: State, served: Served, files: list[bytes], resize: ResizeMode) -> None:
     """413 for an image no inference call may hold (its size at the model's input above the model's
     max_batch_pixels), from the headers, before any image is decoded."""
     budget = served.batcher.max_batch_pixels
@@ -176,7 +176,7 @@ async def _check_pixel_budget(state: State, served: ServedModel, files: list[byt
             raise problem
 
 
-async def _prepare(state: State, served: ServedModel, files: list[bytes], resize: ResizeMode) -> list[images.PreparedImage]:
+async def _prepare(state: State, served: Served, files: list[bytes], resize: ResizeMode) -> list[images.PreparedImage]:
     results = await asyncio.gather(*_prepare_all(state, served, files, resize), return_exceptions=True)
     out = []
     for i, r in enumerate(results):
@@ -246,7 +246,7 @@ async def encode(
     return await with_deadline(request, state, work)
 
 
-async def _encode_grouped(state: State, served: ServedModel, pixels: list[np.ndarray], deadline: float) -> list[np.ndarray]:
+async def _encode_grouped(state: State, served: Served, pixels: list[np.ndarray], deadline: float) -> list[np.ndarray]:
     """Same-size images go to the batcher together; results come back in request order."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, p in enumerate(pixels):

@@ -1,6 +1,6 @@
 """A front's infer requests of one event-loop turn reach the inference process as one grouped message.
 
-The inference process (`Engine`) and a front's side (`RemoteRepository` with its slab) run here in
+The inference process (`InferenceProcess`) and a front's side (`RemoteRepository` with its slab) run here in
 one event loop over a real Unix socket, with the real tiny model: requests started in one turn of the
 loop are grouped deterministically, and a gated runtime holds a batch for the cancellation cases.
 Every image is different, and each request's tokens are checked against the runtime's own."""
@@ -21,10 +21,10 @@ import pytest
 
 from models.core.errors import QueueFull
 from models.runtime.onnx import ModelRuntime
-from service import ipc
-from service.engine import Engine
 from service.metrics import Metrics
-from service.remote import EngineGone, RemoteRepository
+from service.multiproc import ipc
+from service.multiproc.front import InferenceGone, RemoteRepository
+from service.multiproc.inference import InferenceProcess
 from service.settings import Settings
 
 from .conftest import Faults, cpu_settings
@@ -42,7 +42,7 @@ class Split:
     """An inference process and one front's side of it, in this event loop; `groups` records each
     infer message the inference process received: the images of each of its requests."""
 
-    def __init__(self, engine: Engine, front: RemoteRepository) -> None:
+    def __init__(self, engine: InferenceProcess, front: RemoteRepository) -> None:
         self.engine, self.front = engine, front
         self.groups: list[list[int]] = []
         infer = engine._infer
@@ -70,7 +70,7 @@ class Split:
 
 @contextlib.asynccontextmanager
 async def split(settings: Settings, tmp_path: Path, loader: Callable[..., Any] | None = None, slab: int = SLAB) -> AsyncIterator[Split]:
-    engine = Engine(settings, str(tmp_path / "engine.sock"), loader)
+    engine = InferenceProcess(settings, str(tmp_path / "inference.sock"), loader)
     running = asyncio.create_task(engine.run())
     front = RemoteRepository(settings, Metrics(), engine.socket_path, ipc.Slab(f"vqtok-test{os.getpid()}-groups", slab))
     connecting = asyncio.create_task(front.load_all())
@@ -292,7 +292,7 @@ def test_losing_the_inference_process_fails_every_request_of_a_group_and_frees_t
             writer.transport.abort()  # the connection goes, as when the inference process dies
             got = await asyncio.gather(*tasks, return_exceptions=True)
             assert isinstance(got[0], asyncio.CancelledError)
-            assert all(isinstance(g, EngineGone) for g in got[1:]), got
+            assert all(isinstance(g, InferenceGone) for g in got[1:]), got
             assert s.slab.free_bytes == s.slab.size
             faults.gate.set()
 

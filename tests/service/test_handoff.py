@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service import handoff
+from service.multiproc import handoff
 from tests.helpers import SplitServerThread
 from tests.service.conftest import cpu_settings
 

@@ -26,9 +26,9 @@ from PIL import Image
 from bench.front_accept_cpu import established_by_process
 from models.core import pixels
 from models.runtime.onnx import ModelRuntime
-from service import ipc
-from service.engine import _Merged
 from service.metrics import Metrics
+from service.multiproc import ipc
+from service.multiproc.inference import _Merged
 from service.settings import Settings
 from tests.helpers import REPO, SplitServerThread, free_port
 from tests.service.conftest import cpu_settings, metric_value
@@ -189,7 +189,7 @@ def test_the_inference_process_dying_answers_503_then_serves_again(model_repo: P
     s = SplitServerThread(_settings(model_repo, front_workers=2, max_batch_delay_ms=50, admin_api_keys=["admin-key-123"])).start()
     try:
         jpegs = _jpegs(photos, 64)
-        engine = s.server.engine
+        engine = s.server.inference
         assert engine is not None
 
         async def load_then_kill() -> list[httpx.Response]:
@@ -205,10 +205,10 @@ def test_the_inference_process_dying_answers_503_then_serves_again(model_repo: P
         assert codes <= {200, 503} and 503 in codes, codes
         gone = next(r for r in answers if r.status_code == 503)
         assert gone.json()["type"] == "urn:vqtok:problem:model-not-ready" and gone.headers["retry-after"] == "1"
-        while s.server.engine in (None, engine):  # until the supervisor starts it again (after its backoff), 503s
+        while s.server.inference in (None, engine):  # until the supervisor starts it again (after its backoff), 503s
             models = httpx.get(f"{s.url}/v1/models", timeout=10)
             reload = httpx.post(f"{s.url}/v1/admin/reload", headers={"Authorization": "Bearer admin-key-123"}, timeout=10)
-            if s.server.engine in (None, engine):
+            if s.server.inference in (None, engine):
                 assert models.status_code == 200 and reload.status_code == 503, reload.text
                 assert reload.json()["type"] == "urn:vqtok:problem:model-not-ready"
             time.sleep(0.05)
@@ -221,7 +221,7 @@ def test_the_inference_process_dying_answers_503_then_serves_again(model_repo: P
             assert r.status_code == 503 and r.json()["type"] == "urn:vqtok:problem:not-ready"
             time.sleep(0.1)
         assert r.status_code == 200
-        assert s.server.engine not in (None, engine) and s.server.restarts == 1
+        assert s.server.inference not in (None, engine) and s.server.restarts == 1
         again = asyncio.run(_post_all(s.url, [[j] for j in jpegs[:8]], concurrency=8))
         assert [r.status_code for r in again] == [200] * 8
     finally:
@@ -405,7 +405,7 @@ def test_a_slab_gets_its_pages_up_front_and_a_front_without_room_runs_without_on
     import errno
 
     from service import app as app_module
-    from service import ipc
+    from service.multiproc import ipc
     from service.settings import Settings
 
     name = f"vqtok-test-slab-{os.getpid()}"
@@ -500,7 +500,7 @@ def test_shared_accept_still_serves(model_repo: Path, photos: list[Path]) -> Non
 
 
 def test_restart_backoff_doubles_on_quick_exits_and_resets_after_a_stable_run() -> None:
-    from service.split import Restarts
+    from service.multiproc.server import Restarts
 
     r = Restarts(first_s=0.5, max_s=4.0, stable_s=30.0)
     r.start(100.0)

@@ -1,7 +1,7 @@
 """The inference process of a split server (`front_workers` > 0).
 
 It owns what must be one per GPU: the model repository (load, warm, reload with leases), every
-model's runtime and dynamic batcher, and the pixel pool. The front processes (`remote.py`) do HTTP,
+model's runtime and dynamic batcher, and the pixel pool. The front processes (`front.py`) do HTTP,
 validation, image decoding and response encoding, and send it decoded arrays through shared memory
 (`ipc.py`) over one Unix socket each; because every request of every front reaches this one batcher,
 batches fill as they do in a single-process server.
@@ -47,12 +47,12 @@ from prometheus_client.metrics_core import Metric
 
 from models.core.errors import Problem, inference_problem
 
+from ..metrics import Metrics
+from ..repository import Loader, ModelRepository
+from ..settings import Settings
 from . import ipc
-from .metrics import Metrics
-from .repository import Loader, ModelRepository
-from .settings import Settings
 
-log = logging.getLogger("vqtok.engine")
+log = logging.getLogger("vqtok.inference")
 
 
 def error_fields(exc: BaseException) -> dict[str, Any]:
@@ -93,7 +93,7 @@ class _Front:
             self.writer.write(data)
 
 
-class Engine:
+class InferenceProcess:
     def __init__(self, settings: Settings, socket_path: str, loader: Loader | None = None) -> None:
         """`loader` replaces `ModelRuntime.load` (tests wrap the real runtime)."""
         self.settings = settings
@@ -148,14 +148,14 @@ class Engine:
     def snapshot(self) -> dict[str, Any]:
         models = []
         for e in self.repo.entries():
-            served = None
-            if e.served is not None:
-                s, rt = e.served, e.served.runtime
+            served, s = None, self.repo.live(e.name)
+            if s is not None:
+                rt = s.runtime
                 served = {
                     "info": rt.info,
-                    "device": str(getattr(rt, "device", "")),
-                    "runtime_name": str(getattr(rt, "runtime_name", "")),
-                    "providers": list(getattr(rt, "providers", [])),
+                    "device": rt.device,
+                    "runtime_name": rt.runtime_name,
+                    "providers": list(rt.providers),
                     "max_batch_size": s.batcher.max_batch_size,
                     "batch_workers": s.batcher.workers,
                     "max_batch_pixels": s.batcher.max_batch_pixels,
@@ -344,4 +344,4 @@ class _Merged:
 
 def main(settings: Settings, socket_path: str) -> None:
     Path(socket_path).parent.mkdir(parents=True, exist_ok=True)
-    asyncio.run(Engine(settings, socket_path).run())
+    asyncio.run(InferenceProcess(settings, socket_path).run())

@@ -1,5 +1,5 @@
 """The inference process's CPU per request, without HTTP: one front's side in this process, the
-inference process (`python -m service.split engine`) as a split server runs it.
+inference process (`python -m service.multiproc.server inference`) as a split server runs it.
 
 `bench/http_front.py` measures the same process under real HTTP load, but on a small host its fronts
 (HTTP, JPEG decoding) take most of the CPU and their noise drowns the inference process's share. Here
@@ -34,9 +34,9 @@ sys.path.insert(0, str(REPO))
 
 from bench.http_front import _thread_cpu_seconds  # noqa: E402
 from bench.service_load import host_fields  # noqa: E402
-from service import ipc  # noqa: E402
 from service.metrics import Metrics  # noqa: E402
-from service.remote import RemoteRepository  # noqa: E402
+from service.multiproc import ipc  # noqa: E402
+from service.multiproc.front import RemoteRepository  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 
@@ -101,9 +101,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         log_level="warning",
     )
     folder = tempfile.mkdtemp(prefix="vqtok-engine-cpu-")
-    socket_path = os.path.join(folder, "engine.sock")
+    socket_path = os.path.join(folder, "inference.sock")
     config = {"settings": settings.model_dump(mode="json"), "socket": socket_path, "server_id": f"bench{os.getpid()}"}
-    engine = subprocess.Popen([sys.executable, "-m", "service.split", "engine"], stdin=subprocess.PIPE, cwd=REPO)
+    engine = subprocess.Popen([sys.executable, "-m", "service.multiproc.server", "inference"], stdin=subprocess.PIPE, cwd=REPO)
     assert engine.stdin is not None
     engine.stdin.write(json.dumps(config).encode())
     engine.stdin.close()

@@ -1,10 +1,10 @@
 """A split server (`front_workers` = N > 0): one inference process and N front processes on one port.
 
     supervisor (this module; `vqtok serve --front-workers N`)
-      ├─ inference process  `python -m service.split engine`: repository, runtimes, batchers (engine.py)
-      └─ N front processes  `python -m service.split front`: uvicorn + the FastAPI app on the connections
+      ├─ inference process  `python -m service.multiproc.server inference`: repository, runtimes, batchers (inference.py)
+      └─ N front processes  `python -m service.multiproc.server front`: uvicorn + the FastAPI app on the connections
                             the supervisor hands over (or the shared listening socket), models reached
-                            through remote.py
+                            through front.py
 
 The supervisor binds the port once. By default (`front_accept="balanced"`) it accepts every connection
 itself and hands it to the fronts in turn (handoff.py: the kernel's own spreading over processes that
@@ -41,8 +41,8 @@ from typing import Any
 
 from models.core.errors import CLIError
 
+from ..settings import Settings
 from . import handoff, ipc
-from .settings import Settings
 
 log = logging.getLogger("vqtok.split")
 _ROOT = Path(__file__).resolve().parents[1]
@@ -86,13 +86,13 @@ class SplitServer:
         self.settings = settings
         self.server_id = f"{os.getpid()}.{next(_counter)}"
         self._dir = tempfile.mkdtemp(prefix="vqtok-split-")
-        self.socket_path = os.path.join(self._dir, "engine.sock")
+        self.socket_path = os.path.join(self._dir, "inference.sock")
         self.sock: socket.socket | None = None
         self.acceptor: handoff.Acceptor | None = None
-        self.engine: subprocess.Popen[bytes] | None = None
+        self.inference: subprocess.Popen[bytes] | None = None
         self.fronts: list[subprocess.Popen[bytes] | None] = []
         self.restarts = 0
-        self._backoff: dict[str | int, Restarts] = {}  # "engine", or a front's index
+        self._backoff: dict[str | int, Restarts] = {}  # "inference", or a front's index
         self._due: dict[str | int, float] = {}  # the children waiting to be started again: when
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -108,7 +108,7 @@ class SplitServer:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(_ROOT), *filter(None, [env.get("PYTHONPATH")])])
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.split", role],
+            [sys.executable, "-m", "service.multiproc.server", role],
             stdin=subprocess.PIPE,
             pass_fds=pass_fds,
             env=env,
@@ -121,8 +121,8 @@ class SplitServer:
         proc.stdin.close()
         return proc
 
-    def _spawn_engine(self) -> subprocess.Popen[bytes]:
-        return self._spawn("engine", {})
+    def _spawn_inference(self) -> subprocess.Popen[bytes]:
+        return self._spawn("inference", {})
 
     def _spawn_front(self, index: int) -> subprocess.Popen[bytes]:
         assert self.sock is not None
@@ -151,10 +151,10 @@ class SplitServer:
             handoff.raise_open_files_limit()
             self.acceptor = handoff.Acceptor(self.sock, s.front_workers)
         now = time.monotonic()
-        self._backoff = {key: Restarts() for key in ["engine", *range(s.front_workers)]}
+        self._backoff = {key: Restarts() for key in ["inference", *range(s.front_workers)]}
         for restarts in self._backoff.values():
             restarts.start(now)
-        self.engine = self._spawn_engine()
+        self.inference = self._spawn_inference()
         self.fronts = [self._spawn_front(i) for i in range(s.front_workers)]
         if self.acceptor is not None:
             self.acceptor.start()
@@ -163,7 +163,7 @@ class SplitServer:
             extra={
                 "port": self.port,
                 "fronts": s.front_workers,
-                "engine_pid": self.engine.pid,
+                "inference_pid": self.inference.pid,
                 "front_pids": [p.pid for p in self.fronts if p],
             },
         )
@@ -175,20 +175,20 @@ class SplitServer:
         if self._stopping.is_set():
             return
         now = time.monotonic()
-        children: list[tuple[str | int, subprocess.Popen[bytes] | None]] = [("engine", self.engine), *enumerate(self.fronts)]
+        children: list[tuple[str | int, subprocess.Popen[bytes] | None]] = [("inference", self.inference), *enumerate(self.fronts)]
         for key, proc in children:
             if proc is not None and proc.poll() is not None:
                 due = self._backoff[key].exited(now)
                 self._due[key] = due
-                what = "the inference process" if key == "engine" else "a front process"
+                what = "the inference process" if key == "inference" else "a front process"
                 log.error(
                     "%s exited; starting it again in %.1f s",
                     what,
                     due - now,
-                    extra={"returncode": proc.returncode, **({} if key == "engine" else {"index": key})},
+                    extra={"returncode": proc.returncode, **({} if key == "inference" else {"index": key})},
                 )
-                if key == "engine":
-                    self.engine = None
+                if key == "inference":
+                    self.inference = None
                 else:
                     self.fronts[int(key)] = None
         for key, due in list(self._due.items()):
@@ -197,8 +197,8 @@ class SplitServer:
             del self._due[key]
             self._backoff[key].start(now)
             try:
-                if key == "engine":
-                    self.engine = self._spawn_engine()
+                if key == "inference":
+                    self.inference = self._spawn_inference()
                 else:
                     self.fronts[int(key)] = self._spawn_front(int(key))
             except OSError as exc:  # no process or no socket pair (EMFILE, ...): try again after the backoff
@@ -228,8 +228,8 @@ class SplitServer:
         return 0
 
     def reload(self) -> None:
-        if self.engine is not None and self.engine.poll() is None:
-            self.engine.send_signal(signal.SIGHUP)
+        if self.inference is not None and self.inference.poll() is None:
+            self.inference.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -241,8 +241,8 @@ class SplitServer:
             if self.sock is not None:
                 self.sock.close()  # refused now, rather than waiting in the backlog while the fronts drain
         _terminate([p for p in self.fronts if p is not None], grace)
-        if self.engine is not None:
-            _terminate([self.engine], grace)
+        if self.inference is not None:
+            _terminate([self.inference], grace)
         if self.sock is not None:
             self.sock.close()
         removed = ipc.sweep(self.server_id)
@@ -278,9 +278,9 @@ def serve(settings: Settings) -> int:
 def _front(settings: Settings, config: dict[str, Any]) -> None:
     import uvicorn
 
-    from .app import create_app, uvicorn_config
+    from ..app import create_app, uvicorn_config
 
-    app = create_app(settings, engine_socket=config["socket"], server_id=config["server_id"])
+    app = create_app(settings, inference_socket=config["socket"], server_id=config["server_id"])
     if "channel" in config:  # balanced: connections arrive from the supervisor
         handoff.handoff_server(uvicorn_config(app, settings), socket.socket(fileno=int(config["channel"]))).run()
         return
@@ -301,17 +301,17 @@ def _exit_with_parent() -> None:
 
 
 def child_main(role: str) -> None:
-    from . import logs
+    from .. import logs
 
     config = json.loads(sys.stdin.read())
     sys.stdin.close()
     _exit_with_parent()
     settings = Settings(**config["settings"])
     logs.configure(settings.log_format, settings.log_level)
-    if role == "engine":
-        from . import engine
+    if role == "inference":
+        from . import inference
 
-        engine.main(settings, config["socket"])
+        inference.main(settings, config["socket"])
     elif role == "front":
         _front(settings, config)
     else:

@@ -1,15 +1,14 @@
 """The front side of a split server (`front_workers` > 0): the model repository as the routes see it,
-backed by the inference process (`engine.py`).
+backed by the inference process (`inference.py`).
 
-`RemoteRepository` is a `ModelRepository` whose entries mirror the inference process's (pushed to
-every front after each change); a lease hands out a `ServedModel` whose runtime carries the model's
-`ModelInfo` and whose batcher forwards `submit` to the inference process, raising there what the
-real batcher raised, so the routes, their errors and their status codes are the same code in both
-modes. When the inference process is gone every request and `/readyz` answer 503 (model-not-ready,
+`RemoteRepository` is a `Repository` whose entries mirror the inference process's (pushed to every
+front after each change); a lease hands out a `RemoteServed` whose runtime facts are the model's and
+whose batcher forwards `submit` to the inference process, raising the problem the real batcher raised
+there, so the routes, their errors and their status codes are the same code in both modes. When the inference process is gone every request and `/readyz` answer 503 (model-not-ready,
 not-ready) until it is back; requests it held fail at once, none waits for its deadline.
 
 The requests a front queues in one turn of its event loop for one model, op, item shape and dtype go
-to the inference process as one `infer` message (`EngineClient`; engine.py says why and what the
+to the inference process as one `infer` message (`InferenceClient`; inference.py says why and what the
 message holds).
 """
 
@@ -32,26 +31,26 @@ from prometheus_client import generate_latest
 
 from models.core.errors import ModelNotReady, problem_class
 
+from ..batcher import Key, batch_limit, item_pixels
+from ..metrics import Metrics
+from ..repository import ModelEntry, Repository, Served
+from ..settings import Settings
 from . import ipc
-from .batcher import Key, batch_limit, item_pixels
-from .metrics import Metrics
-from .repository import ModelEntry, ModelRepository, ServedModel
-from .settings import Settings
 
 log = logging.getLogger("vqtok.front")
 
 GONE = "the inference process is not running (it is starting, restarting or exited)"
 
 
-class EngineGone(ModelNotReady):
+class InferenceGone(ModelNotReady):
     """The inference process went away (or never came) while this request needed it."""
 
 
 def raise_error(rep: dict[str, Any]) -> None:
-    """Raise the exception the inference process reported (`engine.error_fields`)."""
+    """Raise the exception the inference process reported (`inference.error_fields`)."""
     err, msg = rep["err"], rep.get("msg", "")
     if err == "cancelled":
-        raise EngineGone("the inference process dropped this request")
+        raise InferenceGone("the inference process dropped this request")
     raise problem_class(err)(msg, retry_after_s=rep.get("retry_after_s"))
 
 
@@ -71,7 +70,7 @@ class _Group:
     images: int = 0
 
 
-class EngineClient:
+class InferenceClient:
     """One front's connection to the inference process: requests with ids, replies by id, its slab."""
 
     def __init__(self, socket_path: str, slab: ipc.Slab | None, metrics: Metrics) -> None:
@@ -150,7 +149,7 @@ class EngineClient:
             if entry.future.done():
                 self._free(entry.regions)
             else:
-                entry.future.set_exception(EngineGone(GONE))
+                entry.future.set_exception(InferenceGone(GONE))
         if self.on_snapshot is not None:
             self.on_snapshot(None)
 
@@ -177,13 +176,13 @@ class EngineClient:
         group.msg["ids"].append(rid)
         group.msg["xr"].append(xr)
         group.msg["yr"].append(yr)
-        group.msg["deadline"] = max(group.msg["deadline"], deadline)  # why the latest: engine.py
+        group.msg["deadline"] = max(group.msg["deadline"], deadline)  # why the latest: inference.py
         group.images += n
 
     def _open_turn(self) -> None:
-        """EngineGone unless connected; the first message of a turn of the event loop schedules its `_flush`."""
+        """InferenceGone unless connected; the first message of a turn of the event loop schedules its `_flush`."""
         if self._writer is None or self._writer.is_closing():
-            raise EngineGone(GONE)
+            raise InferenceGone(GONE)
         if not self._outbox and not self._groups:
             asyncio.get_running_loop().call_soon(self._flush, self._writer)
 
@@ -218,7 +217,7 @@ class EngineClient:
             rep = await future
         except asyncio.CancelledError:
             if rid in self._pending:  # no answer yet: the reader frees the regions when it comes
-                with contextlib.suppress(EngineGone):
+                with contextlib.suppress(InferenceGone):
                     self._send({"t": "cancel", "id": rid})
             else:
                 self._free(regions)
@@ -264,6 +263,17 @@ class EngineClient:
             self._free(regions)
 
 
+@dataclass(frozen=True)
+class RemoteServed:
+    """A served version in the inference process, as a front sees it (`repository.Served`)."""
+
+    name: str
+    path: Path
+    runtime: RemoteRuntime
+    batcher: RemoteBatcher
+    loaded_at: float
+
+
 class RemoteRuntime:
     """What the routes read of a runtime, as the inference process reported it."""
 
@@ -277,7 +287,7 @@ class RemoteRuntime:
 class RemoteBatcher:
     """`Batcher.submit` of the model's batcher in the inference process."""
 
-    def __init__(self, client: EngineClient, model: str, served: dict[str, Any]) -> None:
+    def __init__(self, client: InferenceClient, model: str, served: dict[str, Any]) -> None:
         self._client = client
         self.model = model
         self.max_batch_size: int = served["max_batch_size"]
@@ -306,12 +316,12 @@ class RemoteBatcher:
         return await self._client.infer(self.model, op, array, deadline, out_shape, out_dtype, limit)
 
 
-class RemoteRepository(ModelRepository):
+class RemoteRepository(Repository):
     """The inference process's repository, seen from a front."""
 
     def __init__(self, settings: Settings, metrics: Metrics, socket_path: str, slab: ipc.Slab | None) -> None:
         super().__init__(settings, metrics)
-        self.client = EngineClient(socket_path, slab, metrics)
+        self.client = InferenceClient(socket_path, slab, metrics)
         self.client.on_snapshot = self._apply
         self._connected = False  # to the inference process, with its snapshot applied
         self._fronts = 0  # fronts connected to it, as it last said
@@ -327,14 +337,8 @@ class RemoteRepository(ModelRepository):
             served = None
             if m["served"] is not None:
                 s = m["served"]
-                served = ServedModel(
-                    m["name"],
-                    Path(m["path"]),
-                    cast(Any, RemoteRuntime(s)),
-                    cast(Any, RemoteBatcher(self.client, m["name"], s)),
-                    cast(Any, None),
-                    loaded_at=s["loaded_at"],
-                )
+                runtime, batcher = RemoteRuntime(s), RemoteBatcher(self.client, m["name"], s)
+                served = RemoteServed(m["name"], Path(m["path"]), runtime, batcher, s["loaded_at"])
             entries[m["name"]] = ModelEntry(m["name"], Path(m["path"]), m["state"], m["error"], served)
         self._entries = entries
         self.loaded = bool(snap["loaded"])
@@ -348,11 +352,10 @@ class RemoteRepository(ModelRepository):
         return super().not_ready_reason()
 
     @asynccontextmanager
-    async def lease(self, name: str | None) -> AsyncIterator[ServedModel]:
+    async def lease(self, name: str | None) -> AsyncIterator[Served]:
         if not self._connected:
-            raise EngineGone(GONE)
-        async with super().lease(name) as served:
-            yield served
+            raise InferenceGone(GONE)
+        yield self.served(name)
 
     async def load_all(self) -> None:
         """The connection to the inference process, for the life of the front (cancelled at shutdown)."""
@@ -365,14 +368,14 @@ class RemoteRepository(ModelRepository):
 
     async def refresh(self) -> None:
         """A fresh snapshot (queue depths) for /v1/models; the last one if the inference process is away."""
-        with contextlib.suppress(EngineGone, asyncio.TimeoutError):
+        with contextlib.suppress(InferenceGone, asyncio.TimeoutError):
             self._apply(await asyncio.wait_for(self.client.call("snapshot"), 2.0))
 
     async def exposition(self) -> bytes:
         """Metrics of the inference process and of every front, summed; this front's alone when it is away."""
         try:
             return cast(bytes, await asyncio.wait_for(self.client.call("metrics"), 5.0))
-        except (EngineGone, asyncio.TimeoutError):
+        except (InferenceGone, asyncio.TimeoutError):
             return generate_latest(self.metrics.registry)
 
     async def close(self) -> None:
