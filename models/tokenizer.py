@@ -24,6 +24,17 @@ WEIGHTS_FILE = "model.safetensors"
 HUB_CARD_FILE = "README.md"  # the model card the Hugging Face hub shows (its front matter is the metadata)
 
 
+def unit_from_uint8(images: Tensor) -> Tensor:
+    """uint8 (B, 3, H, W) in [0, 255] -> float32 in [−1, 1]: v / 127.5 − 1, the value rule every image
+    crosses into a tokenizer by (training, evaluation and the exported graphs alike)."""
+    return images.to(torch.float32) / 127.5 - 1.0
+
+
+def uint8_from_unit(y: Tensor) -> Tensor:
+    """float (B, 3, H, W), nominally [−1, 1] -> uint8: round((y + 1)·127.5), clamped (what a saved image holds)."""
+    return ((y.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
 class CheckpointError(RuntimeError):
     """A model directory that cannot be loaded (missing, corrupt or mismatched files)."""
 

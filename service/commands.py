@@ -14,7 +14,6 @@ parser is built: they need `Settings` (pydantic, numpy and Pillow, a few hundred
 from __future__ import annotations
 
 import argparse
-import os
 import types
 import typing
 from pathlib import Path
@@ -136,12 +135,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     logs.configure(settings.log_format, "debug" if args.verbose else settings.log_level)
-    if args.model_repo is None and not os.environ.get("VQTOK_MODEL_REPO") and not _has_models(settings.model_repo):
-        from .bootstrap import untrained_repository
-
-        settings = settings.model_copy(update={"model_repo": untrained_repository()})
-    elif not settings.model_repo.is_dir():
+    if not settings.model_repo.is_dir():
         raise CLIError(f"model repository {settings.model_repo} is not a directory")
+    if not _has_models(settings.model_repo):
+        raise CLIError(f"model repository {settings.model_repo} holds no exported model directory (manifest.json): pass --model-repo DIR")
     if settings.front_workers > 0:
         from .multiproc.server import serve
 
@@ -151,4 +148,4 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _has_models(repo: Path) -> bool:
-    return repo.is_dir() and any((d / "manifest.json").exists() for d in repo.iterdir() if d.is_dir())
+    return repo.is_dir() and ((repo / "manifest.json").exists() or any((d / "manifest.json").exists() for d in repo.iterdir() if d.is_dir()))

@@ -384,48 +384,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def migrate_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
-    """Loss keys of configs written before the LPIPS/GAN recipe, rewritten to today's (a copy):
-    recon + recon_weight -> l1_weight/l2_weight; adversarial (+ adversarial_weight) -> gan_weight;
-    adversarial_start_step -> gan_start_step; adaptive_weight -> gan_adaptive. perceptual_weight was the
-    EfficientNet-Lite0 feature loss, removed: 0 is dropped, anything else is an error. Where a config
-    holds an old key and its new name too (a file's old key, an override's new one), the new one wins."""
-    loss = data.get("loss")
-    if not isinstance(loss, dict) or not set(loss) & _LEGACY_LOSS_KEYS:
-        return data
-    loss = dict(loss)
-
-    def take(new: str, value: Any) -> None:
-        loss.setdefault(new, value)  # a new key set as well (e.g. by an override) wins
-
-    if "recon" in loss or "recon_weight" in loss:
-        kind, weight = loss.pop("recon", "l1"), loss.pop("recon_weight", 1.0)
-        if kind not in ("l1", "l2"):
-            raise TrainConfigError(f"invalid config value for 'loss.recon': expected 'l1' or 'l2', got {kind!r}")
-        take("l1_weight", weight if kind == "l1" else 0.0)
-        take("l2_weight", weight if kind == "l2" else 0.0)
-    if loss.pop("perceptual_weight", 0) not in (0, 0.0):
-        raise TrainConfigError(
-            "loss.perceptual_weight (the EfficientNet-Lite0 feature loss) was removed: "
-            "use loss.lpips_weight (LPIPS-VGG; 1.0 is the usual weight)"
-        )
-    if "adversarial" in loss or "adversarial_weight" in loss:
-        on, weight = loss.pop("adversarial", False), loss.pop("adversarial_weight", 0.1)
-        take("gan_weight", weight if on else 0.0)
-    for old, new in (("adversarial_start_step", "gan_start_step"), ("adaptive_weight", "gan_adaptive")):
-        if old in loss:
-            take(new, loss.pop(old))
-    return {**data, "loss": loss}
-
-
-_LEGACY_LOSS_KEYS = frozenset(
-    ["recon", "recon_weight", "perceptual_weight", "adversarial", "adversarial_weight", "adversarial_start_step", "adaptive_weight"]
-)
-
-
 def build_config(data: dict[str, Any] | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Plain data (from a file) + dotted overrides -> validated TrainConfig (old loss keys migrated)."""
-    merged = migrate_legacy_keys(apply_overrides(data or {}, overrides))
+    """Plain data (from a file) + dotted overrides -> validated TrainConfig."""
+    merged = apply_overrides(data or {}, overrides)
     config = _from_dict(TrainConfig, merged)
     config.validate()
     config.tokenizer_config()  # the model part must build too

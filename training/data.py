@@ -32,6 +32,7 @@ from models.core.errors import SourceError
 from models.core.pixels import IMAGE_EXTENSIONS
 from models.core.sources import FolderSource, ParquetSource, RawItem, TarSource
 from models.core.sources import open_source as _open_source
+from models.tokenizer import uint8_from_unit, unit_from_uint8
 
 log = logging.getLogger(__name__)
 
@@ -335,11 +336,6 @@ def iter_images(path: str | Path, limit: int = 0, image_column: str | None = Non
             yield item.key, None
 
 
-def to_float(images: Tensor) -> Tensor:
-    """uint8 (B, 3, H, W) in [0, 255] -> float (B, 3, H, W) in [-1, 1]."""
-    return images.float().div_(127.5).sub_(1.0)
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """float (B, 3, H, W) in [-1, 1] -> uint8 in [0, 255], rounded (what a saved image would hold)."""
-    return images.detach().float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+# the value rule (uint8 <-> [-1, 1]) is the tokenizer's own, written once in models/tokenizer.py
+to_float = unit_from_uint8
+to_uint8 = uint8_from_unit

@@ -232,7 +232,7 @@ def lpips_model(net: Net = "alex", cache_dir: str | Path | None = None) -> LPIPS
 
 
 def default_cache_dir() -> Path:
-    """``$VQTOK_CACHE/lpips`` (default ``~/.cache/vqtok/lpips``; same root as service/bootstrap.py)."""
+    """``$VQTOK_CACHE/lpips`` (default ``~/.cache/vqtok/lpips``)."""
     base = os.environ.get("VQTOK_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "vqtok")
     return Path(base) / "lpips"
 

@@ -19,7 +19,7 @@ changes a token. Anything it does not take (other formats, CMYK, EXIF rotations,
 a file it cannot decode cleanly) goes through Pillow as before, errors and wording included.
 
 Value rule: uint8 v <-> model float x = v / 127.5 − 1 in [−1, 1]; back: round((x + 1)·127.5)
-after clamping to [−1, 1].
+after clamping to [−1, 1] (models/tokenizer.py holds it for the torch side).
 """
 
 from __future__ import annotations
@@ -340,19 +340,6 @@ def prepare(
     if grid > max_grid_tokens:
         raise ImageTooLarge(f"image of {w}×{h} gives {grid} tokens; the limit is {max_grid_tokens} a image")
     return PreparedImage(np.ascontiguousarray(pixels), source)
-
-
-# --- values ---
-
-
-def to_unit(pixels: np.ndarray) -> np.ndarray:
-    """uint8 in [0, 255] -> float32 in [−1, 1] (any layout)."""
-    return pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-
-
-def from_unit(x: np.ndarray) -> np.ndarray:
-    """float in [−1, 1] -> uint8, clamped and rounded (any layout)."""
-    return np.clip(np.rint((np.clip(x, -1.0, 1.0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 # --- encoding ---

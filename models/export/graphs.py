@@ -18,18 +18,17 @@ from torch import Tensor, nn
 from ..quantizers import FSQ
 from ..quantizers.fsq_graph import FSQGraph
 from ..quantizers.vq_graph import SEARCH_CHUNK, VQGraph
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, uint8_from_unit, unit_from_uint8
 
 
 def images_to_input(images: Tensor) -> Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [−1, 1] (the value rule of `models.core.pixels`)."""
-    return images.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [−1, 1]."""
+    return unit_from_uint8(images.permute(0, 3, 1, 2))
 
 
 def output_to_images(y: Tensor) -> Tensor:
     """float (B, 3, H, W), nominally [−1, 1] -> uint8 (B, H, W, 3), clamped and rounded."""
-    y = ((y.clamp(-1.0, 1.0) + 1.0) * 127.5).round().clamp(0, 255)
-    return y.to(torch.uint8).permute(0, 2, 3, 1)
+    return uint8_from_unit(y).permute(0, 2, 3, 1)
 
 
 def quantizer_graph(tok: Tokenizer, search_chunk: int = SEARCH_CHUNK, fused: bool = False) -> VQGraph | FSQGraph:
