@@ -148,4 +148,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _has_models(repo: Path) -> bool:
-    return repo.is_dir() and ((repo / "manifest.json").exists() or any((d / "manifest.json").exists() for d in repo.iterdir() if d.is_dir()))
+    return repo.is_dir() and (
+        (repo / "manifest.json").exists() or any((d / "manifest.json").exists() for d in repo.iterdir() if d.is_dir())
+    )

@@ -129,11 +129,12 @@ class Settings(BaseSettings):
         "and the batcher, sharing the port; 0 = one process does everything (the default); on a GPU host, about the cores left "
         "for HTTP (12 on 16 cores; service/README.md)",
     )
-    front_accept: Literal["balanced", "shared"] = Field(
+    front_accept: Literal["balanced", "shared", "reuseport"] = Field(
         default="balanced",
-        description="with front-workers: balanced = the supervisor accepts every connection and hands it to the fronts in "
-        "turn; shared = every front accepts on the shared socket (the kernel's choice: a burst of connections lands on a "
-        "few fronts: 8/18/24/14 and 9/10/11/34 for 64 connections over 4, bench/front_accept_cpu.py)",
+        description="with front-workers, how connections reach the fronts: balanced = the supervisor accepts every connection "
+        "and hands it to the fronts in turn, skipping a front that is not serving; shared = every front accepts on one shared "
+        "socket (uvicorn --workers' way: whichever front wakes first takes the connection); reuseport = a listening socket "
+        "of its own for each front on the same port (SO_REUSEPORT: the kernel spreads connections by their address hash)",
     )
     front_shm_mib: int = Field(
         default=32,

@@ -49,10 +49,12 @@ _ROOT = Path(__file__).resolve().parents[1]
 _counter = itertools.count()
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(2048)
     sock.set_inheritable(True)
@@ -88,6 +90,7 @@ class SplitServer:
         self._dir = tempfile.mkdtemp(prefix="vqtok-split-")
         self.socket_path = os.path.join(self._dir, "inference.sock")
         self.sock: socket.socket | None = None
+        self.front_socks: list[socket.socket] = []  # reuseport: each front's own listening socket, kept across its restarts
         self.acceptor: handoff.Acceptor | None = None
         self.inference: subprocess.Popen[bytes] | None = None
         self.fronts: list[subprocess.Popen[bytes] | None] = []
@@ -127,7 +130,7 @@ class SplitServer:
     def _spawn_front(self, index: int) -> subprocess.Popen[bytes]:
         assert self.sock is not None
         if self.acceptor is None:
-            fd = self.sock.fileno()
+            fd = (self.front_socks[index] if self.front_socks else self.sock).fileno()
             return self._spawn("front", {"fd": fd, "index": index}, pass_fds=(fd,))
         parent, child = handoff.channel_pair()
         try:
@@ -143,8 +146,14 @@ class SplitServer:
     def start(self) -> SplitServer:
         s = self.settings
         try:
-            self.sock = _listen(s.host, s.port)
+            self.sock = _listen(s.host, s.port, reuse_port=s.front_accept == "reuseport")
+            if s.front_accept == "reuseport":  # one socket a front, on the port the first one got
+                port = self.sock.getsockname()[1]
+                self.front_socks = [self.sock, *(_listen(s.host, port, reuse_port=True) for _ in range(s.front_workers - 1))]
         except OSError as exc:
+            for sock in [self.sock, *self.front_socks]:
+                if sock is not None:
+                    sock.close()
             shutil.rmtree(self._dir, ignore_errors=True)
             raise CLIError(f"cannot listen on {s.host}:{s.port}: {exc.strerror or exc}") from None
         if s.front_accept == "balanced":
@@ -243,8 +252,9 @@ class SplitServer:
         _terminate([p for p in self.fronts if p is not None], grace)
         if self.inference is not None:
             _terminate([self.inference], grace)
-        if self.sock is not None:
-            self.sock.close()
+        for sock in [self.sock, *self.front_socks]:
+            if sock is not None:
+                sock.close()
         removed = ipc.sweep(self.server_id)
         if removed:
             log.warning("removed shared memory left by killed processes", extra={"segments": removed})

@@ -499,6 +499,30 @@ def test_shared_accept_still_serves(model_repo: Path, photos: list[Path]) -> Non
         s.stop()
 
 
+def test_reuseport_fronts_each_listen_and_a_killed_fronts_waiting_connections_are_served_by_its_successor(
+    model_repo: Path, photos: list[Path]
+) -> None:
+    """SO_REUSEPORT: a socket of its own for each front, held by the supervisor, so the connections the
+    kernel queues on a dead front's socket wait for the front started in its place instead of failing."""
+    s = SplitServerThread(_settings(model_repo, front_workers=2, front_accept="reuseport")).start()
+    conns: list[socket.socket] = []
+    try:
+        assert s.server.acceptor is None and len(s.server.front_socks) == 2
+        assert {sock.getsockname()[1] for sock in s.server.front_socks} == {s.port}
+        answers = asyncio.run(_post_all(s.url, [[j] for j in _jpegs(photos, 8)], concurrency=4))
+        assert [r.status_code for r in answers] == [200] * 8
+        victim = s.server.fronts[0]
+        assert victim is not None
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        conns = _open_keepalive(s.port, 12)  # some hash to the dead front's socket: answered once it is back
+        assert s.server.fronts[0] not in (None, victim)
+    finally:
+        for c in conns:
+            c.close()
+        s.stop()
+
+
 def test_restart_backoff_doubles_on_quick_exits_and_resets_after_a_stable_run() -> None:
     from service.multiproc.server import Restarts
 
