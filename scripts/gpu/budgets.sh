@@ -89,7 +89,8 @@ save_file({k: v.half() for k, v in load_file(str(weights_path('vgg'))).items()},
       cat .gpudata/p[0-9]/part | tar -xf - -C .gpudata
     fi
     for x in $d/p256/train $d/p256/val $d/extra/*; do
-      [ -d "$x" ] || continue printf '%6d images  %s\n' "$(find "$x" -name '*.jpg' | wc -l)" "$x"; done
+      if [ -d "$x" ]; then printf '%6d images  %s\n' "$(find "$x" -name '*.jpg' | wc -l)" "$x"; fi
+    done
     ls -la $d/v2 $d/w/lpips
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
     python3 -c 'import torch; print("torch", torch.__version__)'
