@@ -365,11 +365,11 @@ def _pair_delimiters(layout: Layout, seq: np.ndarray, repair: bool) -> tuple[lis
         i = len(bounds)
         if not repair:
             raise SequenceError(
-                f"span {i} (boi at position {open_at}): truncated, the sequence ends (length {seq.size}) before its eoi",
+                f"span {i} (boi at position {open_at}): truncated, no eoi before the sequence ends at position {seq.size}",
                 span=i,
                 position=int(seq.size),
             )
-        notes.setdefault(i, []).append(f"truncated: no eoi before the end of the sequence (length {seq.size})")
+        notes.setdefault(i, []).append(f"truncated: no eoi before the sequence ends at position {seq.size}")
         bounds.append((open_at, int(seq.size), False))
     for p in strays:  # reported on the span before the stray eoi (or the first one)
         i = max(0, sum(1 for start, _, _ in bounds if start < p) - 1)
@@ -412,11 +412,11 @@ class _Span:
             f"span {self.index} (boi at position {self.start}): {what} at position {position}", span=self.index, position=position
         )
 
-    def mend(self, what: str, position: int) -> None:
-        """Raise in strict mode; note the change under repair."""
+    def mend(self, what: str, position: int, fix: str) -> None:
+        """Raise SequenceError(what, position) in strict mode; under repair, note what was wrong and the fix."""
         if not self.repair:
             raise self.fail(what, position)
-        self.changes.append(f"{what} at position {position}")
+        self.changes.append(f"{what} at position {position}: {fix}")
 
     def codes(self, ids: np.ndarray, first: int, skip: np.ndarray | None = None) -> np.ndarray:
         """Image ids -> codes in [0, K); an id that is not an image id (outside `skip`, a mask of
@@ -427,9 +427,7 @@ class _Span:
         if bad.size:
             p = int(bad[0])
             what = f"{bad.size} id(s) that are not image ids {_code_text(self.layout)}, the first {int(ids[p])}"
-            if not self.repair:
-                raise self.fail(what, first + p)
-            self.changes.append(f"clamped {what} at position {first + p}")
+            self.mend(what, first + p, f"clamped into [0, {self.layout.codebook_size})")
             codes = np.clip(codes, 0, self.layout.codebook_size - 1)
         return codes
 
@@ -464,7 +462,7 @@ def _rows(span: _Span, region: np.ndarray, first: int, declared: tuple[int, int]
     if ends.size == 0 or ends[-1] != region.size - 1:
         tail = int(starts[-1])
         if region.size > tail:
-            span.mend(f"row {len(codes)} is not closed by eol (closed it)", first + region.size)
+            span.mend(f"row {len(codes)} is not closed by eol", first + region.size, "closed it")
             codes.append(values[tail:])
     if not codes:
         raise span.fail("no image rows", first)
@@ -472,20 +470,21 @@ def _rows(span: _Span, region: np.ndarray, first: int, declared: tuple[int, int]
         lengths = np.array([r.size for r in codes])
         h, w = len(codes), int(np.bincount(lengths).argmax())
         span.changes.append(f"took the grid size {h}x{w} from the rows")
-        layout.check_grid_hw(h, w)
+        if not (1 <= h <= layout.max_grid and 1 <= w <= layout.max_grid):
+            raise span.fail(f"the rows give a {h}x{w} grid, outside 1..{layout.max_grid} a side", first)
     else:
         h, w = declared
     if len(codes) != h:
         at = first + (int(starts[h]) if len(codes) > h else region.size)
-        span.mend(f"declares {h} rows of {w} but has {len(codes)} rows ({'cut' if len(codes) > h else 'repeated the last row'})", at)
+        span.mend(f"declares {h} rows of {w} but has {len(codes)} rows", at, "cut" if len(codes) > h else "repeated the last row")
         codes = codes[:h] + [codes[-1]] * (h - len(codes))
     ragged = [r for r, c in enumerate(codes) if c.size != w]
     if ragged:
         r = ragged[0]
-        what = f"row {r} has {codes[r].size} ids, the width is {w}"
         span.mend(
-            f"{what} ({len(ragged)} ragged row(s): {ragged[:8]}{'...' if len(ragged) > 8 else ''}, padded or cut)",
+            f"row {r} has {codes[r].size} ids, the width is {w}",
             first + int(starts[min(r, len(starts) - 1)]),
+            f"padded by repeating the last id, or cut: rows {ragged[:8]}{'...' if len(ragged) > 8 else ''}",
         )
         fill = next((c for c in codes if c.size), None)
         if fill is None:
@@ -511,8 +510,9 @@ def _parse_chameleon(span: _Span, grid: tuple[int, int] | None) -> np.ndarray:
     h, w = grid
     if codes.size != h * w:
         span.mend(
-            f"{codes.size} image ids for a {h}x{w} grid of {h * w} ({'cut' if codes.size > h * w else 'padded with the last id'})",
+            f"{codes.size} image ids for a {h}x{w} grid of {h * w}",
             first + min(codes.size, h * w),
+            "cut" if codes.size > h * w else "padded by repeating the last id",
         )
         codes = _fit(codes, h * w)
     return codes.reshape(h, w)
@@ -525,7 +525,7 @@ def _declared_axis(span: _Span, axis: str, value: int, position: int) -> int | N
     if 1 <= n <= layout.max_grid and value == layout.special_id(f"{axis}{n}"):
         return n
     kind = "height" if axis == "h" else "width"
-    span.mend(f"expected a {kind} token {axis}1..{axis}{layout.max_grid}, got {value} (took the size from the rows)", position)
+    span.mend(f"expected a {kind} token {axis}1..{axis}{layout.max_grid}, got {value}", position, "took the size from the rows")
     return None
 
 
@@ -568,14 +568,15 @@ def _parse_emu3(span: _Span, grid: tuple[int, int] | None) -> np.ndarray:
     else:
         prefix_end = int(np.flatnonzero(layout.is_layout_id(body))[0]) if layout.is_layout_id(body).any() else body.size
         rows_start = prefix_end
-        span.mend("no img marker after the size text (added it)", first + prefix_end)
+        span.mend("no img marker after the size text", first + prefix_end, "added it")
     region = body[rows_start:]
     eofs = np.flatnonzero(region == eof)
     if eofs.size != 1 or eofs[0] != region.size - 1:
         at = first + rows_start + (int(eofs[0]) if eofs.size else region.size)
-        span.mend(
-            "expected one eof, just before the eoi (the ids after it were dropped)" if eofs.size else "no eof before the eoi (added it)", at
-        )
+        if eofs.size:
+            span.mend("expected one eof, just before the eoi", at, "dropped the ids after the first")
+        else:
+            span.mend("no eof before the eoi", at, "added it")
         if eofs.size:
             region = region[: int(eofs[0]) + 1]
     region = region[:-1] if region.size and region[-1] == eof else region
@@ -584,8 +585,9 @@ def _parse_emu3(span: _Span, grid: tuple[int, int] | None) -> np.ndarray:
     declared = _emu3_size(layout, body[:prefix_end], candidate)
     if declared is None:
         span.mend(
-            f"the size text {body[:prefix_end].tolist()} is not the text of 'h*w' for any grid up to {layout.max_grid} (took the size from the rows)",
+            f"the size text {body[:prefix_end].tolist()} is not the text of 'h*w' for any grid up to {layout.max_grid}",
             first,
+            "took the size from the rows",
         )
     elif grid is not None and declared != tuple(grid):
         raise span.fail(f"declares {declared[0]}x{declared[1]}, expected {grid[0]}x{grid[1]}", first)
