@@ -317,3 +317,90 @@ def test_allowed_ids_walk_reproduces_the_structure(name: str, hw: tuple[int, int
     assert span.grid.shape == hw and span.changes == ()
     with pytest.raises(IndexError):
         allowed_ids(lay, hw, reference.size)
+
+
+@pytest.mark.parametrize("name", ["chameleon", "lumina", "emu3"])
+def test_logits_processor_forces_well_formed_spans_in_a_batch(name: str) -> None:
+    """Greedy decoding from random logits, four prompts in different states: one ends with boi, one
+    emits boi at step 4, one stops in the middle of a span, one holds a finished image (untouched).
+    Every started span comes out well formed; without the processor it does not."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    from models.generation import ImageSpanLogitsProcessor
+
+    lay = layout(name)
+    hw = (3, 5)
+    vocab = lay.vocab_size_needed + 20
+    span = lay.to_sequence(grid_of(*hw))
+    seen = lay.to_sequence(grid_of(2, 2))
+    pad = 0
+    prompts = [
+        [11, 12, 13, span[0]],  # ends with boi
+        [14, 15],  # text; boi comes at step 4
+        [16, *span[:9].tolist()],  # stopped in the middle of a span
+        [17, *seen.tolist(), 18],  # an image in the prompt, finished
+    ]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])  # left-padded, as generate pads
+
+    def run(processors: LogitsProcessorList) -> tuple[torch.Tensor, list[bool]]:
+        generator = torch.Generator().manual_seed(0)
+        out, untouched = ids.clone(), []
+        for step in range(span.size + 8):
+            raw = torch.randn(len(prompts), vocab, generator=generator)
+            raw[:, lay.vocab_offset : lay.vocab_size_needed] -= 20.0  # a model that writes text between images
+            if step == 4:
+                raw[1, lay.special_id("boi")] = 50.0
+            scores = processors(out, raw.clone())
+            untouched.append(bool(torch.equal(scores[3], raw[3])))
+            out = torch.cat([out, scores.argmax(dim=1, keepdim=True)], dim=1)
+        return out, untouched
+
+    out, untouched = run(LogitsProcessorList([ImageSpanLogitsProcessor(lay, hw)]))
+    assert all(untouched)
+    for row in range(3):
+        spans = lay.find_spans(out[row].numpy(), grid=hw if name == "chameleon" else None)
+        assert [s.grid.shape for s in spans] == [hw], row
+        assert all(s.changes == () for s in spans)
+    (generated,) = lay.find_spans(out[1].numpy(), grid=hw if name == "chameleon" else None)
+    assert generated.start == width + 4
+    loose, _ = run(LogitsProcessorList([]))
+    with pytest.raises(SequenceError):
+        lay.find_spans(loose[0].numpy(), grid=hw if name == "chameleon" else None)
+    per_prompt = ImageSpanLogitsProcessor(lay, [hw, (2, 2), hw, hw])
+    scores = per_prompt(ids, torch.zeros(4, vocab))
+    assert torch.isfinite(scores[0]).nonzero().squeeze(1).tolist() == list(allowed_ids(lay, hw, 1))  # the id after boi
+    assert torch.isfinite(scores[2]).nonzero().squeeze(1).tolist() == list(allowed_ids(lay, hw, 9))
+    assert torch.isfinite(scores[1]).all() and torch.isfinite(scores[3]).all()
+
+
+def test_logits_processor_in_generate_with_a_tiny_random_llm() -> None:
+    """The processor inside transformers' own `generate` (a 1-layer Llama with random weights, built
+    here: no download), a left-padded batch of two prompts of different lengths ending with boi."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from models.generation import ImageSpanLogitsProcessor
+
+    lay = layout("lumina")
+    hw = (3, 4)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=lay.vocab_size_needed, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, pad_token_id=0
+    )
+    model = LlamaForCausalLM(config).eval()
+    boi = lay.special_id("boi")
+    ids = torch.tensor([[0, 0, 21, 22, boi], [23, 24, 25, 26, boi]])
+    mask = (ids != 0).long()
+    length = lay.span_length(*hw)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=length - 1,
+        do_sample=False,
+        logits_processor=[ImageSpanLogitsProcessor(lay, hw)],
+    )
+    for row in out:
+        (span,) = lay.find_spans(row.numpy())
+        assert span.grid.shape == hw and span.changes == () and span.end == row.numel()
