@@ -14,6 +14,8 @@ This module is the only one in vqtok that imports transformers.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -39,8 +41,8 @@ class ImageSpanLogitsProcessor(LogitsProcessor):
     def __init__(self, layout: Layout, grid: tuple[int, int] | Sequence[tuple[int, int]]) -> None:
         if layout.name == "plain":
             raise LayoutError("the plain layout has no boi to start a span on: constrain generation with chameleon, lumina or emu3")
-        grids = [tuple(grid)] if isinstance(grid[0], int) else [tuple(g) for g in grid]  # type: ignore[arg-type]
-        templates = [layout.span_template(int(h), int(w)) for h, w in grids]
+        grids = _grids(grid)
+        templates = [layout.span_template(h, w) for h, w in grids]
         longest = max(t.size for t in templates)
         table = torch.full((len(templates), longest), ANY_CODE, dtype=torch.long)
         for i, t in enumerate(templates):
@@ -76,3 +78,11 @@ class ImageSpanLogitsProcessor(LogitsProcessor):
         rows = torch.nonzero(fixed != ANY_CODE).squeeze(1)
         allowed[rows, fixed[rows]] = True
         return scores.masked_fill(active.unsqueeze(1) & ~allowed, float("-inf"))
+
+
+def _grids(grid: tuple[int, int] | Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """One (h, w), or one per prompt, as a list."""
+    if len(grid) == 2 and all(isinstance(side, Integral) for side in grid):
+        h, w = cast(tuple[int, int], grid)
+        return [(int(h), int(w))]
+    return [(int(h), int(w)) for h, w in cast(Sequence[tuple[int, int]], grid)]
