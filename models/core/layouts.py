@@ -272,8 +272,9 @@ class Layout:
         where the next begins (or at the end of the sequence).
 
         `grid` (h, w): needed for `plain`, which has no delimiters (a run of image ids must then be a
-        whole number of h×w grids); for `chameleon` it is the expected size (without it a span must
-        hold a square number of ids); the other presets declare their size in the span.
+        whole number of h×w grids); for `chameleon` it is the size of every span (without it a span must
+        hold a square number of ids); `lumina` and `emu3` declare their size in the span, and a `grid`
+        given is checked against it.
         """
         seq = _as_ids(sequence)
         if grid is not None:
@@ -505,8 +506,9 @@ def _parse_chameleon(span: _Span, grid: tuple[int, int] | None) -> np.ndarray:
         side = math.isqrt(codes.size)
         if side * side != codes.size:
             raise span.fail(f"{codes.size} image ids are not a square grid (give the grid (h, w))", first + codes.size)
+        if side > span.layout.max_grid:
+            raise span.fail(f"{codes.size} image ids make a {side}x{side} grid, over max_grid {span.layout.max_grid}", first)
         grid = (side, side)
-        span.layout.check_grid_hw(*grid)
     h, w = grid
     if codes.size != h * w:
         span.mend(
