@@ -7,9 +7,8 @@ import contextlib
 import inspect
 import logging
 import math
-import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,13 +26,14 @@ from .settings import Settings
 log = logging.getLogger("vqtok.service")
 
 
-def create_app(
-    settings: Settings | None = None, *, loader: Loader | None = None, inference_socket: str | None = None, server_id: str = ""
-) -> FastAPI:
-    """`loader` replaces `ModelRuntime.load` (tests wrap the real runtime to inject faults).
-    `inference_socket`: this app is a front process of a split server (`front_workers` > 0): the models
-    run in the inference process listening there (`inference.py`), not in this process; `server_id` names
-    this front's shared-memory slab (`ipc.sweep` removes what a killed front left)."""
+RepositoryFactory = Callable[[Settings, Metrics], Repository]
+
+
+def create_app(settings: Settings | None = None, *, loader: Loader | None = None, repository: RepositoryFactory | None = None) -> FastAPI:
+    """`loader` replaces `models.runtime.load_runtime` (tests wrap the real runtime to inject faults).
+    `repository` builds the models this app answers for, in its lifespan: by default a `ModelRepository`
+    that runs them in this process; a front of the multi-process server passes its own
+    (`service.multiproc.front.remote_repository`)."""
     settings = settings or Settings()
     metrics = Metrics()
 
@@ -42,7 +42,7 @@ def create_app(
         # Pillow's own bomb guard, as a second line behind the header check in images.py.
         Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
         pool = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="images")
-        repo = _repository(settings, metrics, loader, inference_socket, server_id)
+        repo = repository(settings, metrics) if repository is not None else ModelRepository(settings, metrics, loader)
         state = app.state.vqtok = ServiceState(settings, metrics, repo, pool)
         # Load in the background: /healthz answers at once, /readyz turns 200 once models are warm.
         loading = asyncio.create_task(repo.load_all(), name="load-models")
@@ -102,33 +102,6 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> Any:
         lifespan="on",
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
     )
-
-
-def _repository(settings: Settings, metrics: Metrics, loader: Loader | None, inference_socket: str | None, server_id: str) -> Repository:
-    if inference_socket is None:
-        return ModelRepository(settings, metrics, loader)
-    from .multiproc.front import RemoteRepository, slab_name
-
-    return RemoteRepository(settings, metrics, inference_socket, front_slab(settings, slab_name(server_id or str(os.getppid()))))
-
-
-def front_slab(settings: Settings, name: str) -> Any:
-    """The front's shared-memory slab (`ipc.Slab`), or None: with front_shm_mib=0, or where /dev/shm has no
-    room for it (a container's default 64 MiB), when pixels travel through the control socket instead."""
-    from .multiproc import ipc
-
-    if not settings.front_shm_mib:
-        return None
-    try:
-        return ipc.Slab(name, settings.front_shm_mib * 2**20)
-    except OSError as exc:
-        log.warning(
-            "no room for this front's %d MiB slab in /dev/shm (%s): pixels go through the control socket (slower); "
-            "give /dev/shm front_workers x front_shm_mib (docker run --shm-size)",
-            settings.front_shm_mib,
-            exc,
-        )
-        return None
 
 
 def _on_sighup(callback: object) -> None:

@@ -28,6 +28,8 @@ EXTRAS = {
     "efficientnet_lite_pytorch": "train",
     "ray": "ray",
     "onnxruntime": "cpu",
+    "tokenizers": "llm",
+    "transformers": "llm",
 }
 
 
@@ -43,6 +45,7 @@ def missing_extra(exc: ModuleNotFoundError) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     from clients.tokenize import commands as tokenize_commands
+    from models import vocab_commands
     from models.export import commands as export_commands
     from service import commands as service_commands
     from training import commands as training_commands
@@ -54,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_commands.register(sub)
     service_commands.register(sub)
     tokenize_commands.register(sub)
+    vocab_commands.register(sub)  # vocab extend, vocab codebook
     return parser
 
 

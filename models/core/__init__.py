@@ -6,6 +6,8 @@
 - `sources`: the one dataset reader (folders, parquet, webdataset tars).
 - `errors`: the error types shared across layers.
 - `fileio`: atomic file writes.
+- `layouts`: LLM sequence layouts (plain, chameleon, lumina, emu3): grid <-> ids, span parsing, allowed ids.
+- `vocab`: a Hugging Face tokenizer.json extended with a layout's tokens, and vqtok_vocab.json (`tokenizers` lazily).
 
 Nothing here imports torch, onnxruntime, fastapi or any other layer of vqtok.
 """

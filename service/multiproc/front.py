@@ -383,5 +383,34 @@ class RemoteRepository(Repository):
             self.client.slab.close()
 
 
+def front_slab(settings: Settings, name: str) -> ipc.Slab | None:
+    """The front's shared-memory slab (`ipc.Slab`), or None: with front_shm_mib=0, or where /dev/shm has no
+    room for it (a container's default 64 MiB), when pixels travel through the control socket instead."""
+    if not settings.front_shm_mib:
+        return None
+    try:
+        return ipc.Slab(name, settings.front_shm_mib * 2**20)
+    except OSError as exc:
+        log.warning(
+            "no room for this front's %d MiB slab in /dev/shm (%s): pixels go through the control socket (slower); "
+            "give /dev/shm front_workers x front_shm_mib (docker run --shm-size)",
+            settings.front_shm_mib,
+            exc,
+        )
+        return None
+
+
+def remote_repository(inference_socket: str, server_id: str) -> Callable[[Settings, Metrics], RemoteRepository]:
+    """The repository factory of a front's app (`create_app(repository=...)`): the inference process at
+    `inference_socket`; `server_id` names this front's shared-memory slab (`ipc.sweep` removes what a
+    killed front left)."""
+
+    def build(settings: Settings, metrics: Metrics) -> RemoteRepository:
+        slab = front_slab(settings, slab_name(server_id or str(os.getppid())))
+        return RemoteRepository(settings, metrics, inference_socket, slab)
+
+    return build
+
+
 def slab_name(server_id: str) -> str:
     return f"{ipc.segment_prefix(server_id)}{os.getpid()}-{int(time.time() * 1000) % 10**6}"

@@ -289,8 +289,9 @@ def _front(settings: Settings, config: dict[str, Any]) -> None:
     import uvicorn
 
     from ..app import create_app, uvicorn_config
+    from .front import remote_repository
 
-    app = create_app(settings, inference_socket=config["socket"], server_id=config["server_id"])
+    app = create_app(settings, repository=remote_repository(config["socket"], config["server_id"]))
     if "channel" in config:  # balanced: connections arrive from the supervisor
         handoff.handoff_server(uvicorn_config(app, settings), socket.socket(fileno=int(config["channel"]))).run()
         return

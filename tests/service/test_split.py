@@ -404,7 +404,7 @@ def test_a_slab_gets_its_pages_up_front_and_a_front_without_room_runs_without_on
     says why; nothing is left in /dev/shm."""
     import errno
 
-    from service import app as app_module
+    from service.multiproc import front as front_module
     from service.multiproc import ipc
     from service.settings import Settings
 
@@ -422,10 +422,10 @@ def test_a_slab_gets_its_pages_up_front_and_a_front_without_room_runs_without_on
     with pytest.raises(OSError):
         ipc.Slab(name, 2 * 2**20)
     assert not os.path.exists(os.path.join(ipc.SHM_DIR, name))
-    with caplog.at_level("WARNING", logger="vqtok.service"):
-        assert app_module.front_slab(Settings(front_shm_mib=8), name) is None
+    with caplog.at_level("WARNING", logger="vqtok.front"):
+        assert front_module.front_slab(Settings(front_shm_mib=8), name) is None
     assert "no room for this front's 8 MiB slab" in caplog.text
-    assert app_module.front_slab(Settings(front_shm_mib=0), name) is None
+    assert front_module.front_slab(Settings(front_shm_mib=0), name) is None
 
 
 # --- connections: handed to the fronts in turn (service/handoff.py) ---
