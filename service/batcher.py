@@ -14,6 +14,12 @@ inference call in a thread, so the event loop stays free for I/O while the model
 
 - The queue is bounded in images: `submit` raises `QueueFull` at once rather than letting latency grow,
   and `TooLarge` for a request that could never fit however empty the queue is.
+- Admission by deadline: from the batches it has run, the batcher knows what a pixel of each op costs
+  (`ServiceTime`); a request whose turn would come after its deadline, given the work queued ahead of it
+  and its own, is refused on arrival with `Overloaded` (503, with the time the queue needs to drain as
+  `Retry-After`) instead of waiting out its deadline for a 504. When a batch forms, an item that could
+  not finish before its deadline even if it ran now fails at once, so no batch spends the model's time
+  on answers nobody will take. Until a batch of an op has run, nothing is refused for lack of time.
 - An item whose future was cancelled (its client went away, or its deadline passed) leaves the
   queue immediately and never runs; an item found expired when a batch forms fails with
   `DeadlineExceeded`.
@@ -35,7 +41,7 @@ from typing import cast
 
 import numpy as np
 
-from models.core.errors import DeadlineExceeded, QueueFull, ShuttingDown, TooLarge, inference_problem
+from models.core.errors import DeadlineExceeded, Overloaded, QueueFull, ShuttingDown, TooLarge, inference_problem
 
 from .metrics import Metrics
 
@@ -79,6 +85,34 @@ def batch_limit(key: Key, max_batch_size: int, max_batch_pixels: int | None, dow
     if max_batch_pixels is None:
         return max_batch_size
     return max(1, min(max_batch_size, max_batch_pixels // max(1, item_pixels(key, downsample))))
+
+
+class ServiceTime:
+    """What one pixel of an op costs the model, from the batches run (the median of the last `window`),
+    and so how long the work queued ahead of a request will take.
+
+    Under load the batches are full, and a full batch costs less a pixel than a small one (the fixed
+    cost of a call is shared): the estimate follows batches of at least half the limit once there are
+    enough of them, so a queue is not judged by the small batches of a quiet server. The median, over at
+    least `least` batches, keeps one stalled batch (a page fault storm, another process on the cores)
+    from turning requests away."""
+
+    def __init__(self, window: int = 16, least: int = 3) -> None:
+        self.least = least
+        self._seen: dict[tuple[str, bool], deque[float]] = {}  # (op, full) -> seconds a pixel, newest last
+        self._window = window
+
+    def observe(self, op: str, pixels: int, seconds: float, full: bool) -> None:
+        if pixels > 0 and seconds > 0:
+            self._seen.setdefault((op, full), deque(maxlen=self._window)).append(seconds / pixels)
+
+    def per_pixel(self, op: str) -> float | None:
+        """Seconds a pixel of `op` costs in a batch (None: too few batches of `op` have run to say)."""
+        for full in (True, False):
+            seen = self._seen.get((op, full), ())
+            if len(seen) >= self.least:
+                return float(np.median(seen))
+        return None
 
 
 class PixelPool:
@@ -175,6 +209,9 @@ class Batcher:
         self._n_workers = workers
         self._buckets: dict[Key, deque[_Item]] = {}
         self._queued_images = 0
+        self._queued_pixels: dict[str, int] = {}  # by op: the work waiting, for admission
+        self._running_seconds: list[float] = []  # expected end (monotonic) of each batch running
+        self.service_time = ServiceTime()
         self._waiters: set[asyncio.Future[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._running_batches = 0
@@ -215,8 +252,9 @@ class Batcher:
         if self._queued_images + n > self.max_queue_images:
             self._metrics.rejected.labels(self.model, "queue_full").inc()
             raise QueueFull(f"model {self.model!r} has {self._queued_images} images queued (limit {self.max_queue_images})")
-        loop = asyncio.get_running_loop()
         key: Key = (op, *array.shape[1:])
+        self._admit(op, n * self.image_pixels(key), deadline)
+        loop = asyncio.get_running_loop()
         limit = self.batch_limit(key)
         items = []
         for start in range(0, n, limit):
@@ -226,6 +264,7 @@ class Batcher:
             items.append(item)
             self._buckets.setdefault(key, deque()).append(item)
             self._queued_images += item.n
+            self._queued_pixels[op] = self._queued_pixels.get(op, 0) + item.n * self.image_pixels(key)
         self._set_depth()
         self._notify()
         try:
@@ -235,6 +274,36 @@ class Batcher:
                 it.future.cancel()
             raise
         return results[0] if len(results) == 1 else np.concatenate(results)
+
+    def drain_seconds(self, extra: tuple[str, int] | None = None) -> float | None:
+        """How long the work queued and running would keep this model's workers busy, with `extra` (an op
+        and its pixels) added; None while no batch of that op has run to say what a pixel costs. An op
+        queued whose cost is not known yet counts for nothing."""
+        if extra is not None and self.service_time.per_pixel(extra[0]) is None:
+            return None
+        now = time.monotonic()
+        work = sum(max(0.0, end - now) for end in self._running_seconds)
+        queued = dict(self._queued_pixels)
+        if extra is not None:
+            queued[extra[0]] = queued.get(extra[0], 0) + extra[1]
+        for op, pixels in queued.items():
+            work += pixels * (self.service_time.per_pixel(op) or 0.0)
+        return work / self._n_workers
+
+    def _admit(self, op: str, pixels: int, deadline: float) -> None:
+        """Refuse now (`Overloaded`) a request that the queue ahead of it makes finish after `deadline`."""
+        wait = self.drain_seconds((op, pixels))
+        if wait is None:
+            return
+        now = time.monotonic()
+        if now + wait + self.max_delay_s > deadline:
+            self._metrics.rejected.labels(self.model, "overloaded").inc()
+            ahead = self.drain_seconds() or 0.0
+            raise Overloaded(
+                f"model {self.model!r} has {self._queued_images} images queued: this request would finish in about "
+                f"{wait:.2f} s, after its deadline ({max(0.0, deadline - now):.2f} s from now); retry later",
+                retry_after_s=max(1.0, ahead),
+            )
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Take no new work; let queued and running batches finish (up to the timeout); then stop."""
@@ -252,6 +321,7 @@ class Batcher:
         for item in left:
             item.queued = False
             self._queued_images -= item.n
+        self._queued_pixels.clear()
         self._set_depth()
         for item in left:
             if not item.future.done():
@@ -271,6 +341,8 @@ class Batcher:
     def _dequeue(self, item: _Item) -> None:
         item.queued = False
         self._queued_images -= item.n
+        op = str(item.key[0])
+        self._queued_pixels[op] = self._queued_pixels.get(op, 0) - item.n * self.image_pixels(item.key)
         if not self._buckets.get(item.key, True):
             del self._buckets[item.key]
         self._set_depth()
@@ -333,15 +405,19 @@ class Batcher:
         size = 0
         limit = self.batch_limit(key)
         now = time.monotonic()
+        cost = self.service_time.per_pixel(str(key[0]))
+        # the least a batch of this key takes: one image of it, alone (an item that cannot finish even so fails now)
+        least = 0.0 if cost is None else cost * self.image_pixels(key)
         while bucket and (size == 0 or size + bucket[0].n <= limit):
             item = bucket.popleft()
             self._dequeue(item)
             if item.future.done():  # cancelled; its done-callback has not run yet
                 self._metrics.rejected.labels(self.model, "cancelled").inc()
                 continue
-            if item.deadline <= now:
+            if item.deadline <= now + least:
                 self._metrics.rejected.labels(self.model, "deadline").inc()
-                item.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                reason = "passed while queued" if item.deadline <= now else "would pass before its batch could finish"
+                item.future.set_exception(DeadlineExceeded(f"deadline {reason}"))
                 continue
             batch.append(item)
             size += item.n
@@ -362,7 +438,16 @@ class Batcher:
             for item in batch:
                 self._metrics.queue_seconds.labels(self.model, op).observe(start - item.enqueued)
             arrays = [item.array for item in batch]
-            out = await asyncio.get_running_loop().run_in_executor(self._executor, self._call, op, arrays)
+            pixels = sum(item.n for item in batch) * self.image_pixels(key)
+            cost = self.service_time.per_pixel(op)
+            expected_end = start + (0.0 if cost is None else cost * pixels)
+            self._running_seconds.append(expected_end)
+            try:
+                out = await asyncio.get_running_loop().run_in_executor(self._executor, self._call, op, arrays)
+            finally:
+                self._running_seconds.remove(expected_end)
+            full = sum(item.n for item in batch) * 2 >= self.batch_limit(key)
+            self.service_time.observe(op, pixels, time.monotonic() - start, full)
         except asyncio.CancelledError:
             # The worker is being stopped while this batch runs (the thread goes on; its result is
             # dropped): answer the batch's requests now rather than at their deadlines.

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.core.errors import DeadlineExceeded, QueueFull, ShuttingDown, TooLarge
+from models.core.errors import DeadlineExceeded, Overloaded, QueueFull, ShuttingDown, TooLarge
 from service.batcher import BASE_GIB, BYTES_PER_PIXEL, Batcher, PixelPool, _Item, item_pixels, pixel_budget
 from service.metrics import Metrics
 
@@ -140,6 +140,80 @@ def test_refusals_carry_their_answer() -> None:
     assert problem_headers(QueueFull("x"), retry_after_s=3) == {"Retry-After": "3"}
     assert problem_headers(QueueFull("x", retry_after_s=7.4), retry_after_s=3) == {"Retry-After": "7"}
     assert problem_headers(TooLarge("x"), retry_after_s=3) == {}
+
+
+# --- admission by deadline ---
+
+
+def slow(seconds: float, **kw: Any) -> Batcher:
+    """A batcher whose every batch takes `seconds` (one image a batch)."""
+
+    def run(op: str, x: np.ndarray) -> np.ndarray:
+        time.sleep(seconds)
+        return x
+
+    return Batcher("m", run, ThreadPoolExecutor(1), Metrics(), max_batch_size=1, max_delay_s=0.0, **kw)
+
+
+def test_a_request_the_queue_would_make_late_is_refused_at_once_and_the_admitted_all_finish() -> None:
+    """Batches of 0.2 s one after another, deadlines 0.7 s away: three fit (0.2, 0.4, 0.6 s), the fourth
+    would end at 0.8 s. It and every later one are refused on arrival, with the queue's drain time as
+    Retry-After; none admitted runs out of time."""
+
+    async def main() -> tuple[list[object], list[float], float]:
+        b = slow(0.2)
+        b.start()
+        for _ in range(3):  # what a pixel costs, learned from the batches run
+            await b.submit("encode", np.zeros((1, 4, 4, 3), np.uint8), time.monotonic() + 10)
+        deadline = time.monotonic() + 0.7
+        refused_after: list[float] = []
+
+        async def one() -> object:
+            t0 = time.monotonic()
+            try:
+                return await b.submit("encode", np.zeros((1, 4, 4, 3), np.uint8), deadline)
+            except Overloaded as exc:
+                refused_after.append(time.monotonic() - t0)
+                return exc
+
+        out = await asyncio.gather(*(one() for _ in range(8)))
+        drain = b.drain_seconds() or 0.0
+        await b.stop(1)
+        return list(out), refused_after, drain
+
+    out, refused_after, drain = asyncio.run(main())
+    ok = [o for o in out if isinstance(o, np.ndarray)]
+    refused = [o for o in out if isinstance(o, Overloaded)]
+    assert len(ok) == 3 and len(refused) == 5  # no DeadlineExceeded among them: the admitted all finished
+    assert max(refused_after) < 0.05  # refused on arrival, not after waiting
+    assert all(r.retry_after_s is not None and r.retry_after_s >= 1.0 for r in refused)
+    assert (Overloaded.status, Overloaded.slug, Overloaded.retry) == (503, "overloaded", True)
+    assert drain == 0.0
+
+
+def test_nothing_is_refused_before_the_batcher_knows_what_a_batch_costs() -> None:
+    async def main() -> list[np.ndarray]:
+        b = slow(0.05)
+        b.start()
+        deadline = time.monotonic() + 10
+        out = await asyncio.gather(*(b.submit("encode", np.zeros((1, 4, 4, 3), np.uint8), deadline) for _ in range(4)))
+        await b.stop(1)
+        return list(out)
+
+    assert len(asyncio.run(main())) == 4
+
+
+def test_service_time_follows_full_batches_and_ignores_one_stalled_batch() -> None:
+    from service.batcher import ServiceTime
+
+    t = ServiceTime(least=3)
+    assert t.per_pixel("encode") is None
+    for seconds in (1.0, 1.0, 9.0):  # small batches: a pixel costs 1 s, one stalled batch aside
+        t.observe("encode", 1, seconds, full=False)
+    assert t.per_pixel("encode") == 1.0  # the median, not the stall
+    for _ in range(3):
+        t.observe("encode", 4, 2.0, full=True)  # full batches share the call's cost: 0.5 s a pixel
+    assert t.per_pixel("encode") == 0.5 and t.per_pixel("decode") is None
 
 
 # --- the pixel budget ---
