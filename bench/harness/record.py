@@ -42,8 +42,15 @@ def host_fields(given_revision: str | None = None) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "revision": revision(given_revision),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
     }
+
+
+def command_line() -> str:
+    """How this process was started, as one would type it: `python -m bench.NAME ARGS` for a module."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = ["python", "-m", spec.name] if spec is not None and spec.name else ["python", sys.argv[0]]
+    return " ".join([*head, *sys.argv[1:]])
 
 
 def write_json(path: Path | None, result: Any) -> None:
