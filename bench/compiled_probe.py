@@ -10,9 +10,11 @@ Measures, on real 256² photos (photos256/val, carried to the GPU machine):
 For each: images/s at batch 1/16/64 (median of CUDA-event timings), compile seconds, and token
 agreement / decoded PSNR against the CPU float32 reference (the parity gate's measure).
 
-  PYTHONUNBUFFERED=1 python bench/compiled_probe.py --images .gpudata/val --out $OUT/probe.json
+  PYTHONUNBUFFERED=1 python -m bench.compiled_probe --images .gpudata/val --out $OUT/probe.json
 
 Writes the JSON after every step (a cut-off run keeps what it measured).
+
+Committed runs: bench/results/compiled_path/
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import traceback
@@ -34,12 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from models.core import pixels  # noqa: E402
-from models.export.graphs import DecoderGraph, EncoderGraph, images_to_input, output_to_images  # noqa: E402
-from models.tokenizer import Tokenizer  # noqa: E402
+from bench.harness.record import REPO as ROOT
+from bench.harness.timing import photo_batch
+from models.export.graphs import DecoderGraph, EncoderGraph, images_to_input, output_to_images
+from models.tokenizer import Tokenizer
 
 MODEL = ROOT / "models" / "pretrained" / "photo-f8-simvq-16k"
 RESULTS: dict[str, Any] = {"rows": [], "errors": []}
@@ -48,11 +47,6 @@ RESULTS: dict[str, Any] = {"rows": [], "errors": []}
 def save(out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(RESULTS, indent=1) + "\n")
-
-
-def load_images(folder: Path, count: int, size: int) -> np.ndarray:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in pixels.IMAGE_EXTENSIONS)[:count]
-    return np.stack([pixels.prepare(p.read_bytes(), downsample=8, resolution=size, resize="crop").pixels for p in files])
 
 
 def time_cuda(fn: Callable[[], Any], warmup: int = 3, repeats: int = 20) -> float:
@@ -130,7 +124,7 @@ def main() -> None:
         revision=subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or "unknown",
         started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
-    images = load_images(args.images, args.count, 256)  # (N, 256, 256, 3) uint8
+    images = photo_batch(args.images, args.count, 256)  # (N, 256, 256, 3) uint8
     n = len(images)
     tok = Tokenizer.from_pretrained(MODEL).eval().float()
 

@@ -1,15 +1,18 @@
-"""How a split server's connections spread over its fronts: `front_accept=balanced` (the supervisor
-accepts and hands each connection to the fronts in turn) against `shared` (every front accepts on one
-socket), A/B in one run, on the CPU.
+"""How do a split server's connections spread over its fronts?
 
-A split server with `--fronts` fronts serves a tiny untrained model (the one `bench/front_inline_cpu.py`
-exports, so that the model costs next to nothing); a closed-loop load of real 256² JPEGs (resize=crop)
-on `--concurrency` keep-alive connections comes from `bench/http_front.py`'s load generator. Three
+`front_accept=balanced` (the supervisor accepts and hands each connection to the fronts in turn)
+against `shared` (every front accepts on one socket), A/B in one run, on the CPU.
+
+A split server with `--fronts` fronts serves a tiny untrained model (`bench.harness.fixtures.tiny_model`,
+so that the model costs next to nothing); a closed-loop load of real 256² JPEGs (resize=crop) on
+`--concurrency` keep-alive connections comes from `bench.harness.load`. Three
 seconds in, the established connections each front holds are counted from /proc. Each round starts
 the server once per mode, alternating. Prints a table, writes JSON. The GPU figures (H100, 8/12/16
 fronts) come from `bench/http_front.py` with VQTOK_FRONT_ACCEPT set: BENCHMARKS.md.
 
-    python bench/front_accept_cpu.py --rounds 2 --fronts 4 --concurrency 64 --out bench/results/front_accept_cpu/result.json
+    python -m bench.front_accept_cpu --rounds 2 --fronts 4 --concurrency 64 --out bench/results/front_accept/cpu-2026-11-28/result.json
+
+Committed runs: bench/results/front_accept/
 """
 
 from __future__ import annotations
@@ -18,47 +21,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.front_inline_cpu import tiny_model, tiny_server_args  # noqa: E402
-from bench.http_front import read_jpegs, run_load, spawn_server, stop_server, tree_cpu_seconds, wait_ready  # noqa: E402
-from bench.service_load import host_fields  # noqa: E402
-
-
-def established_by_process(pids: list[int], port: int) -> list[int]:
-    """Established TCP connections on the server side of `port` that each process holds (/proc)."""
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
-                inodes.add(fields[9])
-    counts = []
-    for pid in pids:
-        held = 0
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            fds = []
-        for fd in fds:
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            held += link.startswith("socket:[") and link[8:-1] in inodes
-        counts.append(held)
-    return counts
+from bench.harness.fixtures import tiny_model, tiny_server_args
+from bench.harness.load import read_jpegs, run_load
+from bench.harness.procs import established_by_process, tree_cpu_seconds
+from bench.harness.record import PHOTOS_VAL, host_fields
+from bench.harness.server import spawn_server, stop_server, wait_ready
 
 
 def front_pids(server_pid: int) -> list[int]:
@@ -107,7 +79,7 @@ def one(args: argparse.Namespace, files: list[bytes], mode: str, log: Path) -> d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=Path, default=REPO.parent / "shared" / "data" / "photos256" / "val")
+    ap.add_argument("--images", type=Path, default=PHOTOS_VAL)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--fronts", type=int, default=4)

@@ -1,4 +1,4 @@
-"""What a front's CPU per single-image request is made of: the work itself, against the HTTP stack.
+"""What is a front's CPU per single-image request made of: the work itself, or the HTTP stack?
 
 The same requests as bench/http_front.py (one 256² JPEG a request, multipart, `Accept: application/x-npy`),
 from one load-generator process, against four servers on one uvicorn each (httptools):
@@ -15,7 +15,9 @@ what the service's HTTP stack costs beyond the work (routing, middleware, depend
 and disconnect tasks, metrics, the hop to the inference process); `work` is a floor that no rewrite
 of the front in Python goes under. Prints a table, writes JSON.
 
-    python bench/front_floor.py --model-repo models/pretrained --out bench/results/front_floor_cpu.json
+    python -m bench.front_floor --model-repo models/pretrained --out bench/results/front_floor/cpu-DATE/fsq4_crop32.json
+
+Committed runs: bench/results/front_floor/
 """
 
 from __future__ import annotations
@@ -34,11 +36,9 @@ from typing import Any
 import numpy as np
 from fastapi import Request  # at module level: the route's annotation is resolved from these globals
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.http_front import _client_proc, build_requests, spawn_server, stop_server, wait_ready  # noqa: E402
-from bench.service_load import StartGate, free_port, host_fields, read_jpegs  # noqa: E402
+from bench.harness.load import StartGate, build_requests, client_proc, read_jpegs
+from bench.harness.record import PHOTOS_VAL, REPO, host_fields
+from bench.harness.server import free_port, spawn_server, stop_server, wait_ready
 
 VARIANTS = ("bare", "work", "fastapi", "vqtok")
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -112,7 +112,7 @@ def _serve(args: argparse.Namespace) -> None:
 def _load(port: int, requests: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     q, gate = ctx.Queue(), StartGate(ctx)
-    client = ctx.Process(target=_client_proc, args=(port, requests, 0, concurrency, concurrency, 1.0, seconds, q, gate), daemon=True)
+    client = ctx.Process(target=client_proc, args=(port, requests, 0, concurrency, concurrency, 1.0, seconds, q, gate), daemon=True)
     client.start()
     gate.open(1)
     return {"gate": gate, "queue": q, "process": client}
@@ -168,10 +168,10 @@ def run_variant(variant: str, args: argparse.Namespace, files: list[bytes], info
             port = int(url.rsplit(":", 1)[1])
             kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
             roles = {Path(f"/proc/{k}/cmdline").read_text().split("\0")[-2]: int(k) for k in kids}
-            if set(roles) != {"front", "engine"}:
+            if set(roles) != {"front", "inference"}:
                 raise SystemExit(f"expected one front and one inference process, found {roles}")
             return measure(
-                {"front": roles["front"], "inference process": roles["engine"]},
+                {"front": roles["front"], "inference process": roles["inference"]},
                 port,
                 build_requests(files, 1, args.resize, port),
                 args.concurrency,
@@ -180,7 +180,7 @@ def run_variant(variant: str, args: argparse.Namespace, files: list[bytes], info
         finally:
             stop_server(proc)
     port = free_port()
-    cmd = [sys.executable, __file__, "--serve", variant, "--port", str(port), "--resize", args.resize]
+    cmd = [sys.executable, "-m", "bench.front_floor", "--serve", variant, "--port", str(port), "--resize", args.resize]
     cmd += ["--downsample", str(info["downsample"]), "--resolution", str(info["resolution"])]
     proc = subprocess.Popen(cmd, cwd=REPO)
     try:
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-repo", type=Path, default=REPO / "models" / "pretrained")
     p.add_argument("--model", help="the model the vqtok variant serves (default: the repository's first)")
-    p.add_argument("--images", type=Path, default=REPO.parent / "shared" / "data" / "photos256" / "val")
+    p.add_argument("--images", type=Path, default=PHOTOS_VAL)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--seconds", type=float, default=10.0)

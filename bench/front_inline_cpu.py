@@ -1,15 +1,19 @@
-"""One front kept busy, with small images decoded on its event loop or in its decode threads: the
+"""Does decoding small images on a front's event loop (not in its decode threads) cut its CPU per request?
+
+One front kept busy, with small images decoded on its event loop or in its decode threads: the
 front's and the inference process's CPU per request, requests/s and latency, A/B in one run.
 
-A split server (`--front-workers 1`; 0: the single-process server) serves a tiny untrained model (f8 FSQ at 32², exported here, so
+A split server (`--front-workers 1`; 0: the single-process server) serves a tiny untrained model (f8 FSQ at 32², `bench.harness.fixtures.tiny_model`, so
 that the model costs next to nothing and the front is the limit on a small host); a closed-loop load
-of real 256² JPEGs (resize=crop) comes from `bench/http_front.py`'s load generator. Each round starts
+of real 256² JPEGs (resize=crop) comes from `bench.harness.load`. Each round starts
 the server twice, with `inline_decode_pixels=0` (every image in the decode threads: the behaviour
 before the setting) and with the default (256²), alternating, so drift hits both alike. Prints a
 table, writes JSON.
 
-    python bench/front_inline_cpu.py --rounds 2 --seconds 20 --out bench/results/front_inline_cpu/result.json
-    python bench/front_inline_cpu.py --images-per-request 8 --concurrency 8 ...
+    python -m bench.front_inline_cpu --rounds 2 --seconds 20 --out bench/results/front_inline/cpu-DATE/one_image.json
+    python -m bench.front_inline_cpu --images-per-request 8 --concurrency 8 ...
+
+Committed runs: bench/results/front_inline/
 """
 
 from __future__ import annotations
@@ -18,53 +22,17 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.http_front import encode_requests, read_jpegs, run_load, spawn_server, stop_server, tree_cpu_seconds, wait_ready  # noqa: E402
-from bench.service_load import host_fields  # noqa: E402
-from service.settings import Settings  # noqa: E402
-
-_EXPORT = """
-import sys, torch
-from models.presets import create_tokenizer
-from models.export.driver import export_model
-torch.manual_seed(0)
-create_tokenizer("f8-fsq-64k", base_channels=8, norm_groups=4, num_res_blocks=1, resolution=32).save_pretrained(sys.argv[1])
-export_model(sys.argv[1])
-"""
-
-
-def tiny_model(repo: Path) -> str:
-    if not (repo / "tiny32" / "manifest.json").exists():
-        subprocess.run([sys.executable, "-c", _EXPORT, str(repo / "tiny32")], cwd=REPO, check=True)
-    return "tiny32"
-
-
-def tiny_server_args(
-    model_repo: Path, model: str, concurrency: int, images_per_request: int = 1, decode_threads: int = 2
-) -> argparse.Namespace:
-    """`bench/http_front.py`'s server settings for the tiny model on the CPU (the CPU front benches)."""
-    return argparse.Namespace(
-        model_repo=model_repo,
-        model=model,
-        device="cpu",
-        runtime="auto",
-        max_batch_size=16,
-        max_batch_delay_ms=2.0,
-        decode_threads=decode_threads,
-        concurrency=[concurrency],
-        images_per_request=[images_per_request],
-        warmup_size=32,
-        intra_op_threads=None,
-    )
+from bench.harness.fixtures import tiny_model, tiny_server_args
+from bench.harness.load import read_jpegs, run_load
+from bench.harness.procs import tree_cpu_seconds
+from bench.harness.record import PHOTOS_VAL, host_fields
+from bench.harness.server import encode_requests, spawn_server, stop_server, wait_ready
+from service.settings import Settings
 
 
 def one(args: argparse.Namespace, files: list[bytes], budget: int, log: Path) -> dict[str, Any]:
@@ -96,7 +64,7 @@ def one(args: argparse.Namespace, files: list[bytes], budget: int, log: Path) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=Path, default=REPO.parent / "shared" / "data" / "photos256" / "val")
+    ap.add_argument("--images", type=Path, default=PHOTOS_VAL)
     ap.add_argument("--model-repo", type=Path, default=None, help="a repository holding --model (default: a tiny model exported here)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--rounds", type=int, default=2)

@@ -1,4 +1,4 @@
-"""Encode/decode throughput of the served path (ONNX Runtime) against torch, in one run.
+"""How fast does ONNX Runtime (the torch-free serving install) encode and decode against torch, on one device?
 
 Paths (all on the same weights, same inputs, same run):
   torch-fp32      eager float32
@@ -10,8 +10,10 @@ Paths (all on the same weights, same inputs, same run):
 Each row: images/s (median of timed repeats after warm-up), achieved TFLOP/s from the counted
 network FLOPs, % of the measured bf16 matmul peak, and ratios to torch eager and the best torch path.
 
-  python bench/gpu_throughput.py --out results.json                  # GPU machine, full sweep
-  python bench/gpu_throughput.py --device cpu --quick --out cpu.json # CPU: ORT CPU vs torch CPU
+  python -m bench.gpu_throughput --out results.json                  # GPU machine, full sweep
+  python -m bench.gpu_throughput --device cpu --quick --out cpu.json # CPU: ORT CPU vs torch CPU
+
+Committed runs: bench/results/ort_vs_torch/
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,8 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.export.driver import export_model, git_revision
 from models.export.graphs import DecoderGraph, EncoderGraph

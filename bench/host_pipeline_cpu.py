@@ -1,9 +1,13 @@
-"""The local engine's host side alone: `tokenize_local` with the model replaced by an instant encoder
-(bench/tokenize_throughput.py's `InstantEncoder`), and the tokenizing process's own CPU time per image
+"""How much CPU does the local engine's driver spend per image, with the model taken out?
+
+The local engine's host side alone: `tokenize_local` with the model replaced by an instant encoder
+(`bench.harness.fixtures.InstantEncoder`), and the tokenizing process's own CPU time per image
 (all its threads, not the decoding processes'): what the GIL-bound driver must fit in on a many-core
 host. Prints a line per pool, writes JSON.
 
-    python bench/host_pipeline_cpu.py --images 6000 --pools process,thread --out host_pipeline.json
+    python -m bench.host_pipeline_cpu --images 6000 --pools process,thread --out host_pipeline.json
+
+Committed runs: bench/results/local_engine_host/
 """
 
 from __future__ import annotations
@@ -12,19 +16,16 @@ import argparse
 import json
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.tokenize_throughput import InstantEncoder, image_folder  # noqa: E402
-from clients.tokenize.local import tokenize_local  # noqa: E402
-from models.core.artefacts import DEFAULT_MODEL  # noqa: E402
-from models.runtime.onnx import ModelRuntime  # noqa: E402
+from bench.harness.fixtures import InstantEncoder, image_folder
+from bench.harness.record import REPO as ROOT
+from clients.tokenize.local import tokenize_local
+from models.core.artefacts import DEFAULT_MODEL
+from models.runtime.onnx import ModelRuntime
 
 
 def cpu_s(usage: resource.struct_rusage) -> tuple[float, float]:

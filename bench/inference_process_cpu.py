@@ -1,4 +1,6 @@
-"""The inference process's CPU per request, without HTTP: one front's side in this process, the
+"""How much CPU does the inference process spend per request, without HTTP?
+
+One front's side in this process, the
 inference process (`python -m service.multiproc.server inference`) as a split server runs it.
 
 `bench/http_front.py` measures the same process under real HTTP load, but on a small host its fronts
@@ -10,7 +12,9 @@ loop, through `RemoteRepository` (the routes' own path: lease, `RemoteBatcher.su
 inference process counts them, the requests per infer message. The same driver runs against any
 revision whose `RemoteBatcher.submit(op, array, deadline)` it can call (run it from that checkout).
 
-    python bench/engine_cpu.py --model-repo <tiny fsq4> --concurrency 32,64 --duration 5 --out engine_cpu.json
+    python -m bench.inference_process_cpu --model-repo <tiny fsq4> --concurrency 32,64 --duration 5 --out engine_cpu.json
+
+Committed runs: bench/results/inference_process/
 """
 
 from __future__ import annotations
@@ -29,15 +33,12 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.http_front import _thread_cpu_seconds  # noqa: E402
-from bench.service_load import host_fields  # noqa: E402
-from service.metrics import Metrics  # noqa: E402
-from service.multiproc import ipc  # noqa: E402
-from service.multiproc.front import RemoteRepository  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from bench.harness.procs import thread_cpu_seconds
+from bench.harness.record import REPO, host_fields
+from service.metrics import Metrics
+from service.multiproc import ipc
+from service.multiproc.front import RemoteRepository
+from service.settings import Settings
 
 
 def _process_cpu_seconds(pid: int) -> float:
@@ -51,7 +52,7 @@ def _metric(text: str, name: str) -> float:
 
 
 def _cpu(engine_pid: int) -> dict[str, float]:
-    return {"engine": _process_cpu_seconds(engine_pid), "loop": _thread_cpu_seconds(engine_pid), "front": time.process_time()}
+    return {"engine": _process_cpu_seconds(engine_pid), "loop": thread_cpu_seconds(engine_pid), "front": time.process_time()}
 
 
 async def _level(repo: RemoteRepository, engine_pid: int, images: list[np.ndarray], concurrency: int, seconds: float) -> dict[str, Any]:

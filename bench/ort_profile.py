@@ -1,6 +1,7 @@
-"""Where the served ONNX Runtime path spends its time, and which CUDA EP settings change it.
+"""Where does the served ONNX Runtime path spend its time on the GPU, and which CUDA EP settings change it?
 
-Two parts, on one exported model directory (torch-free):
+Three related questions, each a part of one run on one exported model directory (torch-free); the
+third (`--shape-probe`: what a CUDA session's first run of each new input shape costs) runs alone:
 1. Variants of the served session timed in one run, as ratios to the served settings (fp16, IO
    binding with device-resident input and output, EXHAUSTIVE cuDNN search): NHWC convolutions
    (`prefer_nhwc`), HEURISTIC cuDNN search, TF32 off, and a CUDA graph replay of the fixed shape
@@ -8,7 +9,9 @@ Two parts, on one exported model directory (torch-free):
 2. Time per operator type of the served session, from ORT's profiler in a child process with
    CUDA_LAUNCH_BLOCKING=1, so that each node's duration covers its GPU work.
 
-    python bench/ort_profile.py --model models/pretrained/photo-f8-simvq-16k --out $OUT/ort_profile.json
+    python -m bench.ort_profile --model models/pretrained/photo-f8-simvq-16k --out $OUT/ort_profile.json
+
+Committed runs: bench/results/ort_profile/
 """
 
 from __future__ import annotations
@@ -27,10 +30,9 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from models.runtime.onnx import cuda_provider_options, read_manifest, session_options  # noqa: E402
+from bench.harness.record import REPO
+from models.core.artefacts import read_manifest
+from models.runtime.onnx import cuda_provider_options, session_options
 
 
 def make_session(path: Path, cuda: bool, overrides: dict[str, str] | None = None, profile_dir: Path | None = None) -> Any:
@@ -256,9 +258,20 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
     env = os.environ | {"CUDA_LAUNCH_BLOCKING": "1"}
-    child = [sys.executable, __file__, "--child", "--model", str(args.model), "--precision", precision, "--size", str(args.size)]
+    child = [
+        sys.executable,
+        "-m",
+        "bench.ort_profile",
+        "--child",
+        "--model",
+        str(args.model),
+        "--precision",
+        precision,
+        "--size",
+        str(args.size),
+    ]
     child += ["--profile-batch", str(args.profile_batch), "--profile-iters", str(args.profile_iters), "--device", "cuda" if cuda else "cpu"]
-    proc = subprocess.run(child, env=env, capture_output=True, text=True, check=False)
+    proc = subprocess.run(child, env=env, cwd=REPO, capture_output=True, text=True, check=False)
     if proc.returncode == 0:
         report["profile"] = json.loads(proc.stdout.strip().splitlines()[-1])
     else:

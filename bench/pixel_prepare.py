@@ -1,8 +1,12 @@
-"""The pixel rule's cost per image: `models.core.pixels.prepare` (bytes -> model input) for each resize
+"""What does the pixel rule cost per image?
+
+`models.core.pixels.prepare` (bytes -> model input) for each resize
 mode, against simplejpeg's bare decode, on a folder of JPEGs, in this process (one thread). Prints a
 table (µs per image, best of `--repeats` passes), writes JSON.
 
-    python bench/pixel_prepare.py --images ../shared/data/photos256/val --resolution 256 --out pixel_prepare.json
+    python -m bench.pixel_prepare --images ../shared/data/photos256/val --resolution 256 --out pixel_prepare.json
+
+Committed runs: bench/results/pixel_prepare/
 """
 
 from __future__ import annotations
@@ -10,17 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.service_load import git_revision, read_jpegs  # noqa: E402
-from models.core import pixels  # noqa: E402
+from bench.harness.load import read_jpegs
+from bench.harness.record import PHOTOS_VAL, git_revision
+from models.core import pixels
 
 
 def best_us(fn: Callable[[bytes], Any], datas: list[bytes], repeats: int) -> float:
@@ -35,7 +36,7 @@ def best_us(fn: Callable[[bytes], Any], datas: list[bytes], repeats: int) -> flo
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=Path, default=ROOT.parent / "shared" / "data" / "photos256" / "val")
+    ap.add_argument("--images", type=Path, default=PHOTOS_VAL)
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--downsample", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)

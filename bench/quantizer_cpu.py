@@ -1,9 +1,11 @@
-"""CPU micro-benchmark: quantizer forward+backward at K = 65,536 against vector-quantize-pytorch.
+"""How fast are this repository's quantizers against vector-quantize-pytorch (forward + backward, K = 65,536, CPU)?
 
 Same input (B·H·W latent vectors of D channels), same K, same run; each row is the median time of
 one forward + backward, and the ratio vq-pytorch time ÷ vqtok time (> 1: vqtok is faster).
 
-  python bench/quantizer_cpu.py --out bench/results/quantizer_cpu.json
+  python -m bench.quantizer_cpu --out bench/results/quantizer_speed/cpu-2026-11-22/quantizer_cpu.json
+
+Committed runs: bench/results/quantizer_speed/
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,8 +22,6 @@ from typing import Any
 
 import torch
 from vector_quantize_pytorch import SimVQ, VectorQuantize
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.export.driver import git_revision
 from models.quantizers import VectorQuantizer

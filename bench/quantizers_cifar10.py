@@ -14,7 +14,9 @@ test set (codes used at least once ÷ K), perplexity (exp entropy of the code fr
 The dataset is decoded once into a uint8 tensor on the device; bf16 autocast on CUDA (quantizers
 search in float32); a per-run wall-clock guard (--time-per-run) stops a slow variant early and the
 table says so. GPU: 14 runs × ~25 s ≈ 6–7 min on one H100. CPU smoke test:
-    python bench/quantizers_cifar10.py --steps 3 --batch-size 16 --limit 512 --test-limit 256 --codebook-sizes 64 --channels 16 --out /tmp/bench
+    python -m bench.quantizers_cifar10 --steps 3 --batch-size 16 --limit 512 --test-limit 256 --codebook-sizes 64 --channels 16 --out /tmp/bench
+
+Committed runs: bench/results/quantizers_cifar10/
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import json
 import math
 import platform
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,13 +39,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from models.presets import preset_config  # noqa: E402
-from models.quantizers import QuantizerOutput  # noqa: E402
-from models.quantizers.functional import code_counts, perplexity_from_counts, usage_from_counts  # noqa: E402
-from models.tokenizer import Tokenizer  # noqa: E402
+from bench.harness.record import REPO
+from models.presets import preset_config
+from models.quantizers import QuantizerOutput
+from models.quantizers.functional import code_counts, perplexity_from_counts, usage_from_counts
+from models.tokenizer import Tokenizer
 
 DATA = REPO.parent / "shared" / "data" / "cifar10"
 OURS = ("vq-ste", "vq-rotation", "simvq-ste", "simvq-rotation", "fsq")

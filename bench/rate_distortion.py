@@ -1,4 +1,4 @@
-"""Rate–distortion of the tokenizers against JPEG and WebP: PSNR and LPIPS-Alex vs bits per pixel.
+"""How do the tokenizers compare with JPEG and WebP: PSNR and LPIPS-Alex against bits per pixel?
 
 On Kodak (all 24, full resolution) and photos256/val (first 200), JPEG and WebP (Pillow) are swept over
 quality to trace curves; each `--model DIR` is one point at its fixed rate, evaluated with `vqtok eval`'s
@@ -6,16 +6,18 @@ own function (training.evaluate.evaluate, with the codecs at equal rate and, whe
 images, rFID/KID for every row). Every metric, the codec encoder and the codec-at-rate rule come from
 training/evaluate.py; nothing is reimplemented here.
 
-  .venv/bin/python bench/rate_distortion.py --model models/pretrained/photo-f8-simvq-16k [--model DIR ...]
+  .venv/bin/python -m bench.rate_distortion --model models/pretrained/photo-f8-simvq-16k [--model DIR ...]
   # a model added to an earlier run: its codec sweeps and known models' rows reused, eval reports taken as is
-  .venv/bin/python bench/rate_distortion.py --model models/pretrained/photo-f8-simvq-16k-v2 \
-      --model models/pretrained/photo-f8-simvq-16k --reuse bench/results/rate_distortion.json \
-      --report photos256/val=bench/results/v2_training/val.json
+  .venv/bin/python -m bench.rate_distortion --model models/pretrained/photo-f8-simvq-16k-v2 \
+      --model models/pretrained/photo-f8-simvq-16k --reuse bench/results/rate_distortion/rate_distortion.json \
+      --report photos256/val=bench/results/training/gpu-h200-2026-11-27-v2/val.json
 
-Writes bench/results/rate_distortion.json, docs/figures/rate_distortion.png (PSNR and LPIPS vs bpp per
+Writes bench/results/rate_distortion/rate_distortion.json, docs/figures/rate_distortion.png (PSNR and LPIPS vs bpp per
 set) and docs/figures/crops.png (128² crops of a few Kodak images: original, each tokenizer, JPEG and
 WebP at that tokenizer's rate, each labelled with the whole image's bpp / PSNR / LPIPS-Alex), and
 prints a table.
+
+Committed runs: bench/results/rate_distortion/
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,12 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from models.tokenizer import Tokenizer  # noqa: E402
-from training.data import decode_image, iter_images  # noqa: E402
-from training.evaluate import (  # noqa: E402
+from bench.harness.record import REPO, RESULTS
+from models.tokenizer import Tokenizer
+from training.data import decode_image, iter_images
+from training.evaluate import (
     EvalOptions,
     ImageScores,
     encode_at_quality,
@@ -263,7 +262,7 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = functools.p
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--no-fid", action="store_true", help="skip rFID/KID (the Inception features are most of the val time on a CPU)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "rate_distortion.json")
+    ap.add_argument("--json", type=Path, default=RESULTS / "rate_distortion" / "rate_distortion.json")
     ap.add_argument("--figure", type=Path, default=REPO / "docs" / "figures" / "rate_distortion.png")
     ap.add_argument("--crops", type=Path, default=REPO / "docs" / "figures" / "crops.png")
     ap.add_argument(
@@ -301,7 +300,7 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = functools.p
         log(f"LPIPS-Alex: {lpips_reason}")
     results: dict[str, Any] = {
         "meta": {
-            "command": "python bench/rate_distortion.py "
+            "command": "python -m bench.rate_distortion "
             + " ".join(f"--model {d}" for d in args.model)
             + (f" --reuse {args.reuse}" if args.reuse else "")
             + "".join(f" --report {r}" for r in args.report),

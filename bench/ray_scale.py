@@ -1,8 +1,10 @@
-"""Does the Ray engine scale? In one run on one host: the raw runtime's rate on one GPU, the local
+"""Does the Ray engine scale over GPUs?
+
+In one run on one host: the raw runtime's rate on one GPU, the local
 engine on one GPU, the Ray engine with one encoder actor (one GPU) and with one actor per GPU.
 
-    python bench/ray_scale.py --model models/pretrained/photo-f8-simvq-16k-v2 --batch-size 64 --out ray_scale.json
-    python bench/ray_scale.py --model DIR --device cpu --images 256 --seconds 3      # a CPU smoke run
+    python -m bench.ray_scale --model models/pretrained/photo-f8-simvq-16k-v2 --batch-size 64 --out ray_scale.json
+    python -m bench.ray_scale --model DIR --device cpu --images 256 --seconds 3      # a CPU smoke run
 
 The runtime is `models.runtime.choose.load_runtime` (`--runtime auto`: the compiled runtime on a CUDA host
 where torch can run it, else ONNX Runtime), loaded here on GPU 0 with the encoder's batch shapes warmed
@@ -19,6 +21,8 @@ Each engine gets about `--seconds` of work at its expected rate (raw × its GPUs
 included: `images_per_s`); `steady_images_per_s` counts from the first batch that reached the
 driver (the rate a long job runs at). Ratios: ray_1 / raw, ray_all / ray_1, local / raw, each for
 both figures. The JSON is rewritten after every step, so a run cut short keeps what it measured.
+
+Committed runs: bench/results/ray_scale/
 """
 
 from __future__ import annotations
@@ -35,12 +39,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.tokenize_throughput import DATA, bench_raw, image_folder, parse_engines, revision  # noqa: E402  (the same photos, repeated through symlinks)
+from bench.harness.fixtures import image_folder
+from bench.harness.record import PHOTOS_VAL, parse_engines, revision
+from bench.harness.timing import bench_raw, photo_batch
 
 ENGINES = ("local", "ray_1", "ray_all")
 
@@ -56,19 +57,6 @@ def gpus(device: str) -> list[str]:
     if not torch.cuda.is_available():
         return []
     return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-
-
-def decoded_batch(batch_size: int, resolution: int, downsample: int) -> np.ndarray:
-    """`batch_size` photos as the engines feed them (the pixel rule, resize crop)."""
-    from models.core import pixels
-
-    photos = sorted(DATA.glob("*.jpg"))
-    return np.stack(
-        [
-            pixels.prepare(photos[i % len(photos)].read_bytes(), downsample=downsample, resolution=resolution, resize="crop").pixels
-            for i in range(batch_size)
-        ]
-    )
 
 
 def summary_row(s: Any, wall: float, actors: int | None = None) -> dict[str, Any]:
@@ -146,7 +134,7 @@ def main() -> int:
         f"runtime {runtime.runtime_name} on {runtime.device} ({', '.join(runtime.providers)}), ready in {time.perf_counter() - t0:.1f} s",
         flush=True,
     )
-    batch = decoded_batch(args.batch_size, info.resolution, info.downsample)
+    batch = photo_batch(PHOTOS_VAL, args.batch_size, info.resolution, info.downsample)
     raw = bench_raw(runtime, batch, args.raw_seconds)
     report["results"]["raw_start"] = raw
     print(f"raw: {raw['images_per_s']:.1f} img/s (batch {args.batch_size})", flush=True)

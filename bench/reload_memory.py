@@ -1,12 +1,16 @@
-"""Does a reload of the compiled runtime hand its GPU memory back? Loads and warms a model, then
+"""Does a reload of the compiled runtime hand its GPU memory back?
+
+Loads and warms a model, then
 `--cycles` times: loads and warms a new version, closes the old one (what the server's reload does:
 `runtime.close()`, gc, `torch.cuda.empty_cache()`), and records device memory after each step
 (torch's allocated / reserved, and the device's used memory from `torch.cuda.mem_get_info`), whether
 the old runtime object is still alive after close (a weak reference), and if so what holds it.
 Prints a table, writes JSON. A steady state after the first reload = no leak; a step per cycle = one.
 
-    python bench/reload_memory.py --model models/pretrained/photo-f8-simvq-16k-v2 --cycles 3 --out $OUT/reload_memory.json
-    python bench/reload_memory.py --model <tiny> --eager-cpu        # the same steps on the CPU (no CUDA figures)
+    python -m bench.reload_memory --model models/pretrained/photo-f8-simvq-16k-v2 --cycles 3 --out $OUT/reload_memory.json
+    python -m bench.reload_memory --model <tiny> --eager-cpu        # the same steps on the CPU (no CUDA figures)
+
+Committed runs: bench/results/: serving (GPU runs).
 """
 
 from __future__ import annotations
@@ -14,16 +18,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 import time
 import weakref
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from models.core.artefacts import DEFAULT_MODEL  # noqa: E402
+from bench.harness.record import REPO as ROOT
+from models.core.artefacts import DEFAULT_MODEL
 
 
 def memory(torch: Any, on_cuda: bool) -> dict[str, float]:

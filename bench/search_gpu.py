@@ -1,4 +1,6 @@
-"""Nearest-code search on the GPU: eager argmin over the N×K score matrix against the fused Triton
+"""How fast and how exact is the fused Triton nearest-code search against eager argmin on the GPU?
+
+Eager argmin over the N×K score matrix against the fused Triton
 kernel (models/quantizers/search_triton.py), on the shipped codebook and real latents.
 
 Problem: N latent rows (65,536 = 64 tiles of 256×256 at f=8, and 1,024 = one tile, batch 1) against
@@ -18,9 +20,11 @@ ms"): the GPU's own time per call, without the host overhead that dominates at b
 Each path's tokens are compared with eager-fp32 (agreement, and how much farther a disagreeing
 pick is, in float64) and with a float64 argmin.
 
-  python bench/search_gpu.py --out bench/results/search_gpu.json               # GPU
-  python bench/search_gpu.py --device cpu --small --out /tmp/search_cpu.json    # CPU smoke
-  TRITON_INTERPRET=1 python bench/search_gpu.py --device cpu --small ...        # + kernel, interpreted
+  python -m bench.search_gpu --out bench/results/code_search/gpu-KIND-DATE/search_gpu.json               # GPU
+  python -m bench.search_gpu --device cpu --small --out /tmp/search_cpu.json    # CPU smoke
+  TRITON_INTERPRET=1 python -m bench.search_gpu --device cpu --small ...        # + kernel, interpreted
+
+Committed runs: bench/results/code_search/
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -45,11 +48,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from models.quantizers.functional import nearest_code  # noqa: E402
-from models.quantizers.search_triton import (  # noqa: E402
+from bench.harness.record import REPO as ROOT
+from models.quantizers.functional import nearest_code
+from models.quantizers.search_triton import (
     AUTOTUNE_CONFIGS,
     best_config,
     interpreter_enabled,
@@ -57,7 +58,7 @@ from models.quantizers.search_triton import (  # noqa: E402
     nearest_code_triton,
     triton_available,
 )
-from models.tokenizer import Tokenizer  # noqa: E402
+from models.tokenizer import Tokenizer
 
 DEFAULT_MODEL = ROOT / "models" / "pretrained" / "photo-f8-simvq-16k"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "kodak"
@@ -405,7 +406,7 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="torch CPU threads")
     ap.add_argument("--revision", default=None, help="git revision to record (default: git rev-parse here)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "search_gpu.json")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/search_gpu.json"))
     args = ap.parse_args()
     args.rows = args.rows or ([1024, 256] if args.small else [65536, 1024])
     args.warmup = args.warmup if args.warmup is not None else (1 if args.small else 5)

@@ -1,11 +1,13 @@
-"""Soak: hold a fraction of the server's sustainable rate for minutes, reloading every model halfway.
+"""Does the server hold a fraction of its sustainable rate for minutes, through a reload, without errors or memory growth?
+
+Soak: hold a fraction of the server's sustainable rate for minutes, reloading every model halfway.
 
 Issue 13 item 6: "A 10-minute GPU soak at >= 80 % of the sustainable rate with a model reload in the
 middle: 0 errors, GPU and host memory growth < 5 %."
 
 Starts `vqtok serve` (single process, or `--front-workers N`: N fronts + one inference process) with
 an admin key, measures the sustainable rate (one closed-loop saturation level at `--concurrency`,
-one 256-px JPEG per request, bench/http_front.py's raw-socket client), then sends `--fraction` of it
+one 256-px JPEG per request, bench.harness.load's raw-socket client), then sends `--fraction` of it
 open loop (each connection starts a request every `concurrency / rate` seconds whatever the answers)
 for `--minutes`, and at `--reload-at` of the way calls `POST /v1/admin/reload` (every model) while the
 load goes on. Recorded: every non-200 answer or broken connection by status (an error: the reload
@@ -17,10 +19,12 @@ Growth = (end - start) / start, start = the first sample after `--warmup-minutes
 at a fifth of it), end = the last sample under load; the JSON states it. The JSON is rewritten every
 sample, so a run cut short still leaves its data.
 
-    python bench/service_soak.py --model-repo models/pretrained --device cuda --front-workers 8 \
+    python -m bench.service_soak --model-repo models/pretrained --device cuda --front-workers 8 \
         --concurrency 128 --minutes 10 --out $OUT/service_soak.json          # GPU: scripts/gpu/serving_rest.sh
-    python bench/service_soak.py --model-repo models/pretrained --device cpu --concurrency 4 \
+    python -m bench.service_soak --model-repo models/pretrained --device cpu --concurrency 4 \
         --client-procs 1 --minutes 2 --out /tmp/soak_cpu.json                 # CPU, shipped model
+
+Committed runs: bench/results/: soak (CPU) and serving (GPU runs).
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ import os
 import queue
 import re
 import secrets
-import shutil
 import subprocess
 import sys
 import threading
@@ -45,73 +48,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.http_front import (  # noqa: E402
-    _connection,
-    build_requests,
-    process_tree,
-    run_load,
-    spawn_server,
-    stop_server,
-    wait_ready,
-)
-from bench.service_load import host_fields, read_jpegs  # noqa: E402
-
-# --- memory of a process tree ---
-
-
-def _status_kib(pid: int, field: str, file: str = "status") -> int:
-    try:
-        m = re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/{file}").read_text(), re.M)
-    except OSError:
-        return 0
-    return int(m.group(1)) if m else 0
-
-
-def gpu_memory_mib() -> tuple[dict[int, float], float] | None:
-    """({pid: MiB} of the compute processes, MiB used on all GPUs), or None without nvidia-smi."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        apps = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        ).stdout
-        total = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    per_pid: dict[int, float] = {}
-    for line in apps.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 2 and parts[0].isdigit() and parts[1].replace(".", "").isdigit():
-            per_pid[int(parts[0])] = per_pid.get(int(parts[0]), 0.0) + float(parts[1])
-    used = sum(float(v) for v in total.split() if v.replace(".", "").isdigit())
-    return per_pid, used
-
-
-def tree_memory(root: int) -> dict[str, Any]:
-    """Host RSS and PSS (MiB) summed over `root` and its descendants, and the GPU memory (MiB) that
-    nvidia-smi reports for those pids (`gpu_mib` null without nvidia-smi or when no pid matches, as in
-    a container whose pids nvidia-smi does not see; `gpu_total_used_mib` is then the device's total)."""
-    pids = sorted(process_tree(root))
-    rss = sum(_status_kib(p, "VmRSS") for p in pids) / 1024
-    pss = sum(_status_kib(p, "Pss", "smaps_rollup") for p in pids) / 1024
-    gpu = gpu_memory_mib()
-    matched = {p: v for p, v in gpu[0].items() if p in pids} if gpu else {}
-    return {
-        "pids": len(pids),
-        "rss_mib": round(rss, 1),
-        "pss_mib": round(pss, 1) if pss else None,
-        "gpu_mib": round(sum(matched.values()), 1) if matched else None,
-        "gpu_by_pid_mib": {str(p): v for p, v in matched.items()} if matched else None,
-        "gpu_total_used_mib": gpu[1] if gpu else None,
-    }
+from bench.harness.load import build_requests, connection, read_jpegs, run_load
+from bench.harness.procs import tree_memory
+from bench.harness.record import PHOTOS_VAL, host_fields
+from bench.harness.server import spawn_server, stop_server, wait_ready
 
 
 def _growth(samples: list[dict[str, Any]], key: str, t_from: float, t_to: float) -> dict[str, Any] | None:
@@ -169,7 +109,7 @@ def _soak_client(
         stats: dict[str, Any] = {}
         await asyncio.gather(
             *(
-                _connection(
+                connection(
                     port,
                     requests,
                     first + i,
@@ -386,7 +326,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-repo", type=Path, required=True, help="model repository to serve (every model in it is reloaded)")
     p.add_argument("--model", default=None, help="model the load goes to (default: the server's default)")
-    p.add_argument("--images", type=Path, default=REPO.parent / "shared" / "data" / "photos256" / "val", help="folder of JPEGs")
+    p.add_argument("--images", type=Path, default=PHOTOS_VAL, help="folder of JPEGs")
     p.add_argument("--resize", default="none", choices=["none", "crop", "pad"])
     p.add_argument("--warmup-size", type=int, default=256, help="square size the server warms up (the JPEGs' size)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])

@@ -1,4 +1,4 @@
-"""The served GPU path against the best PyTorch paths, in one run on one GPU.
+"""How fast is the served GPU path against the best PyTorch paths, in one run on one GPU?
 
 Measures the runtime the service picks on a CUDA host (`models.runtime.choose.load_runtime`, runtime=auto:
 the compiled runtime), its time to ready (cold Inductor cache, then warm in a second process), its
@@ -8,11 +8,13 @@ parity against the CPU float32 reference (the load-time gate's own figures), and
 told otherwise) on the same GPU in the same run; "best torch" is the fastest of them at each point. Prints a table, writes JSON
 (rows by image size: `served["256"]["encode_b64_ms"]`, ...; the summary is at 256², batch 64).
 
-  PYTHONUNBUFFERED=1 python bench/serving_gpu.py --images .gpudata/val --out $OUT/serving_gpu.json [--part runtime|torch|all]
+  PYTHONUNBUFFERED=1 python -m bench.serving_gpu --images .gpudata/val --out $OUT/serving_gpu.json [--part runtime|torch|all]
 
 The model is the shipped default (`DEFAULT_MODEL`) unless --model says otherwise. The HTTP sweep
 (bench/http_front.py), Ray scaling (bench/ray_scale.py) and the soak (bench/service_soak.py) are
 separate steps; scripts/gpu/serving.sh runs them all and merges their figures into the summary.
+
+Committed runs: bench/results/serving/
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,18 +33,12 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from models.core import gate, pixels  # noqa: E402
-from models.core.artefacts import DEFAULT_MODEL  # noqa: E402
+from bench.harness.record import REPO as ROOT
+from bench.harness.timing import photo_batch
+from models.core import gate
+from models.core.artefacts import DEFAULT_MODEL
 
 MODEL = ROOT / "models" / "pretrained" / DEFAULT_MODEL
-
-
-def load_images(folder: Path, count: int, size: int) -> np.ndarray:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in pixels.IMAGE_EXTENSIONS)[:count]
-    return np.stack([pixels.prepare(p.read_bytes(), downsample=8, resolution=size, resize="crop").pixels for p in files])
 
 
 def tile(x: np.ndarray, b: int) -> np.ndarray:
@@ -218,7 +213,7 @@ def main() -> None:
     if unknown := [m for m in modes if m not in TORCH_MODES]:
         ap.error(f"unknown --torch-modes {unknown}; choose from {', '.join(TORCH_MODES)}")
     batches = [int(b) for b in args.batches.split(",")]
-    sets = {int(size): load_images(args.images, 64, int(size)) for size in args.sizes.split(",")}
+    sets = {int(size): photo_batch(args.images, 64, int(size)) for size in args.sizes.split(",")}
     out: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     import torch
 

@@ -1,7 +1,10 @@
-"""bench/results/serving_gpu_summary.json from the result files of the GPU steps (issue 13's figures),
-each figure with the file, commit and GPU it comes from. Prints the summary.
+"""Not a measurement: the GPU serving figures gathered in one file.
 
-    python bench/serving_summary.py            # reads bench/results/..., writes bench/results/serving_gpu_summary.json
+Reads the result files of the GPU
+serving runs (bench/results/serving/*, ray_scale/*) and writes bench/results/serving/summary.json, each
+figure with the file, commit and GPU it comes from; prints the summary.
+
+    python -m bench.serving_summary            # reads bench/results/..., writes bench/results/serving/summary.json
 
 Ratios are only ever taken inside one file (one run); where there is no same-run ratio (the torch
 baselines were not re-measured beside the v2 runtime), the earlier run's same-run ratio is given with
@@ -10,11 +13,11 @@ its own source, not recomputed across runs.
 
 from __future__ import annotations
 
+import argparse
 import json
-from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+from bench.harness.record import RESULTS
 
 
 def load(rel: str) -> dict[str, Any]:
@@ -22,27 +25,36 @@ def load(rel: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    latest = load("serving_gpu_h100_797bc95/serving_gpu_256_b64.json")  # served and torch.compile at 256² b64, one run
-    curve = load("serving_gpu_h100_4cdb142/serving_gpu.json")  # the served runtime at batch 1-64, 256², warm cache
-    curve_cold = load("serving_gpu_h100_4cdb142/serving_gpu_cold.json")
-    http_latest = load("serving_gpu_h100_4cdb142/http_front_gpu.json")  # balanced accept, 12 and 8 fronts
-    http_shared = load("serving_gpu_h100_4cdb142/http_front_gpu_shared_accept.json")  # the same machine, shared accept, 12 fronts
-    http_16 = load("serving_gpu_h100_4cdb142/http_front_gpu_16_fronts.json")
-    http_797 = load("serving_gpu_h100_797bc95/http_front_gpu.json")
-    http_inline = load("serving_gpu_h100_4cdb142/http_front_gpu_04a78c5_shared.json")  # inline decode, shared accept, 1 and 8 images
-    local_797 = load("serving_gpu_h100_797bc95/local_engine_gpu.json")
-    local_latest = load("serving_gpu_h100_4cdb142/local_engine_gpu.json")
-    two = load("serving_gpu_h100_4cdb142/two_servers_gpu.json")
-    served = load("serving_gpu_h100_f9755e3/serving_gpu.json")  # the latest full runtime table, batch 1/16/64, 256² and 512² (cold cache)
-    before = load("serving_gpu_h100/serving_gpu.json")  # the run before it (4ce2cf2, warm cache)
-    cold = load("serving_gpu_h100/serving_gpu_cold.json")
-    earlier = load("serving_gpu_h100_f4b798d.json")["summary"]  # the run that measured the torch baselines beside the runtime
-    http = load("serving_gpu_h100/http_front_gpu.json")
-    soak = load("serving_gpu_h100_f9755e3/service_soak_gpu.json")
-    soak10 = load("serving_gpu_h100/service_soak_gpu_10min_4ce2cf2.json")
-    reload = load("serving_gpu_h100_f9755e3/reload_memory_gpu.json")
-    reload_before = load("ray_scale_gpu_h200x2/reload_memory_gpu.json")
-    ray = load("ray_scale_gpu_h200x4/ray_scale_gpu.json")
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    latest = load("serving/gpu-h100-2026-11-28-http-8-fronts/serving_gpu_256_b64.json")  # served and torch.compile at 256² b64, one run
+    curve = load("serving/gpu-h100-2026-11-28-balanced-accept/serving_gpu.json")  # the served runtime at batch 1-64, 256², warm cache
+    curve_cold = load("serving/gpu-h100-2026-11-28-balanced-accept/serving_gpu_cold.json")
+    http_latest = load("serving/gpu-h100-2026-11-28-balanced-accept/http_front_gpu.json")  # balanced accept, 12 and 8 fronts
+    http_shared = load(
+        "serving/gpu-h100-2026-11-28-balanced-accept/http_front_gpu_shared_accept.json"
+    )  # the same machine, shared accept, 12 fronts
+    http_16 = load("serving/gpu-h100-2026-11-28-balanced-accept/http_front_gpu_16_fronts.json")
+    http_797 = load("serving/gpu-h100-2026-11-28-http-8-fronts/http_front_gpu.json")
+    http_inline = load(
+        "serving/gpu-h100-2026-11-28-balanced-accept/http_front_gpu_04a78c5_shared.json"
+    )  # inline decode, shared accept, 1 and 8 images
+    local_797 = load("serving/gpu-h100-2026-11-28-http-8-fronts/local_engine_gpu.json")
+    local_latest = load("serving/gpu-h100-2026-11-28-balanced-accept/local_engine_gpu.json")
+    two = load("serving/gpu-h100-2026-11-28-balanced-accept/two_servers_gpu.json")
+    served = load(
+        "serving/gpu-h100-2026-11-28-reload-soak/serving_gpu.json"
+    )  # the latest full runtime table, batch 1/16/64, 256² and 512² (cold cache)
+    before = load("serving/gpu-h100-2026-11-27-runtime-http-soak/serving_gpu.json")  # the run before it (4ce2cf2, warm cache)
+    cold = load("serving/gpu-h100-2026-11-27-runtime-http-soak/serving_gpu_cold.json")
+    earlier = load("serving/gpu-h100-2026-11-27-served-vs-torch/serving_gpu.json")[
+        "summary"
+    ]  # the run that measured the torch baselines beside the runtime
+    http = load("serving/gpu-h100-2026-11-27-runtime-http-soak/http_front_gpu.json")
+    soak = load("serving/gpu-h100-2026-11-28-reload-soak/service_soak_gpu.json")
+    soak10 = load("serving/gpu-h100-2026-11-27-runtime-http-soak/service_soak_gpu_10min_4ce2cf2.json")
+    reload = load("serving/gpu-h100-2026-11-28-reload-soak/reload_memory_gpu.json")
+    reload_before = load("ray_scale/gpu-2xh200-2026-11-27/reload_memory_gpu.json")
+    ray = load("ray_scale/gpu-4xh200-2026-11-28/ray_scale_gpu.json")
     at256 = served["served"]["256"]
     one_image = [lv for lv in http["levels"] if lv["front_workers"] == 8 and lv["images_per_request"] == 1]
     eight = [lv for lv in http["levels"] if lv["front_workers"] == 8 and lv["images_per_request"] == 8]
@@ -139,79 +151,79 @@ def main() -> None:
     }
     sources = {
         "encode/decode_served_img_s, *_over_best_torch, best_torch_path": (
-            f"serving_gpu_h100_797bc95/serving_gpu_256_b64.json ({latest['gpu']}, revision {latest['revision']}): served, torch "
+            f"serving/gpu-h100-2026-11-28-http-8-fronts/serving_gpu_256_b64.json ({latest['gpu']}, revision {latest['revision']}): served, torch "
             "eager fp32 and torch.compile default mode (bf16 autocast, channels_last) at 256², batch 64, in one process. "
             "max-autotune-no-cudagraphs was started twice and finished neither time (its compile ran past 490 s, then 380 s); "
             "reduce-overhead was not run"
         ),
         "*_f9755e3, encode_b1_ms, *_512_*, *_over_eager_fp32, gpu_token_agreement, ready_s_cold_cache": (
-            f"serving_gpu_h100_f9755e3/serving_gpu.json ({served['gpu']}, revision {served['revision']}, empty Inductor cache: "
+            f"serving/gpu-h100-2026-11-28-reload-soak/serving_gpu.json ({served['gpu']}, revision {served['revision']}, empty Inductor cache: "
             "the torch.compile rows of that run did not finish inside its time limit)"
         ),
         "*_previous_run, ready_s_warm_cache": (
-            f"serving_gpu_h100/serving_gpu.json ({before['gpu']}, another machine, revision {before['revision']}, warm cache)"
+            f"serving/gpu-h100-2026-11-27-runtime-http-soak/serving_gpu.json ({before['gpu']}, another machine, revision {before['revision']}, warm cache)"
         ),
-        "ready_s_cold_cache (earlier)": f"serving_gpu_h100/serving_gpu_cold.json: {cold['load_s'] + cold['warmup_s']:.0f} s",
+        "ready_s_cold_cache (earlier)": f"serving/gpu-h100-2026-11-27-runtime-http-soak/serving_gpu_cold.json: {cold['load_s'] + cold['warmup_s']:.0f} s",
         "*_over_best_torch_f4b798d": (
-            f"serving_gpu_h100_f4b798d.json: an earlier same-run measurement (revision {earlier.get('revision')}, {earlier.get('gpu')}, "
+            f"serving/gpu-h100-2026-11-27-served-vs-torch/serving_gpu.json: an earlier same-run measurement (revision {earlier.get('revision')}, {earlier.get('gpu')}, "
             "the v1 model: the same network and runtime); not re-measured since"
         ),
         "http_over_raw, http_over_raw_by_concurrency, http_front_cpu_ms_per_request, http_p50_*, http_engine_*, http_mean_batch_*": (
-            f"serving_gpu_h100_4cdb142/http_front_gpu.json (H100 with 16 cores, revision {http_latest['setup']['revision']}): "
+            f"serving/gpu-h100-2026-11-28-balanced-accept/http_front_gpu.json (H100 with 16 cores, revision {http_latest['setup']['revision']}): "
             "front_workers=12, balanced accept (the supervisor hands connections to the fronts in turn), inline decode, one 256² "
             "JPEG per request, concurrency 32-256"
         ),
         "http_over_raw_by_fronts": (
-            "8 and 12 fronts: serving_gpu_h100_4cdb142/http_front_gpu.json (8 fronts: concurrency 256 skipped by the time budget); "
+            "8 and 12 fronts: serving/gpu-h100-2026-11-28-balanced-accept/http_front_gpu.json (8 fronts: concurrency 256 skipped by the time budget); "
             "12 with shared accept: http_front_gpu_shared_accept.json, the same machine right after; 16: http_front_gpu_16_fronts.json, "
             "the same machine two calls later"
         ),
-        "http_over_raw_797bc95": "serving_gpu_h100_797bc95/http_front_gpu.json: 8 fronts, shared accept, decode in threads",
+        "http_over_raw_797bc95": "serving/gpu-h100-2026-11-28-http-8-fronts/http_front_gpu.json: 8 fronts, shared accept, decode in threads",
         "http_over_raw_8_images": (
-            "serving_gpu_h100_4cdb142/http_front_gpu_04a78c5_shared.json (H100, revision 04a78c5: inline decode, shared accept): "
+            "serving/gpu-h100-2026-11-28-balanced-accept/http_front_gpu_04a78c5_shared.json (H100, revision 04a78c5: inline decode, shared accept): "
             "8 and 12 fronts, eight 256² JPEGs per request, concurrency 32-256"
         ),
         "http_over_raw_4ce2cf2, http_over_raw_8_images_4ce2cf2, http_over_raw_single_process": (
-            f"serving_gpu_h100/http_front_gpu.json (H100, revision {http['setup']['revision']}): front_workers=8, minimum over "
+            f"serving/gpu-h100-2026-11-27-runtime-http-soak/http_front_gpu.json (H100, revision {http['setup']['revision']}): front_workers=8, minimum over "
             "concurrency 32-256; 8-image requests at concurrency 32 and 64 only (128/256 skipped by the time budget). "
             "Neither the one-write IPC nor the grouped infer messages (both later) were measured on a GPU"
         ),
         "soak_*": (
-            f"serving_gpu_h100_f9755e3/service_soak_gpu.json (H100, revision {soak.get('setup', {}).get('revision', 'f9755e3')}): "
+            f"serving/gpu-h100-2026-11-28-reload-soak/service_soak_gpu.json (H100, revision {soak.get('setup', {}).get('revision', 'f9755e3')}): "
             "10 minutes, 8 fronts, concurrency 128, a reload at 300 s; its own verdict says reload_ok false because a stale, "
             "empty v1 directory on that machine was refused again at the reload; the served model reloaded. "
             f"The 10-minute run before the capture fix (4ce2cf2) had {sum(soak10['soak']['errors_by_status'].values())} errors"
         ),
         "reload_*": (
-            "serving_gpu_h100_f9755e3/reload_memory_gpu.json (H100, three reloads, buckets to 8) after the one-capture-stream fix; "
-            "before it: ray_scale_gpu_h200x2/reload_memory_gpu.json (H200)"
+            "serving/gpu-h100-2026-11-28-reload-soak/reload_memory_gpu.json (H100, three reloads, buckets to 8) after the one-capture-stream fix; "
+            "before it: ray_scale/gpu-2xh200-2026-11-27/reload_memory_gpu.json (H200)"
         ),
-        "ray_*, local_over_raw_steady_c764811": f"ray_scale_gpu_h200x4/ray_scale_gpu.json (4x {ray['machine']['gpus'][0]}, revision {ray['revision']})",
+        "ray_*, local_over_raw_steady_c764811": f"ray_scale/gpu-4xh200-2026-11-28/ray_scale_gpu.json (4x {ray['machine']['gpus'][0]}, revision {ray['revision']})",
         "encode/decode_served_img_s_by_batch, encode_b1_ms_4cdb142, ready_s_*_14_shapes": (
-            f"serving_gpu_h100_4cdb142/serving_gpu.json ({curve['gpu']}, revision {curve['revision']}): the served runtime alone "
+            f"serving/gpu-h100-2026-11-28-balanced-accept/serving_gpu.json ({curve['gpu']}, revision {curve['revision']}): the served runtime alone "
             "at batch 1-64, 256², host to host, warm cache (serving_gpu_cold.json: the same on an empty cache)"
         ),
-        "local_over_raw_steady_797bc95": "serving_gpu_h100_797bc95/local_engine_gpu.json: 8-image decoding tasks",
+        "local_over_raw_steady_797bc95": "serving/gpu-h100-2026-11-28-http-8-fronts/local_engine_gpu.json: 8-image decoding tasks",
         "local_over_raw_steady, local_over_raw_wall": (
-            f"serving_gpu_h100_4cdb142/local_engine_gpu.json ({local_latest['machine']['gpus'][0]}, revision {local_latest['revision']}): "
+            f"serving/gpu-h100-2026-11-28-balanced-accept/local_engine_gpu.json ({local_latest['machine']['gpus'][0]}, revision {local_latest['revision']}): "
             "the local engine against raw (the larger of raw before and after) in one process"
         ),
         "two_servers_*": (
-            f"serving_gpu_h100_4cdb142/two_servers_gpu.json (H100, revision {two['setup']['revision']}): two servers on GPU 0, "
+            f"serving/gpu-h100-2026-11-28-balanced-accept/two_servers_gpu.json (H100, revision {two['setup']['revision']}): two servers on GPU 0, "
             "each serving two models: v2 and the same files under a second name (v1 cannot travel: the 64 MiB transfer limit)"
         ),
     }
     sources["every http_* figure"] = (
         "counted by the load generator's six client processes, each of which opened its own measuring window when it had "
         "started (fixed after these runs: StartGate). On the CPU that over-counted by 7-18 % "
-        "(load_generator_window_cpu/); on the H200 the server's own batch counters allow 1.2-1.4x less than the clients "
+        "(load_generator/cpu-2026-11-28-one-window/); on the H200 the server's own batch counters allow 1.2-1.4x less than the clients "
         "counted. Read them as upper bounds until a GPU run with server_window"
     )
     summary["h200"], sources["h200"] = h200()
     summary["h200_dec86ed"], sources["h200_dec86ed"] = h200_dec86ed()
     summary["h200_ninth_pass"], sources["h200_ninth_pass"] = h200_ninth_pass()
     out = {"summary": summary, "sources": sources}
-    (RESULTS / "serving_gpu_summary.json").write_text(json.dumps(out, indent=1) + "\n")
+    (RESULTS / "serving/summary.json").write_text(json.dumps(out, indent=1) + "\n")
     width = max(map(len, summary))
     for k, v in summary.items():
         print(f"{k:{width}s}  {v:.4g}" if isinstance(v, float) else f"{k:{width}s}  {v}")
@@ -219,7 +231,7 @@ def main() -> None:
 
 def h200() -> tuple[dict[str, Any], str]:
     """The seventh pass, on an H200 with 16 cores (the machine lent then): the same keys, from its own runs."""
-    d = "serving_gpu_h200_2c8332a"
+    d = "serving/gpu-h200-2026-11-28-batch-workers"
     same_run = load(f"{d}/serving_gpu_all.json")  # served and torch.compile (default, reduce-overhead) at 256², one process
     cold, warm = load(f"{d}/runtime_cold_11433b4.json"), load(f"{d}/runtime_warm_11433b4.json")
     local = load(f"{d}/local_engine_gpu.json")
@@ -279,7 +291,7 @@ def h200_dec86ed() -> tuple[dict[str, Any], str]:
     """The eighth pass (H200, 16 cores): the first HTTP figures counted over one window by every client
     process (StartGate), each level checked against the server's own batch counters over that window;
     and torch.compile's max-autotune decode beside the served runtime in one process."""
-    d = "serving_gpu_h200_dec86ed"
+    d = "serving/gpu-h200-2026-11-28-one-window"
     same_run = load(f"{d}/serving_gpu_autotune_same_run.json")  # served and max-autotune-no-cudagraphs decode, 256² b64
     runs = {
         "pow2_delay2ms": load(f"{d}/http_1img_bw2.json"),
@@ -333,9 +345,9 @@ def h200_ninth_pass() -> tuple[dict[str, Any], str]:
     """The ninth pass (H200, 16 cores): the served runtime autotuned (`--compile-mode max-autotune`)
     against torch.compile's max-autotune decode in one process (27561a8), and the single-image HTTP
     sweep after the inference process stopped spinning torch's OpenMP workers on staging (fa59cfe)."""
-    autotuned = load("serving_gpu_h200_27561a8/serving_gpu_max_autotune_same_run.json")
-    http = load("serving_gpu_h200_fa59cfe/http_1img_fine_delay05.json")
-    before = load("serving_gpu_h200_dec86ed/http_1img_fine_delay05.json")  # the same configuration, the pass before
+    autotuned = load("serving/gpu-h200-2026-11-28-max-autotune/serving_gpu_max_autotune_same_run.json")
+    http = load("serving/gpu-h200-2026-11-28-numpy-staging/http_1img_fine_delay05.json")
+    before = load("serving/gpu-h200-2026-11-28-one-window/http_1img_fine_delay05.json")  # the same configuration, the pass before
     at = autotuned["served"]["256"]
     torch_ms = autotuned["torch-compile-mat-bf16"]["256"]["decode_b64_ms"]
 
@@ -376,14 +388,14 @@ def h200_ninth_pass() -> tuple[dict[str, Any], str]:
         "server_ready_s_cold_20_shapes": now[0]["server_ready_s"],
     }
     source = (
-        "serving_gpu_h200_27561a8/serving_gpu_max_autotune_same_run.json (NVIDIA H200, revision 27561a8): `serving_gpu.py "
+        "serving/gpu-h200-2026-11-28-max-autotune/serving_gpu_max_autotune_same_run.json (NVIDIA H200, revision 27561a8): `serving_gpu.py "
         "--part all --compile-mode max-autotune --batches 64 --sizes 256 --torch-modes max-autotune-no-cudagraphs "
         "--torch-ops decode`, the second of two calls on one machine (the first was stopped by its time limit while "
-        "tuning; the second resumed from the tuning cache). serving_gpu_h200_fa59cfe/http_1img_fine_delay05.json "
+        "tuning; the second resumed from the tuning cache). serving/gpu-h200-2026-11-28-numpy-staging/http_1img_fine_delay05.json "
         "(revision fa59cfe: numpy staging, in-memory multipart, one header read): 12 fronts, 2 batch workers, buckets "
         "1,2,4,8,12,16,24,32,48,64, 0.5 ms batch delay, one 256² JPEG a request, six client processes, cold Inductor "
         "cache; the *_dec86ed figures are the same configuration one pass earlier "
-        "(serving_gpu_h200_dec86ed/http_1img_fine_delay05.json; its CPU per request was taken over the whole level "
+        "(serving/gpu-h200-2026-11-28-one-window/http_1img_fine_delay05.json; its CPU per request was taken over the whole level "
         "against the server's own request count over the same span, this pass's over the clients' window)"
     )
     return figures, source

@@ -1,6 +1,6 @@
-"""Where the local tokenization engine's time goes, and which settings keep the device fed.
+"""Which local-engine settings keep the device fed, and where does the engine's time go?
 
-    python bench/tokenize_local_sweep.py --model DIR --device cuda --batch-size 64 --images 12000 \\
+    python -m bench.tokenize_local_sweep --model DIR --device cuda --batch-size 64 --images 12000 \\
         --variants host:thread,host:process,local:thread:c1,local:thread:c2,local:process:c2
 
 Every variant tokenizes the same folder of 256-px JPEGs (photos256/val repeated through symlinks)
@@ -16,6 +16,8 @@ start and the end of the run, is the reference. A variant is `ENGINE:POOL[:cN][:
 Per variant: images/s and its ratio to raw; CPU cores busy (this process and its decoding children);
 the encoder's mean time per batch in the pipeline (against raw's) and the share of the wall time
 during which at least one batch was in the encoder; where the driver thread waited.
+
+Committed runs: bench/results/tokenize/
 """
 
 from __future__ import annotations
@@ -35,11 +37,9 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from tokenize_throughput import InstantEncoder, bench_raw, decoded_batch, image_folder, revision, write_report  # noqa: E402
+from bench.harness.fixtures import InstantEncoder, image_folder
+from bench.harness.record import PHOTOS_VAL, revision, write_json
+from bench.harness.timing import bench_raw, photo_batch
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def main() -> int:
         return runtimes[threads]
 
     runtime = runtime_for(None)
-    batch = decoded_batch(args.batch_size)
+    batch = photo_batch(PHOTOS_VAL, args.batch_size, 256)
     raw = bench_raw(runtime, batch, args.raw_seconds)
     raw_ms = 1000 * args.batch_size / raw["images_per_s"]
     print(f"raw: {raw['images_per_s']:.1f} img/s ({raw_ms:.1f} ms per batch of {args.batch_size}) on {runtime.providers[0]}", flush=True)
@@ -221,7 +221,9 @@ def main() -> int:
             f"{r['variant']:<26} {r['images_per_s']:>8.1f} {r['ratio_to_raw']:>7.0%} {r['cpu_cores_busy']:>6.1f} {r['cpu_ms_per_image']:>10.2f} "
             f"{r['encoder_ms_per_batch']:>9.1f} {r['encoder_occupied']:>9.0%} {r['driver_waited_for_decode_s']:>10.1f} {r['driver_waited_for_encode_s']:>10.1f}"
         )
-    write_report(args.out, report)
+    write_json(args.out, report)
+    if args.out:
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -1,8 +1,10 @@
-"""Dataset tokenization throughput: images/s of the local, Ray and server engines on 256-px JPEGs,
+"""How fast do the tokenization engines (local, Ray, server) run against the raw runtime?
+
+Dataset tokenization throughput: images/s of the local, Ray and server engines on 256-px JPEGs,
 against the raw runtime on already-decoded batches (the ceiling), all in one run.
 
-    python bench/tokenize_throughput.py --model DIR --out bench/results/tokenize_cpu.json
-    python bench/tokenize_throughput.py --preset f8-simvq-16k --engines local,ray --time-limit 900
+    python -m bench.tokenize_throughput --model DIR --out bench/results/tokenize/cpu-DATE/engines.json
+    python -m bench.tokenize_throughput --preset f8-simvq-16k --engines local,ray --time-limit 900
 
 The images are ../shared/data/photos256/val (200 JPEGs) repeated, through a folder of symlinks, so
 each engine reads and decodes every file for real. Each engine gets an equal share of --time-limit:
@@ -12,13 +14,14 @@ raw images/s at the same batch size; the issue asks for local >= 0.8 on the GPU 
 `host` is a diagnostic, not an engine: the local pipeline (read, decode, batch, write shards) with
 the model replaced by an encoder that answers instantly with precomputed token ids, so its images/s
 is the ceiling the host side puts on the local engine on this machine.
+
+Committed runs: bench/results/tokenize/
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import platform
@@ -29,90 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from bench.harness.fixtures import InstantEncoder, export_preset, image_folder
+from bench.harness.record import PHOTOS_VAL, parse_engines, revision, write_json
+from bench.harness.timing import bench_raw, photo_batch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-DATA = Path(os.environ.get("VQTOK_DATA", REPO.parent / "shared" / "data")) / "photos256" / "val"
 ENGINES = ("raw", "local", "ray", "server", "host")
-
-
-def parse_engines(ap: argparse.ArgumentParser, text: str, known: tuple[str, ...]) -> list[str]:
-    """`--engines` as a list (raw always runs, so it is left out); an unknown name is an argparse error."""
-    engines = [e for e in text.split(",") if e and e != "raw"]
-    if bad := set(engines) - set(known):
-        ap.error(f"unknown engines: {', '.join(sorted(bad))}")
-    return engines
-
-
-class InstantEncoder:
-    """The model taken out of the pipeline: answers every batch at once with one real image's ids."""
-
-    def __init__(self, runtime: Any) -> None:
-        from clients.tokenize.encoders import RuntimeEncoder
-
-        real = RuntimeEncoder(runtime)
-        self.spec, self.concurrency, self.decode_pool = real.spec, 1, real.decode_pool
-        self._tokens = runtime.encode(np.zeros((1, 256, 256, 3), np.uint8))[0]
-
-    def encode(self, pixels: np.ndarray) -> np.ndarray:
-        return np.broadcast_to(self._tokens, (len(pixels), *self._tokens.shape)).copy()
-
-
-_EXPORT = """
-import sys, torch
-from models.presets import create_tokenizer
-from models.export.driver import export_model
-torch.manual_seed(0)
-create_tokenizer(sys.argv[1]).save_pretrained(sys.argv[2])
-export_model(sys.argv[2])
-"""
-
-
-def revision(given: str | None = None) -> str:
-    """The measured code's git revision: `given`, else $VQTOK_REVISION (set where the tree travels
-    without .git), else git's."""
-    from bench.service_load import git_revision
-
-    return given or os.environ.get("VQTOK_REVISION") or git_revision()
-
-
-def export_preset(preset: str, into: Path) -> Path:
-    """An untrained model of `preset`, exported in a subprocess (throughput does not depend on the
-    weights, and torch's memory stays out of this process)."""
-    import subprocess
-
-    d = into / preset
-    subprocess.run([sys.executable, "-c", _EXPORT, preset, str(d)], cwd=REPO, check=True)
-    return d
-
-
-def image_folder(into: Path, count: int) -> Path:
-    photos = sorted(DATA.glob("*.jpg"))
-    if not photos:
-        raise SystemExit(f"no JPEGs in {DATA}; set VQTOK_DATA")
-    folder = into / f"images-{count}"
-    folder.mkdir()
-    for i in range(count):
-        (folder / f"img_{i:06d}.jpg").symlink_to(photos[i % len(photos)])
-    return folder
-
-
-def decoded_batch(batch_size: int) -> np.ndarray:
-    from PIL import Image
-
-    photos = sorted(DATA.glob("*.jpg"))
-    return np.stack([np.asarray(Image.open(photos[i % len(photos)]).convert("RGB")) for i in range(batch_size)])
-
-
-def bench_raw(runtime: Any, batch: np.ndarray, seconds: float, callers: int = 1) -> dict[str, Any]:
-    """Images/s of `runtime.encode(batch)` back to back for `seconds`, from `callers` threads at once (a
-    tokenization job's encode threads: 3 on CUDA, whose calls overlap on the device)."""
-    from bench.service_load import encode_back_to_back
-
-    runtime.encode(batch)  # warm-up (allocations, cuDNN algorithm search)
-    n, dt = encode_back_to_back(runtime, batch, seconds, callers)
-    return {"images": n, "seconds": dt, "images_per_s": n / dt, "callers": callers}
 
 
 def start_server(model_dir: Path, batch_size: int, device: str) -> tuple[Any, Any, str]:
@@ -149,13 +73,6 @@ def start_server(model_dir: Path, batch_size: int, device: str) -> tuple[Any, An
             pass
         time.sleep(0.1)
     raise RuntimeError("the server did not become ready")
-
-
-def write_report(path: Path | None, report: dict[str, Any]) -> None:
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {path}")
 
 
 def done(engine: str, r: dict[str, Any], raw: dict[str, Any]) -> None:
@@ -196,7 +113,7 @@ def main() -> int:
     try:
         model_dir = args.model or export_preset(args.preset, work / "models")
         runtime = ModelRuntime.load(model_dir, device=args.device, max_batch_size=args.batch_size)
-        batch = decoded_batch(args.batch_size)
+        batch = photo_batch(PHOTOS_VAL, args.batch_size, 256)
         raw = bench_raw(runtime, batch, seconds=min(20.0, args.time_limit / 20))
         per_engine = (args.time_limit - (time.perf_counter() - t_start)) / max(1, len(engines))
         # ~70% of an engine's share goes to tokenizing (the rest: start-up, Ray, the server); never below 2 batches
@@ -314,7 +231,9 @@ def main() -> int:
             f"driver waited {r['driver_waited_for_decode_s']:.1f} s for decoding, "
             f"{r['driver_waited_for_encode_s']:.1f} s for the encoder, of {r['seconds']:.1f} s"
         )
-    write_report(args.out, report)
+    write_json(args.out, report)
+    if args.out:
+        print(f"wrote {args.out}")
     return 0
 
 

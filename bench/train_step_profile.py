@@ -1,20 +1,21 @@
-"""Training-step throughput of a preset under memory-format / compile options, plus the top
+"""Which memory format / compile options make a preset's training step fastest?
+
+Training-step throughput of a preset under memory-format / compile options, plus the top
 CUDA kernels of the eager step. Used to choose how the default tokenizer is trained.
 
-  python bench/train_step_profile.py --preset f8-simvq-16k --batch 32 --out prof.json
+  python -m bench.train_step_profile --preset f8-simvq-16k --batch 32 --out prof.json
+
+Committed runs: bench/results/training/
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.presets import create_tokenizer
 

@@ -11,8 +11,10 @@ back), `--connections` loops per server and model. Records status codes, rates a
 host memory of each server's process tree and the GPU memory of its processes (nvidia-smi; null on
 CPU). Exit 0 when every server came up with every model and answered every request with 200.
 
-    python bench/two_servers.py --model-repo models/pretrained --device cuda --out $OUT/two_servers.json  # scripts/gpu/serving_rest.sh
-    python bench/two_servers.py --model-repo models/pretrained --device cpu --seconds 10 --out /tmp/two_servers_cpu.json
+    python -m bench.two_servers --model-repo models/pretrained --device cuda --out $OUT/two_servers.json  # scripts/gpu/serving_rest.sh
+    python -m bench.two_servers --model-repo models/pretrained --device cpu --seconds 10 --out /tmp/two_servers_cpu.json
+
+Committed runs: bench/results/: serving (GPU runs) and soak (CPU runs).
 """
 
 from __future__ import annotations
@@ -30,12 +32,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.http_front import spawn_server, stop_server, wait_ready  # noqa: E402
-from bench.service_load import host_fields, read_jpegs  # noqa: E402
-from bench.service_soak import tree_memory  # noqa: E402
+from bench.harness.load import read_jpegs
+from bench.harness.procs import tree_memory
+from bench.harness.record import PHOTOS_VAL, host_fields
+from bench.harness.server import spawn_server, stop_server, wait_ready
 
 NPY = "application/x-npy"
 
@@ -126,7 +126,7 @@ def _tokens(url: str, model: str, data: bytes, resize: str) -> np.ndarray | None
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-repo", type=Path, required=True, help="model repository with (at least) two models")
-    p.add_argument("--images", type=Path, default=REPO.parent / "shared" / "data" / "photos256" / "val", help="folder of JPEGs")
+    p.add_argument("--images", type=Path, default=PHOTOS_VAL, help="folder of JPEGs")
     p.add_argument("--resize", default="none", choices=["none", "crop", "pad"])
     p.add_argument("--warmup-size", type=int, default=256)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])

@@ -51,14 +51,13 @@ Key = tuple[Hashable, ...]  # (op, *item_shape), e.g. ("encode", 256, 256, 3)
 RunFn = Callable[[str, np.ndarray], np.ndarray]  # (op, batch) -> batch of results, same leading size
 
 
-# The memory rule of a CPU server, measured with the shipped model (photo-f8-simvq-16k, fp32, ONNX
-# Runtime 1.32 with its CPU arena off, see runtime.session_options): one batch raises the process's peak
-# resident set by at most 2,120 bytes per pixel of the batch. The worst rate is the encoder's at the
-# largest image the default limits allow (1024², 16384 tokens: the bottleneck's attention is quadratic
-# in the grid), from the second run of a shape on (ORT's memory pattern plans one block for the run):
-# 2.07 GiB for one 1024² image, 3.97 GiB for two. 32 × 256² costs 1,410 bytes/pixel to encode; decoding
-# 1,360 (1024²) and 1,110 (32 × 256²). A `vqtok serve` process holds about 0.3 GiB before any batch
-# (models loaded and warmed); BASE_GIB leaves room for requests in flight and malloc's leftovers.
+# The memory rule of a CPU server: one batch raises the process's peak resident set by at most
+# BYTES_PER_PIXEL per pixel of the batch, the worst rate of the shipped model (fp32, ONNX Runtime with
+# its CPU arena off, see runtime.session_options) rounded up. The worst is the encoder's at the largest
+# image the default limits allow (1024², 16384 tokens: the bottleneck's attention is quadratic in the
+# grid), from the second run of a shape on (ORT's memory pattern plans one block for the run); smaller
+# images and decoding cost less a pixel (BENCHMARKS.md, "Memory"). BASE_GIB covers what a `vqtok serve`
+# process holds before any batch (models loaded and warmed), requests in flight and malloc's leftovers.
 BYTES_PER_PIXEL = 2200
 BASE_GIB = 0.5
 MIN_BATCH_PIXELS = 256 * 256

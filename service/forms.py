@@ -1,8 +1,8 @@
 """multipart/form-data bodies parsed as they arrive, into bytes, by python-multipart.
 
 Starlette's `request.form()` streams each file part into a SpooledTemporaryFile wrapped in an
-UploadFile, which the encode route then reads back: ≈ 10 % of a front's samples for a one-image request
-(py-spy, tiny model, 2 cores). The route keeps every image in memory anyway, so here each part is
+UploadFile, which the encode route then reads back: a visible share of a front's CPU profile for a
+one-image request. The route keeps every image in memory anyway, so here each part is
 collected as the chunks of the body arrive and joined once when it ends: one copy of the body in
 memory, and the event loop is given back between chunks. Same parser, limits and refusals as
 Starlette's, and the same reading of repeated fields (the last one counts); tested against it."""

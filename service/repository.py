@@ -123,9 +123,8 @@ class ModelEntry:
 def _release(served: ServedModel) -> None:
     """A retired version's memory back to the system: its inference threads finish, its runtime drops
     its sessions / compiled graphs (and torch's CUDA cache), then glibc returns freed heap pages
-    (`malloc_trim`). Without the last step, measured on the CPU (bench/results/serving_rest_cpu/):
-    one reload of the shipped models under load left the server's RSS 41-52 % higher, memory that
-    ONNX Runtime had freed but glibc kept."""
+    (`malloc_trim`). Without the last step a reload under load leaves the server's RSS far higher:
+    memory that ONNX Runtime freed but glibc kept (BENCHMARKS.md, "Memory")."""
     served.executor.shutdown(wait=True)
     close = getattr(served.runtime, "close", None)
     if close is not None:

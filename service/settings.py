@@ -44,9 +44,8 @@ class Settings(BaseSettings):
         default="default",
         description="the compiled runtime's kernels: default, or max-autotune (Inductor times candidate kernels for every "
         "convolution and matmul of each warmed shape and keeps the fastest; minutes a shape and part on an empty cache, "
-        "so the first start takes the better part of an hour with the default warm-up; cached in $VQTOK_CACHE afterwards). "
-        "Measured on an H200 (256², batch 64, one process): decode 3,620 images/s, 1.12x torch.compile's own "
-        "max-autotune (3,235; the default mode was 0.98x of it in another run); encode 4,759 (default 4,727, that run)",
+        "so the first start takes the better part of an hour with the default warm-up; cached in $VQTOK_CACHE afterwards); "
+        "it trades that start-up for faster decoding, encode about the same (BENCHMARKS.md)",
     )
     device: Device = Field(default="auto", description="where the models run: auto (CUDA when available, else CPU), cuda or cpu")
     precision: Precision = Field(
@@ -96,7 +95,7 @@ class Settings(BaseSettings):
         default=4.0,
         gt=0,
         description="peak resident memory (GiB) a CPU server is sized for: with max-batch-pixels unset, "
-        "max-batch-pixels = (memory-budget-gib - 0.5) GiB / 2200 bytes, the measured worst peak cost of a pixel in a batch of "
+        "max-batch-pixels = (memory-budget-gib - 0.5) GiB / 2200 bytes, the worst peak cost of a pixel in a batch of "
         "the shipped f8 model (4 GiB: 1.71 Mpx, one 1024² image or 26 of 256² per call)",
     )
     gpu_mem_limit_gib: float | None = Field(
@@ -115,7 +114,7 @@ class Settings(BaseSettings):
         ge=1,
         le=16,
         description="batches one model runs at the same time; unset = 2 on the compiled GPU runtime (the next batch is "
-        "staged and queued while one runs: faster at concurrency 64-256 on an H200, BENCHMARKS.md), 1 on ONNX Runtime",
+        "staged and queued while one runs: more images/s at high concurrency for a little more latency), 1 on ONNX Runtime",
     )
     request_timeout_s: float = Field(default=30.0, gt=0, description="per-request deadline in seconds; past it the answer is 504")
     retry_after_s: int = Field(default=1, ge=1, description="seconds sent in the Retry-After header of a 503")
@@ -180,8 +179,8 @@ class Settings(BaseSettings):
     opentelemetry: bool = Field(
         default=False,
         description="FastAPI's native OpenTelemetry spans, metrics and logs (FastAPI >= 0.165, sent to the providers the "
-        "process configures); off by default: its per-request check reads the environment (4-8 % of a front's samples "
-        "in a CPU profile, though no difference in a front's CPU per request showed end to end on 2 cores)",
+        "process configures); off by default: its per-request check reads the environment, CPU that every request "
+        "pays in the fronts",
     )
 
     @field_validator("api_keys", "admin_api_keys", mode="before")

@@ -126,8 +126,8 @@ class TrainConfig:
     channels_last: bool = False  # NHWC activations: cuDNN's tensor-core convolutions need no transposes
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     # torch's intra-op CPU threads in each training process, set at trainer start. 0 = auto: the value of
-    # OMP_NUM_THREADS when set, else 1 on CUDA (the CPU only feeds the GPU; every-core pools made a
-    # single-GPU run 2.4x slower), else torch's default on a CPU-only run (every physical core)
+    # OMP_NUM_THREADS when set, else 1 on CUDA (the CPU only feeds the GPU, and every-core pools slow a
+    # single-GPU run to less than half its images/s), else torch's default on a CPU-only run (every physical core)
     cpu_threads: int = 0
     progress: bool = True  # tqdm bar on rank 0
 

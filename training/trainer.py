@@ -127,8 +127,9 @@ def cpu_thread_budget(setting: int, device_type: str, environ: Mapping[str, str]
     """Threads for torch's intra-op pool in one training process (`TrainConfig.cpu_threads`), or
     None to keep torch's own choice. The rule: an explicit setting > 0; else OMP_NUM_THREADS when set
     (torchrun sets 1 per process); else 1 on CUDA, where the CPU only decodes, crops and launches
-    kernels (a 64-core host ran single-GPU training at 82 img/s with torch's every-core default and
-    197 img/s with one thread); else None: a CPU-only run keeps torch's default, every physical core."""
+    kernels, and torch's every-core pool makes those threads fight the loader workers for the cores
+    (on a many-core host it more than halves a single-GPU run's images/s); else None: a CPU-only run
+    keeps torch's default, every physical core."""
     if setting > 0:
         return setting
     omp = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "").strip()

@@ -33,7 +33,7 @@ from .format import DEFAULT_MAX_TOKENS, ErrorKind, ModelSpec, TokenizeError
 DecodePool = Literal["auto", "thread", "process"]
 DECODE_POOLS: tuple[str, ...] = ("auto", "thread", "process")
 # images per task sent to a decoding process: each task costs the driver a pickled submit, a pipe wake-up
-# and a tmpfs map; 32 against 8: the driver's CPU per image 0.31-0.34 -> 0.23-0.28 ms (bench/results/local_process_chunk_cpu/)
+# and a tmpfs map, so larger tasks cut the driver's CPU per image (the driver is the local engine's limit)
 PROCESS_CHUNK = 32
 SHARED_DIR = "/dev/shm"  # where decoding processes hand their pixels over (tmpfs: memory, not disk)
 
@@ -92,10 +92,9 @@ def decode_items(items: Sequence[RawItem], spec: ModelSpec, resize: str, max_tok
 class SharedChunk:
     """What a decoding process returns for a chunk of images: their pixels in one file on tmpfs, which
     the driver maps and unlinks (`open`), and per image its `Decoded` with `(offset, shape)` in place
-    of the array. Pickling the arrays back through the pool's pipe instead cost the driver 0.45–0.53 ms
-    of CPU per 256² photo against 0.34–0.40 this way (bench/host_pipeline_cpu.py, 2 cores;
-    bench/results/local_decode_handoff_cpu/): the driver is what holds the local engine below the GPU's
-    rate on a many-core host."""
+    of the array. Pickling the arrays back through the pool's pipe instead costs the driver more CPU per
+    image (bench/host_pipeline_cpu.py measures it), and the driver is what holds the local engine below
+    the GPU's rate on a many-core host."""
 
     path: str
     size: int

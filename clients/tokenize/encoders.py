@@ -85,9 +85,9 @@ class RuntimeEncoder:
 
     On CUDA, by default, three batches run at once (the next ones are copied in and queued while one
     computes, so the device does not wait on the host between batches) and images decode in processes
-    (threads, held back by the GIL, fed an H100 at most ~1,100 images/s on 16 cores); on the CPU one
-    batch at a time (the session's thread pool already uses every core) and decoding threads. Measured
-    in bench/results/tokenize_local_sweep_gpu_h100*.json."""
+    (threads, held back by the GIL, cannot decode as fast as a GPU encodes); on the CPU one batch at a
+    time (the session's thread pool already uses every core) and decoding threads
+    (bench/tokenize_local_sweep.py compares the settings)."""
 
     def __init__(self, runtime: Any, concurrency: int | None = None) -> None:
         self.runtime, self.spec = runtime, ModelSpec.from_info(runtime.info)

@@ -327,9 +327,9 @@ DECODE_TASK_IMAGES = 512  # at most, per decode task
 
 def decode_task_images(total: int, batch_size: int, cpus: int) -> int:
     """Images per decode task: a multiple of the batch size, large enough that Ray's cost per task
-    (scheduling, an object per block: ~30 ms on a busy 2-core host) stays small against decoding
-    (≈1 ms an image; 32 images a task ran 838 images/s there, 512 a task 3,557), small enough that a
-    job gives every core (two tasks each) something to decode."""
+    (scheduling, an object per block: tens of milliseconds) stays small against decoding (about a
+    millisecond an image), small enough that a job gives every core (two tasks each) something to
+    decode."""
     per_task = min(DECODE_TASK_IMAGES, max(batch_size, -(-total // (2 * cpus))))
     return max(batch_size, per_task // batch_size * batch_size)
 

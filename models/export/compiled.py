@@ -3,11 +3,10 @@ the fused Triton code search (`vqtok::nearest_code`), as channels-last modules f
 (static shapes; the runtime captures each compiled shape as a CUDA graph), with cuDNN's
 per-shape algorithm search on.
 
-Chosen by measurement on the H100 (bench/results/compiled_probe_h100/, 64 real photos at 256²):
-against the CPU float32 reference, a bfloat16 encoder keeps only 97.3 % of tokens (below the 99.5 %
-gate), float16 keeps 99.65 %. With `cudnn.benchmark` the float16 graphs run at 4,689 (encode) and
-3,130 (decode) images/s at batch 64, faster than bfloat16 (4,478 / 3,002); without it cuDNN's
-heuristic picks slow float16 kernels (2,719 / 1,790). Decodes are 65.5 dB from the reference.
+Why float16 and cuDNN's search (bench/compiled_probe.py; figures in BENCHMARKS.md): against the CPU
+float32 reference a bfloat16 encoder keeps too few tokens equal to pass the 99.5 % gate, float16
+passes it. With `cudnn.benchmark` the float16 graphs are as fast as bfloat16's or faster; without it
+cuDNN's heuristic picks slow float16 kernels.
 """
 
 from __future__ import annotations
@@ -46,8 +45,8 @@ def inductor_cache_dir() -> Path:
 def configure_inductor() -> None:
     """Inductor's cache in `inductor_cache_dir()` unless the user chose another one. A value equal to
     torch's own default was not chosen: torch writes it into the environment the first time anything
-    asks for the cache, and then `setdefault` kept it (797bc95's H100 run: warm restarts, yet no
-    $VQTOK_CACHE/inductor; the kernels were most likely in torch's default /tmp/torchinductor_$USER)."""
+    asks for the cache, and a `setdefault` would keep it: the kernels would land in torch's default
+    /tmp/torchinductor_$USER, not in $VQTOK_CACHE/inductor where a restart and the docs look."""
     try:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
@@ -61,7 +60,7 @@ def configure_inductor() -> None:
     import torch._inductor.config
 
     torch._inductor.config.fx_graph_cache = True
-    torch.backends.cudnn.benchmark = True  # float16 convolutions: 1.7x over cuDNN's heuristic choice here
+    torch.backends.cudnn.benchmark = True  # float16 convolutions: cuDNN's heuristic choice is much slower here
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one graph per shape
 
 
@@ -76,10 +75,9 @@ def compiled_graphs(
 
     `mode` "max-autotune": Inductor times its candidate kernels (Triton templates against cuDNN and
     cuBLAS) for every convolution and matmul of each shape and keeps the fastest, as torch.compile's
-    max-autotune-no-cudagraphs does (the runtime captures its own CUDA graphs). What is measured (H200,
-    dec86ed, 256², batch 64) is torch.compile's own max-autotune on the bench's bf16 graphs, not this
-    mode: 3,389 decodes/s against the default-compiled served runtime's 3,328 in one run (3,250 in the
-    call that tuned it, 207 s for that one shape). This mode itself is not yet measured on a GPU."""
+    max-autotune-no-cudagraphs does (the runtime captures its own CUDA graphs). It trades minutes of
+    tuning a shape on the first start for faster kernels; BENCHMARKS.md has both modes against
+    torch.compile's own max-autotune."""
     from ..quantizers.search_op import register
 
     if mode not in COMPILE_MODES:

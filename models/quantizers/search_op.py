@@ -19,8 +19,8 @@ from .search_triton import _kernels, launch_plan, merge_splits, triton_available
 def register() -> bool:
     """Define `vqtok::nearest_code` (z (N, D) float, codebook (K, D) fp32, codebook_sq (K,) fp32,
     precision -> int64 (N,)); False where triton is missing. Default precision "tf32x3": float32
-    accuracy at tensor-core speed (H100, shipped codebook, real latents: 100 % agreement with the
-    float32 argmin, 1.16 ms vs 3.60 ms for "ieee" at 65,536 rows; bench/results/search_gpu_h100.json)."""
+    accuracy (the same codes as the float32 argmin on real latents) at tensor-core speed, several times
+    faster than "ieee" (bench/search_gpu.py; figures in BENCHMARKS.md)."""
     if not triton_available():
         return False
     from torch.library import triton_op, wrap_triton

@@ -38,9 +38,8 @@ def load_runtime(
 ) -> Runtime:
     """The runtime that serves `model_dir`: "onnxruntime", "compiled" (torch.compile + CUDA graphs +
     the fused search; needs torch with CUDA), or "auto": the compiled runtime on a CUDA host where it
-    can run and passes its parity gate, else ONNX Runtime. The rule is measured (H100, shipped model,
-    bench/results/compiled_probe_h100/): compiled encodes batch 1 in 0.53 ms against ORT's 4.3 ms and
-    batch 64 at 2,719 against 1,118 images/s. A forced runtime that cannot run is a ModelLoadError.
+    can run and passes its parity gate, else ONNX Runtime: where both run, the compiled runtime is the
+    faster at every batch size (BENCHMARKS.md). A forced runtime that cannot run is a ModelLoadError.
     `compile_mode` ("default", "max-autotune") is the compiled runtime's; ONNX Runtime ignores it."""
     if runtime not in RUNTIMES:
         raise ModelLoadError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")

@@ -1,11 +1,11 @@
 """The compiled GPU runtime: the export graphs under `torch.compile` (static shapes), each shape
 replayed as a CUDA graph, the code search fused into one Triton kernel.
 
-Why it exists (H100, shipped model, 256², bench/results/compiled_probe_h100/): ONNX Runtime's CUDA
-EP runs this model at 0.35–0.42× of compiled PyTorch, and batch-1 encode takes 4.3 ms there
-against 0.53 ms here. The networks run in float16 with cuDNN's per-shape algorithm search (99.65 %
-token agreement with the CPU float32 reference; bfloat16 keeps only 97.3 %), the search in
-float32-accurate 3×TF32 inside the Triton kernel.
+Why it exists: ONNX Runtime's CUDA EP runs this model's small-channel convolutions well below what
+compiled PyTorch does, and pays a per-call overhead that dominates small batches (BENCHMARKS.md,
+"Serving on the GPU"). The networks run in float16 with cuDNN's per-shape algorithm search, which
+keeps the tokens within the parity gate where bfloat16 does not, and the search in float32-accurate
+3×TF32 inside the Triton kernel.
 
 Shapes: each (batch, height, width) is compiled and captured once, in `warmup`, and a batch is padded
 (repeating the last item) up to the smallest warmed batch size of its image size that holds it. By
@@ -15,7 +15,7 @@ shapes a size). A tokenization job warms only its batch size: its few short batc
 batch each, its start-up one graph instead of seven. An
 image size nobody warmed runs on the ONNX Runtime `fallback` (same tokens within the parity bounds),
 so no request ever waits for a compile. Compiled kernels persist in Inductor's cache (`$VQTOK_CACHE/
-inductor`): the first start compiles (≈20 s a shape), later starts load them.
+inductor`): the first start compiles every warmed shape (minutes in all), later starts load them.
 
 This module is the service's one door to torch: it is imported only when the compiled runtime is
 chosen (`load_runtime`), never by the torch-free serving install. The layering contract lists the
@@ -93,10 +93,10 @@ def capture_stream(device: Any) -> tuple[Any, threading.Lock]:
     lock that keeps two captures (two models loading, or a reload) off it at once.
 
     One stream, not one per graph: cuBLAS keeps a workspace per (handle, stream) for the life of the
-    process (PyTorch's cuBLAS handle pool), so a fresh stream per captured shape left a workspace
-    behind for every graph of every version that ever loaded: +256 MiB allocated per reload with eight
-    graphs (H200), none with this stream (H100: 1,086.8 MiB used on the device after each of three
-    reloads; bench/results/serving_gpu_h100_f9755e3/reload_memory_gpu.json)."""
+    process (PyTorch's cuBLAS handle pool), so a fresh stream per captured shape would leave a
+    workspace behind for every graph of every version that ever loaded, and each reload would grow the
+    device memory by one workspace per graph. With one stream a reload leaves nothing behind
+    (bench/reload_memory.py checks it on a GPU)."""
     import torch
 
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -115,15 +115,15 @@ class _Graph:
     the copy out to pinned memory; it waits for the result after letting go of the lock. Everything
     runs in order on one stream, so calls from several threads (the batcher's workers, a tokenization
     job's encode threads) keep the device busy back to back: one batch's host work (staging, its
-    answer) overlaps the other's replay. Before, each graph's lock covered the whole call, copies and
-    the wait included, and three encode threads ran one batch at a time with the device idle between.
+    answer) overlaps the other's replay. A lock over the whole call, copies and the wait included,
+    would run one batch at a time with the device idle between batches.
 
     `lock` is one for every graph of the memory pool, not one per graph: graphs captured into one pool
     reuse each other's intermediate memory (a later capture may place its output where an earlier
     graph keeps intermediates), so between one graph's replay and its copy out no other graph of the
     pool may run. Holding the pool's lock while enqueueing the three steps keeps them adjacent on the
-    stream. (Measured: with a lock per graph, two threads decoding at batches 4 and 16 got each
-    other's pixels, tests/service/test_compiled_cuda.py on an H200.)"""
+    stream. (With a lock per graph, two threads decoding at two batch sizes get each other's pixels;
+    tests/service/test_compiled_cuda.py checks it on a GPU.)"""
 
     def __init__(self, fn: Callable[[Any], Any], example: Any, pool: Any, lock: threading.Lock) -> None:
         import torch
@@ -146,8 +146,7 @@ class _Graph:
             # thread_local: this capture forbids unsafe CUDA calls on this thread only. The default
             # (global) makes every other thread's synchronising call fail while it lasts: a reload
             # captures the new version's graphs while the old version serves, and its replies (a
-            # device-to-host copy) then failed with "operation not permitted when stream is capturing"
-            # (H100 soak, 64 requests).
+            # device-to-host copy) then fail with "operation not permitted when stream is capturing".
             with (
                 torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode="thread_local"),
                 torch.no_grad(),
@@ -214,14 +213,11 @@ def stage(host: np.ndarray, buffer: np.ndarray, helpers: ThreadPoolExecutor | No
     """`host` (n ≤ len(buffer) items) into `buffer`, its last item repeated over the rest (the padding).
 
     With numpy, not torch's `copy_`, whose OpenMP workers spin for milliseconds after each copy
-    (libgomp's default wait policy). Measured on 2 cores (torch 2 threads, 8 × 256² images, a 5 ms wait
-    after each copy as for the GPU): 0.12 ms to copy, 5.4 ms of CPU per batch. On the H200 host (4 torch
-    threads) the server's inference process spent 17.8 ms of CPU per batch of 7.3 images (2.4 ms a
-    request, ≈ 6 cores at 2,400 requests/s; bench/results/serving_gpu_h200_dec86ed/), cores its fronts
-    share: this spin would explain it (not yet measured there with this change). A large batch is still
-    copied by several threads (`helpers` and the caller's; numpy lets go of the GIL while it copies), as
-    torch's threads did: one thread alone would add ≈ 1 ms to a batch of 64 × 256² that a lone caller
-    waits for (on 2 cores: 1.01 ms alone, 0.64 ms in two threads, the same CPU)."""
+    (libgomp's default wait policy): a copy that takes a fraction of a millisecond then costs several
+    milliseconds of CPU while the batch runs on the GPU, CPU that a split server's inference process
+    takes from the fronts on the same cores. A large batch is still copied by several threads
+    (`helpers` and the caller's; numpy lets go of the GIL while it copies), as torch's threads did, so
+    that a lone caller's big batch does not wait for one thread's copy. Figures: BENCHMARKS.md."""
     n = len(host)
     parts = min(n, STAGE_THREADS, host.nbytes // _STAGE_PART_BYTES)
     if helpers is None or parts <= 1:

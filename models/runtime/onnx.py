@@ -81,12 +81,11 @@ def session_options(intra_op_threads: int | None, spin: bool = True, cpu_arena: 
     `cpu_arena=False`: host memory comes from malloc and goes back when a run ends. ONNX Runtime's CPU
     arena (one per session: encoder and decoder each) keeps the largest run's memory for ever and
     grows in powers of two, and a later run of the same shape (which allocates its memory pattern in
-    one block) extends it again. Measured on the shipped model (CPU, ORT 1.32), two runs of 2 × 1024²:
-    arena 5.07 then 8.94 GiB peak, all of it kept; arena shrunk after each run
-    (`memory.enable_memory_arena_shrinkage`) 5.07 and 5.07; no arena 2.91 and 4.07, back within 0.2 GiB
-    of the start after each. Its price is CPU time: ~20 % more to encode and ~10 % more to decode a batch of
-    4–16 × 256² (pages are faulted in afresh each run), as much as the shrunk arena costs. The memory
-    pattern stays on: off, peaks drop a little further (2.80 GiB) but encoding takes ~60–90 % more CPU."""
+    one block) extends it again: a server's resident memory would only ever grow. Without the arena the
+    memory goes back after each run, and its peak is lower than with a shrinking arena; the price is
+    some CPU time (pages are faulted in afresh each run), as much as a shrinking arena costs. The memory
+    pattern stays on: without it peaks drop only a little further, for far more CPU per encode.
+    Figures: BENCHMARKS.md, "Memory"."""
     ort = _import_ort()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -156,9 +155,9 @@ def cuda_provider_options(overrides: Mapping[str, str] | None = None) -> dict[st
     - EXHAUSTIVE cuDNN search: the fastest convolution algorithms, chosen once per session (the
       runtime keeps one session per input shape on CUDA, built in warm-up).
     - kSameAsRequested arena growth: no power-of-two over-allocation as shapes change.
-    - default cuDNN workspace limit: the max-workspace option made no difference to this model's
-      speed on the H100 (bench/ort_profile.py --shape-probe) and each per-shape session would hold
-      its own large workspace.
+    - default cuDNN workspace limit: the max-workspace option does not make this model faster
+      (bench/ort_profile.py --shape-probe) and each per-shape session would hold its own large
+      workspace.
     - `gpu_mem_limit` from `configure_cuda_memory` (vqtok serve --gpu-mem-limit-gib), when set.
     """
     opts = {
@@ -279,11 +278,10 @@ class ModelRuntime:
 
     `encode` and `decode` are thread-safe (ORT sessions are; each call binds its own IO).
 
-    On CUDA the runtime avoids ONNX Runtime's per-shape cost. Measured on the H100 with ORT 1.31
-    (bench/ort_profile.py --shape-probe): the CUDA EP redoes its cuDNN algorithm choice whenever a
-    session's input shape differs from its previous run, even for shapes it has run before —
-    0.6–1.0 s per switch with EXHAUSTIVE search, 70–270 ms with HEURISTIC — while a repeated shape
-    runs in 4–60 ms. A server whose batch sizes vary from batch to batch paid that on most batches.
+    On CUDA the runtime avoids ONNX Runtime's per-shape cost: the CUDA EP redoes its cuDNN algorithm
+    choice whenever a session's input shape differs from its previous run, even for shapes it has run
+    before, and that search costs far more than the run itself (bench/ort_profile.py --shape-probe;
+    BENCHMARKS.md). A server whose batch sizes vary from batch to batch would pay it on most batches.
     So on CUDA (by default):
     - batch padding: only the sizes of `batch_buckets(max_batch_size)` run; a batch is padded
       (repeating its last item) up to the next bucket, the padding's outputs are dropped, and a

@@ -7,8 +7,8 @@
 #   .gpudata/cifar10                     ../shared/data/cifar10
 # Every step writes its log and JSON under $OUT as it goes, so a step cut short still returns data.
 #   bash scripts/gpu/ort_benches.sh throughput PRESET   # bench/gpu_throughput.py, one preset, torch.compile included
-#   bash scripts/gpu/ort_benches.sh serve               # shape probe, then the service load sweep
-#   bash scripts/gpu/ort_benches.sh soak-start MINUTES  # soak at 80 % of saturation, detached from the call
+#   bash scripts/gpu/ort_benches.sh serve               # shape probe, then HTTP against raw (bench.http_front, ONNX Runtime)
+#   bash scripts/gpu/ort_benches.sh soak-start MINUTES  # bench.service_soak at 80 % of saturation (ONNX Runtime), detached from the call
 #   bash scripts/gpu/ort_benches.sh soak-wait SECONDS   # wait for it (at most SECONDS), collect its results
 #   bash scripts/gpu/ort_benches.sh ray-install         # join and install Ray (carried as .raywhl/a, .raywhl/b parts)
 #   bash scripts/gpu/ort_benches.sh sweep               # bench/tokenize_local_sweep.py: local-engine settings
@@ -27,23 +27,23 @@ nvidia-smi --query-gpu=name,memory.used,utilization.gpu --format=csv,noheader
 case "${1:?step}" in
 throughput)
   preset=${2:?preset}
-  python3 bench/gpu_throughput.py --presets "$preset" --min-seconds 0.4 --time-budget 470 \
+  python3 -m bench.gpu_throughput --presets "$preset" --min-seconds 0.4 --time-budget 470 \
     --out "$out/gpu_throughput_$preset.json" 2>&1 | grep --line-buffered -v -i "warn\|onnx_ir\|torch.onnx\|^ *$" | tee "$out/throughput_$preset.log"
   ;;
 serve)
   # first runs after warm-up per batch size (0.6-1 s each without per-shape sessions)
-  python3 bench/ort_profile.py --shape-probe --probe-settings served --model .gpudata/models/photo-f8-simvq-16k --out "$out/shape_probe.json" 2>&1 | grep -v "plugin EP"
-  python3 bench/service_load.py --model-repo .gpudata/models --images .gpudata/photos256/val --device cuda \
-    --concurrency 1,8,32,128 --duration 6 --client-procs 6 --decode-threads 8 --max-batch-size 32 --batch-workers 1 \
-    --time-budget 280 --out "$out/service_load_gpu.json" 2>&1 | grep --line-buffered -v "plugin EP" | tee "$out/serve.log"
+  python3 -m bench.ort_profile --shape-probe --probe-settings served --model .gpudata/models/photo-f8-simvq-16k --out "$out/shape_probe.json" 2>&1 | grep -v "plugin EP"
+  python3 -m bench.http_front --model-repo .gpudata/models --images .gpudata/photos256/val --device cuda --runtime onnxruntime \
+    --front-workers 0 --images-per-request 1 --concurrency 1,8,32,128 --duration 6 --client-procs 6 --decode-threads 8 --max-batch-size 32 \
+    --batch-workers 1 --time-budget 280 --out "$out/http_front_ort_gpu.json" 2>&1 | grep --line-buffered -v "plugin EP" | tee "$out/serve.log"
   ;;
 soak-start)
   # one level at concurrency 128, then MINUTES at 80 % of its rate, detached from this call
   minutes=${2:-10}
   rm -f /tmp/res/soak.done
-  setsid nohup bash -c "python3 bench/service_load.py --model-repo .gpudata/models --images .gpudata/photos256/val --device cuda \
-    --concurrency 128 --duration 8 --client-procs 6 --decode-threads 8 --max-batch-size 32 --batch-workers 1 \
-    --soak $minutes --time-budget $((minutes * 60 + 150)) --out /tmp/res/service_soak_gpu.json --server-log /tmp/res/server.log; touch /tmp/res/soak.done" \
+  setsid nohup bash -c "python3 -m bench.service_soak --model-repo .gpudata/models --images .gpudata/photos256/val --device cuda \
+    --runtime onnxruntime --front-workers 0 --concurrency 128 --saturation-seconds 8 --fraction 0.8 --minutes $minutes \
+    --client-procs 6 --decode-threads 8 --max-batch-size 32 --out /tmp/res/service_soak_gpu.json --server-log /tmp/res/server.log; touch /tmp/res/soak.done" \
     >/tmp/res/soak.log 2>&1 </dev/null &
   sleep 5
   set -- soak-wait 560
@@ -71,18 +71,18 @@ ray-install)
   ;;
 sweep)
   model=${MODEL:-.gpudata/fp16only/photo-f8-simvq-16k}
-  python3 bench/tokenize_local_sweep.py --model "$model" --device cuda --batch-size 64 --images 10000 --time-limit 420 \
+  python3 -m bench.tokenize_local_sweep --model "$model" --device cuda --batch-size 64 --images 10000 --time-limit 420 \
     --variants host:thread,host:process,local:thread:c1,local:thread:c2,local:process:c1,local:process:c2,local:thread:c2:t1,local:process:c2:t1,local:thread:c2:w8 \
     --out "$out/tokenize_local_sweep_gpu.json" 2>&1 | grep --line-buffered -v -i warn | tee "$out/sweep.log"
   ;;
 tokenize)
   model=${MODEL:-.gpudata/fp16only/photo-f8-simvq-16k}
-  python3 bench/tokenize_throughput.py --model "$model" --batch-size 64 --engines "${3:-host,local,ray,server}" --images 20000 \
+  python3 -m bench.tokenize_throughput --model "$model" --batch-size 64 --engines "${3:-host,local,ray,server}" --images 20000 \
     --decode-pool "${2:-auto}" --device cuda --time-limit 420 --out "$out/tokenize_throughput_gpu.json" 2>&1 \
     | grep --line-buffered -v -i warn | tee "$out/tokenize.log"
   ;;
 cifar)
-  python3 bench/quantizers_cifar10.py --data .gpudata/cifar10 --time-per-run 22 --out "$out" 2>&1 \
+  python3 -m bench.quantizers_cifar10 --data .gpudata/cifar10 --time-per-run 22 --out "$out" 2>&1 \
     | grep --line-buffered -v -i warn | tee "$out/cifar.log"
   ;;
 *)

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 preset=${1:?preset}; total=${2:?total minutes}; now=${3:?minutes for this call}
 out=${OUT:-/tmp/out}; mkdir -p "$out"
-python3 bench/train_step_profile.py --preset "$preset" --batch 32 --steps 15 \
+python3 -m bench.train_step_profile --preset "$preset" --batch 32 --steps 15 \
   --variants eager channels_last compile+channels_last --out "$out/train_step_profile.json" 2>&1 | grep -v Warning | tail -n 30
 read -r flags steps < <(python3 - "$out/train_step_profile.json" "$total" <<'PY'
 import json, sys

@@ -65,7 +65,7 @@ bench)
   } 2>&1 | tee "$out/bench.log"
   # OMP_NUM_THREADS=1 for the driver (64 cores: torch's default threads slowed a one-process run 2.4x);
   # Ray's workers inherit it (the decoders are single-threaded Pillow; the GPU actors need no CPU threads)
-  OMP_NUM_THREADS=1 timeout 550 python3 bench/ray_scale.py --model "$model" --batch-size 64 --seconds 22 --max-images 400000 --time-limit 500 \
+  OMP_NUM_THREADS=1 timeout 550 python3 -m bench.ray_scale --model "$model" --batch-size 64 --seconds 22 --max-images 400000 --time-limit 500 \
     --revision "${VQTOK_REVISION:-unknown}" --out "$out/ray_scale_gpu.json" 2>&1 |
     grep --line-buffered -v "plugin EP\|RayDeprecationWarning\|warnings.warn\|ds = ds.map_batches" | tee -a "$out/bench.log"
   ;;

@@ -42,9 +42,9 @@ check)
 runtime)
   # cold: an empty Inductor cache; then warm: a second process on the cache the first one left
   rm -rf "$VQTOK_CACHE"
-  python3 bench/serving_gpu.py --images "$images" --part runtime ${RUNTIME_BATCHES:+--batches "$RUNTIME_BATCHES"} ${RUNTIME_SIZES:+--sizes "$RUNTIME_SIZES"} --revision "$rev" --out /tmp/res/serving_gpu_cold.json 2>&1 | quiet | tee "$out/runtime_cold.log"
+  python3 -m bench.serving_gpu --images "$images" --part runtime ${RUNTIME_BATCHES:+--batches "$RUNTIME_BATCHES"} ${RUNTIME_SIZES:+--sizes "$RUNTIME_SIZES"} --revision "$rev" --out /tmp/res/serving_gpu_cold.json 2>&1 | quiet | tee "$out/runtime_cold.log"
   cp /tmp/res/serving_gpu_cold.json "$out/"
-  python3 bench/serving_gpu.py --images "$images" --part runtime ${RUNTIME_BATCHES:+--batches "$RUNTIME_BATCHES"} ${RUNTIME_SIZES:+--sizes "$RUNTIME_SIZES"} --revision "$rev" --out /tmp/res/serving_gpu.json 2>&1 | quiet | tee "$out/runtime.log"
+  python3 -m bench.serving_gpu --images "$images" --part runtime ${RUNTIME_BATCHES:+--batches "$RUNTIME_BATCHES"} ${RUNTIME_SIZES:+--sizes "$RUNTIME_SIZES"} --revision "$rev" --out /tmp/res/serving_gpu.json 2>&1 | quiet | tee "$out/runtime.log"
   cp /tmp/res/serving_gpu.json "$out/"
   ;;
 torch)
@@ -52,25 +52,25 @@ torch)
   # each call adds its rows to /tmp/res/serving_gpu.json (the runtime step's file on this machine)
   # max-autotune-no-cudagraphs did not finish one shape's encode+decode in 490 s (H100, 797bc95): time it alone with
   # TORCH_MODES=max-autotune-no-cudagraphs TORCH_OPS=decode TORCH_SIZES=256 TORCH_BATCHES=64; a second call resumes its tuning
-  timeout "${TORCH_TIMEOUT:-560}" python3 bench/serving_gpu.py --images "$images" --part torch --torch-modes "${TORCH_MODES:-default}" \
+  timeout "${TORCH_TIMEOUT:-560}" python3 -m bench.serving_gpu --images "$images" --part torch --torch-modes "${TORCH_MODES:-default}" \
     ${TORCH_OPS:+--torch-ops "$TORCH_OPS"} ${TORCH_SIZES:+--sizes "$TORCH_SIZES"} ${TORCH_BATCHES:+--batches "$TORCH_BATCHES"} \
     --revision "$rev" --out /tmp/res/serving_gpu.json 2>&1 | quiet | tee "$out/torch.log"
   cp /tmp/res/serving_gpu.json "$out/"
   ;;
 reload)
-  python3 bench/reload_memory.py --cycles 3 --max-batch-size 8 --sites --out "$out/reload_memory_gpu.json" 2>&1 | quiet | tee "$out/reload_memory.log"
+  python3 -m bench.reload_memory --cycles 3 --max-batch-size 8 --sites --out "$out/reload_memory_gpu.json" 2>&1 | quiet | tee "$out/reload_memory.log"
   ;;
 all)
   # on a warm Inductor cache only: cold, the runtime's warm-up (≈ 190 s) and the torch compiles do not fit one call
   # COMPILE_MODE=max-autotune: the served runtime autotuned too (≈ 200 s a shape and part on an empty cache: with
   # RUNTIME_BATCHES=64 TORCH_OPS=decode TORCH_MODES=max-autotune-no-cudagraphs, two calls; the second resumes from the cache)
-  timeout "${ALL_TIMEOUT:-540}" python3 bench/serving_gpu.py --images "$images" --part all --torch-modes "${TORCH_MODES:-default,reduce-overhead}" \
+  timeout "${ALL_TIMEOUT:-540}" python3 -m bench.serving_gpu --images "$images" --part all --torch-modes "${TORCH_MODES:-default,reduce-overhead}" \
     ${RUNTIME_BATCHES:+--batches "$RUNTIME_BATCHES"} ${RUNTIME_SIZES:+--sizes "$RUNTIME_SIZES"} ${TORCH_OPS:+--torch-ops "$TORCH_OPS"} \
     ${COMPILE_MODE:+--compile-mode "$COMPILE_MODE"} --revision "$rev" --out /tmp/res/serving_gpu.json 2>&1 | quiet | tee "$out/serving_all.log"
   cp /tmp/res/serving_gpu.json "$out/"
   ;;
 local)
-  OMP_NUM_THREADS=1 VQTOK_DATA=$PWD/.gpudata timeout "${LOCAL_TIMEOUT:-300}" python3 bench/ray_scale.py --model models/pretrained/photo-f8-simvq-16k-v2 \
+  OMP_NUM_THREADS=1 VQTOK_DATA=$PWD/.gpudata timeout "${LOCAL_TIMEOUT:-300}" python3 -m bench.ray_scale --model models/pretrained/photo-f8-simvq-16k-v2 \
     --engines local --batch-size 64 --seconds 22 --time-limit 280 --revision "$rev" --out "$out/local_engine_gpu.json" 2>&1 | quiet | tee "$out/local_engine.log"
   ;;
 http)
@@ -79,7 +79,7 @@ http)
   # (or torch's default folder: up to 797bc95 the compiled runtime's kernels landed there)
   # (COMPILE_MODE=max-autotune: tune the cache with the `all` step first; tuning every bucket here does not fit a call)
   [ -n "${HTTP_COLD:-}" ] || [ -d "$VQTOK_CACHE/inductor" ] || [ -d "/tmp/torchinductor_$(whoami)" ] || { echo "cold Inductor cache: run 'serving.sh runtime' first" >&2; exit 2; }
-  python3 bench/http_front.py --model-repo models/pretrained --images "$images" --device cuda --runtime auto \
+  python3 -m bench.http_front --model-repo models/pretrained --images "$images" --device cuda --runtime auto \
     --front-workers "${2:-0,8}" --concurrency "${HTTP_CONCURRENCY:-32,64,128,256}" --images-per-request "${HTTP_IMAGES:-1,8}" --max-batch-size 64 --batch-workers "${HTTP_BATCH_WORKERS:-0}" \
     --max-batch-delay-ms "${HTTP_DELAY_MS:-2}" ${COMPILE_MODE:+--compile-mode "$COMPILE_MODE"} \
     --client-procs "${HTTP_CLIENT_PROCS:-6}" --decode-threads 4 --duration 5 --time-budget "${HTTP_BUDGET:-420}" --revision "$rev" \

@@ -45,7 +45,7 @@ soak-start)
   fi
   python3 -c 'import torch, fastapi, uvicorn, httpx; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "fastapi", fastapi.__version__)'
   rm -f "$res/soak.done" "$res/soak.rc" "$res/service_soak_gpu.json"
-  setsid nohup bash -c "python3 bench/service_soak.py --model-repo models/pretrained --images $images --device $device --runtime auto \
+  setsid nohup bash -c "python3 -m bench.service_soak --model-repo models/pretrained --images $images --device $device --runtime auto \
     --front-workers $fronts --concurrency $concurrency --saturation-seconds 8 --fraction 0.85 --minutes $minutes \
     --max-batch-size 64 --client-procs $client_procs --decode-threads 4 --window-s ${WINDOW_S:-60} --sample-s ${SAMPLE_S:-10} ${SERVER_ENV:+--server-env $SERVER_ENV} \
     ${REVISION:+--revision $REVISION} --out $res/service_soak_gpu.json --server-log $res/soak_server.log; echo \$? >$res/soak.rc; touch $res/soak.done" \
@@ -83,7 +83,7 @@ two-servers)
     done
     echo "one model in models/pretrained: serving $(ls "$repo" | tr '\n' ' ')(symlinks to the same files)"
   fi
-  python3 bench/two_servers.py --model-repo "$repo" --images "$images" --device "$device" --runtime auto \
+  python3 -m bench.two_servers --model-repo "$repo" --images "$images" --device "$device" --runtime auto \
     --servers 2 --seconds "${2:-20}" --connections 4 --max-batch-size 32 --decode-threads 4 --startup-timeout 480 \
     ${REVISION:+--revision "$REVISION"} --out "$out/two_servers_gpu.json" 2>&1 | grep --line-buffered -v -i "plugin EP\|warn" | tee "$out/two_servers.log"
   ;;

@@ -2,10 +2,9 @@
 
 When every front accepts on one shared listening socket, the kernel wakes them all and whichever runs
 first takes what is waiting: a burst of new connections lands mostly on one or two fronts, and a
-keep-alive connection stays where it landed. Measured on the CPU: 64 connections over 4 fronts held
-8/18/24/14 and 9/10/11/34 (`bench/front_accept_cpu.py`); on the H100 host, 12 fronts with 1-image
-requests stopped at 0.56-0.74 of raw with 9-10 of its 16 cores idle, and reached 0.90 at concurrency
-256 with the hand-off (BENCHMARKS.md).
+keep-alive connection stays where it landed (`bench/front_accept_cpu.py` shows the spread). Then a
+few fronts are saturated while the others and many of the host's cores sit idle, and single-image
+throughput stops well short of the runtime's (BENCHMARKS.md).
 
 Here the supervisor alone accepts, and passes each connection's file descriptor (SCM_RIGHTS over a Unix
 socket pair, one per front: its channel) to the next front in turn; the front adopts it into its event

@@ -85,8 +85,8 @@ def test_decode_tasks_are_batch_multiples_that_give_every_core_work() -> None:
 @pytest.mark.timeout(300)
 def test_ray_scale_bench_runs_on_the_cpu(model_dir: Path, photos_val_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ray_scale.json"
-    env = {**os.environ, "VQTOK_DATA": str(photos_val_dir.parents[1])}
-    cmd = [sys.executable, str(REPO / "bench" / "ray_scale.py"), "--model", str(model_dir), "--device", "cpu"]
+    env = {**os.environ, "VQTOK_DATA": str(photos_val_dir.parents[1]), "PYTHONPATH": str(REPO)}  # run outside the checkout
+    cmd = [sys.executable, "-m", "bench.ray_scale", "--model", str(model_dir), "--device", "cpu"]
     cmd += ["--batch-size", "16", "--images", "96", "--max-images", "96", "--seconds", "1", "--raw-seconds", "0.5"]
     cmd += ["--cpu-actors", "2", "--time-limit", "240", "--revision", "test", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)

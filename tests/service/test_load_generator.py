@@ -1,4 +1,4 @@
-"""The benchmarks' load generator (bench/service_load.py, bench/http_front.py): its client processes measure
+"""The benchmarks' load generator (bench.harness.load): its client processes measure
 over one window, and its count agrees with the server's own batch counters over that window."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bench.service_load import StartGate
+from bench.harness.load import StartGate
 
 
 def _report(gate: StartGate, delay: float, q: Any) -> None:
@@ -46,7 +46,7 @@ def test_the_clients_count_matches_the_servers_over_the_same_window(model_repo: 
     """Four client processes against a real split server: images/s counted by the clients and images
     batched by the server over the same window agree (they disagreed by 1.2-1.4x on a GPU host while
     each process kept its own window)."""
-    from bench.http_front import read_jpegs, run_load
+    from bench.harness.load import read_jpegs, run_load
     from tests.helpers import SplitServerThread
     from tests.service.conftest import cpu_settings
 
@@ -62,7 +62,7 @@ def test_the_clients_count_matches_the_servers_over_the_same_window(model_repo: 
 
 
 def test_the_front_floor_bench_measures_each_server_it_names(model_repo: Path, tmp_path: Path) -> None:
-    """bench/front_floor.py: the bare, work, fastapi and vqtok servers all answer the load generator's
+    """bench.front_floor: the bare, work, fastapi and vqtok servers all answer the load generator's
     real multipart JPEGs without an error, and each row has the CPU of the processes it names."""
     from bench import front_floor
 

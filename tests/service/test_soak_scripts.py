@@ -14,14 +14,14 @@ TINY = ["--device", "cpu", "--resize", "crop", "--warmup-size", "32", "--decode-
 
 
 def _run(script: str, args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, f"bench/{script}", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", f"bench.{script}", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def test_soak_reloads_midway_without_errors(model_repo: Path, photos_val_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     args = ["--model-repo", str(model_repo), "--images", str(photos_val_dir), *TINY, "--concurrency", "4", "--client-procs", "1"]
     args += ["--saturation-seconds", "1", "--minutes", "0.1", "--window-s", "2", "--sample-s", "1", "--out", str(out)]
-    proc = _run("service_soak.py", args, timeout=120)
+    proc = _run("service_soak", args, timeout=120)
     assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]  # 1: a criterion failed (memory, on a 6 s run)
     result = json.loads(out.read_text())
     soak = result["soak"]
@@ -47,7 +47,7 @@ def test_soak_reloads_midway_without_errors(model_repo: Path, photos_val_dir: Pa
 def test_two_servers_two_models_each(model_repo: Path, photos_val_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "two.json"
     args = ["--model-repo", str(model_repo), "--images", str(photos_val_dir), *TINY, "--seconds", "2", "--connections", "1"]
-    proc = _run("two_servers.py", [*args, "--out", str(out)], timeout=120)
+    proc = _run("two_servers", [*args, "--out", str(out)], timeout=120)
     result = json.loads(out.read_text())
     assert proc.returncode == 0 and result["pass"], proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(result["servers"]) == 2 and len({s["url"] for s in result["servers"]}) == 2

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.front_accept_cpu import established_by_process
+from bench.harness.procs import established_by_process
 from models.core import pixels
 from models.runtime.onnx import ModelRuntime
 from service.metrics import Metrics

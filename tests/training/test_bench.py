@@ -1,19 +1,15 @@
-"""bench/quantizers_cifar10.py on a sliver of real CIFAR-10, so GPU time is not spent on a broken script."""
+"""bench.quantizers_cifar10 on a sliver of real CIFAR-10, so GPU time is not spent on a broken script."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
+from typing import Any
 
 
 def test_bench_runs_all_variants_on_cpu(cifar_test_parquet: Path, tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("quantizers_cifar10", REPO / "bench" / "quantizers_cifar10.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench: Any = importlib.import_module("bench.quantizers_cifar10")
     argv = ["--data", str(cifar_test_parquet.parent), "--out", str(tmp_path), "--steps", "2", "--batch-size", "8", "--channels", "8"]
     argv += ["--limit", "64", "--test-limit", "64", "--codebook-sizes", "64", "--threads", "2", "--device", "cpu"]
     results = bench.main(argv, log=lambda _: None)

@@ -1,10 +1,10 @@
-"""bench/rate_distortion.py end to end on a sliver of the real sets with a tiny model: the JSON, both
+"""bench.rate_distortion end to end on a sliver of the real sets with a tiny model: the JSON, both
 figures, a sweep point checked against PSNR written out in numpy, and the model point equal to
 `vqtok eval`'s own report (the script reuses training.evaluate, never a copy of it)."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
@@ -19,16 +19,11 @@ from training.evaluate import EvalOptions, encode_at_quality, evaluate
 
 from .conftest import TINY
 
-REPO = Path(__file__).resolve().parents[2]
 pytest.importorskip("matplotlib", reason="matplotlib (the test extra) draws the figures")
 
 
 def _load_bench() -> object:
-    spec = importlib.util.spec_from_file_location("rate_distortion", REPO / "bench" / "rate_distortion.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return importlib.import_module("bench.rate_distortion")
 
 
 def test_rate_distortion_script_on_real_images(kodak_dir: Path, photos_val_dir: Path, tmp_path: Path) -> None:
