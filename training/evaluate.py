@@ -184,12 +184,13 @@ def _decode(data: bytes) -> np.ndarray:
 
 
 def encode_at_rate(img: np.ndarray, fmt: str, target_bpp: float) -> tuple[np.ndarray, float, int]:
-    """Highest Pillow quality whose file is at most `target_bpp` (binary search over 1..100; quality 1
-    when even that is over). Returns (decoded uint8 HWC, actual bpp, quality)."""
+    """Highest Pillow quality whose file is at most `target_bpp` (binary search over 0..100: Pillow's
+    lowest quality is 0, and starting at 1 would hand the codec more bits than the rule allows; quality 0
+    when even that is over — its bpp then says by how much). Returns (decoded uint8 HWC, actual bpp, quality)."""
     pil = Image.fromarray(img)
     pixels = img.shape[0] * img.shape[1]
-    lo, hi, best = 1, 100, 1
-    best_bytes = _encode(pil, fmt, 1)
+    lo, hi, best = 0, 100, 0
+    best_bytes = _encode(pil, fmt, 0)
     while lo <= hi:
         mid = (lo + hi) // 2
         data = _encode(pil, fmt, mid)
@@ -268,6 +269,7 @@ def evaluate(model: Tokenizer, data: str | Path, options: EvalOptions | None = N
     lpips_model, lpips_reason = load_lpips_alex(device) if opts.lpips else (None, "disabled (--no-lpips)")
     scores = {name: ImageScores(lpips_model) for name in rows}
     quality: dict[str, list[int]] = {"jpeg": [], "webp": []}
+    over_rate: dict[str, int] = {"jpeg": 0, "webp": 0}  # images whose lowest quality is above the tokenizer's bpp
     counts = torch.zeros(k, dtype=torch.long)
     skipped: list[str] = []
     n = n_skipped = 0
@@ -298,6 +300,7 @@ def evaluate(model: Tokenizer, data: str | Path, options: EvalOptions | None = N
                     decoded, actual, q = codec_batch_at_rate(batch, fmt, bpp)
                     scores[fmt.lower()].add(batch, decoded, actual)
                     quality[fmt.lower()] += q
+                    over_rate[fmt.lower()] += sum(b > bpp for b in actual)
                     tests[fmt.lower()] = decoded
             if net is not None:
                 bar.set_description("eval: rFID features")
@@ -325,7 +328,14 @@ def evaluate(model: Tokenizer, data: str | Path, options: EvalOptions | None = N
             "lpips_note": lpips_reason or "LPIPS v0.1, AlexNet, per image at full resolution (float32, RGB in [-1, 1]), averaged",
         }
         for name in rows[1:]:
-            report[name] = {**scores[name].summary(), "quality_mean": float(np.mean(quality[name])) if quality[name] else None}
+            summary = scores[name].summary()
+            report[name] = {
+                **summary,
+                "quality_mean": float(np.mean(quality[name])) if quality[name] else None,
+                # where no quality reaches the tokenizer's rate the codec stays at its lowest; how many, and its bits against the tokenizer's
+                "images_over_rate": over_rate[name],
+                "bpp_over_tokenizer": summary["bpp"] / report["tokenizer"]["bpp"] if summary.get("bpp") and report["tokenizer"].get("bpp") else None,
+            }
         if net is not None and n >= max(opts.fid_min_images, KID_MIN_IMAGES):
             bar.set_description("eval: rFID and KID")
             reference = np.concatenate(feats["original"])
@@ -344,7 +354,8 @@ def evaluate(model: Tokenizer, data: str | Path, options: EvalOptions | None = N
         bar.set_description("eval")
     if opts.compare_codecs:
         report["codec_rule"] = (
-            "Pillow, per image: the highest quality (1..100, binary search) whose file is at most the tokenizer's bpp on that image; "
+            "Pillow, per image: the highest quality (0..100, binary search) whose file is at most the tokenizer's bpp on that image, "
+            "else quality 0 (counted in images_over_rate; bpp_over_tokenizer: the codec's mean bits over the tokenizer's); "
             "every metric as for the tokenizer row, rFID/KID against the same Inception features of the originals"
         )
     return report
@@ -384,6 +395,13 @@ def format_table(report: dict[str, Any], model_name: str = "tokenizer") -> str:
         f"images: {report['images']} (skipped unreadable: {report['skipped_images']}); f={report['downsample']}, K={report['codebook_size']}"
     )
     lines.append(f"codebook usage over the set: {t['usage'] * 100:.2f}%  perplexity: {t['perplexity']:.1f}")
+    for name, key in (("JPEG", "jpeg"), ("WebP", "webp")):
+        if report.get(key, {}).get("images_over_rate"):
+            r = report[key]
+            lines.append(
+                f"{name}: {r['images_over_rate']} of {report['images']} images above the tokenizer's rate even at quality 0; "
+                f"its row has {r['bpp_over_tokenizer']:.2f}x the tokenizer's bits"
+            )
     rfid = f"{t['rfid']:.2f} from {t['rfid_images']} images" if t["rfid"] is not None else "n/a"
     lines.append(f"rFID: {rfid}  ({report['rfid_note']})")
     if "kid_note" in report:

@@ -6,6 +6,10 @@ K1 = 0.01, K2 = 0.03, population statistics, valid region only, averaged over ch
 numbers as ``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
 use_sample_covariance=False, data_range=255, channel_axis=-1)``. MS-SSIM is Wang et al. 2003 with
 5 scales and the standard weights; it needs images of at least 176 px a side (else None).
+
+SSIM and MS-SSIM run in float32 (float64 convolutions cost several times more on a CPU), on values
+shifted to [−127.5, 127.5]: a shift changes no variance or covariance, and E[x²] − μ² loses far less of
+a small variance in float32 when x² is at most 127.5² than at 255².
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ def _as_float(x: Tensor) -> Tensor:
     return x.double() if x.dtype != torch.float64 else x
 
 
+def _as_float32(x: Tensor) -> Tensor:
+    return x.float() if x.dtype != torch.float32 else x
+
+
 def psnr(x: Tensor, y: Tensor, data_range: float = DATA_RANGE) -> Tensor:
     """Per-image PSNR in dB, (B,). Identical images give +inf."""
     mse = (_as_float(x) - _as_float(y)).pow(2).flatten(1).mean(1)
@@ -35,7 +43,7 @@ def psnr(x: Tensor, y: Tensor, data_range: float = DATA_RANGE) -> Tensor:
 def _gaussian_1d(device: torch.device) -> Tensor:
     coords = torch.arange(WINDOW, dtype=torch.float64, device=device) - WINDOW // 2
     g = torch.exp(-(coords**2) / (2 * SIGMA**2))
-    return g / g.sum()
+    return g / g.sum()  # built in float64, then cast: the weights sum to 1 to float32's precision
 
 
 def _blur(t: Tensor) -> Tensor:
@@ -52,20 +60,23 @@ def _ssim_maps(x: Tensor, y: Tensor, data_range: float) -> tuple[Tensor, Tensor]
     """SSIM and contrast-structure maps over the valid region, (B, C, H−10, W−10) each."""
     c = x.shape[1]
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    # one blur call for the five moments (float64: E[x²] − μ² must not lose the variance)
+    shift = data_range / 2  # see the module docstring: the moments of the centred values
+    x, y = x - shift, y - shift
+    # one blur call for the five moments
     moments = _blur(torch.cat([x, y, x * x, y * y, x * y], dim=1))
     mu_x, mu_y, xx, yy, xy = moments.split(c, dim=1)
     var_x = xx - mu_x**2
     var_y = yy - mu_y**2
     cov = xy - mu_x * mu_y
     cs = (2 * cov + c2) / (var_x + var_y + c2)
+    mu_x, mu_y = mu_x + shift, mu_y + shift
     luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
     return luminance * cs, cs
 
 
 def ssim(x: Tensor, y: Tensor, data_range: float = DATA_RANGE) -> Tensor:
     """Per-image SSIM, (B,), averaged over channels and the valid region."""
-    x, y = _as_float(x), _as_float(y)
+    x, y = _as_float32(x), _as_float32(y)
     if min(x.shape[-2:]) < WINDOW:
         raise ValueError(f"SSIM needs images of at least {WINDOW} px a side, got {tuple(x.shape[-2:])}")
     s, _ = _ssim_maps(x, y, data_range)
@@ -78,10 +89,10 @@ def ms_ssim_min_size() -> int:
 
 def ms_ssim(x: Tensor, y: Tensor, data_range: float = DATA_RANGE) -> Tensor | None:
     """Per-image MS-SSIM, (B,); None when the images are too small for 5 scales."""
-    x, y = _as_float(x), _as_float(y)
+    x, y = _as_float32(x), _as_float32(y)
     if min(x.shape[-2:]) < ms_ssim_min_size():
         return None
-    weights = torch.tensor(MS_SSIM_WEIGHTS, dtype=torch.float64, device=x.device)
+    weights = torch.tensor(MS_SSIM_WEIGHTS, dtype=torch.float32, device=x.device)
     values = []
     for level in range(len(MS_SSIM_WEIGHTS)):
         s, cs = _ssim_maps(x, y, data_range)

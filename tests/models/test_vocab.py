@@ -4,7 +4,6 @@ layout's; `vocab codebook` against the models' own code vectors; the commands' e
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -117,20 +116,9 @@ def test_extension_errors(text_tokenizer: Path, tmp_path: Path) -> None:
 
 
 def vqtok(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    """The root `vqtok` command with `vocab` registered as the one line in vqtok/cli.py."""
+    """The root `vqtok` command, in this process."""
     from vqtok import cli
-    from models import vocab_commands
 
-    original = cli.build_parser
-
-    def build() -> argparse.ArgumentParser:
-        parser = original()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "vocab" not in sub.choices:
-            vocab_commands.register(sub)
-        return parser
-
-    monkeypatch.setattr(cli, "build_parser", build)
     return cli.main(argv)
 
 

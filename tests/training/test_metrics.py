@@ -45,7 +45,7 @@ def test_ssim_matches_skimage(kodak_pair: tuple[np.ndarray, np.ndarray], quality
     expected = structural_similarity(
         ref, test, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255, channel_axis=-1
     )
-    assert float(ssim(_chw(ref), _chw(test))) == pytest.approx(expected, abs=1e-6)
+    assert float(ssim(_chw(ref), _chw(test))) == pytest.approx(expected, abs=1e-5)  # float32: SSIM reported to 3 decimals
 
 
 def test_ms_ssim_orders_quality_and_needs_size(kodak_pair: tuple[np.ndarray, np.ndarray]) -> None:
