@@ -527,3 +527,122 @@ def _two_threads() -> Iterator[None]:
     torch.set_num_threads(min(threads, 2))  # two cores, shared
     yield
     torch.set_num_threads(threads)
+
+
+# --- the public families' configs -----------------------------------------------------------------
+# config.json of each, as published on the Hugging Face hub (read, not downloaded, when this was written)
+PUBLIC: dict[str, dict[str, Any]] = {
+    "CompVis/ldm-celebahq-256 vqvae": {  # written by diffusers 0.1.2: no norm_num_groups, norm_type, vq_embed_dim
+        "_class_name": "VQModel",
+        "_diffusers_version": "0.1.2",
+        "act_fn": "silu",
+        "block_out_channels": [128, 256, 512],
+        "down_block_types": [D, D, D],
+        "in_channels": 3,
+        "latent_channels": 3,
+        "layers_per_block": 2,
+        "num_vq_embeddings": 8192,
+        "out_channels": 3,
+        "sample_size": 256,
+        "up_block_types": [U, U, U],
+    },
+    "kandinsky-community/kandinsky-2-2-decoder movq": {
+        "_class_name": "VQModel",
+        "_diffusers_version": "0.17.0.dev0",
+        "act_fn": "silu",
+        "block_out_channels": [128, 256, 256, 512],
+        "down_block_types": [D, D, D, AD],
+        "in_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "norm_type": "spatial",
+        "num_vq_embeddings": 16384,
+        "out_channels": 3,
+        "sample_size": 32,
+        "scaling_factor": 0.18215,
+        "up_block_types": [AU, U, U, U],
+        "vq_embed_dim": 4,
+    },
+    "amused/amused-512 vqvae": {
+        "_class_name": "VQModel",
+        "_diffusers_version": "0.25.0.dev0",
+        "act_fn": "silu",
+        "block_out_channels": [128, 256, 256, 512, 768],
+        "down_block_types": [D] * 5,
+        "in_channels": 3,
+        "latent_channels": 64,
+        "layers_per_block": 2,
+        "lookup_from_codebook": True,
+        "mid_block_add_attention": False,
+        "norm_num_groups": 32,
+        "norm_type": "group",
+        "num_vq_embeddings": 8192,
+        "out_channels": 3,
+        "sample_size": 32,
+        "scaling_factor": 0.18215,
+        "up_block_types": [U] * 5,
+        "vq_embed_dim": None,
+        "force_upcast": True,
+    },
+    "xvjiarui/taming-vq-f16-n1024": {
+        "_class_name": "VQModel",
+        "_diffusers_version": "0.14.0.dev0",
+        "act_fn": "silu",
+        "block_out_channels": [128, 128, 256, 256, 512],
+        "down_block_types": [D, D, D, D, AD],
+        "in_channels": 3,
+        "latent_channels": 256,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "num_vq_embeddings": 1024,
+        "out_channels": 3,
+        "sample_size": 256,
+        "scaling_factor": 0.18215,
+        "up_block_types": [AU, U, U, U, U],
+        "vq_embed_dim": None,
+    },
+    "nielsr/absorbing-diffusion-churches vae": {
+        "_class_name": "VQModel",
+        "_diffusers_version": "0.4.0.dev0",
+        "act_fn": "swish",
+        "block_out_channels": [128, 128, 256, 256, 512],
+        "down_block_types": [D, D, D, D, AD],
+        "final_decoder_activation": False,
+        "final_encoder_activation": False,
+        "in_channels": 3,
+        "latent_channels": 256,
+        "layers_per_block": 2,
+        "num_vq_embeddings": 1024,
+        "out_channels": 3,
+        "sample_size": 32,
+        "up_block_types": [AU, U, U, U, U],
+    },
+}
+# (downsample, codebook size, code dimension, decoder norms) each should import as
+EXPECTED = {
+    "CompVis/ldm-celebahq-256 vqvae": (4, 8192, 3, "group"),
+    "kandinsky-community/kandinsky-2-2-decoder movq": (8, 16384, 4, "spatial"),
+    "amused/amused-512 vqvae": (16, 8192, 64, "group"),
+    "xvjiarui/taming-vq-f16-n1024": (16, 1024, 256, "group"),
+    "nielsr/absorbing-diffusion-churches vae": (16, 1024, 256, "group"),
+}
+
+
+@pytest.mark.parametrize("family", list(PUBLIC))
+def test_public_family_configs_build_diffusers_network(family: str) -> None:
+    """Each published config maps to a taming config whose network has exactly diffusers' parameters
+    (names and shapes; built on the meta device: no memory, no weights)."""
+    from models.importers.diffusers import ignored_fields, taming_config, vqmodel_defaults
+
+    raw = PUBLIC[family]
+    defaults = vqmodel_defaults()
+    config = taming_config(raw, defaults, resolution=256, source={})
+    assert (config.downsample, config.codebook_size, config.latent_dim, config.norm_type) == EXPECTED[family]
+    extra = ["final_decoder_activation", "final_encoder_activation"] if "absorbing" in family else []
+    assert ignored_fields(raw, defaults) == extra  # diffusers drops them too: reported in `source`, not refused
+    init = {k: v for k, v in raw.items() if not k.startswith("_") and k in defaults}
+    with torch.device("meta"):
+        theirs = {k: v.shape for k, v in vqtok_state_dict(VQModel(**init).state_dict()).items()}
+        ours = {k: v.shape for k, v in Tokenizer(config).state_dict().items()}
+    assert ours == theirs
