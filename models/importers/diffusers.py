@@ -575,7 +575,10 @@ def import_vqmodel(
         log.warning("%s: config keys diffusers' VQModel ignores, so vqtok does too: %s", _describe(ref), ", ".join(ignored))
     res = resolution if resolution is not None else DEFAULT_RESOLUTION
     # mapped (and refused) before any weights are read
-    config = taming_config(raw, defaults, resolution=res, source={})
+    try:
+        config = taming_config(raw, defaults, resolution=res, source={})
+    except (TypeError, ValueError, KeyError) as exc:  # a field of the wrong type: a list where a number belongs
+        raise UnsupportedModel(f"config.json: a field vqtok cannot read: {exc!r}") from exc
     config = config.replace(source=source_record(ref, raw, commit, source_license(ref, commit), ignored))
 
     vq = load_vqmodel(ref)
@@ -600,7 +603,8 @@ def import_vqmodel(
         fp16_note = "No float16 graphs (not asked for)."
 
     Path(output).mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".import-{name}-", dir=output))
+    workspace = Path(tempfile.mkdtemp(prefix=f".import-{name}-", dir=output))
+    staging = workspace / name  # the model's own name while it is built: the export names it so
     try:
         t = time.perf_counter()
         tok.save_pretrained(staging, model_card=False)
@@ -618,9 +622,8 @@ def import_vqmodel(
         if target.exists():
             target.rmdir()  # empty (checked above)
         os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
     seconds["total"] = time.perf_counter() - start
     return ImportResult(target, config, figures, manifest, seconds)
 
