@@ -18,6 +18,7 @@ from .core.errors import ModelNotFound
 from .core.fileio import atomic_path
 from .networks import Decoder, Encoder
 from .quantizers import FSQ, QuantizerOutput, VectorQuantizer
+from .taming import TamingDecoder, TamingEncoder, taming_networks
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -77,6 +78,14 @@ class Tokenizer(nn.Module):
     def __init__(self, config: TokenizerConfig) -> None:
         super().__init__()
         self.config = config
+        self.encoder: Encoder | TamingEncoder
+        self.decoder: Decoder | TamingDecoder
+        if config.architecture == "taming":
+            # the plain-codebook quantizer of the taming family; the decoder takes the codes (spatial
+            # norms condition on them), so encode/decode and the export graphs are the same as below
+            self.encoder, self.decoder = taming_networks(config)
+            self.quantizer: VectorQuantizer | FSQ = build_quantizer(config)
+            return
         net = dict(
             base_channels=config.base_channels,
             channel_mult=config.channel_mult,
@@ -86,7 +95,7 @@ class Tokenizer(nn.Module):
             groups=config.norm_groups,
         )
         self.encoder = Encoder(in_channels=config.in_channels, **net)  # type: ignore[arg-type]
-        self.quantizer: VectorQuantizer | FSQ = build_quantizer(config)
+        self.quantizer = build_quantizer(config)
         net["base_channels"] = config.decoder_base_channels
         self.decoder = Decoder(out_channels=config.in_channels, **net)  # type: ignore[arg-type]
 

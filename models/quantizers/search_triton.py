@@ -39,8 +39,10 @@ from torch import Tensor
 Precision = Literal["ieee", "tf32", "tf32x3"]
 PRECISIONS: tuple[str, ...] = ("ieee", "tf32", "tf32x3")
 
-# Largest code dimension the kernel accepts (z and C tiles are padded to a power of two >= 16).
-MAX_DIM = 128
+# Widest slice of the code dimension one tile product takes: up to it, z and C tiles hold the whole
+# (padded) dimension and z is loaded once; wider codes (256 for taming's f16 VQGAN) are taken in
+# slices of this width, accumulated per code tile. Powers of two >= 16 as `tl.dot` needs.
+MAX_TILE_DIM = 128
 # Every BLOCK_K below divides this, so a split of the code range is a whole number of tiles.
 _SPLIT_ALIGN = 128
 # Launch at least this many programs per multiprocessor (small N: split the code range instead).
@@ -153,6 +155,7 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
         N_BUCKET,  # autotune key only: log2 bucket of N, so a new batch size does not retune
         K_PER_SPLIT: tl.constexpr,
         D_PAD: tl.constexpr,
+        BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -160,15 +163,15 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        dims = tl.arange(0, D_PAD)
+        dims = tl.arange(0, BLOCK_D)
         row_ok = rows < N
-        dim_ok = dims < D
         # Padded dims are zero in z and C: they add exact zeros to every product.
-        z = tl.load(
-            z_ptr + rows[:, None].to(tl.int64) * stride_zn + dims[None, :] * stride_zd,
-            mask=row_ok[:, None] & dim_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        if D_PAD == BLOCK_D:  # constexpr: the whole code dimension in one tile, z loaded once
+            z = tl.load(
+                z_ptr + rows[:, None].to(tl.int64) * stride_zn + dims[None, :] * stride_zd,
+                mask=row_ok[:, None] & (dims < D)[None, :],
+                other=0.0,
+            ).to(tl.float32)
         # Lane-wise running best over the tiles: lane j holds the best of codes k0 + j. Strict <
         # keeps the earliest code of a lane on ties; the lanes are merged once, after the loop.
         best_val = tl.full((BLOCK_N, BLOCK_K), float("inf"), tl.float32)
@@ -179,13 +182,29 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
         for t in range(0, K_PER_SPLIT // BLOCK_K):
             codes = k_start + t * BLOCK_K + tl.arange(0, BLOCK_K)
             code_ok = codes < K
-            c = tl.load(
-                c_ptr + codes[:, None].to(tl.int64) * stride_ck + dims[None, :] * stride_cd,
-                mask=code_ok[:, None] & dim_ok[None, :],
-                other=0.0,
-            )
+            if D_PAD == BLOCK_D:
+                c = tl.load(
+                    c_ptr + codes[:, None].to(tl.int64) * stride_ck + dims[None, :] * stride_cd,
+                    mask=code_ok[:, None] & (dims < D)[None, :],
+                    other=0.0,
+                )
+                dot = tl.dot(z, tl.trans(c), input_precision=PRECISION)  # (BLOCK_N, BLOCK_K) fp32
+            else:  # wide codes: slices of BLOCK_D dims, z's slices re-read per code tile (from cache)
+                dot = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+                for dc in tl.static_range(D_PAD // BLOCK_D):
+                    sl = dc * BLOCK_D + dims
+                    zs = tl.load(
+                        z_ptr + rows[:, None].to(tl.int64) * stride_zn + sl[None, :] * stride_zd,
+                        mask=row_ok[:, None] & (sl < D)[None, :],
+                        other=0.0,
+                    ).to(tl.float32)
+                    cs = tl.load(
+                        c_ptr + codes[:, None].to(tl.int64) * stride_ck + sl[None, :] * stride_cd,
+                        mask=code_ok[:, None] & (sl < D)[None, :],
+                        other=0.0,
+                    )
+                    dot += tl.dot(zs, tl.trans(cs), input_precision=PRECISION)
             csq = tl.load(csq_ptr + codes, mask=code_ok, other=float("inf"))
-            dot = tl.dot(z, tl.trans(c), input_precision=PRECISION)  # (BLOCK_N, BLOCK_K) fp32
             score = csq[None, :] - 2.0 * dot  # masked codes: inf, never taken
             better = score < best_val
             best_val = tl.where(better, score, best_val)
@@ -244,7 +263,7 @@ def nearest_code_triton(
     """Nearest code per row with the fused Triton kernel -> int64 (N,).
 
     z (N, D) float32/bfloat16/float16, codebook (K, D) float32, codebook_sq (K,) float32 = ‖c‖²,
-    all on one CUDA device (or on CPU with ``TRITON_INTERPRET=1``); D <= 128.
+    all on one CUDA device (or on CPU with ``TRITON_INTERPRET=1``); any D (wider than MAX_TILE_DIM in slices).
     `config` ({"BLOCK_N", "BLOCK_K", "num_warps", "num_stages"}) fixes the tile shape instead of
     autotuning (autotuning is off in interpreter mode, which uses DEFAULT_CONFIG);
     `splits` overrides how many slices of the code range run in parallel (default: enough
@@ -253,10 +272,8 @@ def nearest_code_triton(
     _check_inputs(z, codebook, codebook_sq)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    n, d = z.shape
+    n = z.shape[0]
     k = codebook.shape[0]
-    if d > MAX_DIM:
-        raise ValueError(f"the Triton search supports code dimensions up to {MAX_DIM}, got {d}")
     if k >= 2**31:
         raise ValueError("codebook too large for int32 indices")
     interpret = interpreter_enabled()
@@ -302,13 +319,13 @@ class LaunchPlan:
     out_val: Tensor  # float32 (n_splits, N): each slice's best score per row
     out_idx: Tensor  # int32 (n_splits, N): each slice's best code per row
     args: tuple[Any, ...]
-    constants: dict[str, int]  # K_PER_SPLIT, D_PAD
+    constants: dict[str, int]  # K_PER_SPLIT, D_PAD, BLOCK_D
 
 
 def launch_plan(z: Tensor, codebook: Tensor, codebook_sq: Tensor, splits: int | None = None) -> LaunchPlan:
     n, d = z.shape
     k = codebook.shape[0]
-    d_pad = max(16, 1 << (d - 1).bit_length())
+    d_pad, block_d = padded_dims(d)
     n_splits = splits if splits is not None else _split_count(n, k, z.device)
     n_splits = max(1, min(n_splits, math.ceil(k / _SPLIT_ALIGN)))
     k_per_split = math.ceil(math.ceil(k / n_splits) / _SPLIT_ALIGN) * _SPLIT_ALIGN
@@ -330,7 +347,17 @@ def launch_plan(z: Tensor, codebook: Tensor, codebook_sq: Tensor, splits: int | 
         codebook.stride(1),
         max(0, (n - 1).bit_length()),  # N_BUCKET: the autotune key
     )
-    return LaunchPlan(n_splits, out_val, out_idx, args, {"K_PER_SPLIT": k_per_split, "D_PAD": d_pad})
+    return LaunchPlan(n_splits, out_val, out_idx, args, {"K_PER_SPLIT": k_per_split, "D_PAD": d_pad, "BLOCK_D": block_d})
+
+
+def padded_dims(d: int) -> tuple[int, int]:
+    """(D_PAD, BLOCK_D): the code dimension padded for the tiles, and the slice one product takes.
+    Up to MAX_TILE_DIM one slice of the next power of two (>= 16, `tl.dot`'s least); wider, slices of
+    MAX_TILE_DIM (D_PAD a multiple of it)."""
+    if d <= MAX_TILE_DIM:
+        width = max(16, 1 << (d - 1).bit_length())
+        return width, width
+    return -(-d // MAX_TILE_DIM) * MAX_TILE_DIM, MAX_TILE_DIM
 
 
 def merge_splits(out_val: Tensor, out_idx: Tensor) -> Tensor:
