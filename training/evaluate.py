@@ -334,7 +334,9 @@ def evaluate(model: Tokenizer, data: str | Path, options: EvalOptions | None = N
                 "quality_mean": float(np.mean(quality[name])) if quality[name] else None,
                 # where no quality reaches the tokenizer's rate the codec stays at its lowest; how many, and its bits against the tokenizer's
                 "images_over_rate": over_rate[name],
-                "bpp_over_tokenizer": summary["bpp"] / report["tokenizer"]["bpp"] if summary.get("bpp") and report["tokenizer"].get("bpp") else None,
+                "bpp_over_tokenizer": summary["bpp"] / report["tokenizer"]["bpp"]
+                if summary.get("bpp") and report["tokenizer"].get("bpp")
+                else None,
             }
         if net is not None and n >= max(opts.fid_min_images, KID_MIN_IMAGES):
             bar.set_description("eval: rFID and KID")

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     from clients.tokenize import commands as tokenize_commands
     from models import vocab_commands
     from models.export import commands as export_commands
+    from models.importers import commands as import_commands
     from service import commands as service_commands
     from training import commands as training_commands
 
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     service_commands.register(sub)
     tokenize_commands.register(sub)
     vocab_commands.register(sub)  # vocab extend, vocab codebook
+    import_commands.register(sub)  # import diffusers:...
     return parser
 
 

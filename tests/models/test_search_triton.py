@@ -38,10 +38,13 @@ def random_problem(n: int, k: int, d: int, seed: int = 0) -> tuple[Tensor, Tenso
 def tie_problem(d: int = 32, k: int = 256, seed: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Codebook with exact duplicates and permuted copies; rows of z that tie between them.
 
+    Every value is a small integer or a multiple of 1/8, so every product and partial sum is exact in
+    float32 and tied codes get bitwise-equal scores whatever order a backend sums in (numpy's SIMD
+    matmul, under Triton's interpreter, groups a dot product's terms by lane).
     Returns z, codebook, codebook_sq and the expected indices (the lowest of each tied set).
     """
     g = torch.Generator().manual_seed(seed)
-    codebook = torch.randn(k, d, generator=g) * 4.0  # far apart: the planted codes win clearly
+    codebook = torch.randint(-8, 9, (k, d), generator=g).float()  # far apart: the planted codes win clearly
     expected = []
     rows = []
     # Exact duplicates spread across chunk / tile / split boundaries, some in the same lane of
@@ -52,11 +55,12 @@ def tie_problem(d: int = 32, k: int = 256, seed: int = 1) -> tuple[Tensor, Tenso
         low = min(first, *copies)
         rows.append(codebook[first].clone())
         expected.append(low)
-        rows.append(codebook[first] + 1e-3 * torch.randn(d, generator=g))
+        rows.append(codebook[first] + torch.randint(-1, 2, (d,), generator=g).float() / 8)
         expected.append(low)
     # Permuted copies: c = (a, b, rest) and c' = (b, a, rest) have equal norms, and z with
-    # z_0 == z_1 has equal dot products with both, so their scores are bitwise equal.
-    base = torch.randn(d, generator=g) * 4.0
+    # z_0 == z_1 has equal dot products with both.
+    base = torch.randint(-8, 9, (d,), generator=g).float()
+    base[0], base[1] = 7.0, -5.0
     swapped = base.clone()
     swapped[0], swapped[1] = base[1], base[0]
     codebook[90], codebook[33] = base, swapped
