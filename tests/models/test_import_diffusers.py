@@ -301,7 +301,7 @@ def test_onnx_graphs_reproduce_diffusers(
 
 def test_the_local_backend_runs_an_imported_model(imported: dict[str, ImportResult], test_photos: np.ndarray) -> None:
     """Nothing downstream tells an imported model from a trained one: the clients' local backend (ONNX Runtime)."""
-    from clients import LocalBackend
+    from clients.local import LocalBackend
 
     result = imported["movq-f8"]
     enc = ort.InferenceSession(str(result.model_dir / "encoder.onnx"), providers=["CPUExecutionProvider"])
