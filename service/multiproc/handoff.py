@@ -17,6 +17,14 @@ loop as an accepted connection of its uvicorn server. One hand-off per connectio
   is skipped for that connection only. With no front left to take it, the connection is closed.
 - A front whose channel reaches end of file (the supervisor dropped it) or fails stops, and is started
   again; one that cannot take a descriptor (out of them) logs it and goes on.
+
+A front told to stop (SIGTERM: a restart, a scale-down) loses no connection: it says it is going ("g");
+the supervisor hands it nothing more and acknowledges ("G"); every connection that reached the front
+but on which no byte has arrived yet — those still in the channel and those adopted but not started — it
+hands back ("b" with the descriptor), and the supervisor hands each to another front; the requests in
+progress finish where they are (uvicorn's graceful shutdown), and idle keep-alive connections are
+closed, which a client sees before it sends on them (or retries: every route is idempotent). A front
+that crashes takes what it held with it; those connections close, and clients retry them.
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ from typing import Any
 log = logging.getLogger("vqtok.split")
 
 READY = b"r"  # a front to the supervisor, on its channel: serving, send connections
+GOING = b"g"  # a front to the supervisor: stopping, send nothing more
+GOING_ACK = b"G"  # the supervisor to a going front: nothing more will be sent
+HANDED_BACK = b"b"  # a front to the supervisor, with a descriptor: a connection it never started
 _BATCH = 64  # descriptors one read of a channel takes at most
 _GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF, errno.ECONNREFUSED})
 _CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
@@ -81,6 +92,7 @@ class Acceptor:
         self.channels: list[socket.socket | None] = [None] * fronts
         self.ready = [False] * fronts
         self.handed = [0] * fronts  # connections each front got, for tests and logs
+        self.handed_back = 0  # connections going fronts gave back, handed on to others
         self._lock = threading.Lock()
         self._next = 0
         self._stop = threading.Event()
@@ -135,17 +147,28 @@ class Acceptor:
 
     def _read_channel(self, index: int, channel: socket.socket) -> None:
         try:
-            data = channel.recv(64)
+            data, fds, _, _ = socket.recv_fds(channel, _BATCH, _BATCH, _CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
+            data, fds = b"", []
+        if not data and not fds:
             self._drop(index, channel)
+            return
+        if GOING in data:
+            with self._lock:
+                if self.channels[index] is channel:
+                    self.ready[index] = False
+            with contextlib.suppress(OSError):
+                channel.send(GOING_ACK, _NOSIGNAL)
         elif READY in data:
             with self._lock:
                 if self.channels[index] is channel:
                     self.ready[index] = True
+        for fd in fds:  # connections a going front never started: to another front
+            with socket.socket(fileno=fd) as conn:
+                self.handed_back += 1
+                self._hand(conn)
 
     def _accept_all(self) -> None:
         while not self._stop.is_set():  # everything waiting, so a burst costs one wake-up
@@ -201,11 +224,51 @@ def handoff_server(config: Any, channel: socket.socket) -> Any:
             loop = asyncio.get_running_loop()
             cfg = self.config
 
+            unstarted: set[Any] = set()  # protocols of adopted connections on which no byte has arrived
+            self._unstarted = unstarted
+
+            class Tracked(cfg.http_protocol_class):  # type: ignore[name-defined, misc]
+                """uvicorn's protocol, telling which connections never started and which are mid-way through a
+                request's head (uvicorn's graceful shutdown closes both as idle, losing what they carry)."""
+
+                parsing = False  # a request's first bytes have arrived, its head is not complete yet
+                closing = False  # shutdown came while parsing: answer that request, then close
+
+                def connection_made(self, transport: Any) -> None:
+                    unstarted.add(self)
+                    super().connection_made(transport)
+
+                def data_received(self, data: bytes) -> None:
+                    unstarted.discard(self)
+                    super().data_received(data)
+
+                def connection_lost(self, exc: Exception | None) -> None:
+                    unstarted.discard(self)
+                    super().connection_lost(exc)
+
+                def on_message_begin(self) -> None:
+                    self.parsing = True
+                    super().on_message_begin()
+
+                def on_headers_complete(self) -> None:
+                    super().on_headers_complete()
+                    self.parsing = False
+                    if self.closing and self.cycle is not None:
+                        self.cycle.keep_alive = False
+
+                def shutdown(self) -> None:
+                    if self.parsing:  # its request is under way: it is answered, then the connection closes
+                        self.closing = True
+                        return
+                    super().shutdown()
+
             def protocol() -> asyncio.Protocol:  # what uvicorn's own startup makes for each connection
-                return cfg.http_protocol_class(config=cfg, server_state=self.server_state, app_state=self.lifespan.state)  # type: ignore[call-arg]
+                return Tracked(config=cfg, server_state=self.server_state, app_state=self.lifespan.state)  # type: ignore[no-any-return]
 
             self._adopting: set[asyncio.Task[Any]] = set()
             self._lost = _Throttled()
+            self._going = False
+            self._acked = asyncio.Event()
             channel.setblocking(False)
             loop.add_reader(channel.fileno(), self._receive, loop, protocol)
             try:
@@ -230,8 +293,13 @@ def handoff_server(config: Any, channel: socket.socket) -> Any:
                 except OSError as exc:
                     self._end(loop, f"its connection channel failed ({exc})")
                     return
+                if GOING_ACK in msg:
+                    self._acked.set()
                 for fd in fds:
                     conn = socket.socket(fileno=fd)
+                    if self._going:
+                        self._hand_back(conn)
+                        continue
                     if self.should_exit:
                         conn.close()
                         continue
@@ -254,9 +322,38 @@ def handoff_server(config: Any, channel: socket.socket) -> Any:
                 if not isinstance(exc, OSError):
                     log.exception("cannot adopt a connection")
 
+        def _hand_back(self, conn: socket.socket) -> None:
+            """Give a connection that never started back to the supervisor (closed here: the supervisor's
+            descriptor keeps it open, with whatever the client has sent since, unread)."""
+            try:
+                socket.send_fds(channel, [HANDED_BACK], [conn.fileno()], _NOSIGNAL)
+            except OSError as exc:  # the channel is gone or full: the client sees it close, and retries
+                self._lost("could not hand a connection back to the supervisor: %s", exc)
+            conn.close()
+
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            loop = asyncio.get_running_loop()
+            if not self._going and channel.fileno() >= 0:
+                self._going = True
+                try:
+                    channel.send(GOING)
+                    await asyncio.wait_for(self._acked.wait(), 2.0)  # what was in the channel came back meanwhile
+                except (OSError, asyncio.TimeoutError):
+                    pass
+                if self._adopting:  # connections received but not yet made into protocols: become `unstarted` first
+                    await asyncio.wait(set(self._adopting), timeout=1.0)
+                for proto in list(self._unstarted):
+                    transport = proto.transport
+                    sock = transport.get_extra_info("socket") if transport is not None else None
+                    if sock is None or transport.is_closing():
+                        continue
+                    transport.pause_reading()
+                    with contextlib.suppress(OSError):
+                        socket.send_fds(channel, [HANDED_BACK], [sock.fileno()], _NOSIGNAL)
+                    self.server_state.connections.discard(proto)
+                    transport.close()  # this front's descriptor only: the supervisor's keeps the connection
             with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(channel.fileno())
+                loop.remove_reader(channel.fileno())
             channel.close()
             await super().shutdown(sockets=sockets)
 
