@@ -239,3 +239,33 @@ def test_emu3_and_bad_layout_requests(client: httpx.Client, kodak: list[tuple[st
     assert r.status_code == 422  # one or the other
     r = client.post("/v1/decode", json={"sequence": TEXT_A, "layout": "chameleon", "vocab_offset": OFFSET})
     assert r.status_code == 200 and r.json()["images"] == [] and r.json()["spans"] == []  # text only: no image
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_mutated_sequences_never_answer_5xx(client: httpx.Client, kodak: list[tuple[str, bytes]], name: str) -> None:
+    """Valid outputs with ids dropped, inserted or replaced at random (layout ids and text ids), strict
+    and with repair: every answer is 200 or a 4xx problem, never a server error."""
+    layout, s0, s1 = _spans(client, name, kodak)
+    specials = list(layout.special_ids().values())[:8] if name != "plain" else []
+    rng = np.random.default_rng(len(name))
+    statuses: dict[int, int] = {}
+    for trial in range(24):
+        seq = TEXT_A + s0 + TEXT_B + s1
+        for _ in range(int(rng.integers(1, 4))):
+            at = int(rng.integers(0, len(seq)))
+            choice = int(rng.integers(0, 3))
+            new = int(rng.choice([*specials, OFFSET + int(rng.integers(0, 1000)), int(rng.integers(0, OFFSET)), 2**40, -5]))
+            if choice == 0:
+                del seq[at]
+            elif choice == 1:
+                seq.insert(at, new)
+            else:
+                seq[at] = new
+        body: dict[str, Any] = {"sequence": seq, "layout": name, "vocab_offset": OFFSET, "repair": bool(trial % 2)}
+        if name == "plain":
+            body["grid"] = [8, 8]
+        r = client.post("/v1/decode", json=body)
+        assert r.status_code < 500, r.text
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+    assert client.post("/v1/decode", json={"sequence": s0, "layout": name, "vocab_offset": OFFSET, "grid": [8, 8]}).status_code == 200
+    assert set(statuses) <= {200, 413, 422}, statuses
