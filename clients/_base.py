@@ -18,8 +18,9 @@ import numpy as np
 from PIL import Image
 
 from models.core import pixels as _images
+from models.core.layouts import Layout, SequenceError
 
-from .errors import APIStatusError, VqtokError, error_from_response
+from .errors import INVALID_SEQUENCE, APIStatusError, InvalidSequenceError, VqtokError, error_from_response
 
 NPY = "application/x-npy"
 JSON = "application/json"
@@ -32,6 +33,8 @@ ImageInput = SingleImage | np.ndarray  # an array is one image (H, W, 3) or (H, 
 Images = ImageInput | Sequence[ImageInput]
 Wire = Literal["npy", "json"]
 Output = Literal["pil", "numpy"]
+DEFAULT_RESIZE = _images.DEFAULT_RESIZE  # "crop", as the server's default, the playground's and `vqtok tokenize`'s
+LayoutArg = str | Layout  # a preset's name (the server builds the layout) or a Layout (built here: any preset, emu3 too)
 
 
 def _version() -> str:
@@ -198,12 +201,31 @@ class RequestSpec:
     kwargs: dict[str, Any]
 
 
-def encode_request(parts: Sequence[ImagePart], model: str | None, resize: str | None, wire: Wire) -> RequestSpec:
+@dataclass(frozen=True)
+class LayoutFields:
+    """The layout fields of an encode request (the server builds the layout)."""
+
+    name: str
+    vocab_offset: int = 0
+    max_grid: int | None = None
+
+    def form(self) -> dict[str, str]:
+        data = {"layout": self.name, "vocab_offset": str(self.vocab_offset)}
+        if self.max_grid is not None:
+            data["max_grid"] = str(self.max_grid)
+        return data
+
+
+def encode_request(
+    parts: Sequence[ImagePart], model: str | None, resize: str | None, wire: Wire, layout: LayoutFields | None = None
+) -> RequestSpec:
     data: dict[str, str] = {}
     if model:
         data["model"] = model
     if resize:
         data["resize"] = resize
+    if layout is not None:
+        data |= layout.form()
     files = [("images", (p.filename, p.data, p.content_type)) for p in parts]
     headers = {"Accept": NPY if wire == "npy" else JSON}
     return RequestSpec("POST", "/v1/encode", {"data": data, "files": files, "headers": headers})
@@ -225,6 +247,133 @@ def parse_encode(response: httpx.Response, count: int) -> list[np.ndarray]:
     if len(grids) != count or any(g.ndim != 2 for g in grids):
         raise VqtokError(f"expected {count} token grids, the server sent {len(grids)}")
     return grids
+
+
+def parse_encode_sequences(response: httpx.Response, count: int) -> list[np.ndarray]:
+    """An encode answer with a layout -> one int64 (L,) sequence per image, in request order."""
+    raise_for_status(response)
+    if response.headers.get("content-type", "").split(";")[0].strip() == NPY:
+        array = load_npy(response.content)
+        if array.ndim != 2 or array.shape[0] != count:
+            raise VqtokError(f"expected {count} sequences, the server sent an array of shape {array.shape}")
+        return [np.asarray(a, dtype=np.int64) for a in array]
+    results = response.json().get("images") or []
+    if len(results) != count or any("sequence" not in r for r in results):
+        raise VqtokError(f"expected {count} sequences, the server sent {len(results)} images without them")
+    return [np.asarray(r["sequence"], dtype=np.int64) for r in results]
+
+
+# --- sequences -> images ---
+
+
+@dataclass(frozen=True)
+class SpanInfo:
+    """One image span found in a sequence: `sequence[start:end]`, its grid [h, w], and what repair changed."""
+
+    start: int
+    end: int
+    grid: tuple[int, int]
+    changes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DecodedSequence:
+    """What `decode_sequence` returns: one image per span (PIL images or uint8 (H, W, 3) arrays), in order."""
+
+    images: list[Any]
+    spans: list[SpanInfo]
+
+    @property
+    def repaired(self) -> bool:
+        """Whether repair changed anything."""
+        return any(s.changes for s in self.spans)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def sequence_ids(sequence: Sequence[int] | np.ndarray) -> list[int]:
+    """An LLM's ids as a list of ints (a 1-D integer array, a list, or a torch tensor's `.tolist()`)."""
+    array = np.asarray(sequence)
+    if array.size and (array.ndim != 1 or not np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
+        raise VqtokError(f"a sequence is a 1-D list of integer ids, got {array.dtype} {array.shape}")
+    return [int(i) for i in array.reshape(-1)]
+
+
+def decode_sequence_request(
+    ids: list[int],
+    layout: str,
+    vocab_offset: int,
+    grid: tuple[int, int] | None,
+    repair: bool,
+    max_grid: int | None,
+    model: str | None,
+) -> RequestSpec:
+    body: dict[str, Any] = {"sequence": ids, "layout": layout, "vocab_offset": vocab_offset, "repair": repair}
+    if grid is not None:
+        body["grid"] = [int(grid[0]), int(grid[1])]
+    if max_grid is not None:
+        body["max_grid"] = max_grid
+    if model:
+        body["model"] = model
+    return RequestSpec("POST", "/v1/decode", {"json": body, "headers": {"Accept": JSON}})
+
+
+def parse_decode_sequence(response: httpx.Response, output: Output) -> DecodedSequence:
+    raise_for_status(response)
+    body = response.json()
+    spans = [
+        SpanInfo(int(s["start"]), int(s["end"]), (int(s["grid"][0]), int(s["grid"][1])), tuple(s.get("changes", ()))) for s in body["spans"]
+    ]
+    images = [_images.decode_png(base64.b64decode(item)) for item in body["images"]]
+    if len(images) != len(spans):
+        raise VqtokError(f"the server sent {len(images)} images for {len(spans)} spans")
+    return DecodedSequence(to_output(images, output), spans)
+
+
+def local_spans(layout: Layout, ids: list[int], grid: tuple[int, int] | None, repair: bool) -> list[Any]:
+    """`layout.find_spans` here (a Layout given by the caller), its SequenceError as the server's 422 would be."""
+    try:
+        return layout.find_spans(np.asarray(ids, dtype=np.int64), grid=grid, repair=repair)
+    except SequenceError as exc:
+        body = {"type": INVALID_SEQUENCE, "status": 422, "detail": str(exc), "span": exc.span, "position": exc.position}
+        raise InvalidSequenceError(422, "Unprocessable Content", str(exc), INVALID_SEQUENCE, body) from exc
+    except ValueError as exc:  # InvalidInputError: plain without a grid, a grid over max_grid
+        from .errors import ValidationError
+
+        raise ValidationError(422, "Unprocessable Content", str(exc)) from exc
+
+
+def span_info(span: Any) -> SpanInfo:
+    """A core `ImageSpan` as the clients return it."""
+    return SpanInfo(int(span.start), int(span.end), span.grid_hw, tuple(span.changes))
+
+
+def caller_layout(layout: LayoutArg, vocab_offset: int, max_grid: int | None) -> Layout | None:
+    """The caller's own Layout (None: a preset's name, built by the server or the backend); a Layout
+    carries its offset and grid limit, so giving them again is an error."""
+    if isinstance(layout, Layout):
+        if vocab_offset or max_grid is not None:
+            raise ValueError("a Layout carries its own vocab_offset and max_grid: give them to Layout(...), not here")
+        return layout
+    if not isinstance(layout, str):
+        raise TypeError(f"layout must be a preset name or a models.core.layouts.Layout, got {type(layout).__name__}")
+    return None
+
+
+def check_layout_model(layout: Layout, codebook_size: int, model: str) -> None:
+    if layout.codebook_size != codebook_size:
+        raise VqtokError(f"the layout is built for K = {layout.codebook_size} codes; model {model!r} has {codebook_size}")
+
+
+def local_sequences(layout: Layout, grids: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """A caller's Layout applied here to the grids the server (or the local runtime) gave."""
+    from .errors import ValidationError
+
+    try:
+        return [layout.to_sequence(g) for g in grids]
+    except ValueError as exc:
+        raise ValidationError(422, "Unprocessable Content", str(exc)) from exc
 
 
 def as_grid_list(tokens: np.ndarray | Sequence[Any]) -> tuple[bool, list[np.ndarray]]:

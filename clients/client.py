@@ -1,8 +1,10 @@
 """HTTP clients for the vqtok service: `Client` (sync) and `AsyncClient`, the same methods on both.
 
     with Client("http://127.0.0.1:8000") as client:
-        grids = client.encode(["a.jpg", "b.png"], resize="crop")   # list of int32 (h, w) arrays
+        grids = client.encode(["a.jpg", "b.png"])                    # list of int32 (h, w) arrays (resize crop)
         images = client.decode(grids)                                # list of PIL images
+        seqs = client.encode_sequences(["a.jpg"], layout="lumina", vocab_offset=32000)  # LLM ids, int64 (L,) each
+        found = client.decode_sequence(llm_output_ids, layout="lumina", vocab_offset=32000)  # .images, .spans
 
 Request building and response parsing live in `_base`; retries in `_retry` (a transport wrapper).
 """
@@ -19,7 +21,20 @@ import numpy as np
 from PIL import Image
 
 from . import _base
-from ._base import ImageInput, ImagePart, Images, ModelCard, Output, RequestSpec, SingleImage, Wire
+from ._base import (
+    DEFAULT_RESIZE,
+    DecodedSequence,
+    ImageInput,
+    ImagePart,
+    Images,
+    LayoutArg,
+    LayoutFields,
+    ModelCard,
+    Output,
+    RequestSpec,
+    SingleImage,
+    Wire,
+)
 from ._retry import NO_RETRY, AsyncRetryTransport, RetryPolicy, RetryTransport
 from .errors import APIConnectionError, APIStatusError, APITimeoutError, VqtokError
 
@@ -118,31 +133,102 @@ class Client:
     # --- API ---
     @overload
     def encode(  # type: ignore[overload-overlap]  # a str is a Sequence too: this overload takes it first
-        self, images: SingleImage, *, model: str | None = None, resize: str | None = None, wire: Wire = "npy"
+        self, images: SingleImage, *, model: str | None = None, resize: str | None = DEFAULT_RESIZE, wire: Wire = "npy"
     ) -> np.ndarray: ...
     @overload
     def encode(
-        self, images: Sequence[ImageInput], *, model: str | None = None, resize: str | None = None, wire: Wire = "npy"
+        self, images: Sequence[ImageInput], *, model: str | None = None, resize: str | None = DEFAULT_RESIZE, wire: Wire = "npy"
     ) -> list[np.ndarray]: ...
     @overload  # an array is one image or a batch: only its ndim says which
-    def encode(self, images: np.ndarray, *, model: str | None = None, resize: str | None = None, wire: Wire = "npy") -> Any: ...
+    def encode(self, images: np.ndarray, *, model: str | None = None, resize: str | None = DEFAULT_RESIZE, wire: Wire = "npy") -> Any: ...
     def encode(
-        self, images: Images, *, model: str | None = None, resize: str | None = None, wire: Wire = "npy"
+        self, images: Images, *, model: str | None = None, resize: str | None = DEFAULT_RESIZE, wire: Wire = "npy"
     ) -> np.ndarray | list[np.ndarray]:
         """Images -> int32 token grids (h, w).
 
         `images` is one image or a sequence of them; each may be a path, encoded bytes, a PIL image or
         a uint8 (H, W, 3) array (a (B, H, W, 3) array is a batch). One image gives one array, a sequence
-        gives a list in input order. `resize` is "none", "crop" or "pad" (server default when None).
+        gives a list in input order. `resize` is "crop" (the default: every readable photo, the model's
+        native square), "pad" or "none"; None leaves it to the server's default.
         """
+        single, grids = self._encode(images, model, resize, wire, None)
+        return grids[0] if single else grids
+
+    def _encode(
+        self, images: Images, model: str | None, resize: str | None, wire: Wire, fields: LayoutFields | None
+    ) -> tuple[bool, list[np.ndarray]]:
         single, items = _base.as_image_list(images)
         parts = self._map(lambda p: _base.prepare_image(*p), list(enumerate(items)))
         if len(parts) > 1:
             self._learn_limits()
         chunks = _base.plan_encode(parts, resize, self._s.max_images, self._s.max_bytes)
-        results = self._map(lambda c: self._encode_chunk(c, model, resize, wire), chunks)
-        grids = _base.assemble(chunks, results, len(parts))
-        return grids[0] if single else grids
+        results = self._map(lambda c: self._encode_chunk(c, model, resize, wire, fields), chunks)
+        return single, _base.assemble(chunks, results, len(parts))
+
+    @overload
+    def encode_sequences(  # type: ignore[overload-overlap]  # a str is a Sequence too: this overload takes it first
+        self,
+        images: SingleImage,
+        *,
+        layout: LayoutArg,
+        vocab_offset: int = 0,
+        max_grid: int | None = None,
+        model: str | None = None,
+        resize: str | None = DEFAULT_RESIZE,
+        wire: Wire = "npy",
+    ) -> np.ndarray: ...
+    @overload
+    def encode_sequences(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        layout: LayoutArg,
+        vocab_offset: int = 0,
+        max_grid: int | None = None,
+        model: str | None = None,
+        resize: str | None = DEFAULT_RESIZE,
+        wire: Wire = "npy",
+    ) -> list[np.ndarray]: ...
+    @overload
+    def encode_sequences(
+        self,
+        images: np.ndarray,
+        *,
+        layout: LayoutArg,
+        vocab_offset: int = 0,
+        max_grid: int | None = None,
+        model: str | None = None,
+        resize: str | None = DEFAULT_RESIZE,
+        wire: Wire = "npy",
+    ) -> Any: ...
+    def encode_sequences(
+        self,
+        images: Images,
+        *,
+        layout: LayoutArg,
+        vocab_offset: int = 0,
+        max_grid: int | None = None,
+        model: str | None = None,
+        resize: str | None = DEFAULT_RESIZE,
+        wire: Wire = "npy",
+    ) -> np.ndarray | list[np.ndarray]:
+        """Images -> the LLM id sequence of each image, int64 (L,): image code k is `vocab_offset + k`,
+        the layout's special tokens follow the K codes (`models.core.layouts`).
+
+        `layout` is a preset's name ("plain", "chameleon", "lumina"; the server builds it, with its own
+        largest grid side unless `max_grid` is given), or a `models.core.layouts.Layout` built by the
+        caller, e.g. `read_layout("DIR/vqtok_vocab.json")`, applied here to the server's grids: the way
+        to emu3, whose size text needs the LLM's text tokenizer. One image gives one array, a sequence a list.
+        """
+        own = _base.caller_layout(layout, vocab_offset, max_grid)
+        if own is not None:
+            single, grids = self._encode(images, model, resize, wire, None)
+            card = self.model(model or self.default_model())
+            _base.check_layout_model(own, card.codebook_size, card.name)
+            sequences = _base.local_sequences(own, grids)
+        else:
+            single, sequences = self._encode(images, model, resize, wire, LayoutFields(str(layout), vocab_offset, max_grid))
+        return sequences[0] if single else sequences
 
     def _learn_limits(self) -> None:
         """Once per client: cap request sizes at the limits the server states in `GET /v1/models`."""
@@ -154,14 +240,17 @@ class Client:
             limits = None  # the call itself will report what is wrong
         self._s.apply_limits(limits)
 
-    def _encode_chunk(self, parts: Sequence[ImagePart], model: str | None, resize: str | None, wire: Wire) -> list[np.ndarray]:
+    def _encode_chunk(
+        self, parts: Sequence[ImagePart], model: str | None, resize: str | None, wire: Wire, fields: LayoutFields | None = None
+    ) -> list[np.ndarray]:
+        parse = _base.parse_encode if fields is None else _base.parse_encode_sequences
         try:
-            return _base.parse_encode(self._send(_base.encode_request(parts, model, resize, wire)), len(parts))
+            return parse(self._send(_base.encode_request(parts, model, resize, wire, fields)), len(parts))
         except APIStatusError as exc:
             if not _base.is_split_worthy(exc, len(parts)):
                 raise
             a, b = _split(parts)
-            return self._encode_chunk(a, model, resize, wire) + self._encode_chunk(b, model, resize, wire)
+            return self._encode_chunk(a, model, resize, wire, fields) + self._encode_chunk(b, model, resize, wire, fields)
 
     @overload
     def decode(
@@ -199,6 +288,37 @@ class Client:
                 raise
             half = len(grids) // 2
             return self._decode_batch(grids[:half], model, wire) + self._decode_batch(grids[half:], model, wire)
+
+    def decode_sequence(
+        self,
+        sequence: Sequence[int] | np.ndarray,
+        *,
+        layout: LayoutArg,
+        vocab_offset: int = 0,
+        grid: tuple[int, int] | None = None,
+        repair: bool = False,
+        max_grid: int | None = None,
+        model: str | None = None,
+        output: Output = "pil",
+    ) -> DecodedSequence:
+        """An LLM's output (text ids around any number of image spans) -> its images, one per span, and
+        the spans (`DecodedSequence.images`, `.spans`: start, end, grid, what repair changed).
+
+        A malformed span raises `InvalidSequenceError` (422) with its `span` index and `position`;
+        `repair=True` mends it instead and says how in `spans[i].changes`. `grid` (h, w) is needed for
+        `plain` (no delimiters) and is the size of every `chameleon` span (default: square spans).
+        `layout` as for `encode_sequences`: a Layout given here is parsed here, its grids decoded by the server.
+        """
+        ids = _base.sequence_ids(sequence)
+        own = _base.caller_layout(layout, vocab_offset, max_grid)
+        if own is None:
+            spec = _base.decode_sequence_request(ids, str(layout), vocab_offset, grid, repair, max_grid, model)
+            return _base.parse_decode_sequence(self._send(spec), output)
+        spans = _base.local_spans(own, ids, grid, repair)
+        card = self.model(model or self.default_model())
+        _base.check_layout_model(own, card.codebook_size, card.name)
+        images = self.decode([s.grid.astype(np.int32) for s in spans], model=card.name, output=output) if spans else []
+        return DecodedSequence(list(images), [_base.span_info(s) for s in spans])
 
     def models(self) -> list[ModelCard]:
         """The served models."""
@@ -281,26 +401,91 @@ class AsyncClient:
 
     @overload
     async def encode(  # type: ignore[overload-overlap]  # a str is a Sequence too: this overload takes it first
-        self, images: SingleImage, *, model: str | None = None, resize: str | None = None, wire: Wire = "npy"
+        self, images: SingleImage, *, model: str | None = None, resize: str | None = DEFAULT_RESIZE, wire: Wire = "npy"
     ) -> np.ndarray: ...
     @overload
     async def encode(
-        self, images: Sequence[ImageInput], *, model: str | None = None, resize: str | None = None, wire: Wire = "npy"
+        self, images: Sequence[ImageInput], *, model: str | None = None, resize: str | None = DEFAULT_RESIZE, wire: Wire = "npy"
     ) -> list[np.ndarray]: ...
     @overload  # an array is one image or a batch: only its ndim says which
-    async def encode(self, images: np.ndarray, *, model: str | None = None, resize: str | None = None, wire: Wire = "npy") -> Any: ...
     async def encode(
-        self, images: Images, *, model: str | None = None, resize: str | None = None, wire: Wire = "npy"
+        self, images: np.ndarray, *, model: str | None = None, resize: str | None = DEFAULT_RESIZE, wire: Wire = "npy"
+    ) -> Any: ...
+    async def encode(
+        self, images: Images, *, model: str | None = None, resize: str | None = DEFAULT_RESIZE, wire: Wire = "npy"
     ) -> np.ndarray | list[np.ndarray]:
         """See `Client.encode`. File reading and PNG encoding run in a worker thread."""
+        single, grids = await self._encode(images, model, resize, wire, None)
+        return grids[0] if single else grids
+
+    async def _encode(
+        self, images: Images, model: str | None, resize: str | None, wire: Wire, fields: LayoutFields | None
+    ) -> tuple[bool, list[np.ndarray]]:
         single, items = _base.as_image_list(images)
         parts = await asyncio.to_thread(lambda: [_base.prepare_image(i, x) for i, x in enumerate(items)])
         if len(parts) > 1:
             await self._learn_limits()
         chunks = await asyncio.to_thread(_base.plan_encode, parts, resize, self._s.max_images, self._s.max_bytes)
-        results = await self._map(lambda c: self._encode_chunk(c, model, resize, wire), chunks)
-        grids = _base.assemble(chunks, results, len(parts))
-        return grids[0] if single else grids
+        results = await self._map(lambda c: self._encode_chunk(c, model, resize, wire, fields), chunks)
+        return single, _base.assemble(chunks, results, len(parts))
+
+    @overload
+    async def encode_sequences(  # type: ignore[overload-overlap]  # a str is a Sequence too: this overload takes it first
+        self,
+        images: SingleImage,
+        *,
+        layout: LayoutArg,
+        vocab_offset: int = 0,
+        max_grid: int | None = None,
+        model: str | None = None,
+        resize: str | None = DEFAULT_RESIZE,
+        wire: Wire = "npy",
+    ) -> np.ndarray: ...
+    @overload
+    async def encode_sequences(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        layout: LayoutArg,
+        vocab_offset: int = 0,
+        max_grid: int | None = None,
+        model: str | None = None,
+        resize: str | None = DEFAULT_RESIZE,
+        wire: Wire = "npy",
+    ) -> list[np.ndarray]: ...
+    @overload
+    async def encode_sequences(
+        self,
+        images: np.ndarray,
+        *,
+        layout: LayoutArg,
+        vocab_offset: int = 0,
+        max_grid: int | None = None,
+        model: str | None = None,
+        resize: str | None = DEFAULT_RESIZE,
+        wire: Wire = "npy",
+    ) -> Any: ...
+    async def encode_sequences(
+        self,
+        images: Images,
+        *,
+        layout: LayoutArg,
+        vocab_offset: int = 0,
+        max_grid: int | None = None,
+        model: str | None = None,
+        resize: str | None = DEFAULT_RESIZE,
+        wire: Wire = "npy",
+    ) -> np.ndarray | list[np.ndarray]:
+        """See `Client.encode_sequences`."""
+        own = _base.caller_layout(layout, vocab_offset, max_grid)
+        if own is not None:
+            single, grids = await self._encode(images, model, resize, wire, None)
+            card = await self.model(model or await self.default_model())
+            _base.check_layout_model(own, card.codebook_size, card.name)
+            sequences = _base.local_sequences(own, grids)
+        else:
+            single, sequences = await self._encode(images, model, resize, wire, LayoutFields(str(layout), vocab_offset, max_grid))
+        return sequences[0] if single else sequences
 
     async def _learn_limits(self) -> None:
         if self._s.limits_known:
@@ -311,14 +496,17 @@ class AsyncClient:
             limits = None
         self._s.apply_limits(limits)
 
-    async def _encode_chunk(self, parts: Sequence[ImagePart], model: str | None, resize: str | None, wire: Wire) -> list[np.ndarray]:
+    async def _encode_chunk(
+        self, parts: Sequence[ImagePart], model: str | None, resize: str | None, wire: Wire, fields: LayoutFields | None = None
+    ) -> list[np.ndarray]:
+        parse = _base.parse_encode if fields is None else _base.parse_encode_sequences
         try:
-            return _base.parse_encode(await self._send(_base.encode_request(parts, model, resize, wire)), len(parts))
+            return parse(await self._send(_base.encode_request(parts, model, resize, wire, fields)), len(parts))
         except APIStatusError as exc:
             if not _base.is_split_worthy(exc, len(parts)):
                 raise
             a, b = _split(parts)
-            return await self._encode_chunk(a, model, resize, wire) + await self._encode_chunk(b, model, resize, wire)
+            return await self._encode_chunk(a, model, resize, wire, fields) + await self._encode_chunk(b, model, resize, wire, fields)
 
     @overload
     async def decode(
@@ -355,6 +543,30 @@ class AsyncClient:
                 raise
             half = len(grids) // 2
             return await self._decode_batch(grids[:half], model, wire) + await self._decode_batch(grids[half:], model, wire)
+
+    async def decode_sequence(
+        self,
+        sequence: Sequence[int] | np.ndarray,
+        *,
+        layout: LayoutArg,
+        vocab_offset: int = 0,
+        grid: tuple[int, int] | None = None,
+        repair: bool = False,
+        max_grid: int | None = None,
+        model: str | None = None,
+        output: Output = "pil",
+    ) -> DecodedSequence:
+        """See `Client.decode_sequence`."""
+        ids = _base.sequence_ids(sequence)
+        own = _base.caller_layout(layout, vocab_offset, max_grid)
+        if own is None:
+            spec = _base.decode_sequence_request(ids, str(layout), vocab_offset, grid, repair, max_grid, model)
+            return await asyncio.to_thread(_base.parse_decode_sequence, await self._send(spec), output)
+        spans = _base.local_spans(own, ids, grid, repair)
+        card = await self.model(model or await self.default_model())
+        _base.check_layout_model(own, card.codebook_size, card.name)
+        images = await self.decode([s.grid.astype(np.int32) for s in spans], model=card.name, output=output) if spans else []
+        return DecodedSequence(list(images), [_base.span_info(s) for s in spans])
 
     async def models(self) -> list[ModelCard]:
         response = await self._send(RequestSpec("GET", "/v1/models", {}))

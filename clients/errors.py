@@ -65,6 +65,27 @@ class ValidationError(APIStatusError):
 UnprocessableEntityError = ValidationError
 
 
+class InvalidSequenceError(ValidationError):
+    """422 `invalid-sequence`: a malformed image span in an LLM's sequence; `span` (its index) and
+    `position` (in the sequence) say where, as the problem body does."""
+
+    @property
+    def span(self) -> int | None:
+        return _int_member(self.body, "span")
+
+    @property
+    def position(self) -> int | None:
+        return _int_member(self.body, "position")
+
+
+def _int_member(body: Any, name: str) -> int | None:
+    value = body.get(name) if isinstance(body, dict) else None
+    return value if isinstance(value, int) else None
+
+
+INVALID_SEQUENCE = "urn:vqtok:problem:invalid-sequence"
+
+
 class RateLimitError(APIStatusError):
     """429: too many requests."""
 
@@ -115,4 +136,5 @@ def error_from_response(response: httpx.Response) -> APIStatusError:
         title = str(body.get("title") or title)
         detail = str(body.get("detail") or "")
         type_ = str(body.get("type") or type_)
-    return error_class(status)(status, title, detail, type_, body)
+    cls = InvalidSequenceError if status == 422 and type_ == INVALID_SEQUENCE else error_class(status)
+    return cls(status, title, detail, type_, body)

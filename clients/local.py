@@ -1,8 +1,9 @@
 """`LocalBackend`: the `Client` interface, run in-process on a model directory (no HTTP, no server).
 
     with LocalBackend("photo-f8-simvq-16k-v2") as backend: # a shipped name, a directory, or ORG/NAME on the hub
-        grids = backend.encode(["a.jpg", "b.png"], resize="crop")
+        grids = backend.encode(["a.jpg", "b.png"])  # resize crop, as the server's default
         images = backend.decode(grids)
+        seqs = backend.encode_sequences(["a.jpg"], layout="chameleon", vocab_offset=32000)
 
 Images are preprocessed by the one pixel rule (`models.core.pixels`) the service uses, so the tokens equal what a
 server running the same model returns; errors are the same typed exceptions a server answer maps to.
@@ -22,10 +23,11 @@ from PIL import Image
 from models.core import pixels as _images
 from models.core.artefacts import Device, Precision, model_name, resolve_model_dir
 from models.core.errors import ImageError, ImageShapeError, ImageTooLarge, InvalidInputError
+from models.core.layouts import EMU3_NEEDS_TEXT, Layout, LayoutError, grid_side_limit
 from models.runtime.choose import load_runtime
 
 from . import _base
-from ._base import ImageInput, Images, ModelCard, Output, SingleImage
+from ._base import DEFAULT_RESIZE, DecodedSequence, ImageInput, Images, LayoutArg, ModelCard, Output, SingleImage
 from .errors import BadRequestError, NotFoundError, PayloadTooLargeError, ValidationError
 
 
@@ -93,24 +95,118 @@ class LocalBackend:
 
     @overload
     def encode(  # type: ignore[overload-overlap]  # a str is a Sequence too: this overload takes it first
-        self, images: SingleImage, *, model: str | None = None, resize: str | None = None, wire: str = "npy"
+        self, images: SingleImage, *, model: str | None = None, resize: str | None = DEFAULT_RESIZE, wire: str = "npy"
     ) -> np.ndarray: ...
     @overload
     def encode(
-        self, images: Sequence[ImageInput], *, model: str | None = None, resize: str | None = None, wire: str = "npy"
+        self, images: Sequence[ImageInput], *, model: str | None = None, resize: str | None = DEFAULT_RESIZE, wire: str = "npy"
     ) -> list[np.ndarray]: ...
     @overload  # an array is one image or a batch: only its ndim says which
-    def encode(self, images: np.ndarray, *, model: str | None = None, resize: str | None = None, wire: str = "npy") -> Any: ...
+    def encode(self, images: np.ndarray, *, model: str | None = None, resize: str | None = DEFAULT_RESIZE, wire: str = "npy") -> Any: ...
     def encode(
-        self, images: Images, *, model: str | None = None, resize: str | None = None, wire: str = "npy"
+        self, images: Images, *, model: str | None = None, resize: str | None = DEFAULT_RESIZE, wire: str = "npy"
     ) -> np.ndarray | list[np.ndarray]:
         """See `Client.encode`; `wire` is accepted for compatibility and ignored."""
+        single, grids = self._encode(images, model, resize)
+        return grids[0] if single else grids
+
+    def _encode(self, images: Images, model: str | None, resize: str | None) -> tuple[bool, list[np.ndarray]]:
         self._check_model(model)
         single, items = _base.as_image_list(images)
-        mode = resize or "none"
+        mode = resize or DEFAULT_RESIZE
         prepared = list(self._pool.map(lambda p: self._prepare(p[0], p[1], mode), enumerate(items)))
-        grids = [g.astype(np.int32, copy=False) for g in self._batched(self.runtime.encode, [p.pixels for p in prepared])]
-        return grids[0] if single else grids
+        return single, [g.astype(np.int32, copy=False) for g in self._batched(self.runtime.encode, [p.pixels for p in prepared])]
+
+    @property
+    def max_grid(self) -> int:
+        """The layouts' largest grid side, by the service's rule with its default limits: min(128², 4096² / f²)."""
+        return grid_side_limit(_images.SERVICE_MAX_GRID_TOKENS, _images.SERVICE_MAX_IMAGE_PIXELS, self.info.downsample)
+
+    def layout(self, layout: LayoutArg, vocab_offset: int = 0, max_grid: int | None = None) -> Layout:
+        """The Layout a preset's name (with offset and grid limit) makes for this model, as a server would
+        build it; a Layout given is checked against the model's codebook size."""
+        own = _base.caller_layout(layout, vocab_offset, max_grid)
+        if own is not None:
+            _base.check_layout_model(own, self.info.codebook_size, self.info.name)
+            return own
+        if layout == "emu3":
+            raise ValidationError(422, "Unprocessable Content", EMU3_NEEDS_TEXT)
+        try:
+            return Layout(str(layout), vocab_offset=vocab_offset, codebook_size=self.info.codebook_size, max_grid=max_grid or self.max_grid)
+        except LayoutError as exc:
+            raise ValidationError(422, "Unprocessable Content", str(exc)) from exc
+
+    @overload
+    def encode_sequences(  # type: ignore[overload-overlap]  # a str is a Sequence too: this overload takes it first
+        self,
+        images: SingleImage,
+        *,
+        layout: LayoutArg,
+        vocab_offset: int = 0,
+        max_grid: int | None = None,
+        model: str | None = None,
+        resize: str | None = DEFAULT_RESIZE,
+        wire: str = "npy",
+    ) -> np.ndarray: ...
+    @overload
+    def encode_sequences(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        layout: LayoutArg,
+        vocab_offset: int = 0,
+        max_grid: int | None = None,
+        model: str | None = None,
+        resize: str | None = DEFAULT_RESIZE,
+        wire: str = "npy",
+    ) -> list[np.ndarray]: ...
+    @overload
+    def encode_sequences(
+        self,
+        images: np.ndarray,
+        *,
+        layout: LayoutArg,
+        vocab_offset: int = 0,
+        max_grid: int | None = None,
+        model: str | None = None,
+        resize: str | None = DEFAULT_RESIZE,
+        wire: str = "npy",
+    ) -> Any: ...
+    def encode_sequences(
+        self,
+        images: Images,
+        *,
+        layout: LayoutArg,
+        vocab_offset: int = 0,
+        max_grid: int | None = None,
+        model: str | None = None,
+        resize: str | None = DEFAULT_RESIZE,
+        wire: str = "npy",
+    ) -> np.ndarray | list[np.ndarray]:
+        """See `Client.encode_sequences` (the same ids a server running this model answers)."""
+        chosen = self.layout(layout, vocab_offset, max_grid)
+        single, grids = self._encode(images, model, resize)
+        sequences = _base.local_sequences(chosen, grids)
+        return sequences[0] if single else sequences
+
+    def decode_sequence(
+        self,
+        sequence: Sequence[int] | np.ndarray,
+        *,
+        layout: LayoutArg,
+        vocab_offset: int = 0,
+        grid: tuple[int, int] | None = None,
+        repair: bool = False,
+        max_grid: int | None = None,
+        model: str | None = None,
+        output: Output = "pil",
+    ) -> DecodedSequence:
+        """See `Client.decode_sequence`."""
+        self._check_model(model)
+        chosen = self.layout(layout, vocab_offset, max_grid)
+        spans = _base.local_spans(chosen, _base.sequence_ids(sequence), grid, repair)
+        images = self.decode([s.grid.astype(np.int32) for s in spans], output=output) if spans else []
+        return DecodedSequence(list(images), [_base.span_info(s) for s in spans])
 
     @overload
     def decode(

@@ -4,11 +4,31 @@ are the hard ones that no setting changes."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from models.core.layouts import LAYOUTS
+
 from .settings import ResizeMode
+
+LayoutName = Literal["plain", "chameleon", "lumina", "emu3"]
+assert get_args(LayoutName) == LAYOUTS
+MAX_ID = 2**31 - 1  # every LLM id the service answers fits an int32 (npy answers, the packed .bin's readers)
+VocabOffset = Annotated[int, Field(ge=0, le=MAX_ID, description="the LLM id of image code 0 (default 0)")]
+MaxGrid = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=1 << 20,
+        description="largest grid side the layout is built for (lumina: its size tokens; the ids do not depend on it); "
+        "default and upper bound: the service's, min(max_grid_tokens, max_image_pixels / f²)",
+    ),
+]
+_LAYOUT_TEXT = (
+    "LLM layout: plain, chameleon or lumina (emu3 writes the grid size as text, in a text tokenizer's ids the server does not "
+    "have: use the Python API with a Layout built with text_ids, or `vqtok tokenize --layout emu3 --text-tokenizer`)"
+)
 
 ModelName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._\-]+$")]
 Grid = Annotated[list[Annotated[int, Field(ge=1, le=4096)]], Field(min_length=2, max_length=2, description="[h, w]")]
@@ -27,19 +47,42 @@ class EncodeJSONRequest(_Strict):
         min_length=1, description="base64 image files (PNG, JPEG, WebP, BMP); a data: URL prefix is allowed"
     )
     model: ModelName | None = Field(default=None, description="model name; default: the server's default model")
-    resize: ResizeMode | None = Field(default=None, description="none | crop | pad; default: the server's default (none)")
+    resize: ResizeMode | None = Field(
+        default=None, description="crop | pad | none; default: the server's default_resize (crop unless configured otherwise)"
+    )
+    layout: LayoutName | None = Field(default=None, description=_LAYOUT_TEXT + "; with it each image also gets its `sequence`")
+    vocab_offset: VocabOffset | None = None
+    max_grid: MaxGrid | None = None
 
 
 class EncodedImage(BaseModel):
     tokens: list[list[int]] = Field(description="token ids, h rows of w")
     grid: Grid
     source_size: Size = Field(description="the image's size after EXIF orientation, before resizing")
+    sequence: list[int] | None = Field(
+        default=None, description="with `layout`: the image's span of LLM ids (image code k is vocab_offset + k, specials after the codes)"
+    )
+
+
+class LayoutOut(BaseModel):
+    """The layout a request used, once per answer."""
+
+    name: LayoutName
+    vocab_offset: int
+    codebook_size: int = Field(description="K: image code k is LLM id vocab_offset + k")
+    max_grid: int = Field(description="largest grid side the layout covers")
+    image_ids: list[int] = Field(description="[start, stop): the LLM ids of the image codes")
+    special_ids: dict[str, int] = Field(
+        description="the special tokens' ids by name, at vocab_offset + K + i: boi, eoi (chameleon); boi, eoi, eol, h1, w1 (lumina)"
+    )
+    resolution_ids: str | None = Field(default=None, description="lumina: the rule giving every size token's id from h1 and w1")
 
 
 class EncodeResponse(BaseModel):
     model: str
     codebook_size: int
     downsample: int
+    layout: LayoutOut | None = Field(default=None, description="with `layout`: the layout the sequences follow")
     images: list[EncodedImage]
 
 
@@ -64,6 +107,40 @@ class DecodeResponse(BaseModel):
     images: list[str] = Field(description="base64 PNG per grid, in order")
 
 
+class DecodeSequenceRequest(_Strict):
+    sequence: Annotated[list[int], Field(description="an LLM's ids: text and any number of image spans")]
+    layout: LayoutName = Field(description=_LAYOUT_TEXT)
+    vocab_offset: VocabOffset = 0
+    grid: Grid | None = Field(
+        default=None,
+        description="[h, w]: needed for plain (no delimiters); for chameleon the size of every span (default: square spans); "
+        "lumina spans declare their size (checked against it when given)",
+    )
+    repair: bool = Field(
+        default=False,
+        description="mend malformed spans (ragged rows padded or cut, missing rows repeated, non-image ids clamped, a missing "
+        "eoi supplied) and say what changed in `spans[].changes`; default: a malformed span is a 422 naming span and position",
+    )
+    max_grid: MaxGrid | None = None
+    model: ModelName | None = None
+
+
+class DecodedSpan(BaseModel):
+    start: int = Field(description="position of the span's first id in the sequence")
+    end: int = Field(description="one past its last id")
+    grid: Grid
+    size: Size
+    changes: list[str] = Field(default=[], description="what repair changed in this span, in words (empty: well-formed)")
+
+
+class DecodeSequenceResponse(BaseModel):
+    model: str
+    layout: LayoutOut
+    repaired: bool = Field(description="whether repair changed anything")
+    spans: list[DecodedSpan]
+    images: list[str] = Field(description="base64 PNG per span, in order")
+
+
 # --- models, health, admin ---
 
 
@@ -76,6 +153,10 @@ class ModelOut(BaseModel):
     downsample: int | None = None
     resolution: int | None = Field(default=None, description="native size; resize=crop makes resolution×resolution inputs")
     grid_rule: str | None = None
+    default_resize: ResizeMode | None = Field(default=None, description="the resize mode of an encode request that names none")
+    layout_max_grid: int | None = Field(
+        default=None, description="largest grid side of the layouts (sequence answers): min(max_grid_tokens, max_image_pixels / f²)"
+    )
     quantizer: str | None = None
     precision: str | None = None
     opset: int | None = None
@@ -96,6 +177,7 @@ class Limits(BaseModel):
     max_grid_tokens: int
     max_batch_size: int
     request_timeout_s: float
+    default_resize: ResizeMode = Field(description="the resize mode of an encode request that names none")
 
 
 class ModelList(BaseModel):

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.core.artefacts import Device, Precision, pretrained_repo
-from models.core.pixels import ResizeMode
+from models.core.pixels import DEFAULT_RESIZE, SERVICE_MAX_GRID_TOKENS, SERVICE_MAX_IMAGE_PIXELS, ResizeMode
 
 
 def default_model_repo() -> Path:
@@ -149,12 +149,15 @@ class Settings(BaseSettings):
     )
     max_images_per_request: int = Field(default=64, ge=1, description="images (encode) or token grids (decode) in one request")
     max_image_pixels: int = Field(
-        default=4096 * 4096,
+        default=SERVICE_MAX_IMAGE_PIXELS,
         ge=1,
         description="decoded image size limit in pixels, width·height (4096² by default), checked from the header before decoding",
     )
     max_grid_tokens: int = Field(
-        default=128 * 128, ge=1, description="token grid limit per image in tokens, h·w (128² by default), for encode and decode"
+        default=SERVICE_MAX_GRID_TOKENS,
+        ge=1,
+        description="token grid limit per image in tokens, h·w (128² by default), for encode and decode; with the pixel limit it "
+        "also sets the layouts' max_grid, the largest grid side: min(max-grid-tokens, max-image-pixels / f²)",
     )
     decode_threads: int = Field(default=4, ge=1, le=64, description="threads decoding and encoding images (Pillow)")
     inline_decode_pixels: int = Field(
@@ -165,9 +168,10 @@ class Settings(BaseSettings):
         "a thread costs more CPU than decoding it (service/README.md); 0 = always the threads",
     )
     default_resize: ResizeMode = Field(
-        default="none",
-        description="resize mode when a request names none: none (sides must be multiples of the model's downsample factor), "
-        "crop (short side to the model's resolution, centre square) or pad (edge-replicated up to the next multiple)",
+        default=DEFAULT_RESIZE,
+        description="resize mode when a request names none: crop (the default, as the clients and vqtok tokenize: short side to "
+        "the model's resolution, centre square; every readable photo), pad (edge-replicated up to the next multiple of the "
+        "model's downsample factor) or none (sides must already be multiples of it)",
     )
 
     # --- operations ---

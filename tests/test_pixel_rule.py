@@ -133,7 +133,9 @@ def test_dataset_tokenization_and_the_service(files: tuple[Path, dict[str, np.nd
     server = ServerThread(settings).start()
     try:
         for name, want in want_tokens.items():
-            r = httpx.post(f"{server.url}/v1/encode", files={"images": (name, (folder / name).read_bytes())}, timeout=60)
+            r = httpx.post(
+                f"{server.url}/v1/encode", files={"images": (name, (folder / name).read_bytes())}, data={"resize": "none"}, timeout=60
+            )
             assert r.status_code == 200, r.text
             np.testing.assert_array_equal(np.asarray(r.json()["images"][0]["tokens"], dtype=np.int32), want, err_msg=name)
     finally:

@@ -29,11 +29,13 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "models.tokenizer": ("CheckpointError", "Tokenizer", "TokenizerOutput"),
     "models.core.artefacts": ("DEFAULT_MODEL", "resolve_model_dir", "shipped_models"),
     "models.core.errors": ("ModelLoadError", "ModelNotFound"),
+    "models.core.layouts": ("Layout", "SequenceError"),
+    "models.core.vocab": ("extend_tokenizer", "read_layout"),
     "models.export.driver": ("export_model",),
     "models.export.parity": ("ExportError",),
     "clients.client": ("AsyncClient", "Client"),
     "clients.local": ("LocalBackend",),
-    "clients._base": ("ModelCard",),
+    "clients._base": ("DecodedSequence", "ModelCard", "SpanInfo"),
     "clients._retry": ("RetryPolicy",),
     "clients.errors": (
         "APIConnectionError",
@@ -41,6 +43,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "APITimeoutError",
         "AuthenticationError",
         "BadRequestError",
+        "InvalidSequenceError",
         "NotFoundError",
         "OverloadedError",
         "PayloadTooLargeError",
@@ -55,11 +58,12 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "clients.tokenize.encoders": ("RuntimeEncoder", "ServerEncoder"),
     "clients.tokenize.format": ("TokenizeError", "load_tokens", "read_tokens"),
     "clients.tokenize.local": ("tokenize_local",),
+    "clients.tokenize.sequences": ("SequenceOptions", "read_packed"),
     "clients.tokenize.ray": ("tokenize_ray",),
 }
 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
-    from clients._base import ModelCard
+    from clients._base import DecodedSequence, ModelCard, SpanInfo
     from clients._retry import RetryPolicy
     from clients.client import AsyncClient, Client
     from clients.errors import (
@@ -68,6 +72,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
         APITimeoutError,
         AuthenticationError,
         BadRequestError,
+        InvalidSequenceError,
         NotFoundError,
         OverloadedError,
         PayloadTooLargeError,
@@ -84,9 +89,12 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from clients.tokenize.format import TokenizeError, load_tokens, read_tokens
     from clients.tokenize.local import tokenize_local
     from clients.tokenize.ray import tokenize_ray
+    from clients.tokenize.sequences import SequenceOptions, read_packed
     from models.config import ConfigError, TokenizerConfig
     from models.core.artefacts import DEFAULT_MODEL, resolve_model_dir, shipped_models
     from models.core.errors import ModelLoadError, ModelNotFound
+    from models.core.layouts import Layout, SequenceError
+    from models.core.vocab import extend_tokenizer, read_layout
     from models.export.driver import export_model
     from models.export.parity import ExportError
     from models.presets import create_tokenizer, list_presets, preset_config

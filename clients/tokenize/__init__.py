@@ -22,17 +22,22 @@ Schema of a shard:
     grid_w    int32
     source_h  int32         the image's height and width before resizing (after EXIF orientation)
     source_w  int32
+    sequence  list<int32>   with --layout/--vocab: the image as an LLM's id sequence (models.core.layouts)
+    text_ids  list<int32>   with --text-tokenizer and --caption-column: the caption's ids
+    input_ids list<int32>   text_ids then sequence, or sequence then text_ids (--order)
     ...                     the carried columns of the input, in the input's types: parquet columns other
                             than the image (`label` int64 stays int64); webdataset members and sidecar
                             files (`cat.jpg` + `cat.txt`) named by extension: `txt`/`json` as string,
                             `cls` as int64 (string where a value is not an integer), others binary; a
                             name taken by a column above is written `input_<name>`; null where missing
 File metadata: `vqtok.model`, `vqtok.codebook_size`, `vqtok.downsample`, `vqtok.precision`,
-`vqtok.resize`, `vqtok.manifest_sha256`, `vqtok.format`, `vqtok.shard`; plus the input's schema
+`vqtok.resize`, `vqtok.manifest_sha256`, `vqtok.format`, `vqtok.shard` (with a layout, `vqtok.layout`
+and `vqtok.sequences`: its ids and the job's LLM settings, as JSON); plus the input's schema
 metadata that describes the carried columns (the `classes` names of a Hugging Face parquet; its
 `datasets` features cut to the carried columns, so a ClassLabel keeps its names).
 `load_tokens(out)` gives the rows back as numpy grids and columns (`TokenDataset`); `read_tokens(out)`
-as one pyarrow Table.
+as one pyarrow Table. `--packed` adds `__packed__/input_ids.{bin,idx,json}`: every row's input_ids (or
+sequence) as one little-endian uint32 stream with a Megatron-LM index (`sequences`; `read_packed(out)`).
 
 Shard k holds source items [k·S, (k+1)·S) (see `models.core.sources`). A shard is committed by
 renaming its file into place, then rewriting the manifest atomically; a re-run skips the shards the
@@ -42,6 +47,7 @@ none, and a re-run writes byte-identical shards.
 Floor plan, each module importing only those above it:
     format     the output format: schema, `Job`, `ModelSpec`, shard files (`ShardBuffer`,
                `commit_shard`), readers (`read_tokens`, `load_tokens`)
+    sequences  the LLM columns (`SequenceOptions` -> `Sequencer`: a layout, a text tokenizer) and the packed form
     job        the job flow, written once: `plan`, `JobManifest`, `JobRun` (pending shards, per-shard
                buffers and commits, errors file), `Summary`
     decoding   reading and decoding images in worker threads or processes (`prepare_item`, `prepared_stream`)

@@ -18,6 +18,8 @@ RUNTIMES = ("auto", "onnxruntime", "compiled")  # models.runtime.choose.RUNTIMES
 RESIZE_MODES = ("none", "crop", "pad")  # models.core.pixels.RESIZE_MODES, not imported here: it loads numpy and Pillow
 DEFAULT_RESIZE = "crop"  # format.DEFAULT_RESIZE and DEFAULT_MAX_TOKENS, not imported here: format loads pyarrow
 DEFAULT_MAX_TOKENS = 256 * 256
+LAYOUTS = ("plain", "chameleon", "lumina", "emu3")  # models.core.layouts.LAYOUTS, not imported here: it loads numpy
+ORDERS = ("text-first", "image-first")  # sequences.ORDERS
 
 
 def model_dir(name_or_dir: str | None) -> Path:
@@ -40,6 +42,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -119,6 +128,46 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--ray-address", default=None, help="existing Ray cluster (e.g. ray://head:10001 or auto); default: a local Ray for this job"
     )
     p.add_argument("--num-actors", type=_positive, default=None, help="Ray: encoder actors (default: one per GPU, else CPUs / 4)")
+    llm = p.add_argument_group(
+        "LLM sequences",
+        "each row's image as an LLM's id sequence (column `sequence`: image code k is vocab_offset + k, the layout's special "
+        "tokens after the K codes); with a text tokenizer and a caption column also `text_ids` and `input_ids`; --packed adds "
+        "the flat uint32 .bin and its Megatron .idx in OUT/__packed__/ (format: clients/tokenize/sequences.py)",
+    )
+    which = llm.add_mutually_exclusive_group()
+    which.add_argument("--layout", choices=LAYOUTS, default=None, help="the layout's preset (sources in the README)")
+    which.add_argument(
+        "--vocab",
+        default=None,
+        metavar="DIR/vqtok_vocab.json",
+        help="the layout, offset and grid limit of an LLM vocabulary extended by `vqtok vocab extend` (instead of --layout, "
+        "--vocab-offset); its tokenizer.json tokenizes the captions unless --text-tokenizer is given",
+    )
+    llm.add_argument("--vocab-offset", type=_non_negative, default=0, help="with --layout: the LLM id of image code 0 (default 0)")
+    llm.add_argument(
+        "--text-tokenizer",
+        default=None,
+        metavar="PATH/tokenizer.json",
+        help="a Hugging Face tokenizer.json for the captions (text_ids, no BOS/EOS added) and emu3's size text (pip install 'vqtok[llm]')",
+    )
+    llm.add_argument(
+        "--caption-column",
+        default=None,
+        metavar="NAME",
+        help="the input column holding each image's caption (webdataset or sidecar `txt`, a parquet column); always carried",
+    )
+    llm.add_argument(
+        "--order",
+        choices=ORDERS,
+        default=None,
+        help="input_ids = caption then image (text-first, the default) or image then caption (image-first)",
+    )
+    llm.add_argument(
+        "--packed",
+        action="store_true",
+        help="also write OUT/__packed__/input_ids.bin (every row's input_ids, or sequence, as little-endian uint32) with a "
+        "Megatron-LM index input_ids.idx, when the job completes",
+    )
     p.add_argument("--overwrite", action="store_true", help="discard an existing output of another job in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
@@ -149,6 +198,38 @@ def summary_line(s: Summary) -> str:
     )
 
 
+def sequence_options(args: argparse.Namespace) -> Any:
+    """The LLM columns the flags ask for (a `sequences.SequenceOptions`), or None; a flag that needs a layout without one is an error."""
+    if args.layout is None and args.vocab is None:
+        given = [
+            flag
+            for flag, value in (
+                ("--vocab-offset", args.vocab_offset),
+                ("--text-tokenizer", args.text_tokenizer),
+                ("--caption-column", args.caption_column),
+                ("--order", args.order),
+                ("--packed", args.packed),
+            )
+            if value
+        ]
+        if given:
+            raise CLIError(f"{', '.join(given)} need a layout: --layout NAME (with --vocab-offset) or --vocab DIR/vqtok_vocab.json")
+        return None
+    if args.vocab is not None and args.vocab_offset:
+        raise CLIError("--vocab gives the offset: drop --vocab-offset")
+    from .sequences import SequenceOptions
+
+    return SequenceOptions(
+        layout=args.layout,
+        vocab_offset=args.vocab_offset,
+        vocab=args.vocab,
+        text_tokenizer=args.text_tokenizer,
+        caption_column=args.caption_column,
+        order=args.order or ORDERS[0],
+        packed=args.packed,
+    )
+
+
 def _run_engine(args: argparse.Namespace, progress: bool | None) -> Summary:
     from models.core.errors import ModelLoadError
 
@@ -159,6 +240,7 @@ def _run_engine(args: argparse.Namespace, progress: bool | None) -> Summary:
         shard_size=args.shard_size,
         overwrite=args.overwrite,
         progress=progress,
+        sequences=sequence_options(args),
     )
     if args.engine != "server":  # the server applies its own limits
         common["max_tokens"] = args.max_tokens

@@ -52,7 +52,17 @@ SCHEMA = pa.schema(
         ("source_w", pa.int32()),
     ]
 )
-CARRIED_PREFIX = "input_"  # a carried column named like one of SCHEMA's is written as input_<name>
+CARRIED_PREFIX = "input_"  # a carried column named like one of SCHEMA's (or the LLM columns) is written as input_<name>
+# With a layout (`sequences`), these list<int32> columns follow SCHEMA's: `sequence`; with captions, `text_ids` and `input_ids`.
+LLM_COLUMNS = ("sequence", "text_ids", "input_ids")
+
+
+def llm_columns(sequences: dict[str, Any] | None) -> tuple[str, ...]:
+    """The LLM columns a job's `sequences` record asks for (none without a layout)."""
+    if not sequences:
+        return ()
+    return LLM_COLUMNS if sequences.get("caption_column") else LLM_COLUMNS[:1]
+
 
 ErrorKind = Literal["unreadable", "refused"]
 # what an error's reason starts with (the exception's name) when the image was refused rather than
@@ -103,6 +113,7 @@ class Job:
     resize: str
     model: ModelSpec
     columns: tuple[str, ...] = ()  # the input's columns carried to the output, in order
+    sequences: dict[str, Any] | None = field(default=None, hash=False)  # the LLM columns' layout and text (`sequences.SequenceSpec`)
 
     @property
     def num_shards(self) -> int:
@@ -149,6 +160,7 @@ class ShardBuffer:
     tokens: list[np.ndarray] = field(default_factory=list)  # int32 (h, w) each
     sources: list[tuple[int, int]] = field(default_factory=list)  # (height, width)
     metas: list[Meta] = field(default_factory=list)  # the carried fields of each row
+    llm: list[dict[str, np.ndarray]] = field(default_factory=list)  # each row's LLM columns (int32), with a layout
     errors: list[ErrorRecord] = field(default_factory=list)
 
     @property
@@ -159,20 +171,24 @@ class ShardBuffer:
     def full(self) -> bool:
         return self.received == self.expected
 
-    def add(self, index: int, key: str, tokens: np.ndarray, source: tuple[int, int], meta: Meta = ()) -> None:
+    def add(
+        self, index: int, key: str, tokens: np.ndarray, source: tuple[int, int], meta: Meta = (), llm: dict[str, np.ndarray] | None = None
+    ) -> None:
         self.indices.append(index)
         self.keys.append(key)
         self.tokens.append(tokens)
         self.sources.append(source)
         self.metas.append(meta)
+        if llm is not None:
+            self.llm.append(llm)
 
     def add_error(self, index: int, key: str, reason: str, kind: ErrorKind = "unreadable") -> None:
         self.errors.append({"index": index, "key": key, "reason": reason, "kind": kind})
 
 
-def carried_name(name: str) -> str:
-    """The output name of a carried input column."""
-    return CARRIED_PREFIX + name if name in SCHEMA.names else name
+def carried_name(name: str, llm: Sequence[str] = ()) -> str:
+    """The output name of a carried input column (`llm`: the job's LLM columns, which it must not shadow)."""
+    return CARRIED_PREFIX + name if name in SCHEMA.names or name in llm else name
 
 
 def _hf_features(raw: bytes, renamed: dict[str, str]) -> bytes | None:
@@ -185,13 +201,15 @@ def _hf_features(raw: bytes, renamed: dict[str, str]) -> bytes | None:
     return json.dumps({"info": {"features": kept}}, sort_keys=True).encode() if kept else None
 
 
-def output_schema(carried: pa.Schema | None = None) -> pa.Schema:
-    """`SCHEMA` + the carried columns (renamed by `carried_name`), with the input's schema metadata
-    that still describes them: e.g. the `classes` names of a Hugging Face parquet; `datasets`
-    features cut to the carried columns; never pandas' index description or an earlier vqtok's keys."""
+def output_schema(carried: pa.Schema | None = None, llm: Sequence[str] = ()) -> pa.Schema:
+    """`SCHEMA` + the LLM columns `llm` + the carried columns (renamed by `carried_name`), with the
+    input's schema metadata that still describes them: e.g. the `classes` names of a Hugging Face
+    parquet; `datasets` features cut to the carried columns; never pandas' index description or an
+    earlier vqtok's keys."""
+    llm_fields = [pa.field(name, pa.list_(pa.int32())) for name in llm]
     if carried is None or not len(carried):
-        return SCHEMA
-    renamed = {f.name: carried_name(f.name) for f in carried}
+        return pa.schema([*SCHEMA, *llm_fields]) if llm else SCHEMA
+    renamed = {f.name: carried_name(f.name, llm) for f in carried}
     metadata: dict[bytes, bytes] = {}
     for k, v in (carried.metadata or {}).items():
         name = k.decode("utf-8", "replace")
@@ -203,29 +221,40 @@ def output_schema(carried: pa.Schema | None = None) -> pa.Schema:
                 metadata[k] = cut
             continue
         metadata[k] = v
-    fields = [*SCHEMA, *(f.with_name(renamed[f.name]) for f in carried)]
+    fields = [*SCHEMA, *llm_fields, *(f.with_name(renamed[f.name]) for f in carried)]
     return pa.schema(fields, metadata=metadata or None)
+
+
+def _list_column(arrays: Sequence[np.ndarray]) -> pa.Array:
+    """int32 arrays -> one list<int32> column, without a per-row conversion."""
+    lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] >= 2**31:
+        raise TokenizeError("a shard holds 2^31 ids or more in one column: use a smaller --shard-size")
+    values = np.concatenate([a.reshape(-1) for a in arrays]).astype(np.int32, copy=False) if arrays else np.zeros(0, np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, pa.int32()))
 
 
 def shard_table(buf: ShardBuffer, job: Job, schema: pa.Schema = SCHEMA) -> pa.Table:
     order = np.argsort(np.asarray(buf.indices, dtype=np.int64), kind="stable")
     toks = [buf.tokens[i] for i in order]
-    lengths = np.fromiter((t.size for t in toks), dtype=np.int32, count=len(toks))
-    offsets = np.zeros(len(toks) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate([t.reshape(-1) for t in toks]).astype(np.int32) if toks else np.zeros(0, np.int32)
     columns = [
         pa.array([buf.keys[i] for i in order], pa.string()),
         pa.array(np.asarray(buf.indices, dtype=np.int64)[order]),
-        pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32())),
+        _list_column(toks),
         pa.array([t.shape[0] for t in toks], pa.int32()),
         pa.array([t.shape[1] for t in toks], pa.int32()),
         pa.array([buf.sources[i][0] for i in order], pa.int32()),
         pa.array([buf.sources[i][1] for i in order], pa.int32()),
     ]
-    if len(schema) > len(SCHEMA):
+    llm = llm_columns(job.sequences)
+    for name in llm:
+        columns.append(_list_column([buf.llm[i][name] for i in order]))
+    first_carried = len(SCHEMA) + len(llm)
+    if len(schema) > first_carried:
         rows = [dict(buf.metas[i]) for i in order]
-        carried = [schema.field(k) for k in range(len(SCHEMA), len(schema))]
+        carried = [schema.field(k) for k in range(first_carried, len(schema))]
         for name, f in zip(job.columns, carried, strict=True):
             columns.append(pa.array([r.get(name) for r in rows], f.type))
     m = job.model
@@ -293,6 +322,7 @@ class TokenDataset:
     source_sizes: np.ndarray  # int32 (n, 2): (height, width) of each image before resizing
     columns: dict[str, np.ndarray | list[Any]]
     metadata: dict[str, str]
+    sequences: dict[str, list[np.ndarray]] = field(default_factory=dict)  # the LLM columns (int32 ids per row), with a layout
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -304,6 +334,7 @@ class TokenDataset:
         """Row i: key, index, grid, source size and the carried columns."""
         row: dict[str, Any] = {"key": self.keys[i], "index": int(self.indices[i]), "grid": self.grids[i]}
         row["source_size"] = (int(self.source_sizes[i, 0]), int(self.source_sizes[i, 1]))
+        row |= {name: values[i] for name, values in self.sequences.items()}
         return row | {name: values[i] for name, values in self.columns.items()}
 
     def stacked(self) -> np.ndarray:
@@ -335,11 +366,10 @@ def load_tokens(output_dir: str | Path, columns: Sequence[str] | None = None) ->
     files = _shard_files(output_dir)
     metadata = {k.decode(): v.decode() for k, v in (pq.read_schema(files[0]).metadata or {}).items()} if files else {}
     metadata.pop("vqtok.shard", None)
-    carried = [n for n in table.schema.names[len(SCHEMA) :] if columns is None or n in columns]
-    tok = table.column("tokens").combine_chunks()
-    offsets, values = tok.offsets.to_numpy(), tok.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    llm = llm_columns(json.loads(metadata["vqtok.sequences"])) if "vqtok.sequences" in metadata else ()
+    carried = [n for n in table.schema.names[len(SCHEMA) + len(llm) :] if columns is None or n in columns]
     gh, gw = table.column("grid_h").to_numpy(), table.column("grid_w").to_numpy()
-    grids = [values[offsets[i] : offsets[i + 1]].reshape(int(gh[i]), int(gw[i])) for i in range(table.num_rows)]
+    grids = [g.reshape(int(gh[i]), int(gw[i])) for i, g in enumerate(_lists(table.column("tokens")))]
     sizes = np.stack([table.column("source_h").to_numpy(), table.column("source_w").to_numpy()], axis=1).astype(np.int32)
     return TokenDataset(
         table.column("key").to_pylist(),
@@ -348,4 +378,12 @@ def load_tokens(output_dir: str | Path, columns: Sequence[str] | None = None) ->
         sizes.reshape(-1, 2),
         {n: _column_values(table.column(n)) for n in carried},
         metadata,
+        {n: _lists(table.column(n)) for n in llm},
     )
+
+
+def _lists(col: pa.ChunkedArray) -> list[np.ndarray]:
+    """A list<int32> column as one int32 array per row (views of one buffer)."""
+    combined = col.combine_chunks()
+    offsets, values = combined.offsets.to_numpy(), combined.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(combined))]

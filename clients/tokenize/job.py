@@ -27,10 +27,12 @@ from typing import Any
 import numpy as np
 
 from models.core import pixels
+from models.core.errors import InvalidInputError
 from models.core.fileio import atomic_write, is_temporary
 from models.core.sources import Columns, Meta, Source, open_source
 
 from .format import (
+    DEFAULT_MAX_TOKENS,
     ERRORS,
     JOB_DIR,
     LEGACY_ERRORS,
@@ -48,19 +50,37 @@ from .format import (
     job_file,
     output_schema,
 )
+from .sequences import SequenceOptions, Sequencer, write_packed
 
 
-def plan(input_path: str | Path, spec: ModelSpec, resize: str, shard_size: int, columns: Columns = None) -> tuple[Source, Job]:
-    """The source to read and the job it makes; refuses a job that cannot run before anything is written.
-    `columns`: the input's other columns to carry to the output (None: all; (): none)."""
+def plan(
+    input_path: str | Path,
+    spec: ModelSpec,
+    resize: str,
+    shard_size: int,
+    columns: Columns = None,
+    sequences: SequenceOptions | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> tuple[Source, Job, Sequencer | None]:
+    """The source to read, the job it makes and its LLM columns' sequencer; refuses a job that cannot
+    run before anything is written. `columns`: the input's other columns to carry to the output (None:
+    all; (): none); a caption column (`sequences`) is always carried."""
     if resize not in pixels.RESIZE_MODES:
         raise TokenizeError(f"unknown resize mode {resize!r}; expected one of {', '.join(pixels.RESIZE_MODES)}")
     if shard_size < 1:
         raise TokenizeError(f"shard size must be positive, got {shard_size}")
+    caption = sequences.caption_column if sequences is not None else None
+    if caption is not None and columns is not None and caption not in columns:
+        columns = (*columns, caption)
     source = open_source(input_path, columns=columns)
     if len(source) == 0:
         raise TokenizeError(f"no images found in {input_path}")
-    return source, Job(source.kind, len(source), source.fingerprint(), shard_size, resize, spec, source.columns)
+    sequencer = None
+    if sequences is not None:
+        sequencer = sequences.plan(spec.codebook_size, spec.downsample, max_tokens, source.columns)
+    record = sequencer.spec.to_json() if sequencer is not None else None
+    job = Job(source.kind, len(source), source.fingerprint(), shard_size, resize, spec, source.columns, record)
+    return source, job, sequencer
 
 
 class JobManifest:
@@ -84,10 +104,11 @@ class JobManifest:
             there = body.get("job")
             if isinstance(there, dict):
                 there.setdefault("columns", [])  # written before columns were carried: none were
+                there.setdefault("sequences", None)  # written before the LLM columns: none
             if there != job.to_json():
                 raise TokenizeError(
-                    f"{out_dir} holds the output of a different job (input, model, resize, carried columns or shard size "
-                    f"differ): use another --output, or --overwrite to start over\n  there: {json.dumps(there)}\n"
+                    f"{out_dir} holds the output of a different job (input, model, resize, carried columns, layout or shard "
+                    f"size differ): use another --output, or --overwrite to start over\n  there: {json.dumps(there)}\n"
                     f"  now:   {json.dumps(job.to_json())}"
                 )
             for k, rec in body.get("shards", {}).items():
@@ -183,10 +204,25 @@ class JobRun:
     As a context manager it closes the progress bar and rewrites errors.jsonl from the manifest on
     the way out, whether the run finished or not (what was committed stays committed)."""
 
-    def __init__(self, output: str, source: Source, manifest: JobManifest, started: float, on_commit: Callable[[int], None] | None) -> None:
+    def __init__(
+        self,
+        output: str,
+        source: Source,
+        manifest: JobManifest,
+        started: float,
+        on_commit: Callable[[int], None] | None,
+        sequencer: Sequencer | None = None,
+        packed: bool = False,
+    ) -> None:
         self.output, self.source, self.manifest, self.started = output, source, manifest, started
         self.job = manifest.job
-        self.schema = output_schema(source.carried_schema()) if self.job.columns else SCHEMA
+        self.sequencer, self.packed = sequencer, packed
+        llm = sequencer.spec.columns if sequencer is not None else ()
+        self.schema = output_schema(source.carried_schema() if self.job.columns else None, llm)
+        if sequencer is not None:
+            self.schema = self.schema.with_metadata({**(self.schema.metadata or {}), **sequencer.metadata()})
+        elif not self.job.columns:
+            self.schema = SCHEMA
         self.ranges = [(k, *self.job.shard_range(k)) for k in manifest.pending()]  # (shard, start, end) still to do
         self.buffers = {k: ShardBuffer(k, end - start) for k, start, end in self.ranges}
         self.shards_skipped = self.job.num_shards - len(self.ranges)
@@ -210,14 +246,18 @@ class JobRun:
         overwrite: bool = False,
         started: float | None = None,
         on_commit: Callable[[int], None] | None = None,
+        sequences: SequenceOptions | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> JobRun:
         """Plan the job and open (resume, or start) its manifest in `output_dir`. `columns`: the
         input's columns to carry (None: all). `started`: the `time.perf_counter()` the run's seconds
-        count from (default: now); `on_commit(shard)` is called after each commit."""
+        count from (default: now); `on_commit(shard)` is called after each commit. `sequences`: the
+        LLM columns (a layout, captions) and the packed form (`clients.tokenize.sequences`)."""
         t0 = time.perf_counter() if started is None else started
-        source, job = plan(input_path, spec, resize, shard_size, columns)
+        source, job, sequencer = plan(input_path, spec, resize, shard_size, columns, sequences, max_tokens)
         manifest = JobManifest.open(Path(output_dir), job, str(Path(input_path).resolve()), overwrite)
-        return cls(str(output_dir), source, manifest, t0, on_commit)
+        packed = sequences is not None and sequences.packed
+        return cls(str(output_dir), source, manifest, t0, on_commit, sequencer, packed)
 
     @property
     def total(self) -> int:
@@ -240,8 +280,15 @@ class JobRun:
         return sum(self.failed.values())
 
     def add(self, shard: int, index: int, key: str, tokens: np.ndarray, source: tuple[int, int], meta: Meta = ()) -> None:
+        llm = None
+        if self.sequencer is not None:
+            try:
+                llm = self.sequencer.row(tokens, meta)
+            except InvalidInputError as exc:  # a grid over the layout's max_grid
+                self.add_error(shard, index, key, f"{type(exc).__name__}: {exc}", "refused")
+                return
         buf = self.buffers[shard]
-        buf.add(index, key, tokens, source, meta)
+        buf.add(index, key, tokens, source, meta, llm)
         if buf.full:
             self._commit(buf)
 
@@ -270,9 +317,13 @@ class JobRun:
         self.manifest.write_errors_file()
 
     def summary(self, engine: str = "local", *, decode_wait_s: float = 0.0, encode_wait_s: float = 0.0, decode_pool: str = "") -> Summary:
-        """The run's `Summary`; TokenizeError when a shard is still pending."""
+        """The run's `Summary`; TokenizeError when a shard is still pending. With `packed`, the job's
+        packed form is written first, from every committed shard (`sequences.write_packed`)."""
         if not self.manifest.complete:
             raise TokenizeError(f"{len(self.manifest.pending())} shards did not complete")
+        if self.packed and self.sequencer is not None:
+            out = self.manifest.out_dir
+            write_packed(out, [out / self.manifest.shards[k]["file"] for k in sorted(self.manifest.shards)], self.sequencer.spec)
         now = time.perf_counter()
         first_s, steady = 0.0, 0.0
         if self._first is not None:

@@ -38,6 +38,8 @@ from .job import JobRun, Summary
 if TYPE_CHECKING:
     from models.core.sources import Columns
 
+    from .sequences import SequenceOptions
+
 
 def tokenize_local(
     input_path: str | Path,
@@ -54,6 +56,7 @@ def tokenize_local(
     overwrite: bool = False,
     progress: bool | None = None,
     on_commit: Callable[[int], None] | None = None,
+    sequences: SequenceOptions | None = None,
 ) -> Summary:
     """Tokenize every image under `input_path` into `output_dir`, resuming a previous run there.
 
@@ -66,7 +69,8 @@ def tokenize_local(
     Decoding runs in a pool of `decode_workers` threads (Pillow and numpy release the GIL) or
     processes ("auto": the encoder's choice), up to a bounded window ahead of the encoder, so memory
     is bounded by the window, the batch and one shard's token ids. `on_commit(shard)` is called after
-    each shard is committed."""
+    each shard is committed. `sequences`: LLM columns (a layout's `sequence`; with a text tokenizer and
+    a caption column, `text_ids` and `input_ids`) and the packed form (`clients.tokenize.sequences`)."""
     if decode_pool not in DECODE_POOLS:
         raise TokenizeError(f"unknown decode pool {decode_pool!r}; expected one of {', '.join(DECODE_POOLS)}")
     pool_kind = decode_pool if decode_pool != "auto" else ("process" if encoder.decode_pool == "process" else "thread")
@@ -79,6 +83,8 @@ def tokenize_local(
         columns=columns,
         overwrite=overwrite,
         on_commit=on_commit,
+        sequences=sequences,
+        max_tokens=max_tokens,
     )
     work: Callable[..., Any] = probe_items if isinstance(encoder, FileEncoder) else decode_items
     prefix = ""

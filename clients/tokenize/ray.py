@@ -46,6 +46,8 @@ from .job import JobRun, Summary
 if TYPE_CHECKING:
     from models.core.sources import Columns
 
+    from .sequences import SequenceOptions
+
 log = logging.getLogger("vqtok.tokenize")
 
 _DECODED = pa.schema(
@@ -235,6 +237,7 @@ def tokenize_ray(
     actor_concurrency: int | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
+    sequences: SequenceOptions | None = None,
 ) -> Summary:
     """Tokenize with Ray Data; same output format, manifest and resume rules as `tokenize_local`.
 
@@ -244,8 +247,8 @@ def tokenize_ray(
     on a GPU where torch can run it, else ONNX Runtime; "onnxruntime"/"compiled" forced; a forced
     runtime that cannot run is a ModelLoadError). `num_actors`: encoder actors (default: one per GPU
     of the cluster, one GPU each; on CPUs, CPUs / 4). `actor_concurrency`: batches each encoder
-    actor runs at once (default 3 on GPUs, 1 on CPUs). `resize`, `columns`, `max_tokens`: as for
-    `tokenize_local`. Unless `progress` is False, a line on stderr says what it is doing while Ray
+    actor runs at once (default 3 on GPUs, 1 on CPUs). `resize`, `columns`, `max_tokens`, `sequences`: as for
+    `tokenize_local` (the LLM columns are computed on the driver, as there). Unless `progress` is False, a line on stderr says what it is doing while Ray
     starts and the encoder actors load the model, before the progress bar moves."""
     import ray
 
@@ -286,7 +289,15 @@ def tokenize_ray(
         spec = ModelSpec.from_info(exported.info)
         if runtime == "compiled":
             spec = dataclasses.replace(spec, precision="fp16")
-        common: dict[str, Any] = dict(resize=resize, shard_size=shard_size, columns=columns, overwrite=overwrite, started=t0)
+        common: dict[str, Any] = dict(
+            resize=resize,
+            shard_size=shard_size,
+            columns=columns,
+            overwrite=overwrite,
+            started=t0,
+            sequences=sequences,
+            max_tokens=max_tokens,
+        )
         with JobRun.open(input_path, output_dir, spec, **common) as run:
             if run.ranges:
                 _run(

@@ -61,6 +61,14 @@ LAYOUTS = tuple(PRESETS)
 RESOLUTION_TOKENS = frozenset({"lumina"})  # presets with an h<n> and a w<n> token per grid side
 DEFAULT_MAX_GRID = 128  # largest grid side when none is given: 1024 pixels at f8 (the service passes its own)
 ANY_CODE = -1  # in a span template: any image id may stand here
+SERVER_SIDE = ("plain", "chameleon", "lumina")  # what a layout named by its preset alone can build (emu3 needs text ids)
+EMU3_NEEDS_TEXT = (
+    "the emu3 layout writes each grid's size as text ('32*32') in the LLM's text tokenizer's ids, which a layout named "
+    "by its preset alone does not have: pass a Layout built with them (vqtok.Client / LocalBackend encode_sequences and "
+    "decode_sequence with layout=Layout('emu3', vocab_offset, codebook_size, text_ids=tokenizer) or "
+    "read_layout('DIR/vqtok_vocab.json')), or run `vqtok tokenize --layout emu3 --text-tokenizer PATH/tokenizer.json` "
+    "(or --vocab DIR/vqtok_vocab.json)"
+)
 
 
 class LayoutError(InvalidInputError):
@@ -68,11 +76,15 @@ class LayoutError(InvalidInputError):
 
 
 class SequenceError(InvalidInputError):
-    """A malformed image span in an LLM's sequence (422 on the service). The message names the span
-    index, the position in the sequence and what is wrong; `span` and `position` carry them too."""
+    """A malformed image span in an LLM's sequence (422 `invalid-sequence` on the service). The message
+    names the span index, the position in the sequence and what is wrong; `span` and `position` carry
+    them too, and are members of the service's problem body."""
+
+    slug = "invalid-sequence"
 
     def __init__(self, message: str, *, span: int | None = None, position: int | None = None) -> None:
-        super().__init__(message)
+        extra = {k: v for k, v in (("span", span), ("position", position)) if v is not None}
+        super().__init__(message, **extra)
         self.span = span
         self.position = position
 
@@ -89,6 +101,35 @@ class ImageSpan:
     @property
     def grid_hw(self) -> tuple[int, int]:
         return int(self.grid.shape[0]), int(self.grid.shape[1])
+
+
+def grid_side_limit(max_grid_tokens: int, max_image_pixels: int | None, downsample: int) -> int:
+    """The largest grid side (h or w) that an encoder with these limits can produce or a decoder accept:
+    a 1×s strip of s tokens, i.e. min(max_grid_tokens, max_image_pixels // f²). The service builds its
+    layouts with this `max_grid` (with its defaults, 128² tokens and 4096² pixels, that is 16,384 at
+    f = 8): every grid it encodes fits, and a lumina size token h<n>/w<n> keeps one id whatever the limit."""
+    side = max_grid_tokens if max_image_pixels is None else min(max_grid_tokens, max_image_pixels // (downsample * downsample))
+    return max(1, int(side))
+
+
+def describe(layout: Layout) -> dict[str, Any]:
+    """A short JSON description of a layout (what the service answers once per request): name, offset,
+    K, max_grid, the image ids [start, stop) and the special ids by name. The resolution tokens of
+    lumina are given by their rule, not listed: h<n> = special_ids["h1"] + 2(n - 1), w<n> = special_ids["w1"] + 2(n - 1)."""
+    names = [n for n in layout.special_names if n in PRESETS[layout.name]]
+    if layout.name in RESOLUTION_TOKENS:
+        names += ["h1", "w1"]
+    out: dict[str, Any] = {
+        "name": layout.name,
+        "vocab_offset": int(layout.vocab_offset),
+        "codebook_size": int(layout.codebook_size),
+        "max_grid": int(layout.max_grid),
+        "image_ids": [layout.code_range.start, layout.code_range.stop],
+        "special_ids": {n: layout.special_id(n) for n in names},
+    }
+    if layout.name in RESOLUTION_TOKENS:
+        out["resolution_ids"] = "h<n> = h1 + 2(n-1), w<n> = w1 + 2(n-1), 1 <= n <= max_grid"
+    return out
 
 
 def as_text_ids(tokenizer: Any) -> TextIds:

@@ -47,6 +47,13 @@ RESIZE_MODES: tuple[ResizeMode, ...] = ("none", "crop", "pad")
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what is decoded; anything else is refused (415 on the service)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})  # the file names datasets list
 MAX_PIXELS = 8192 * 8192  # default decoded-size limit for offline work (the service sets its own)
+# The one resize default of the HTTP API, the playground, the clients, the local backend and `vqtok tokenize`:
+# crop accepts every readable photo (short side to the model's resolution, centre square); none and pad
+# keep whole images and are asked for by name.
+DEFAULT_RESIZE: ResizeMode = "crop"
+# The service's default per-image limits (service.settings), here so that the local backend applies the same rule.
+SERVICE_MAX_IMAGE_PIXELS = 4096 * 4096
+SERVICE_MAX_GRID_TOKENS = 128 * 128
 
 
 @dataclass(frozen=True)

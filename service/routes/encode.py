@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,12 +14,13 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import ValidationError
 
 from models.core import pixels as images
+from models.core.layouts import LAYOUTS, Layout, describe
 
 from .. import forms
 from ..deps import State, require_api_key
 from ..problems import BadRequest, NotAcceptable, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 from ..repository import Served
-from ..schemas import EncodeJSONRequest, EncodeResponse, ModelName
+from ..schemas import MAX_ID, EncodeJSONRequest, EncodeResponse, LayoutName, MaxGrid, ModelName, VocabOffset
 from ..settings import ResizeMode
 from .common import (
     JSON,
@@ -33,6 +35,7 @@ from .common import (
     unless_disconnected,
     with_deadline,
 )
+from .layouts import form_int, layout_for
 
 router = APIRouter(prefix="/v1", tags=["encode"], dependencies=[Depends(require_api_key)])
 
@@ -42,7 +45,14 @@ _MULTIPART_SCHEMA = {
     "properties": {
         "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "description": "one part per image file"},
         "model": {"type": "string"},
-        "resize": {"type": "string", "enum": ["none", "crop", "pad"]},
+        "resize": {
+            "type": "string",
+            "enum": ["crop", "pad", "none"],
+            "description": "default: the server's default_resize (crop unless configured otherwise; GET /v1/models says)",
+        },
+        "layout": {"type": "string", "enum": list(LAYOUTS), "description": "LLM layout: each image also gets its `sequence`"},
+        "vocab_offset": {"type": "integer", "minimum": 0, "maximum": MAX_ID, "description": "LLM id of image code 0 (default 0)"},
+        "max_grid": {"type": "integer", "minimum": 1, "description": "largest grid side of the layout (default: the server's)"},
     },
 }
 _OPENAPI: dict[str, Any] = {
@@ -57,14 +67,47 @@ _OPENAPI: dict[str, Any] = {
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "model": EncodeResponse,
-        "content": {NPY: {"schema": {"type": "string", "format": "binary", "description": "int32 array (B, h, w)"}}},
-        "description": "tokens per image (JSON), or one int32 (B, h, w) array with `Accept: application/x-npy`",
+        "content": {
+            NPY: {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": "int32 array (B, h, w); with `layout`, the sequences: int32 (B, L)",
+                }
+            }
+        },
+        "description": "tokens per image (JSON; with `layout` also each image's `sequence` and the `layout` once), or one int32 "
+        "array with `Accept: application/x-npy`: (B, h, w) token grids, or with `layout` (B, L) sequences",
     },
 }
 
 
-async def _read_request(request: Request, state: State) -> tuple[list[bytes], str | None, str | None]:
-    """(image files, model, resize) from a multipart or JSON body."""
+@dataclass(frozen=True)
+class Fields:
+    """What an encode body names besides its images (None: not given, the query or the default applies)."""
+
+    model: str | None = None
+    resize: str | None = None
+    layout: str | None = None
+    vocab_offset: int | None = None
+    max_grid: int | None = None
+
+
+def _form_fields(form: forms.Form) -> Fields:
+    layout = form.field("layout") or None
+    if layout is not None and layout not in LAYOUTS:
+        raise Unprocessable(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    offset = form_int(form.field("vocab_offset"), "vocab_offset")
+    if offset is not None and not 0 <= offset <= MAX_ID:
+        raise Unprocessable(f"vocab_offset must be between 0 and {MAX_ID}, not {offset}")
+    side = form_int(form.field("max_grid"), "max_grid")
+    if side is not None and side < 1:
+        raise Unprocessable(f"max_grid must be at least 1, not {side}")
+    return Fields(form.field("model"), form.field("resize"), layout, offset, side)
+
+
+async def _read_request(request: Request, state: State) -> tuple[list[bytes], Fields]:
+    """(image files, the other fields) from a multipart or JSON body."""
     limit = state.settings.max_images_per_request
     kind = media_type(request)
     if kind == "multipart/form-data":
@@ -80,7 +123,7 @@ async def _read_request(request: Request, state: State) -> tuple[list[bytes], st
         parts = form.files("images")
         if any(p.filename is None for p in parts):
             raise Unprocessable("'images' parts must be files (filename=...)")
-        return [p.data for p in parts], form.field("model"), form.field("resize")
+        return [p.data for p in parts], _form_fields(form)
     if kind == JSON:
         body = await request.body()
         try:
@@ -93,7 +136,8 @@ async def _read_request(request: Request, state: State) -> tuple[list[bytes], st
             raise RequestValidationError(exc.errors()) from None
         if len(req.images) > limit:
             raise PayloadTooLarge(f"{len(req.images)} images in one request; the limit is {limit}")
-        return [_b64(s, i) for i, s in enumerate(req.images)], req.model, req.resize
+        fields = Fields(req.model, req.resize, req.layout, req.vocab_offset, req.max_grid)
+        return [_b64(s, i) for i, s in enumerate(req.images)], fields
     raise UnsupportedMediaType(f"content type {kind or '(none)'!r}: send multipart/form-data or application/json")
 
 
@@ -199,23 +243,41 @@ async def encode(
     request: Request,
     state: State,
     model: ModelName | None = Query(None, description="model name (a form field or JSON `model` takes precedence)"),
-    resize: ResizeMode | None = Query(None, description="none | crop | pad (a form field or JSON `resize` takes precedence)"),
+    resize: ResizeMode | None = Query(
+        None,
+        description="crop | pad | none; default: the server's default_resize, crop unless configured otherwise "
+        "(a form field or JSON `resize` takes precedence)",
+    ),
+    layout: LayoutName | None = Query(
+        None, description="LLM layout for `sequence` answers (a form field or JSON `layout` takes precedence)"
+    ),
+    vocab_offset: VocabOffset | None = Query(
+        None, description="LLM id of image code 0 (a form field or JSON `vocab_offset` takes precedence)"
+    ),
+    max_grid: MaxGrid | None = Query(None, description="largest grid side of the layout (default: the server's)"),
 ) -> Response:
     """Multipart `images` file parts, or JSON `{"images": [base64, ...]}`. Per image the answer gives
     `tokens` (h rows of w ids) and `grid` [h, w]; with `Accept: application/x-npy` one int32 (B, h, w)
-    array instead (all images must then give the same grid), with `X-Model` and `X-Codebook-Size` headers."""
+    array instead (all images must then give the same grid), with `X-Model` and `X-Codebook-Size` headers.
+    With `layout` (and `vocab_offset`), each image also gets its `sequence` of LLM ids and the answer
+    names the layout's ids once (`layout`); the npy answer is then the int32 (B, L) sequences."""
     answer = negotiate(request.headers.get("accept"), [JSON, NPY])
     if answer is None:
         raise NotAcceptable("encode answers application/json or application/x-npy")
 
     async def work(deadline: float) -> Response:
-        files, body_model, body_resize = await _read_request(request, state)
+        files, body = await _read_request(request, state)
         if not files:
             raise Unprocessable("no images: send one or more 'images' parts (or JSON images)")
-        mode = body_resize or resize or state.settings.default_resize
+        mode = body.resize or resize or state.settings.default_resize
         if mode not in ("none", "crop", "pad"):
-            raise Unprocessable(f"resize must be none, crop or pad, not {mode!r}")
-        async with leased(state, body_model or model, request) as served:
+            raise Unprocessable(f"resize must be crop, pad or none, not {mode!r}")
+        layout_name = body.layout or layout
+        async with leased(state, body.model or model, request) as served:
+            chosen = None
+            if layout_name is not None:
+                offset = body.vocab_offset if body.vocab_offset is not None else vocab_offset
+                chosen = layout_for(state, served, layout_name, offset, body.max_grid if body.max_grid is not None else max_grid)
             await _check_pixel_budget(state, served, files, mode)  # type: ignore[arg-type]
             prepared = await _prepare(state, served, files, mode)  # type: ignore[arg-type]
             tokens = await unless_disconnected(request, _encode_grouped(state, served, [p.pixels for p in prepared], deadline))
@@ -223,27 +285,40 @@ async def encode(
             state.metrics.images.labels(served.name, "encode").inc(len(tokens))
             state.metrics.tokens.labels(served.name, "encode").inc(sum(t.size for t in tokens))
             headers = {"X-Model": served.name, "X-Codebook-Size": str(info.codebook_size)}
+            if chosen is not None:
+                headers |= {"X-Layout": chosen.name, "X-Vocab-Offset": str(chosen.vocab_offset)}
             if answer == NPY:
                 if len({t.shape for t in tokens}) > 1:
                     raise Unprocessable("images give different grids, which one npy array cannot hold; ask for JSON or use resize=crop")
-                npy = await small_inline(state, sum(t.size for t in tokens), lambda: to_npy(np.stack(tokens)))
+                if chosen is None:
+                    npy = await small_inline(state, sum(t.size for t in tokens), lambda: to_npy(np.stack(tokens)))
+                else:
+                    layout_ = chosen
+                    npy = await small_inline(
+                        state, sum(t.size for t in tokens), lambda: to_npy(layout_.to_sequences(np.stack(tokens)).astype(np.int32))
+                    )
                 return Response(npy, media_type=NPY, headers=headers)
-            body = {
-                "model": served.name,
-                "codebook_size": info.codebook_size,
-                "downsample": info.downsample,
-                "images": [
-                    {"tokens": t.tolist(), "grid": list(t.shape), "source_size": list(p.source_size)}
-                    for t, p in zip(tokens, prepared, strict=True)
-                ],
-            }
             return Response(
-                await small_inline(state, 8 * sum(t.size for t in tokens), lambda: json.dumps(body, separators=(",", ":")).encode()),
+                await small_inline(state, 8 * sum(t.size for t in tokens), lambda: _json_answer(served, tokens, prepared, chosen)),
                 media_type=JSON,
                 headers=headers,
             )
 
     return await with_deadline(request, state, work)
+
+
+def _json_answer(served: Served, tokens: list[np.ndarray], prepared: list[images.PreparedImage], layout: Layout | None) -> bytes:
+    info = served.runtime.info
+    items: list[dict[str, Any]] = [
+        {"tokens": t.tolist(), "grid": list(t.shape), "source_size": list(p.source_size)} for t, p in zip(tokens, prepared, strict=True)
+    ]
+    body: dict[str, Any] = {"model": served.name, "codebook_size": info.codebook_size, "downsample": info.downsample}
+    if layout is not None:
+        body["layout"] = describe(layout)
+        for item, t in zip(items, tokens, strict=True):
+            item["sequence"] = layout.to_sequence(t).tolist()
+    body["images"] = items
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 async def _encode_grouped(state: State, served: Served, pixels: list[np.ndarray], deadline: float) -> list[np.ndarray]:

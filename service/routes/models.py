@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
+from models.core.layouts import grid_side_limit
+
 from ..deps import ServiceState, State, require_api_key
 from ..repository import ModelEntry
 from ..schemas import Limits, ModelList, ModelName, ModelOut
@@ -11,8 +13,9 @@ from ..schemas import Limits, ModelList, ModelName, ModelOut
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(require_api_key)])
 
 
-def model_out(entry: ModelEntry) -> ModelOut:
-    out = ModelOut(name=entry.name, state=entry.state, ready=entry.state == "ready", error=entry.error)
+def model_out(entry: ModelEntry, state: ServiceState) -> ModelOut:
+    s = state.settings
+    out = ModelOut(name=entry.name, state=entry.state, ready=entry.state == "ready", error=entry.error, default_resize=s.default_resize)
     served = entry.served
     if served is not None:
         info = served.runtime.info
@@ -22,7 +25,9 @@ def model_out(entry: ModelEntry) -> ModelOut:
                 codebook_size=info.codebook_size,
                 downsample=f,
                 resolution=info.resolution,
-                grid_rule=f"grid = (H/{f}, W/{f}); resize=none needs H and W multiples of {f}, pad rounds them up, crop makes {info.resolution}×{info.resolution}",
+                grid_rule=f"grid = (H/{f}, W/{f}) of the model input: resize=crop makes it {info.resolution}×{info.resolution}, "
+                f"pad rounds H and W up to multiples of {f}, none needs them; a request that names none gets {s.default_resize}",
+                layout_max_grid=grid_side_limit(s.max_grid_tokens, s.max_image_pixels, f),
                 quantizer=info.quantizer,
                 precision=info.precision,
                 opset=info.opset,
@@ -48,16 +53,19 @@ def limits(state: ServiceState) -> Limits:
         max_grid_tokens=s.max_grid_tokens,
         max_batch_size=s.max_batch_size,
         request_timeout_s=s.request_timeout_s,
+        default_resize=s.default_resize,
     )
 
 
 @router.get("/models", response_model=ModelList, summary="Models in the repository")
 async def list_models(state: State) -> ModelList:
     await state.repo.refresh()
-    return ModelList(default_model=state.repo.default_name, models=[model_out(e) for e in state.repo.entries()], limits=limits(state))
+    return ModelList(
+        default_model=state.repo.default_name, models=[model_out(e, state) for e in state.repo.entries()], limits=limits(state)
+    )
 
 
 @router.get("/models/{name}", response_model=ModelOut, summary="One model")
 async def get_model(name: ModelName, state: State) -> ModelOut:
     await state.repo.refresh()
-    return model_out(state.repo.entry(name))
+    return model_out(state.repo.entry(name), state)

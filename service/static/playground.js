@@ -5,7 +5,7 @@
 
 (() => {
   const $ = (id) => document.getElementById(id);
-  const state = { file: null, image: null, models: [], defaultModel: null, grid: null, last: null };
+  const state = { file: null, image: null, models: [], defaultModel: null, grid: null, last: null, resizeChosen: false };
 
   // ---- HTTP ------------------------------------------------------------------------------------
 
@@ -95,6 +95,9 @@
       const body = await (await api("v1/models", { headers: headers({ Accept: "application/json" }) })).json();
       state.models = body.models;
       state.defaultModel = body.default_model;
+      const resize = body.limits && body.limits.default_resize;
+      // the server's default resize (crop unless configured otherwise) until the user picks one
+      if (resize && !state.resizeChosen && [...$("resize").options].some((o) => o.value === resize)) $("resize").value = resize;
       select.replaceChildren();
       for (const m of body.models) {
         const opt = document.createElement("option");
@@ -441,6 +444,9 @@
     $("model").addEventListener("change", () => {
       showModelInfo();
       updateButton(false);
+    });
+    $("resize").addEventListener("change", () => {
+      state.resizeChosen = true;
     });
     $("apikey").addEventListener("change", loadModels);
     $("controls").addEventListener("submit", (e) => {

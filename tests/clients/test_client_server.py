@@ -55,16 +55,16 @@ def test_encode_every_input_type_matches_the_runtime(server: Server, runtime: An
             arrays,
         ]
         for batch in inputs:
-            grids = client.encode(batch)
+            grids = client.encode(batch, resize="none")
             assert len(grids) == len(photos)
             for g, e in zip(grids, expected, strict=True):
                 assert g.dtype == np.int32 and g.shape == (64, 64)
                 np.testing.assert_array_equal(g, e)
-        single = client.encode(photos[0])  # one image in, one grid out
+        single = client.encode(photos[0], resize="none")  # one image in, one grid out
         np.testing.assert_array_equal(single, expected[0])
-        stacked = client.encode(np.stack(arrays))  # a (B, H, W, 3) array is a batch
+        stacked = client.encode(np.stack(arrays), resize="none")  # a (B, H, W, 3) array is a batch
         np.testing.assert_array_equal(np.stack(stacked), np.stack(expected))
-        as_json = client.encode(photos, wire="json")
+        as_json = client.encode(photos, wire="json", resize="none")
         np.testing.assert_array_equal(np.stack(as_json), np.stack(expected))
 
 
@@ -159,7 +159,7 @@ def test_async_client_same_results_and_errors(server: Server, runtime: Any, phot
     async def run() -> None:
         async with AsyncClient(server.url, max_concurrency=2, max_images_per_request=1) as client:
             for batch in ([str(p) for p in photos], [p.read_bytes() for p in photos], [Image.open(p) for p in photos], arrays):
-                grids = await client.encode(batch)
+                grids = await client.encode(batch, resize="none")
                 np.testing.assert_array_equal(np.stack(grids), np.stack(expected))
             images = await client.decode(expected, output="numpy")
             np.testing.assert_array_equal(np.stack(images), runtime.decode(np.stack(expected)))
@@ -172,7 +172,7 @@ def test_async_client_same_results_and_errors(server: Server, runtime: Any, phot
             with pytest.raises(ValidationError):
                 await client.decode(np.full((2, 2), 5000))
             # concurrent calls on one client
-            many = await asyncio.gather(*(client.encode(a) for a in arrays))
+            many = await asyncio.gather(*(client.encode(a, resize="none") for a in arrays))
             np.testing.assert_array_equal(np.stack(many), np.stack(expected))
 
     asyncio.run(run())

@@ -257,7 +257,7 @@ def test_server_limits_and_grid_groups_shape_the_requests() -> None:
     script = Script([answer])
     client = Client("http://test", transport=httpx.MockTransport(script))
     images = [np.full((8, 8 if i % 2 else 12, 3), i, np.uint8) for i in range(10)]
-    grids = client.encode(images)
+    grids = client.encode(images, resize="none")  # crop, the default, gives every image one grid: one group
     posts = [r for r in script.requests if r.method == "POST"]
     assert max(r.content.count(b'name="images"') for r in posts) == 3 and len(posts) == 4
     assert [int(g[0, 0]) for g in grids] == list(range(10))

@@ -185,7 +185,8 @@ def test_limits_are_413(serve) -> None:  # type: ignore[no-untyped-def]
         assert_problem(c.post("/v1/encode", files=files), 413, "3")
         assert_problem(c.post("/v1/encode", json={"images": ["AAAA"] * 4}), 413, "3")
         assert_problem(encode_files(c, png_bytes(np.zeros((65, 64, 3), np.uint8))), 413, "pixels")
-        assert_problem(encode_files(c, png_bytes(np.zeros((48, 48, 3), np.uint8))), 413, "tokens")  # 12×12 = 144 > 100
+        big = png_bytes(np.zeros((48, 48, 3), np.uint8))  # resize=none: its own size (crop, the default, makes 32×32: 64 tokens)
+        assert_problem(c.post("/v1/encode", files={"images": ("x.png", big)}, data={"resize": "none"}), 413, "tokens")  # 12×12 = 144 > 100
         assert_problem(c.post("/v1/decode", json={"tokens": np.zeros((11, 10), int).tolist()}), 413, "110")
         assert_problem(c.post("/v1/decode", json={"tokens": np.zeros((4, 2, 2), int).tolist()}), 413, "4 grids")
         assert encode_files(c, GOOD).status_code == 200  # and the server still serves

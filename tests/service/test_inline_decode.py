@@ -45,7 +45,7 @@ def threads_seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, st
 
 def _encode(url: str, files: list[bytes]) -> httpx.Response:
     parts = [("images", (f"{i}.jpg", f, "image/jpeg")) for i, f in enumerate(files)]
-    return httpx.post(f"{url}/v1/encode", files=parts, data={"model": "fsq4"}, timeout=60)
+    return httpx.post(f"{url}/v1/encode", files=parts, data={"model": "fsq4", "resize": "none"}, timeout=60)
 
 
 def _serve(model_repo: Path, **overrides: Any) -> ServerThread:

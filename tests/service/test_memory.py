@@ -131,7 +131,7 @@ def test_a_request_no_inference_call_can_hold_is_413_before_decoding(serve) -> N
     fits = png_bytes(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
     wide = png_bytes(np.zeros((256, 260, 3), np.uint8))
     with httpx.Client(base_url=s.url, timeout=60) as c:
-        r = c.post("/v1/encode", files=[("images", fits), ("images", wide)])
+        r = c.post("/v1/encode?resize=none", files=[("images", fits), ("images", wide)])
         assert_problem(r, 413, "images[1] is 260×256 = 66560 pixels at the model's input")
         assert "at most 65536 pixels (max_batch_pixels, from memory_budget_gib=0.6)" in r.json()["detail"]
         # pad rounds up to the model's input, and the check reads the header alone: these JPEGs are cut in half
@@ -145,7 +145,10 @@ def test_a_request_no_inference_call_can_hold_is_413_before_decoding(serve) -> N
         async def both_models() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=s.url, timeout=60) as ac:
                 return await asyncio.gather(
-                    *(ac.post(f"/v1/encode?model={m}", files={"images": fits}, headers={"Accept": NPY}) for m in ("fsq4", "simvq4") * 3),
+                    *(
+                        ac.post(f"/v1/encode?model={m}&resize=none", files={"images": fits}, headers={"Accept": NPY})
+                        for m in ("fsq4", "simvq4") * 3
+                    ),
                     *(ac.post(f"/v1/decode?model={m}", json={"tokens": np.ones((64, 64), int).tolist()}) for m in ("fsq4", "simvq4")),
                 )
 

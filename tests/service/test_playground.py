@@ -239,6 +239,48 @@ def test_playground_api_key(page: Page, serve: Callable[..., ServerThread], phot
     assert page.evaluate("document.querySelector('#go').disabled")
 
 
+def photo_451x300(kodak_dir: Path, folder: Path) -> Path:
+    """An ordinary photo size (sides not multiples of f): a Kodak photo resized to 451×300, as a JPEG."""
+    path = folder / "ordinary-451x300.jpg"
+    with Image.open(kodak_dir / "kodim05.png") as im:
+        im.convert("RGB").resize((451, 300), Image.Resampling.BICUBIC).save(path, "JPEG", quality=90)
+    return path
+
+
+def test_playground_resize_control_defaults_to_crop(server: ServerThread, kodak_dir: Path, tmp_path: Path) -> None:
+    """Issue 29: the page's resize control starts at crop (the server's default, which /v1/models names
+    and the page follows), and the request the page sends for an ordinary 451×300 photo succeeds."""
+    html = httpx.get(f"{server.url}/playground").text
+    select = re.search(r'<select id="resize">(.*?)</select>', html, re.S)
+    assert select, html
+    options = re.findall(r'<option value="(\w+)"( selected)?>', select.group(1))
+    assert options[0] == ("crop", " selected") and [v for v, _ in options] == ["crop", "pad", "none"]
+    script = httpx.get(urljoin(f"{server.url}/playground", "playground/playground.js")).text
+    assert "body.limits.default_resize" in script and 'form.append("resize", resize)' in script
+    assert httpx.get(f"{server.url}/v1/models").json()["limits"]["default_resize"] == "crop"
+    photo = photo_451x300(kodak_dir, tmp_path)
+    ref = api_round_trip(server.url, photo.read_bytes(), photo.name, "fsq4", "crop")  # the page's request: images, model, resize
+    assert ref["grid"] == (8, 8)
+
+
+def test_playground_tokenizes_an_ordinary_photo_as_it_opens(
+    page: Page, serve: Callable[..., ServerThread], kodak_dir: Path, tmp_path: Path
+) -> None:
+    """In the browser: the control shows the server's default resize, and an ordinary 451×300 photo
+    tokenizes with nothing chosen; a server configured for pad gets pad preselected."""
+    photo = photo_451x300(kodak_dir, tmp_path)
+    for default, grid in (("crop", [8, 8]), ("pad", [75, 113])):  # pad: 451×300 -> 452×300 at f = 4
+        server = serve(default_model="fsq4", default_resize=default)
+        open_playground(page, server)
+        assert page.evaluate("document.querySelector('#resize').value") == default
+        page.set_files("#file", [photo])
+        page.wait_for("!document.querySelector('#go').disabled")
+        page.click("#go")
+        page.wait_for("['done', 'error'].includes(document.body.dataset.state)", timeout=60)
+        assert page.evaluate("document.body.dataset.state") == "done", page.text("#error-detail")
+        assert [int(v) for v in re.findall(r"\d+", page.text("#stat-grid"))] == grid
+
+
 def test_playground_assets(server: ServerThread) -> None:
     """The page, its script and style: served open, no external URL, not in the OpenAPI schema."""
     html = httpx.get(f"{server.url}/playground")

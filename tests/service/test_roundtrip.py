@@ -128,20 +128,20 @@ def test_resize_modes(client: httpx.Client, runtimes: dict[str, ModelRuntime], p
     padded = np.pad(odd, ((0, 2), (0, 2), (0, 0)), mode="edge")
     np.testing.assert_array_equal(np.array(img["tokens"]), runtimes["fsq4"].encode(padded[None])[0])
 
-    # none (the default) refuses sizes that are not multiples of f
-    r = client.post("/v1/encode", files={"images": ("o.png", png_bytes(odd), "image/png")})
+    # none refuses sizes that are not multiples of f
+    r = client.post("/v1/encode", files={"images": ("o.png", png_bytes(odd), "image/png")}, data={"resize": "none"})
     assert r.status_code == 422 and "multiples of 4" in r.json()["detail"]
 
 
 def test_mixed_sizes_in_one_request(client: httpx.Client, runtimes: dict[str, ModelRuntime], batch: np.ndarray) -> None:
     big = np.concatenate([batch[0], batch[1]], axis=1)  # 32×64
     files = [("images", ("a.png", png_bytes(batch[0]), "image/png")), ("images", ("b.png", png_bytes(big), "image/png"))]
-    r = client.post("/v1/encode", files=files)
+    r = client.post("/v1/encode", files=files, data={"resize": "none"})
     assert r.status_code == 200
     grids = r.json()["images"]
     assert [g["grid"] for g in grids] == [[8, 8], [8, 16]]
     np.testing.assert_array_equal(np.array(grids[1]["tokens"]), runtimes["fsq4"].encode(big[None])[0])
-    r = client.post("/v1/encode", files=files, headers={"Accept": NPY})  # one npy array cannot hold two grids
+    r = client.post("/v1/encode", files=files, data={"resize": "none"}, headers={"Accept": NPY})  # one npy array cannot hold two grids
     assert r.status_code == 422
 
 
@@ -168,3 +168,41 @@ def test_models_listing(client: httpx.Client, runtimes: dict[str, ModelRuntime])
     one = client.get("/v1/models/simvq4").json()
     assert one["codebook_size"] == 1024 and one["quantizer"] == "vq"
     assert json.loads(client.get("/readyz").text)["status"] == "ready"
+
+
+def photo_451x300(kodak_dir: Path) -> bytes:
+    """An ordinary photo size whose sides are not multiples of any f: a Kodak photo resized to 451×300, as a JPEG."""
+    buf = io.BytesIO()
+    with Image.open(kodak_dir / "kodim05.png") as im:
+        im.convert("RGB").resize((451, 300), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_an_ordinary_photo_encodes_with_no_resize_named(client: httpx.Client, runtimes: dict[str, ModelRuntime], kodak_dir: Path) -> None:
+    """Issue 29: one resize default, crop, which accepts every readable photo; `/v1/models` and the OpenAPI schema say so."""
+    from models.core import pixels
+
+    data = photo_451x300(kodak_dir)
+    expected = runtimes["fsq4"].encode(pixels.prepare(data, downsample=4, resolution=32, resize="crop").pixels[None])[0]
+    r = client.post("/v1/encode", files={"images": ("p.jpg", data, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    item = r.json()["images"][0]
+    assert item["grid"] == [8, 8] and item["source_size"] == [300, 451]
+    np.testing.assert_array_equal(np.array(item["tokens"]), expected)
+    r = client.post("/v1/encode", json={"images": [base64.b64encode(data).decode()]}, headers={"Accept": NPY})
+    assert r.status_code == 200
+    np.testing.assert_array_equal(load_npy(r.content)[0], expected)
+    r = client.post("/v1/encode", files={"images": ("p.jpg", data, "image/jpeg")}, data={"resize": "none"})
+    assert r.status_code == 422  # none is still there, asked for by name
+
+    models = client.get("/v1/models").json()
+    assert models["limits"]["default_resize"] == "crop"
+    assert all(m["default_resize"] == "crop" for m in models["models"])
+    schema = client.get("/openapi.json").json()
+    encode = schema["paths"]["/v1/encode"]["post"]
+    resize_param = next(p for p in encode["parameters"] if p["name"] == "resize")
+    assert "default: the server's default_resize, crop" in resize_param["description"]
+    form = encode["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["resize"]
+    assert form["enum"][0] == "crop" and "crop" in form["description"]
+    body = schema["components"]["schemas"]["EncodeJSONRequest"]["properties"]["resize"]
+    assert "crop unless configured otherwise" in body["description"]
