@@ -5,7 +5,7 @@
 - parse one output: `find_spans` on one LLM output holding the 64 spans with text between them;
 - parse batch: `grids_from_sequences` of the (64, L) array back to (64, h, w);
 
-against the CPU encode of the same 64 images with ONNX Runtime (`service.runtime.ModelRuntime`).
+against the CPU encode of the same 64 images with ONNX Runtime (`models.runtime.onnx.ModelRuntime`).
 Best of `--repeats` passes each, in this process. Prints a table, writes JSON.
 
     python bench/layout_cost.py --out bench/results/layout_cost/layout_cost_cpu.json
@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,15 +24,13 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from service.runtime import ModelRuntime  # noqa: E402
-
-from bench.service_load import git_revision, read_jpegs  # noqa: E402
-from models.core import pixels  # noqa: E402
-from models.core.artefacts import DEFAULT_MODEL, pretrained_repo  # noqa: E402
-from models.core.layouts import LAYOUTS, Layout  # noqa: E402
+from bench.harness.load import read_jpegs
+from bench.harness.record import REPO as ROOT
+from bench.harness.record import git_revision
+from models.core import pixels
+from models.core.artefacts import DEFAULT_MODEL, pretrained_repo
+from models.core.layouts import LAYOUTS, Layout
+from models.runtime.onnx import ModelRuntime
 
 TEXT_VOCAB = 32000  # a Llama-sized text vocabulary: the image ids start here
 

@@ -27,23 +27,15 @@ from typing import Any
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from models.core import pixels  # noqa: E402
-from models.core.artefacts import DEFAULT_MODEL, pretrained_repo  # noqa: E402
-from models.core.layouts import Layout  # noqa: E402
-from service.routes.encode import _json_answer  # noqa: E402
-from tests.helpers import free_port  # noqa: E402
+from bench.harness.record import REPO as ROOT
+from bench.harness.record import git_revision
+from bench.harness.server import free_port
+from models.core import pixels
+from models.core.artefacts import DEFAULT_MODEL, pretrained_repo
+from models.core.layouts import Layout
+from service.routes.encode import _json_answer
 
 OFFSET = 32000  # a Llama-sized text vocabulary
-
-
-def git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def best_ms(fn: Callable[[], Any], repeats: int) -> float:

@@ -137,15 +137,15 @@ async def leased(state: ServiceState, model: str | None, request: Request | None
 
 
 def too_many_pixels(state: ServiceState, served: Served, what: str, h: int, w: int) -> PayloadTooLarge | None:
-    """The 413 for one image (`what`: "images[2]", "grid 64×64") whose h×w pixels at the model's input
-    exceed what one inference call may hold, so that it could never run; None when it fits."""
+    """The 413 for one image (`what`: "images[2] is", "grid 64×64 decodes to") whose h×w pixels at the
+    model's input exceed what one inference call may hold, so that it could never run; None when it fits."""
     budget = served.batcher.max_batch_pixels
     if budget is None or h * w <= budget:
         return None
     s = state.settings
     source = "" if s.max_batch_pixels is not None else f", from memory_budget_gib={s.memory_budget_gib:g}"
     return PayloadTooLarge(
-        f"{what} is {w}×{h} = {h * w} pixels at the model's input; one inference call holds at most "
+        f"{what} {w}×{h} = {h * w} pixels at the model's input; one inference call holds at most "
         f"{budget} pixels (max_batch_pixels{source}), so it can never run: send a smaller one"
     )
 

@@ -143,7 +143,7 @@ def _check_grid(state: State, served: Served, h: int, w: int, what: str = "") ->
     if h * w > s.max_grid_tokens:
         raise PayloadTooLarge(f"{what}grid {h}×{w} has {h * w} tokens; the limit is {s.max_grid_tokens}")
     f = served.runtime.info.downsample
-    problem = too_many_pixels(state, served, f"{what}grid {h}×{w}", h * f, w * f)
+    problem = too_many_pixels(state, served, f"{what}grid {h}×{w} decodes to", h * f, w * f)
     if problem is not None:
         raise problem
 

@@ -215,7 +215,7 @@ async def _check_pixel_budget(state: State, served: Served, files: list[bytes], 
         h, w = (info.resolution, info.resolution) if resize == "crop" else size
         if resize == "pad":
             h, w = -(-h // f) * f, -(-w // f) * f
-        problem = too_many_pixels(state, served, f"images[{i}]", h, w)
+        problem = too_many_pixels(state, served, f"images[{i}] is", h, w)
         if problem is not None:
             raise problem
 

@@ -105,7 +105,7 @@ def test_default_cpu_server_stays_under_its_memory_budget(kodak_dir: Path) -> No
     files = [("images", (p.name, jpeg(p, side), "image/jpeg")) for p in photos]
     with serve_process("--model-repo", str(SHIPPED), "--request-timeout-s", "300", timeout=300) as (proc, c):
         start = vm_kib(proc.pid)["VmRSS"]
-        r = c.post("/v1/encode", files=files, headers={"Accept": NPY})
+        r = c.post("/v1/encode?resize=none", files=files, headers={"Accept": NPY})
         assert r.status_code == 200, r.text
         tokens = np.load(io.BytesIO(r.content))
         assert tokens.shape == (4, side // 8, side // 8)
