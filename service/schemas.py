@@ -160,7 +160,8 @@ class ModelOut(BaseModel):
     quantizer: str | None = None
     precision: str | None = None
     opset: int | None = None
-    revision: str | None = None
+    revision: str | None = Field(default=None, description="the model's own revision: the first 12 hex digits of its weights' sha256")
+    exported_from: str | None = Field(default=None, description="git revision of the vqtok code that exported it")
     manifest_sha256: str | None = None
     device: str | None = Field(default=None, description="cuda | cpu: where this model runs")
     runtime: str | None = Field(default=None, description="the runtime serving it, with its version (e.g. onnxruntime 1.23.2)")

@@ -209,7 +209,8 @@ class ModelInfo:
     quantizer: str  # "vq" or "fsq"
     precision: str  # "fp32" or "fp16": the graphs this runtime runs
     opset: int
-    revision: str  # git revision that exported it
+    revision: str  # the artefact's own revision: the first 12 hex digits of its weights' sha256
+    exported_from: str  # git revision of the code that exported it ("-dirty": from a modified checkout)
     manifest_sha256: str  # hash of manifest.json: identifies the exact artefacts
 
 
@@ -242,7 +243,8 @@ def open_exported(
             quantizer=str(m["quantizer"]),
             precision=chosen,
             opset=int(manifest.get("opset", 0)),
-            revision=str(manifest.get("revision", "unknown")),
+            revision=str(manifest.get("files", {}).get("model.safetensors", {}).get("sha256", manifest_sha))[:12],
+            exported_from=str(manifest.get("revision", "unknown")),
             manifest_sha256=manifest_sha,
         )
         paths = {"encoder": model_dir / graphs["encoder"], "decoder": model_dir / graphs["decoder"]}

@@ -26,6 +26,8 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        # the mode a plain open() would have given: some writers (safetensors) make their file 0600
+        os.chmod(tmp, 0o666 & ~_umask())
         if durable:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -35,6 +37,17 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
         raise
     if durable:
         fsync_dir(final.parent)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask sets it to read it, racing other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def atomic_write(path: str | Path, data: bytes | str, durable: bool = True) -> None:

@@ -32,6 +32,7 @@ def model_out(entry: ModelEntry, state: ServiceState) -> ModelOut:
                 precision=info.precision,
                 opset=info.opset,
                 revision=info.revision,
+                exported_from=info.exported_from,
                 manifest_sha256=info.manifest_sha256,
                 device=served.runtime.device,
                 runtime=served.runtime.runtime_name,

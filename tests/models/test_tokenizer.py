@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,10 @@ def test_save_load_gives_identical_outputs(tmp_path: Path) -> None:
         "config.json",
         "model.safetensors",
     ]  # README.md: the hub model card
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)  # the weights too (safetensors writes its own file 0600)
     loaded = Tokenizer.from_pretrained(tmp_path / "m").eval()
     assert loaded.config == tok.config
     assert torch.equal(loaded.encode(x), ids)

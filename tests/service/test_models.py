@@ -104,8 +104,14 @@ def test_reload_swaps_versions_without_failing_in_flight_requests(serve, model_r
 def test_single_model_directory_is_a_repository(serve, model_repo: Path) -> None:  # type: ignore[no-untyped-def]
     s = serve(model_repo=model_repo / "simvq4")
     with httpx.Client(base_url=s.url, timeout=30) as c:
-        assert c.get("/v1/models").json()["default_model"] == "simvq4"
+        listed = c.get("/v1/models").json()
+        assert listed["default_model"] == "simvq4"
         assert encode(c, IMG).status_code == 200
+    # the model's revision is the artefact's own (its weights' hash), whatever checkout exported it
+    manifest = json.loads((model_repo / "simvq4" / "manifest.json").read_text())
+    model = listed["models"][0]
+    assert model["revision"] == manifest["files"]["model.safetensors"]["sha256"][:12]
+    assert model["exported_from"] == manifest["revision"]
 
 
 def test_readyz_is_503_until_models_are_warm(serve, model_repo: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
