@@ -62,16 +62,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    """One `--field-name` flag per `Settings` field (default None: a flag left out overrides nothing)."""
-    from .settings import Settings
+    """One `--field-name` flag per `Settings` field (default None: a flag left out overrides nothing), in the
+    groups of `settings.GROUPS`."""
+    from .settings import GROUPS, Settings
 
     prefix = str(Settings.model_config.get("env_prefix", ""))
+    starts = {first: title for title, first in GROUPS.items()}
+    group: Any = parser
     for name, field in Settings.model_fields.items():
+        if name in starts:
+            group = parser.add_argument_group(starts[name])
         if not field.description:
             raise TypeError(f"Settings.{name} has no description: it is the help of --{name.replace('_', '-')}")
         notes = [f"env {prefix.upper()}{name.upper()}", f"default {_default_text(field)}", *_bounds(field)]
         help_text = f"{field.description} ({'; '.join(notes)})".replace("%", "%%")
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text, **_flag_type(name, field.annotation))
+        group.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text, **_flag_type(name, field.annotation))
 
 
 def _flag_type(name: str, annotation: object) -> dict[str, Any]:

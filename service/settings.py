@@ -13,6 +13,18 @@ from models.core.artefacts import Device, Precision, pretrained_repo
 from models.core.pixels import DEFAULT_RESIZE, SERVICE_MAX_GRID_TOKENS, SERVICE_MAX_IMAGE_PIXELS, ResizeMode
 
 
+# How `vqtok serve --help` groups the flags: each group from its first setting up to the next group's (the
+# fields below are written in that order, under the same headings).
+GROUPS = {
+    "models": "model_repo",
+    "network": "host",
+    "dynamic batcher and deadlines": "max_batch_size",
+    "processes": "front_workers",
+    "limits": "max_body_bytes",
+    "operations": "log_format",
+}
+
+
 def default_model_repo() -> Path:
     """The repository shipped inside the `models` package."""
     return pretrained_repo()
@@ -76,7 +88,7 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated Bearer keys for /v1/admin; empty = the API keys"
     )
 
-    # --- dynamic batcher ---
+    # --- dynamic batcher and deadlines ---
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="images per inference call")
     max_batch_delay_ms: float = Field(
         default=2.0, ge=0, le=1000, description="milliseconds a partial batch waits for more images before it runs"

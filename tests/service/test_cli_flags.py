@@ -116,3 +116,30 @@ def test_building_the_root_parser_imports_no_pydantic() -> None:
     """The serve flags are added when `serve` is parsed: `vqtok tokenize --help` stays light."""
     code = "import sys, vqtok.cli; vqtok.cli.build_parser(); assert 'pydantic' not in sys.modules, 'pydantic imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_serve_help_groups_the_flags_as_the_settings_are_grouped() -> None:
+    """`vqtok serve --help` lists its flags under the settings' headings, each flag in its group."""
+    import subprocess
+    import sys
+
+    from service.settings import GROUPS, Settings
+
+    names = list(Settings.model_fields)
+    firsts = [names.index(first) for first in GROUPS.values()]
+    assert firsts == sorted(firsts) and firsts[0] == 0  # every field falls in exactly one group
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; from vqtok.cli import main; sys.exit(main())", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    positions = [out.index(f"\n{title}:\n") for title in GROUPS]
+    assert positions == sorted(positions)
+    for (title, first), end in zip(GROUPS.items(), [*positions[1:], len(out)], strict=True):
+        start = out.index(f"\n{title}:\n")
+        lo = names.index(first)
+        hi = firsts[firsts.index(lo) + 1] if lo != firsts[-1] else len(names)
+        section = out[start:end]
+        for name in names[lo:hi]:
+            assert f"--{name.replace('_', '-')}" in section, (title, name)
