@@ -17,6 +17,7 @@ byte-identical shards. Only the driver writes the manifest.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -191,7 +192,38 @@ class Summary:
         return str(Path(self.output) / ERRORS)
 
 
+class ProgressLines:
+    """Progress where no terminal shows a bar (CI, `nohup`, a notebook's captured stderr): one plain line
+    every `every_s` seconds (and a last one), so that long work is never silent."""
+
+    def __init__(self, total: int, desc: str, every_s: float = 10.0, stream: Any = None) -> None:
+        self.total, self.desc, self.every_s = total, desc, every_s
+        self.stream = stream if stream is not None else sys.stderr
+        self.n = 0
+        self._start = self._last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self._line(now)
+
+    def _line(self, now: float) -> None:
+        rate = self.n / max(now - self._start, 1e-9)
+        share = f" ({100 * self.n / self.total:.1f} %)" if self.total else ""
+        eta = f", about {(self.total - self.n) / rate:.0f} s left" if rate > 0 and self.total > self.n else ""
+        print(f"{self.desc}: {self.n}/{self.total} images{share}, {rate:.1f} images/s{eta}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        self._line(time.monotonic())
+
+
 def progress_bar(total: int, desc: str, enabled: bool | None) -> Any:
+    """A tqdm bar on a terminal (or when `enabled`), plain lines every few seconds elsewhere (`enabled`
+    None), nothing when `enabled` is False."""
+    if enabled is None and not sys.stderr.isatty():
+        return ProgressLines(total, desc)
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", smoothing=0.1, dynamic_ncols=True, disable=None if enabled is None else not enabled)

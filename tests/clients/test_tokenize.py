@@ -8,6 +8,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -344,10 +345,11 @@ def test_kill_9_then_resume_gives_exactly_the_expected_rows(
     killed = json.loads((out / MANIFEST).read_text())
     assert not killed["complete"] and 2 <= len(killed["shards"]) < 20
 
-    resumed = _cli(args)
+    resumed = _cli([a for a in args if a != "--no-progress"])  # stderr is a pipe: progress comes as plain lines
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
     assert "already done" in stdout
+    assert re.search(r"tokenize \S+: (\d+)/\1 images \(100\.0 %\)", stderr), stderr[-2000:]  # no terminal: progress as lines
     table = read_tokens(out)
     assert table.column("index").to_pylist() == list(range(4000))  # none lost, none duplicated
     assert table.column("key").to_pylist() == [f"cifar-4000.parquet:{i}" for i in range(4000)]
@@ -417,3 +419,18 @@ def test_a_full_tmpfs_sends_the_pixels_through_the_pipe_instead_of_killing_the_w
         assert (path, int(count), int(nbytes), int(left)) == ("''", 16, 16 * 256 * 256 * 3, 0)  # pickled back, nothing left
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_progress_is_plain_lines_where_no_terminal_shows_a_bar() -> None:
+    import io
+
+    from clients.tokenize.job import ProgressLines
+
+    out = io.StringIO()
+    lines = ProgressLines(200, "tokenize m", every_s=0.0, stream=out)
+    for _ in range(4):
+        lines.update(50)
+    lines.close()
+    text = out.getvalue().splitlines()
+    assert len(text) == 5 and text[0].startswith("tokenize m: 50/200 images (25.0 %)") and "about" in text[0]
+    assert text[-1].startswith("tokenize m: 200/200 images (100.0 %)")
