@@ -1,7 +1,8 @@
 """How do a split server's connections spread over its fronts?
 
 `front_accept=balanced` (the supervisor accepts and hands each connection to the fronts in turn)
-against `shared` (every front accepts on one socket), A/B in one run, on the CPU.
+against `shared` (every front accepts on one socket, uvicorn --workers' way) and `reuseport` (a
+SO_REUSEPORT socket for each front: the kernel spreads connections by address hash), in one run.
 
 A split server with `--fronts` fronts serves a tiny untrained model (`bench.harness.fixtures.tiny_model`,
 so that the model costs next to nothing); a closed-loop load of real 256² JPEGs (resize=crop) on
@@ -85,8 +86,10 @@ def main() -> None:
     ap.add_argument("--fronts", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--client-procs", type=int, default=2)
+    ap.add_argument("--modes", default="shared,balanced,reuseport", help="front_accept modes, alternated in each round")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    modes = args.modes.split(",")
     tmp = tempfile.TemporaryDirectory(prefix="vqtok-front-accept-")
     args.model_repo = Path(tmp.name)
     args.model = tiny_model(args.model_repo)
@@ -94,7 +97,7 @@ def main() -> None:
     log = Path(tempfile.gettempdir()) / "vqtok-front-accept.log"
     runs: list[dict[str, Any]] = []
     for r in range(args.rounds):
-        for mode in ("shared", "balanced"):
+        for mode in modes:
             row = one(args, files, mode, log) | {"round": r}
             runs.append(row)
             print(
@@ -109,12 +112,13 @@ def main() -> None:
             f"| {x['front_accept']} | {'/'.join(map(str, x['connections_by_front']))} | {x['max_over_mean'] or 0:.2f} "
             f"| {x['requests_per_s']:.1f} | {x['p50_ms']:.1f} | {x['p99_ms']:.1f} | {x['cpu_ms_per_request']['fronts']:.3f} |"
         )
-    med = {m: statistics.median(x["requests_per_s"] for x in runs if x["front_accept"] == m) for m in ("shared", "balanced")}
-    print(f"balanced / shared req/s (medians): {med['balanced'] / med['shared']:.3f}")
+    med = {m: statistics.median(x["requests_per_s"] for x in runs if x["front_accept"] == m) for m in modes}
+    ratios = {f"{m}_over_balanced_requests_per_s": med[m] / med["balanced"] for m in modes if m != "balanced" and "balanced" in med}
+    print("medians, req/s: " + ", ".join(f"{m} {v:.1f}" for m, v in med.items()) + "; " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
-        result = {"setup": setup | host_fields(None), "runs": runs, "balanced_over_shared_requests_per_s": med["balanced"] / med["shared"]}
+        result = {"setup": setup | host_fields(None), "runs": runs, "median_requests_per_s": med, **ratios}
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     tmp.cleanup()
 
