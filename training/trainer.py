@@ -566,6 +566,7 @@ class Trainer:
     def train(self, stop_at_step: int | None = None) -> TrainResult:
         """Train until max_steps, the time budget, or `stop_at_step` (tests: a simulated kill)."""
         c = self.config
+        terminated = _Termination()  # first: a SIGTERM from here on stops the run cleanly
         budget_s = c.time_budget_minutes * 60 if c.time_budget_minutes > 0 else math.inf
         start = time.monotonic()
         batches = self._loader()
@@ -576,7 +577,6 @@ class Trainer:
         window_counts = torch.zeros(self.model.codebook_size, dtype=torch.long, device=self.device)
         window_start, images_total = time.monotonic(), 0
         reason, saved_at = "max_steps", -1
-        terminated = _Termination()
         positions_per_batch = c.batch_size * self.dist.world
         empty_run = 0  # stream positions consumed since the last trained step
         while self.step < c.max_steps:

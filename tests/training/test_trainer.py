@@ -169,6 +169,24 @@ def test_time_budget_stops_checkpoints_and_resumes(few_photos: Path, tmp_path: P
     assert more.train().step == result.step + 2
 
 
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_model(few_photos: Path, tmp_path: Path) -> None:
+    """A scheduler's pre-emption or a script ending a detached run (scripts/gpu/budgets.sh stop): the run
+    stops as its time budget would, resumable, with the exported model."""
+    import os
+    import signal
+    import threading
+
+    overrides = tiny_overrides(few_photos, max_steps=100000, checkpoint_every=100000)
+    trainer = Trainer(build_config({}, overrides), tmp_path / "run")
+    threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    result = trainer.train()
+    assert not result.finished and result.stop_reason == "terminated" and 0 < result.step < 100000
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [result.step]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["stop_reason"] == "terminated"
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the trainer's only while it trains
+
+
 def test_two_process_ddp_keeps_replicas_identical(few_photos: Path, tmp_path: Path) -> None:
     overrides = tiny_overrides(few_photos, max_steps=3, checkpoint_every=3)
     mp.spawn(run_rank, args=(2, free_port(), overrides, str(tmp_path)), nprocs=2, join=True)
