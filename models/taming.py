@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import SPATIAL_NORM_GROUPS, TokenizerConfig
+from .layers import Upsample  # nearest x2 then a 3x3 conv named `conv`: diffusers Upsample2D(use_conv=True) to the letter
 
 EPS = 1e-6  # every GroupNorm of the VQModel (resnet_eps)
 
@@ -116,15 +117,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class EncoderBlock(nn.Module):
