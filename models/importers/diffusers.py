@@ -614,7 +614,8 @@ def import_vqmodel(
         (staging / "MODEL_CARD.md").write_text(model_card(name, config, figures, fp16_note), encoding="utf-8")
         seconds["write"] = time.perf_counter() - t
         t = time.perf_counter()
-        from ..export import ExportError, export_model
+        from ..export.driver import export_model
+        from ..export.parity import ExportError
 
         try:
             manifest = export_model(staging, fp16=half, parity_images=parity_images, progress=progress)
