@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -211,6 +211,8 @@ class ModelInfo:
     opset: int
     revision: str  # git revision that exported it
     manifest_sha256: str  # hash of manifest.json: identifies the exact artefacts
+    # where an imported model came from (config.json's `source`: format, id, subfolder, commit, licence); None for vqtok's own
+    source: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,15 @@ class ExportedModel:
     manifest: dict[str, Any]
     info: ModelInfo
     graphs: dict[str, Path]  # "encoder" / "decoder" -> file
+
+
+def config_source(model_dir: Path) -> dict[str, Any] | None:
+    """config.json's `source` (an imported model's provenance), None where it has none or cannot be read."""
+    try:
+        source = json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8")).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return source if isinstance(source, dict) and source else None
 
 
 def open_exported(
@@ -244,6 +255,7 @@ def open_exported(
             opset=int(manifest.get("opset", 0)),
             revision=str(manifest.get("revision", "unknown")),
             manifest_sha256=manifest_sha,
+            source=config_source(model_dir),
         )
         paths = {"encoder": model_dir / graphs["encoder"], "decoder": model_dir / graphs["decoder"]}
     except (KeyError, TypeError, ValueError) as exc:

@@ -31,10 +31,11 @@ ort = pytest.importorskip("onnxruntime")
 
 from diffusers import VQModel  # noqa: E402
 
-from models import ConfigError, Tokenizer, TokenizerConfig  # noqa: E402
+from models.config import ConfigError, TokenizerConfig  # noqa: E402
 from models.export.graphs import images_to_input, output_to_images  # noqa: E402
 from models.importers import commands  # noqa: E402
 from models.importers.diffusers import ImportFailed, ImportResult, UnsupportedModel, import_vqmodel, near_ties, vqtok_state_dict  # noqa: E402
+from models.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
