@@ -136,7 +136,7 @@ class TokenizerConfig:
 
     def _taming_problem(self) -> str | None:
         """The taming network as diffusers builds it: GroupNorm(norm_groups) on every width (no
-        min(), so every width must divide), SpatialNorm's own 32 groups, and a plain codebook."""
+        min(), so every width must divide), SpatialNorm's own 32 groups, and a plain codebook (or a SimVQ one, retrained by `vqtok codebook retrain`)."""
         vqtok = [name for name in VQTOK_ONLY_FIELDS if getattr(self, name) != _DEFAULTS[name]]
         if vqtok:
             return f"{_names(vqtok)} only to architecture='vqtok' (a taming network's widths are block_out_channels)"
@@ -162,8 +162,9 @@ class TokenizerConfig:
         if self.norm_type == "spatial" and self.latent_dim != self.latent_channels:
             # the decoder's norms are built for latent_channels and fed the codes (latent_dim channels)
             return f"norm_type='spatial' needs latent_dim == latent_channels, got {self.latent_dim} and {self.latent_channels}"
-        if self.quantizer != "vq" or self.linear_codebook or self.cosine:
-            return "architecture='taming' quantizes with a plain codebook: quantizer='vq', linear_codebook=false, cosine=false"
+        # linear_codebook=true: an imported codebook retrained as SimVQ (`vqtok codebook retrain --quantizer simvq`)
+        if self.quantizer != "vq" or self.cosine:
+            return "architecture='taming' quantizes with a plain or SimVQ codebook: quantizer='vq', cosine=false"
         return None
 
     @property

@@ -169,6 +169,10 @@ class ModelOut(BaseModel):
     batch_workers: int | None = Field(default=None, description="batches this model runs at the same time")
     queue_depth: int = 0
     loaded_at: float | None = Field(default=None, description="unix time the serving version was loaded")
+    source: dict[str, Any] | None = Field(
+        default=None,
+        description="an imported model's provenance (config.json's source: format, id, subfolder, commit, licence); null for vqtok's own",
+    )
 
 
 class Limits(BaseModel):

@@ -217,24 +217,48 @@ def register_codebook(sub: argparse._SubParsersAction) -> None:
         "retrain",
         help="re-initialise and retrain the codebook on new data with the encoder frozen",
         description=(
-            "Freeze the encoder, re-initialise the codebook from encoder latents on --data (k-means++ for plain VQ; "
-            "for SimVQ a least-squares re-fit of W, keeping or redrawing C), train it (and optionally the decoder), "
-            "print usage and PSNR before and after, and write a new model directory. FSQ has no learned codebook: "
-            "only --finetune-decoder applies."
+            "Freeze the encoder and encode --data once; re-initialise the codebook by k-means over those latents "
+            "(for SimVQ the basis C becomes the centroids and W the identity), train it with dead-code restarts, "
+            "optionally fine-tune the decoder, then keep whichever candidate (the original where K and the quantizer "
+            "are unchanged, the k-means codebook, the trained codebook, the fine-tuned decoder) scores best on held-out "
+            "images (--heldout, else --eval-images images set aside from --data), print every candidate and which was "
+            "kept, and write a new model directory. --quantizer simvq turns a plain codebook (e.g. an imported model's) "
+            "into a SimVQ one (frozen C, learned W, rotation-trick gradients), its encoder and decoder reused. FSQ has "
+            "no learned codebook: only --finetune-decoder applies."
         ),
     )
     r.add_argument("--model", required=True, help="model to start from: directory, shipped model NAME, or ORG/NAME on the Hugging Face hub")
-    r.add_argument("--data", required=True, help="images: folder, parquet or webdataset .tar")
+    r.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        help="training images: folders, parquet or webdataset .tar, globs allowed (several: read as one set)",
+    )
     r.add_argument("--out", required=True, help="new model directory")
     r.add_argument("--codebook-size", type=int, help="new number of codes K (default: keep)")
     r.add_argument("--init", choices=["kmeans", "keep"], default="kmeans")
-    r.add_argument("--steps", type=int, default=500)
-    r.add_argument("--finetune-decoder", action="store_true")
-    r.add_argument("--redraw-basis", action="store_true", help="SimVQ: draw a new frozen basis C")
+    r.add_argument(
+        "--quantizer",
+        choices=["keep", "simvq"],
+        default="keep",
+        help="simvq: retrain a plain codebook as a SimVQ one (linear_codebook, rotation trick); default: keep the model's",
+    )
+    r.add_argument("--steps", type=int, default=200, help="codebook training steps (default 200; 0: k-means only)")
+    r.add_argument("--restart-every", type=int, default=20, help="steps between dead-code restarts (0: none)")
+    r.add_argument("--finetune-decoder", action="store_true", help="also fine-tune the decoder (L1) on the cached latents")
+    r.add_argument("--decoder-steps", type=int, default=0, help="decoder fine-tuning steps (default: --steps)")
+    r.add_argument("--decoder-lr", type=float, default=1e-4)
+    r.add_argument("--decoder-crop", type=int, default=0, help="decoder fine-tuning crop in pixels (default: half the resolution)")
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--lr", type=float, default=1e-3)
     r.add_argument("--resolution", type=int, default=0, help="training crop (default: the model's)")
-    r.add_argument("--eval-images", type=int, default=64, help="images for the before/after numbers")
+    r.add_argument(
+        "--max-latents", type=int, default=0, help="latents cached for k-means and training (default: 64 a code, at least 65,536)"
+    )
+    r.add_argument("--kmeans-iters", type=int, default=20)
+    r.add_argument("--heldout", help="held-out images for the before/after numbers and the choice (default: set aside from --data)")
+    r.add_argument("--eval-images", type=int, default=64, help="held-out images (default 64)")
+    r.add_argument("--select", choices=["psnr", "lpips"], default="psnr", help="what the kept candidate is best at on the held-out images")
     r.add_argument("--device", default="auto")
     r.add_argument("--seed", type=int, default=0)
     _add_progress(r)
@@ -243,9 +267,15 @@ def register_codebook(sub: argparse._SubParsersAction) -> None:
 
 def _codebook_retrain(args: argparse.Namespace) -> int:
     model_dir = _model_dir(args.model)
-    _need_path(args.data, "--data")
-    if args.steps < 0 or args.batch_size < 1 or (args.codebook_size is not None and args.codebook_size < 2):
-        raise CLIError("--steps must be >= 0, --batch-size >= 1 and --codebook-size >= 2")
+    data = [str(_need_path(d, "--data")) if not any(c in d for c in "*?[") else d for d in args.data]
+    if args.heldout:
+        _need_path(args.heldout, "--heldout")
+    if min(args.steps, args.decoder_steps, args.restart_every, args.max_latents, args.decoder_crop) < 0 or args.batch_size < 1:
+        raise CLIError("--steps, --decoder-steps, --restart-every, --max-latents and --decoder-crop must be >= 0, --batch-size >= 1")
+    if args.codebook_size is not None and args.codebook_size < 2:
+        raise CLIError("--codebook-size must be >= 2")
+    if args.eval_images < 1 or args.kmeans_iters < 0:
+        raise CLIError("--eval-images must be >= 1 and --kmeans-iters >= 0")
     model = _load_model(model_dir)
     from models.config import ConfigError
     from training.codebook import CodebookError, RetrainOptions, retrain_codebook
@@ -254,26 +284,55 @@ def _codebook_retrain(args: argparse.Namespace) -> int:
     opts = RetrainOptions(
         codebook_size=args.codebook_size,
         init=args.init,
+        quantizer=args.quantizer,
         steps=args.steps,
         finetune_decoder=args.finetune_decoder,
-        redraw_basis=args.redraw_basis,
+        decoder_steps=args.decoder_steps,
+        decoder_lr=args.decoder_lr,
+        decoder_crop=args.decoder_crop,
         batch_size=args.batch_size,
         lr=args.lr,
         resolution=args.resolution,
+        max_latents=args.max_latents,
+        kmeans_iters=args.kmeans_iters,
+        restart_every=args.restart_every,
+        heldout=args.heldout,
         eval_images=args.eval_images,
+        select=args.select,
         device=args.device,
         seed=args.seed,
     )
     try:
-        new_model, report = retrain_codebook(model, args.data, opts, progress=args.progress)
+        new_model, report = retrain_codebook(model, data, opts, progress=args.progress)
     except (CodebookError, DataError, ConfigError) as exc:
         raise CLIError(str(exc)) from exc
     out = new_model.save_pretrained(args.out)
-    b, a = report["before"], report["after"]
-    print(f"{'':8}{'usage':>10}{'perplexity':>12}{'PSNR dB':>10}")
-    print(f"{'before':8}{b['usage'] * 100:>9.2f}%{b['perplexity']:>12.1f}{b['psnr']:>10.2f}")
-    print(f"{'after':8}{a['usage'] * 100:>9.2f}%{a['perplexity']:>12.1f}{a['psnr']:>10.2f}")
-    print(f"({report['eval_images']} images; usage = codes used at least once ÷ K={report['codebook_size']})")
+    print(format_retrain_table(report))
     _write_json(str(out / "retrain_report.json"), report)
     print(f"wrote model directory {out}", file=sys.stderr)
     return 0
+
+
+def format_retrain_table(report: dict[str, Any]) -> str:
+    """The original and every candidate on the held-out images, the kept one marked, then `after`."""
+
+    def row(name: str, m: dict[str, Any], mark: str = "") -> str:
+        lp = "–" if m.get("lpips_alex") is None else f"{m['lpips_alex']:.4f}"
+        return f"{name:28}{m['usage'] * 100:>9.2f}%{m['perplexity']:>12.1f}{m['psnr']:>10.2f}{lp:>10}  {mark}".rstrip()
+
+    lines = [f"{'':28}{'usage':>10}{'perplexity':>12}{'PSNR dB':>10}{'LPIPS':>10}"]
+    lines.append(row("before", report["before"]))
+    for name, m in report["candidates"].items():
+        if name != "original":
+            lines.append(row(f"  {name}", m, "<- kept" if name == report["kept"] else ""))
+    lines.append(row("after", report["after"], f"({report['kept']})"))
+    k0, k = report["codebook_size_before"], report["codebook_size"]
+    lines.append(
+        f"({report['eval_images']} held-out images: {report['heldout']}; usage = codes used at least once ÷ K; "
+        f"K {k0}{f' -> {k}' if k != k0 else ''}; best {report['select']} kept)"
+    )
+    if report["kept"] == "original":
+        lines.append("no candidate beat the original on the held-out images: the model is written unchanged")
+    if report.get("note"):
+        lines.append(f"note: {report['note']}")
+    return "\n".join(lines)

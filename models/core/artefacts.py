@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -212,6 +212,8 @@ class ModelInfo:
     revision: str  # the artefact's own revision: the first 12 hex digits of its weights' sha256
     exported_from: str  # git revision of the code that exported it ("-dirty": from a modified checkout)
     manifest_sha256: str  # hash of manifest.json: identifies the exact artefacts
+    # where an imported model came from (config.json's `source`: format, id, subfolder, commit, licence); None for vqtok's own
+    source: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,15 @@ class ExportedModel:
     manifest: dict[str, Any]
     info: ModelInfo
     graphs: dict[str, Path]  # "encoder" / "decoder" -> file
+
+
+def config_source(model_dir: Path) -> dict[str, Any] | None:
+    """config.json's `source` (an imported model's provenance), None where it has none or cannot be read."""
+    try:
+        source = json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8")).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return source if isinstance(source, dict) and source else None
 
 
 def open_exported(
@@ -246,6 +257,7 @@ def open_exported(
             revision=str(manifest.get("files", {}).get("model.safetensors", {}).get("sha256", manifest_sha))[:12],
             exported_from=str(manifest.get("revision", "unknown")),
             manifest_sha256=manifest_sha,
+            source=config_source(model_dir),
         )
         paths = {"encoder": model_dir / graphs["encoder"], "decoder": model_dir / graphs["decoder"]}
     except (KeyError, TypeError, ValueError) as exc:

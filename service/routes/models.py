@@ -40,6 +40,7 @@ def model_out(entry: ModelEntry, state: ServiceState) -> ModelOut:
                 batch_workers=served.batcher.workers,
                 queue_depth=served.batcher.queued_images,
                 loaded_at=served.loaded_at,
+                source=getattr(info, "source", None),
             )
         )
     return out

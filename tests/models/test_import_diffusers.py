@@ -511,7 +511,7 @@ def test_taming_configs_read_and_refuse_like_every_config() -> None:
         ({"channel_mult": [1, 2]}, "channel_mult applies only to architecture='vqtok'"),
         ({"block_out_channels": [32, 48, 64]}, "not divisible by 32, the groups of norm_type='spatial'"),
         ({"latent_dim": 8}, "needs latent_dim == latent_channels"),
-        ({"linear_codebook": True}, "plain codebook"),
+        ({"cosine": True}, "plain or SimVQ codebook"),
         ({"encoder_attention": [True]}, "one entry per level"),
         ({"encoder_attention": ["no", False, True]}, "expected true or false"),
         ({"architecture": "vqgan"}, "architecture must be one of"),
