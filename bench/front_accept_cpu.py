@@ -114,7 +114,9 @@ def main() -> None:
         )
     med = {m: statistics.median(x["requests_per_s"] for x in runs if x["front_accept"] == m) for m in modes}
     ratios = {f"{m}_over_balanced_requests_per_s": med[m] / med["balanced"] for m in modes if m != "balanced" and "balanced" in med}
-    print("medians, req/s: " + ", ".join(f"{m} {v:.1f}" for m, v in med.items()) + "; " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    print(
+        "medians, req/s: " + ", ".join(f"{m} {v:.1f}" for m, v in med.items()) + "; " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items())
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}

@@ -12,7 +12,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from models.core.artefacts import Device, Precision, pretrained_repo
 from models.core.pixels import DEFAULT_RESIZE, SERVICE_MAX_GRID_TOKENS, SERVICE_MAX_IMAGE_PIXELS, ResizeMode
 
-
 # How `vqtok serve --help` groups the flags: each group from its first setting up to the next group's (the
 # fields below are written in that order, under the same headings).
 GROUPS = {

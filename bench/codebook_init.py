@@ -3,7 +3,7 @@ encoder latents: k-means centroids from photos256/train latents, usage and laten
 photos256/val latents, for the old SimVQ init (least-squares W over a random C) and the new one
 (C = centroids, W = I), at several numbers of training latents.
 
-    nice -n 10 .venv/bin/python bench/results/codebook_retrain/cpu-2026-12-07/diagnose.py --out diagnose.json
+    nice -n 10 .venv/bin/python -m bench.codebook_init --out bench/results/codebook_retrain/cpu-2026-12-07/diagnose.json
 """
 
 from __future__ import annotations
