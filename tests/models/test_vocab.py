@@ -118,8 +118,8 @@ def test_extension_errors(text_tokenizer: Path, tmp_path: Path) -> None:
 
 def vqtok(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
     """The root `vqtok` command with `vocab` registered as the one line in vqtok/cli.py."""
-    from vqtok import cli
     from models import vocab_commands
+    from vqtok import cli
 
     original = cli.build_parser
 
