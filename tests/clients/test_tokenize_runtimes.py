@@ -83,6 +83,7 @@ def test_decode_tasks_are_batch_multiples_that_give_every_core_work() -> None:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.xdist_group("ray")  # a local Ray of its own (the bench's process): on the worker of the other Ray tests, never at once
 def test_ray_scale_bench_runs_on_the_cpu(model_dir: Path, photos_val_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ray_scale.json"
     env = {**os.environ, "VQTOK_DATA": str(photos_val_dir.parents[1]), "PYTHONPATH": str(REPO)}  # run outside the checkout

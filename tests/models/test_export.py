@@ -22,20 +22,40 @@ from models.export.parity import ExportError, ParityBounds, psnr_uint8
 from models.presets import create_tokenizer
 from models.runtime.onnx import ModelRuntime
 from models.tokenizer import Tokenizer
+from tests.helpers import exported_model_repo
 
 TINY = dict(base_channels=8, norm_groups=4, num_res_blocks=1)
 FAMILIES = {"vq-rotation": "cifar-vq-rotation", "simvq": "cifar-simvq", "fsq": "cifar-fsq"}
+VQTOK = str(Path(sys.executable).parent / "vqtok")  # the installed console command
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory, kodak_dir: Path) -> dict[str, Path]:
-    out = {}
-    for family, preset in FAMILIES.items():
-        torch.manual_seed(0)
-        d = create_tokenizer(preset, **TINY).save_pretrained(tmp_path_factory.mktemp(family))
-        export_model(d, fp16=family == "fsq", parity_images=kodak_dir)
-        out[family] = d
-    return out
+def cli_export(tmp_path_factory: pytest.TempPathFactory, kodak_dir: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """The fsq family (seed 0) exported through the installed console command, `vqtok export --fp16`: the
+    run `test_export_cli` checks, and the fsq model every other test here checks."""
+    torch.manual_seed(0)
+    d = create_tokenizer(FAMILIES["fsq"], **TINY).save_pretrained(tmp_path_factory.mktemp("fsq"))
+    cmd = [VQTOK, "export", "--model", str(d), "--fp16", "--parity-images", str(kodak_dir)]
+    return d, subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def exported(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    kodak_dir: Path,
+    cli_export: tuple[Path, subprocess.CompletedProcess[str]],
+) -> dict[str, Path]:
+    """Each family exported with its parity checked on Kodak, fsq with --fp16 too: vq-rotation here, fsq by
+    the command (`cli_export`), simvq the suite's shared export (tests.helpers: the same call, seed 0 and
+    TINY, in a subprocess), which other test modules use anyway."""
+    fsq, run = cli_export
+    assert run.returncode == 0, run.stderr
+    simvq = exported_model_repo(request, tmp_path_factory, {"simvq": FAMILIES["simvq"]}) / "simvq"
+    torch.manual_seed(0)
+    rotation = create_tokenizer(FAMILIES["vq-rotation"], **TINY).save_pretrained(tmp_path_factory.mktemp("vq-rotation"))
+    export_model(rotation, parity_images=kodak_dir)
+    return {"vq-rotation": rotation, "simvq": simvq, "fsq": fsq}
 
 
 def kodak_batch(kodak_dir: Path, h: int, w: int, n: int = 3) -> np.ndarray:
@@ -117,16 +137,13 @@ def test_parity_failure_aborts_and_writes_nothing(tmp_path: Path, kodak_dir: Pat
     assert sorted(p.name for p in d.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
-def test_export_cli(tmp_path: Path, kodak_dir: Path) -> None:
-    d = create_tokenizer("cifar-fsq", **TINY).save_pretrained(tmp_path / "m")
-    vqtok = str(Path(sys.executable).parent / "vqtok")  # the installed console command
-    cmd = [vqtok, "export", "--model", str(d), "--parity-images", str(kodak_dir)]
-    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+def test_export_cli(cli_export: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
+    d, ok = cli_export
     assert ok.returncode == 0, ok.stderr
     assert "tokens" in ok.stdout and (d / "manifest.json").is_file()
-    missing = subprocess.run([*cmd[:2], "--model", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    missing = subprocess.run([VQTOK, "export", "--model", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no such directory" in missing.stderr
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{}")
-    broken = subprocess.run([*cmd[:2], "--model", str(tmp_path / "broken")], capture_output=True, text=True, timeout=120)
+    broken = subprocess.run([VQTOK, "export", "--model", str(tmp_path / "broken")], capture_output=True, text=True, timeout=120)
     assert broken.returncode == 2 and "model.safetensors is missing" in broken.stderr

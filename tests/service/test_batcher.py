@@ -98,9 +98,9 @@ def test_stop_fails_the_running_batch_and_the_queue_at_once() -> None:
         t0 = time.monotonic()
         await b.stop(drain_timeout_s=0.05)
         # every request is answered now, not at its deadline (a minute away)
-        done, pending = await asyncio.wait([running, *queued], timeout=2)
+        done, pending = await asyncio.wait([running, *queued], timeout=30)
         assert not pending, "requests left hanging after stop()"
-        assert time.monotonic() - t0 < 2
+        assert time.monotonic() - t0 < 30  # half the deadline: a margin against a busy machine
         for f in done:
             with pytest.raises(ShuttingDown):
                 f.result()

@@ -99,7 +99,7 @@ def test_deadline_answers_504_and_frees_the_queue(serve, faults: Faults) -> None
         t0 = time.monotonic()
         r = encode(c, img)  # waits in the queue behind the blocked batch
         assert_problem(r, 504, "deadline")
-        assert 0.4 < time.monotonic() - t0 < 3
+        assert 0.4 < time.monotonic() - t0 < 20  # at its deadline, not at the client's timeout (30 s)
         assert queue_depth(c) == 0  # the expired request left the queue
         # a client may shorten (never lengthen) the deadline
         assert_problem(encode(c, img, headers={"X-Request-Timeout": "0.1"}), 504, "0.1")

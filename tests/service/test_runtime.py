@@ -13,18 +13,13 @@ import numpy as np
 import pytest
 
 from models.runtime.onnx import InvalidInputError, ModelLoadError, ModelRuntime
-
-TINY = dict(base_channels=8, norm_groups=4, num_res_blocks=1)
+from tests.helpers import exported_model_repo
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, kodak_dir: Path) -> Path:
-    from models.export.driver import export_model
-    from models.presets import create_tokenizer
-
-    d = create_tokenizer("cifar-simvq", **TINY).save_pretrained(tmp_path_factory.mktemp("rt") / "simvq")
-    export_model(d, parity_images=kodak_dir)
-    return d
+def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SimVQ exported with its parity checked on Kodak: the suite's shared export (tests.helpers), copied here."""
+    return exported_model_repo(request, tmp_path_factory, {"simvq": "cifar-simvq"}) / "simvq"
 
 
 @pytest.fixture()

@@ -170,7 +170,7 @@ def test_clients_that_leave_take_only_their_own_requests_and_the_slab_is_freed(m
             if i not in leaving:
                 assert r is not None and r.status_code == 200, r.text if r is not None else i
                 np.testing.assert_array_equal(np.load(io.BytesIO(r.content))[0], want[i])
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # a wait for the counters, not a bound
         while time.monotonic() < deadline:
             text = httpx.get(f"{s.url}/metrics", timeout=10).text
             if metric_value(text, "vqtok_http_requests_total", route="/v1/encode", status="499") == len(leaving):
@@ -360,7 +360,7 @@ def test_deadlines_queue_full_and_reload_behave_as_in_one_process(model_repo: Pa
         r = httpx.post(f"{s.url}/v1/encode", files={"images": img}, headers={"X-Request-Timeout": "0.2"}, timeout=10)
         assert r.status_code == 504 and r.json()["type"] == "urn:vqtok:problem:deadline-exceeded"
         assert time.monotonic() - t0 < 0.9
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60  # a wait for the counters, not a bound
         while time.monotonic() < deadline:
             text = httpx.get(f"{s.url}/metrics", timeout=10).text
             if metric_value(text, "vqtok_rejected_total", model="fsq4", reason="cancelled") >= 1:

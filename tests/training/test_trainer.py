@@ -206,7 +206,7 @@ def test_two_process_ddp_skips_an_empty_batch_on_one_rank_together(few_photos: P
     data = _with_broken(few_photos, tmp_path / "data", good=3, broken=1)
     overrides = tiny_overrides(data, max_steps=3, checkpoint_every=3, batch_size=1, log_every=1)
     ctx = mp.spawn(run_rank, args=(2, free_port(), overrides, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 540  # a hang guard under pytest's 600 s: ≈ 15 s alone, 75 s beside 3 busy cores' worth
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
             for proc in ctx.processes:
