@@ -307,7 +307,7 @@ def test_the_local_backend_runs_an_imported_model(imported: dict[str, ImportResu
     result = imported["movq-f8"]
     enc = ort.InferenceSession(str(result.model_dir / "encoder.onnx"), providers=["CPUExecutionProvider"])
     with LocalBackend(str(result.model_dir), device="cpu", precision="fp32") as backend:
-        grid = backend.encode(test_photos[0])
+        grid = backend.encode(test_photos[0], resize="none")  # the photo as it is, as the session below sees it
         assert backend.info.codebook_size == 512
     assert np.array_equal(grid, enc.run(None, {"images": test_photos[:1]})[0][0])
 

@@ -22,7 +22,10 @@ NPY = "application/x-npy"
 
 
 def encode(c: httpx.Client, img: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
-    return c.post("/v1/encode", files={"images": ("x.png", img, "image/png")}, headers={"Accept": NPY, **(headers or {})})
+    # resize=none: the images keep their shapes, so the shape decides the bucket (crop would make them all one)
+    return c.post(
+        "/v1/encode", params={"resize": "none"}, files={"images": ("x.png", img, "image/png")}, headers={"Accept": NPY, **(headers or {})}
+    )
 
 
 def wait_until(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
