@@ -1,16 +1,18 @@
 """Does the server refuse at once what it cannot serve in time, and keep its goodput under overload?
 
 Starts `vqtok serve` (CPU or GPU, one process or `--front-workers N`) with a request deadline, measures its
-capacity (images/s answered by a closed loop that keeps its queue full), then offers an open-loop Poisson
-load of 1x, 2x and 4x that capacity for `--seconds` each, from client processes of their own. Each
-request is one real 256² JPEG from photos256/val (resize=crop). Per level it reports:
+capacity (images/s answered by a closed loop that keeps its queue full), sends `--burst` requests at
+once (the issue's scenario: 64 encodes against a 3 s deadline), then offers an open-loop Poisson load of
+1x, 2x and 4x that capacity for `--seconds` each, from client processes of their own. Each request is one
+real 256² JPEG from photos256/val (resize=crop). `--baseline DIR` measures a checkout of the code before
+admission the same way, in the same run (`git worktree add DIR 6b64f37^`). Per level it reports:
 
 - goodput: answers within the deadline, per second, and as a share of the capacity;
 - refusals (503): how many, and the p50/p99 time from sending to the refusal;
 - 504s: requests the server admitted and then could not finish in time;
 - late 200s: answers after the deadline (the client's clock), which count against goodput.
 
-    python bench/overload.py --front-workers 0,2 --deadline 3 --seconds 60 --out bench/results/overload/cpu.json
+    python -m bench.overload --front-workers 0,2 --deadline 3 --seconds 60 --baseline ../before --out bench/results/overload/cpu-DATE/overload.json
 
 Prints a table and writes the JSON (machine, revision, settings, every level).
 """
@@ -18,51 +20,37 @@ Prints a table and writes the JSON (machine, revision, settings, every level).
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
-import platform
 import random
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-VQTOK = [sys.executable, "-c", "import sys; from vqtok.cli import main; sys.exit(main())"]
+import httpx
+
+from bench.harness.record import PHOTOS_VAL, REPO, RESULTS, host_fields, table, write_json
+from bench.harness.server import VQTOK, free_port, stop_server, wait_ready
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def git_short(checkout: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True).stdout.strip() or "unknown"
 
 
-def start_server(args: argparse.Namespace, front_workers: int, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(args: argparse.Namespace, checkout: Path, front_workers: int, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`vqtok serve` from `checkout` (this one, or the baseline's: its packages first on the path) with the deadline."""
     port = free_port()
     cmd = [*VQTOK, "serve", "--host", "127.0.0.1", "--port", str(port), "--device", args.device, "--log-level", "warning"]
     cmd += ["--front-workers", str(front_workers), "--request-timeout-s", str(args.deadline)]
     if args.model_repo:
         cmd += ["--model-repo", str(args.model_repo)]
-    log = log_path.open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    proc = subprocess.Popen(cmd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, cwd=checkout, env=env)
     url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 600:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited ({proc.returncode}); see {log_path}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server not ready in 600 s")
+    wait_ready(proc, url, log_path)
+    return proc, url
 
 
 def load_images(folder: Path, n: int) -> list[bytes]:
@@ -138,6 +126,40 @@ def _open_loop(url: str, images: list[bytes], rate: float, seconds: float, deadl
     asyncio.run(main())
 
 
+def _burst(url: str, images: list[bytes], n: int, out: Any) -> None:
+    """`n` requests sent at once (the issue's scenario: more than fits in one deadline, all at the same moment)."""
+    import asyncio
+
+    async def main() -> None:
+        results: list[tuple[int, float, float]] = []
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=None)) as c:
+
+            async def one(i: int) -> None:
+                sent = time.monotonic()
+                try:
+                    r = await c.post(
+                        "/v1/encode", files={"images": ("a.jpg", images[i % len(images)], "image/jpeg")}, data={"resize": "crop"}
+                    )
+                    status = r.status_code
+                except httpx.HTTPError:
+                    status = 0
+                results.append((status, time.monotonic() - sent, sent))
+
+            await asyncio.gather(*(one(i) for i in range(n)))
+        out.put(results)
+
+    asyncio.run(main())
+
+
+def burst(url: str, images: list[bytes], n: int) -> list[tuple[int, float, float]]:
+    q: Any = mp.Queue()
+    p = mp.Process(target=_burst, args=(url, images, n, q))
+    p.start()
+    results: list[tuple[int, float, float]] = q.get()
+    p.join()
+    return results
+
+
 def capacity(url: str, images: list[bytes], concurrency: int, seconds: float) -> float:
     q: Any = mp.Queue()
     p = mp.Process(target=_closed_loop, args=(url, images, concurrency, seconds, q))
@@ -190,73 +212,99 @@ def summarise(results: list[tuple[int, float, float]], seconds: float, deadline:
     }
 
 
-def revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model-repo", type=Path, default=None, help="default: the shipped models")
+    ap.add_argument("--model-repo", type=Path, default=None, help="default: the shipped models (the default model serves)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--front-workers", default="0,2", help="server modes to measure, comma-separated")
     ap.add_argument("--deadline", type=float, default=3.0, help="the server's request deadline (VQTOK_REQUEST_TIMEOUT_S)")
     ap.add_argument("--seconds", type=float, default=60.0, help="length of each load level")
     ap.add_argument("--levels", default="1,2,4", help="offered load as multiples of the measured capacity")
+    ap.add_argument("--burst", type=int, default=64, help="requests sent at once before the levels (0: none)")
     ap.add_argument("--capacity-seconds", type=float, default=20.0)
     ap.add_argument("--capacity-concurrency", type=int, default=16)
     ap.add_argument("--client-procs", type=int, default=2)
-    ap.add_argument("--images", type=Path, default=REPO.parent / "shared" / "data" / "photos256" / "val")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "overload" / "result.json")
+    ap.add_argument("--baseline", type=Path, default=None, help="a checkout of the code before admission, measured in the same run")
+    ap.add_argument("--images", type=Path, default=PHOTOS_VAL)
+    ap.add_argument("--out", type=Path, default=RESULTS / "overload" / "result.json")
     args = ap.parse_args(argv)
     images = load_images(args.images, 64)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    modes = []
-    for fw in [int(x) for x in args.front_workers.split(",")]:
-        proc, url = start_server(args, fw, args.out.with_suffix(f".fw{fw}.log"))
-        try:
-            capacity(url, images, args.capacity_concurrency, 5.0)  # warm: the batcher learns what a batch costs
-            cap = capacity(url, images, args.capacity_concurrency, args.capacity_seconds)
-            levels = []
-            for m in [float(x) for x in args.levels.split(",")]:
-                results = offer(url, images, m * cap, args.seconds, args.deadline, args.client_procs)
-                row = summarise(results, args.seconds, args.deadline, cap, m)
-                levels.append(row)
-                print(
-                    f"front_workers={fw} {m:g}x: offered {row['offered_per_s']:.1f}/s goodput {row['goodput_per_s']:.1f}/s "
-                    f"({row['goodput_over_capacity']:.2f} of {cap:.1f}) 503 {row['refused_503']} (p99 {row['refusal_p99_ms'] or 0:.0f} ms) "
-                    f"504 {row['deadline_504']} late {row['late_200']}",
-                    flush=True,
-                )
-                time.sleep(args.deadline + 1)  # the last level's queue drains before the next
-            modes.append({"front_workers": fw, "capacity_images_per_s": cap, "levels": levels})
-        finally:
-            proc.terminate()
-            proc.wait(60)
-    result = {
-        "question": "goodput and time to refusal under overload (issue 29)",
-        "revision": revision(),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+    servers = [("admission", REPO)] + ([("baseline", args.baseline.resolve())] if args.baseline else [])
+    result: dict[str, Any] = {
+        "question": "goodput and time to refusal under overload: admission by deadline against the code before it",
+        **host_fields(),
+        "servers": {label: {"checkout": str(path), "revision": git_short(path)} for label, path in servers},
         "settings": {k: str(v) for k, v in vars(args).items()},
-        "modes": modes,
+        "modes": [],
     }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print("\n| front_workers | load | offered/s | goodput/s | goodput / capacity | 503 | refusal p50 / p99 ms | 504 | late 200 |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for mode in modes:
-        for row in mode["levels"]:
-            p50, p99 = row["refusal_p50_ms"], row["refusal_p99_ms"]
-            refusal = "-" if p50 is None else f"{p50:.0f} / {p99:.0f}"
-            print(
-                f"| {mode['front_workers']} | {row['offered_x_capacity']:g}x | {row['offered_per_s']:.1f} | {row['goodput_per_s']:.1f} "
-                f"| {row['goodput_over_capacity']:.2f} | {row['refused_503']} | {refusal} | {row['deadline_504']} | {row['late_200']} |"
-            )
-    caps = ", ".join(f"fw={m['front_workers']}: {m['capacity_images_per_s']:.1f}" for m in modes)
-    print(f"capacity (images/s): {caps}; wrote {args.out}")
+    rows: list[list[Any]] = []
+    for label, checkout in servers:
+        for fw in [int(x) for x in args.front_workers.split(",")]:
+            proc, url = start_server(args, checkout, fw, args.out.with_suffix(f".{label}.fw{fw}.log"))
+            try:
+                capacity(url, images, args.capacity_concurrency, 5.0)  # warm: the batcher learns what a batch costs
+                cap = capacity(url, images, args.capacity_concurrency, args.capacity_seconds)
+                if cap <= 0:
+                    raise SystemExit(f"{label} fw={fw}: no request answered in {args.capacity_seconds:g} s; is the machine busy?")
+                mode: dict[str, Any] = {"server": label, "front_workers": fw, "capacity_images_per_s": cap, "levels": []}
+                result["modes"].append(mode)
+                if args.burst:
+                    row = summarise(burst(url, images, args.burst), 1.0, args.deadline, cap, 0)
+                    row["burst"] = args.burst
+                    mode["burst"] = row
+                    rows.append(_row(label, fw, f"burst {args.burst}", cap, row))
+                    print(rows[-1], flush=True)
+                    time.sleep(args.deadline + 1)
+                for m in [float(x) for x in args.levels.split(",")]:
+                    row = summarise(
+                        offer(url, images, m * cap, args.seconds, args.deadline, args.client_procs), args.seconds, args.deadline, cap, m
+                    )
+                    mode["levels"].append(row)
+                    rows.append(_row(label, fw, f"{m:g}x", cap, row))
+                    print(rows[-1], flush=True)
+                    write_json(args.out, result)
+                    time.sleep(args.deadline + 1)  # the last level's queue drains before the next
+            finally:
+                stop_server(proc)
+    write_json(args.out, result)
+    headers = [
+        "server",
+        "fronts",
+        "load",
+        "capacity/s",
+        "offered/s",
+        "goodput/s",
+        "goodput/capacity",
+        "200 in time",
+        "503",
+        "refusal p50/p99 ms",
+        "504",
+        "late 200",
+    ]
+    print(table(headers, rows))
+    print(f"wrote {args.out}")
     return 0
+
+
+def _row(label: str, fw: int, load: str, cap: float, row: dict[str, Any]) -> list[Any]:
+    p50, p99 = row["refusal_p50_ms"], row["refusal_p99_ms"]
+    refusal = "-" if p50 is None else f"{p50:.0f} / {p99:.0f}"
+    burst = load.startswith("burst")
+    return [
+        label,
+        fw,
+        load,
+        f"{cap:.1f}",
+        "-" if burst else f"{row['offered_per_s']:.1f}",
+        "-" if burst else f"{row['goodput_per_s']:.1f}",
+        "-" if burst else f"{row['goodput_over_capacity']:.2f}",
+        row["ok"],
+        row["refused_503"],
+        refusal,
+        row["deadline_504"],
+        row["late_200"],
+    ]
 
 
 if __name__ == "__main__":

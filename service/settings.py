@@ -38,8 +38,8 @@ class Settings(BaseSettings):
     # --- models ---
     model_repo: Path = Field(
         default_factory=default_model_repo,
-        description="folder of exported model directories, one per model name (or one model directory); when neither the flag "
-        "nor the variable is set and the shipped models/pretrained holds no model, an untrained demo model is exported and served",
+        description="folder of exported model directories, one per model name (or one model directory); "
+        "default: the models shipped in the package (models/pretrained), every one served by its name",
     )
     default_model: str | None = Field(
         default=None,

@@ -57,3 +57,19 @@ def test_two_servers_two_models_each(model_repo: Path, photos_val_dir: Path, tmp
     }
     assert all(set(r["status"]) == {"200"} and r["ok"] > 0 for r in result["load"])
     assert result["token_agreement_across_servers"] == {"fsq4": 1.0, "simvq4": 1.0}  # same model, same CPU runtime
+
+
+def test_overload_bench_measures_capacity_burst_and_levels(model_repo: Path, photos_val_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "overload.json"
+    args = ["--model-repo", str(model_repo), "--images", str(photos_val_dir), "--front-workers", "0", "--deadline", "1"]
+    args += ["--seconds", "3", "--levels", "2", "--burst", "16", "--capacity-seconds", "2", "--client-procs", "1", "--out", str(out)]
+    proc = _run("overload", args, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (mode,) = result["modes"]
+    assert mode["server"] == "admission" and mode["front_workers"] == 0 and mode["capacity_images_per_s"] > 0
+    burst = mode["burst"]
+    assert burst["requests"] == 16 and burst["ok"] + burst["late_200"] + burst["refused_503"] + burst["deadline_504"] == 16
+    (level,) = mode["levels"]
+    assert level["offered_x_capacity"] == 2 and level["requests"] > 0 and level["other_statuses"] == []
+    assert "| admission | 0 | 2x |" in proc.stdout

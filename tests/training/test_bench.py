@@ -22,3 +22,19 @@ def test_bench_runs_all_variants_on_cpu(cifar_test_parquet: Path, tmp_path: Path
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["meta"]["test_images"] == 64
     assert "| vq-rotation | 64 |" in (tmp_path / "results.md").read_text()
+
+
+def test_ssim_speed_baseline_agrees_with_the_metrics(kodak_dir: Path, tmp_path: Path) -> None:
+    """The float64 conv2d baseline the benchmark times is the same SSIM/MS-SSIM as training.metrics."""
+    bench: Any = importlib.import_module("bench.ssim_speed")
+    subset = tmp_path / "kodak"
+    subset.mkdir()
+    for f in sorted(kodak_dir.glob("*.png"))[:2]:
+        (subset / f.name).symlink_to(f)
+    out = tmp_path / "ssim.json"
+    assert bench.main(["--data", str(subset), "--repeat", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 2
+    for name in ("SSIM", "MS-SSIM"):
+        fig = result["figures"][name]
+        assert fig["before_ms"] > 0 and fig["after_ms"] > 0 and fig["max_abs_diff"] < 1e-5, (name, fig)
