@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
-# Sets up .venv and runs everything CI runs: ruff, mypy, the layering contract (import-linter) and the whole pytest suite.
+# Sets up .venv and runs ruff, mypy, the layering contract (import-linter) and the pytest suite: every test
+# but those marked slow (end-to-end runs of minutes each: the walkthrough, the README's snippets, the memory
+# budget, the rate-distortion script). `--all` (or VQTOK_TESTS=all) runs those too: what CI runs.
+# Other arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+select=(-m "not slow")
+args=()
+for a in "$@"; do
+  if [ "$a" = "--all" ]; then select=(); else args+=("$a"); fi
+done
+if [ "${VQTOK_TESTS:-}" = "all" ]; then select=(); fi
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
@@ -20,11 +29,11 @@ fi
 parallel=()
 if [ "$workers" -gt 1 ]; then parallel=(-n "$workers" --dist loadscope); fi
 set +e
-.venv/bin/python -m pytest ${parallel[@]+"${parallel[@]}"} "$@"
+.venv/bin/python -m pytest ${parallel[@]+"${parallel[@]}"} ${select[@]+"${select[@]}"} ${args[@]+"${args[@]}"}
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
-  echo "pytest collected no tests: that is a failure" >&2
+  echo "pytest collected no tests: that is a failure${select[*]+ (slow tests run only with --all)}" >&2
   exit 1
 fi
 exit "$rc"

@@ -49,6 +49,7 @@ def promised(text: str) -> list[str]:
     return [m.strip() for m in re.findall(r"^print\(.*\)  # ([^:\n]+?)(?::.*)?$", text, re.M)]
 
 
+@pytest.mark.slow
 def test_readme_use_it_sections_run_as_written(tmp_path: Path) -> None:
     from models.core.artefacts import pretrained_repo
     from service.settings import Settings

@@ -49,6 +49,7 @@ def promised(text: str) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_readme_llm_section_runs_as_written(tmp_path: Path) -> None:
     from models.core.artefacts import pretrained_repo
     from service.settings import Settings

@@ -27,6 +27,7 @@ pytestmark = [
 ]
 
 
+@pytest.mark.slow
 def test_walkthrough_runs_end_to_end(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"VQTOK_RUNS": str(tmp_path), "PORT": str(port)}

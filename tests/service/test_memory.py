@@ -89,6 +89,7 @@ def jpeg(path: Path, side: int) -> bytes:
     return jpeg_bytes(np.asarray(im.resize((side, side), Image.Resampling.BICUBIC)))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHIPPED / "manifest.json").exists(), reason="the shipped model is not in this checkout")
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's peak RSS from /proc")
 def test_default_cpu_server_stays_under_its_memory_budget(kodak_dir: Path) -> None:

@@ -26,6 +26,7 @@ def _load_bench() -> object:
     return importlib.import_module("bench.rate_distortion")
 
 
+@pytest.mark.slow
 def test_rate_distortion_script_on_real_images(kodak_dir: Path, photos_val_dir: Path, tmp_path: Path) -> None:
     kodak = tmp_path / "kodak"
     kodak.mkdir()
