@@ -20,6 +20,7 @@ Prints a table and writes the JSON (machine, revision, settings, every level).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import multiprocessing as mp
 import os
 import random
@@ -64,9 +65,6 @@ def load_images(folder: Path, n: int) -> list[bytes]:
 
 
 def _closed_loop(url: str, images: list[bytes], concurrency: int, seconds: float, out: Any) -> None:
-    import asyncio
-
-    import httpx
 
     async def main() -> None:
         done = 0
@@ -89,27 +87,24 @@ def _closed_loop(url: str, images: list[bytes], concurrency: int, seconds: float
     asyncio.run(main())
 
 
+async def _send(c: httpx.AsyncClient, images: list[bytes], i: int, results: list[tuple[int, float, float]]) -> None:
+    """One encode of image `i` (resize=crop); appends (status, seconds to the answer, sent at); status 0: no answer."""
+    sent = time.monotonic()
+    try:
+        r = await c.post("/v1/encode", files={"images": ("a.jpg", images[i % len(images)], "image/jpeg")}, data={"resize": "crop"})
+        status = r.status_code
+    except httpx.HTTPError:
+        status = 0
+    results.append((status, time.monotonic() - sent, sent))
+
+
 def _open_loop(url: str, images: list[bytes], rate: float, seconds: float, deadline: float, seed: int, out: Any) -> None:
     """Poisson arrivals at `rate` a second; every request is sent when it is due, whatever is in flight."""
-    import asyncio
-
-    import httpx
 
     async def main() -> None:
         rng = random.Random(seed)
         results: list[tuple[int, float, float]] = []  # (status, seconds to the answer, sent at)
         async with httpx.AsyncClient(base_url=url, timeout=deadline + 30, limits=httpx.Limits(max_connections=None)) as c:
-
-            async def one(i: int, sent: float) -> None:
-                try:
-                    r = await c.post(
-                        "/v1/encode", files={"images": ("a.jpg", images[i % len(images)], "image/jpeg")}, data={"resize": "crop"}
-                    )
-                    status = r.status_code
-                except httpx.HTTPError:
-                    status = 0
-                results.append((status, time.monotonic() - sent, sent))
-
             tasks = []
             start = time.monotonic()
             t, i = 0.0, 0
@@ -117,7 +112,7 @@ def _open_loop(url: str, images: list[bytes], rate: float, seconds: float, deadl
                 delay = start + t - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one(i, time.monotonic())))
+                tasks.append(asyncio.create_task(_send(c, images, i, results)))
                 i += 1
                 t += rng.expovariate(rate)
             await asyncio.gather(*tasks)
@@ -128,24 +123,11 @@ def _open_loop(url: str, images: list[bytes], rate: float, seconds: float, deadl
 
 def _burst(url: str, images: list[bytes], n: int, out: Any) -> None:
     """`n` requests sent at once (the issue's scenario: more than fits in one deadline, all at the same moment)."""
-    import asyncio
 
     async def main() -> None:
         results: list[tuple[int, float, float]] = []
         async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=None)) as c:
-
-            async def one(i: int) -> None:
-                sent = time.monotonic()
-                try:
-                    r = await c.post(
-                        "/v1/encode", files={"images": ("a.jpg", images[i % len(images)], "image/jpeg")}, data={"resize": "crop"}
-                    )
-                    status = r.status_code
-                except httpx.HTTPError:
-                    status = 0
-                results.append((status, time.monotonic() - sent, sent))
-
-            await asyncio.gather(*(one(i) for i in range(n)))
+            await asyncio.gather(*(_send(c, images, i, results) for i in range(n)))
         out.put(results)
 
     asyncio.run(main())
