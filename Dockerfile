@@ -15,14 +15,17 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
 # Dependencies first (a layer that survives code changes): the base install plus onnxruntime-gpu.
 COPY pyproject.toml README.md ./
-RUN mkdir -p models training service clients \
- && touch models/__init__.py training/__init__.py service/__init__.py clients/__init__.py \
+RUN mkdir -p vqtok models training service clients \
+ && touch vqtok/__init__.py models/__init__.py training/__init__.py service/__init__.py clients/__init__.py \
  && pip install ".[gpu]" && pip uninstall -y vqtok
+COPY vqtok ./vqtok
 COPY models ./models
 COPY training ./training
 COPY service ./service
 COPY clients ./clients
-RUN pip install --no-deps . && python -c "import service.app, sys; assert 'torch' not in sys.modules"
+# the console script's module and the app import, and neither pulls in torch
+RUN pip install --no-deps . && python -c "import vqtok.cli, service.app, sys; assert 'torch' not in sys.modules" \
+ && vqtok serve --help >/dev/null
 
 RUN useradd --system --uid 10001 vqtok
 USER vqtok

@@ -309,6 +309,7 @@ class ModelRepository(Repository):
                     old = self._live.pop(gone, None)
                     if old is not None:
                         self._retire(old)
+                        self.metrics.model_runtime.remove(gone, *_runtime_labels(old.runtime))
                     self.metrics.model_state.remove(gone)
                     log.info("model removed from the repository", extra={"model": gone})
             outcomes = []

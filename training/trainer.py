@@ -64,7 +64,7 @@ from .losses import PatchDiscriminator, adaptive_weight, generator_loss, hinge_d
 from .lpips import LPIPS
 from .metrics import psnr
 from .runlog import RunLog, reconstruction_grid, usage_histogram
-from .warmstart import grow_into
+from .warmstart import check_growable, grow_into
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,12 @@ class Trainer:
             return Tokenizer(self.config.tokenizer_config())
         source = Tokenizer.from_pretrained(mc.init_from)
         if mc.init_grow:
-            model = Tokenizer(self.config.tokenizer_config())
+            target = self.config.tokenizer_config()
+            try:
+                check_growable(source.config, target)
+            except ValueError as exc:
+                raise TrainConfigError(f"model.init_grow from {mc.init_from}: {exc}") from exc
+            model = Tokenizer(target)
             report = grow_into(model, source)
             log.info("grown from %s: %s", mc.init_from, report)
             return model

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from models.config import TokenizerConfig
+
 _UP = re.compile(r"^decoder\.up\.(\d+)\.(.*)$")
 
 
@@ -28,6 +30,18 @@ class GrowReport:
 
     def __str__(self) -> str:
         return f"{self.copied} tensors copied, {self.fresh} fresh, {self.skipped} of the source unused"
+
+
+def check_growable(source: TokenizerConfig, target: TokenizerConfig) -> None:
+    """ValueError unless `grow_into` can map `source` onto `target`: it aligns blocks by their index in
+    vqtok's own level layout, so both must be that network with the same blocks per level (else tensors
+    would land in blocks of other roles wherever shapes happen to agree)."""
+    if (source.architecture, target.architecture) != ("vqtok", "vqtok"):
+        raise ValueError(f"grows vqtok's own network only; the source is {source.architecture!r}, the target {target.architecture!r}")
+    if source.num_res_blocks != target.num_res_blocks:
+        raise ValueError(
+            f"num_res_blocks {source.num_res_blocks} in the source, {target.num_res_blocks} in the target: growing needs the same blocks per level"
+        )
 
 
 def _up_blocks(model: nn.Module) -> int:

@@ -134,6 +134,15 @@ def inference_problem(exc: BaseException) -> Problem:
     return InferenceFailed("inference failed for the batch this request was in")
 
 
+def rebuild_problem(name: str, detail: str, *, retry_after_s: float | None = None, extra: dict[str, Any] | None = None) -> Problem:
+    """The problem another process reported (class name, detail, retry, body members), rebuilt here without
+    calling the subclass's own `__init__`, whose signature the message does not carry."""
+    cls = problem_class(name)
+    problem = cls.__new__(cls)
+    Problem.__init__(problem, detail, retry_after_s=retry_after_s, **(extra or {}))
+    return problem
+
+
 def problem_class(name: str) -> type[Problem]:
     """The `Problem` subclass called `name` (the multi-process server sends errors by class name);
     `InferenceFailed` for a name no loaded subclass has."""

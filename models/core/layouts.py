@@ -103,6 +103,9 @@ class ImageSpan:
         return int(self.grid.shape[0]), int(self.grid.shape[1])
 
 
+SHAPES_KEPT = 256  # grid shapes whose span template, code positions and size text a Layout remembers
+
+
 def grid_side_limit(max_grid_tokens: int, max_image_pixels: int | None, downsample: int) -> int:
     """The largest grid side (h or w) that an encoder with these limits can produce or a decoder accept:
     a 1×s strip of s tokens, i.e. min(max_grid_tokens, max_image_pixels // f²). The service builds its
@@ -116,7 +119,7 @@ def describe(layout: Layout) -> dict[str, Any]:
     """A short JSON description of a layout (what the service answers once per request): name, offset,
     K, max_grid, the image ids [start, stop) and the special ids by name. The resolution tokens of
     lumina are given by their rule, not listed: h<n> = special_ids["h1"] + 2(n - 1), w<n> = special_ids["w1"] + 2(n - 1)."""
-    names = [n for n in layout.special_names if n in PRESETS[layout.name]]
+    names = list(PRESETS[layout.name])  # the preset's own tokens (lumina's size tokens follow them, by rule)
     if layout.name in RESOLUTION_TOKENS:
         names += ["h1", "w1"]
     out: dict[str, Any] = {
@@ -212,9 +215,8 @@ class Layout:
 
     def size_text_ids(self, h: int, w: int) -> tuple[int, ...]:
         """emu3: the text tokenizer's ids of "h*w" (checked to lie outside the layout's ids)."""
-        key = ("text", h, w)
-        ids = self._cache.get(key)
-        if ids is None:
+
+        def make() -> tuple[int, ...]:
             text = f"{h}*{w}"
             ids = tuple(int(i) for i in self.text_ids(text))
             if not ids or any(self.vocab_offset <= i < self.vocab_size_needed for i in ids):
@@ -222,8 +224,24 @@ class Layout:
                     f"the text tokenizer gives {list(ids)} for {text!r}: the size text must be text ids below the image ids "
                     f"(vocab_offset {self.vocab_offset} must be at least the text vocabulary size)"
                 )
-            self._cache[key] = ids
+            return ids
+
+        ids: tuple[int, ...] = self._per_shape(("text", h, w), make)
         return ids
+
+    def _per_shape(self, key: tuple[Any, ...], make: Any) -> Any:
+        """`make()`, remembered for the last SHAPES_KEPT shapes used (least recently used out first): a
+        server's clients choose the grid shapes (resize=pad or none), so an unbounded cache would grow with them."""
+        cache = self._cache
+        if key in cache:
+            value = cache.pop(key)
+        else:
+            value = make()
+            stale = [k for k in cache if isinstance(k, tuple)]
+            for old in stale[: max(0, len(stale) + 1 - SHAPES_KEPT)]:
+                del cache[old]
+        cache[key] = value  # last in the order: the most recently used
+        return value
 
     # --- grid -> sequence ---
 
@@ -234,23 +252,25 @@ class Layout:
     def span_template(self, h: int, w: int) -> np.ndarray:
         """The ids of one h×w image span, with `ANY_CODE` where an image id stands: the whole structure
         in one read-only int64 array, shared by building, parsing and constrained generation."""
-        key = ("template", h, w)
-        template = self._cache.get(key)
-        if template is None:
+
+        def make() -> np.ndarray:
             self.check_grid_hw(h, w)
             template = _build_template(self, h, w)
             template.flags.writeable = False
-            self._cache[key] = template
+            return template
+
+        template: np.ndarray = self._per_shape(("template", h, w), make)
         return template
 
     def code_positions(self, h: int, w: int) -> np.ndarray:
         """Where the h·w image ids sit in the span, row by row (read-only)."""
-        key = ("codes", h, w)
-        positions = self._cache.get(key)
-        if positions is None:
+
+        def make() -> np.ndarray:
             positions = np.flatnonzero(self.span_template(h, w) == ANY_CODE)
             positions.flags.writeable = False
-            self._cache[key] = positions
+            return positions
+
+        positions: np.ndarray = self._per_shape(("codes", h, w), make)
         return positions
 
     def span_length(self, h: int, w: int) -> int:

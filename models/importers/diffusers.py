@@ -188,6 +188,10 @@ def taming_config(raw: Mapping[str, Any], defaults: Mapping[str, Any], *, resolu
             raise UnsupportedModel(f"{key}: {raw[key]!r}: {why}")
     c = {**defaults, **{k: v for k, v in raw.items() if not k.startswith("_")}}
     widths = [int(w) for w in c["block_out_channels"]]
+    f = 2 ** (len(widths) - 1)
+    if resolution < f or resolution % f:
+        # the caller's choice, not the source's: ImportFailed, not UnsupportedModel
+        raise ImportFailed(f"resolution {resolution}: must be a positive multiple of this model's downsample factor {f}")
     down = _block_attention("down_block_types", c["down_block_types"], DOWN_BLOCKS, len(widths))
     up = _block_attention("up_block_types", c["up_block_types"], UP_BLOCKS, len(widths))
     norm_type = c["norm_type"]
@@ -410,7 +414,7 @@ def probe_images(resolution: int, parity_images: str | Path | None, count: int =
     real = find_parity_images(parity_images)
     if real:
         return real_parity_images(real, (resolution, resolution), count)
-    return np.random.default_rng(0).integers(0, 256, size=(2, resolution, resolution, 3), dtype=np.uint8)
+    return np.random.default_rng(0).integers(0, 256, size=(count, resolution, resolution, 3), dtype=np.uint8)
 
 
 # --- provenance and cards --------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any, cast
 import numpy as np
 from prometheus_client import generate_latest
 
-from models.core.errors import ModelNotReady, problem_class
+from models.core.errors import ModelNotReady, rebuild_problem
 
 from ..batcher import Key, batch_limit, item_pixels
 from ..metrics import Metrics
@@ -51,7 +51,7 @@ def raise_error(rep: dict[str, Any]) -> None:
     err, msg = rep["err"], rep.get("msg", "")
     if err == "cancelled":
         raise InferenceGone("the inference process dropped this request")
-    raise problem_class(err)(msg, retry_after_s=rep.get("retry_after_s"))
+    raise rebuild_problem(err, msg, retry_after_s=rep.get("retry_after_s"), extra=rep.get("extra"))
 
 
 @dataclass(eq=False)

@@ -147,11 +147,13 @@ class Acceptor:
 
     def _read_channel(self, index: int, channel: socket.socket) -> None:
         try:
-            data, fds, _, _ = socket.recv_fds(channel, _BATCH, _BATCH, _CLOEXEC)
+            data, fds, flags, _ = socket.recv_fds(channel, _BATCH, _BATCH, _CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data, fds = b"", []
+            data, fds, flags = b"", [], 0
+        if flags & socket.MSG_CTRUNC:  # out of descriptors (EMFILE): connections handed back are lost
+            self._error("connections handed back by front %d were lost: no file descriptor left (raise ulimit -n)", index)
         if not data and not fds:
             self._drop(index, channel)
             return

@@ -56,10 +56,10 @@ log = logging.getLogger("vqtok.inference")
 
 
 def error_fields(exc: BaseException) -> dict[str, Any]:
-    """An exception as a reply the front turns back into the same problem (`remote.raise_error`): the
-    Problem's class name and detail; anything else is the inference failure it stands for."""
+    """An exception as a reply the front turns back into the same problem (`front.raise_error`): the
+    Problem's class name, detail, retry and body members; anything else is the inference failure it stands for."""
     problem: Problem = exc if isinstance(exc, Problem) else inference_problem(exc)
-    return {"err": type(problem).__name__, "msg": problem.detail, "retry_after_s": problem.retry_after_s}
+    return {"err": type(problem).__name__, "msg": problem.detail, "retry_after_s": problem.retry_after_s, "extra": problem.extra}
 
 
 @dataclass(eq=False)

@@ -163,10 +163,16 @@ class SplitServer:
         self._backoff = {key: Restarts() for key in ["inference", *range(s.front_workers)]}
         for restarts in self._backoff.values():
             restarts.start(now)
-        self.inference = self._spawn_inference()
-        self.fronts = [self._spawn_front(i) for i in range(s.front_workers)]
-        if self.acceptor is not None:
-            self.acceptor.start()
+        try:
+            self.inference = self._spawn_inference()
+            self.fronts = []
+            for i in range(s.front_workers):  # one by one, so a failure stops the ones already started
+                self.fronts.append(self._spawn_front(i))
+            if self.acceptor is not None:
+                self.acceptor.start()
+        except BaseException:
+            self.stop()  # children, sockets, the acceptor and the run directory: nothing left behind
+            raise
         log.info(
             "split server started",
             extra={

@@ -280,6 +280,7 @@ async def encode(
                 chosen = layout_for(state, served, layout_name, offset, body.max_grid if body.max_grid is not None else max_grid)
             await _check_pixel_budget(state, served, files, mode)  # type: ignore[arg-type]
             prepared = await _prepare(state, served, files, mode)  # type: ignore[arg-type]
+            _check_answerable(prepared, served.runtime.info.downsample, chosen, answer)  # before the model's time is spent
             tokens = await unless_disconnected(request, _encode_grouped(state, served, [p.pixels for p in prepared], deadline))
             info = served.runtime.info
             state.metrics.images.labels(served.name, "encode").inc(len(tokens))
@@ -288,8 +289,6 @@ async def encode(
             if chosen is not None:
                 headers |= {"X-Layout": chosen.name, "X-Vocab-Offset": str(chosen.vocab_offset)}
             if answer == NPY:
-                if len({t.shape for t in tokens}) > 1:
-                    raise Unprocessable("images give different grids, which one npy array cannot hold; ask for JSON or use resize=crop")
                 if chosen is None:
                     npy = await small_inline(state, sum(t.size for t in tokens), lambda: to_npy(np.stack(tokens)))
                 else:
@@ -305,6 +304,17 @@ async def encode(
             )
 
     return await with_deadline(request, state, work)
+
+
+def _check_answerable(prepared: list[images.PreparedImage], f: int, layout: Layout | None, answer: str) -> None:
+    """What the answer could not hold is refused before encoding: grids past the layout's max_grid (422),
+    several grid sizes in one npy array (406, as decode answers the same case)."""
+    grids = {(p.pixels.shape[0] // f, p.pixels.shape[1] // f) for p in prepared}
+    if layout is not None:
+        for h, w in grids:
+            layout.check_grid_hw(h, w)
+    if answer == NPY and len(grids) > 1:
+        raise NotAcceptable("images give different grids, which one npy array cannot hold; ask for JSON or use resize=crop")
 
 
 def _json_answer(served: Served, tokens: list[np.ndarray], prepared: list[images.PreparedImage], layout: Layout | None) -> bytes:

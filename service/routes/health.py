@@ -22,7 +22,7 @@ async def readyz(state: State) -> Health:
     models = {e.name: e.state for e in state.repo.entries()}
     why = "draining for shutdown" if state.draining else state.repo.not_ready_reason()
     if why is not None:
-        raise NotReady(why, retry_after_s=1, models=models)
+        raise NotReady(why, models=models)  # Retry-After: the server's retry_after_s setting
     return Health(status="ready", models=models)
 
 

@@ -647,3 +647,15 @@ def test_public_family_configs_build_diffusers_network(family: str) -> None:
         theirs = {k: v.shape for k, v in vqtok_state_dict(VQModel(**init).state_dict()).items()}
         ours = {k: v.shape for k, v in Tokenizer(config).state_dict().items()}
     assert ours == theirs
+
+
+def test_a_resolution_the_network_cannot_tile_is_the_callers_error() -> None:
+    """--resolution that is not a multiple of f names the resolution (ImportFailed), not a field of the source."""
+    from models.importers.diffusers import ImportFailed, UnsupportedModel, taming_config, vqmodel_defaults
+
+    raw = next(iter(PUBLIC.values()))
+    f = 2 ** (len(raw["block_out_channels"]) - 1)
+    for bad in (f + f // 2, f // 2):
+        with pytest.raises(ImportFailed, match=f"resolution {bad}: must be a positive multiple") as info:
+            taming_config(raw, vqmodel_defaults(), resolution=bad, source={})
+        assert not isinstance(info.value, UnsupportedModel)

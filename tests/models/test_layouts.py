@@ -404,3 +404,21 @@ def test_logits_processor_in_generate_with_a_tiny_random_llm() -> None:
     for row in out:
         (span,) = lay.find_spans(row.numpy())
         assert span.grid.shape == hw and span.changes == () and span.end == row.numel()
+
+
+def test_a_layout_remembers_a_bounded_number_of_grid_shapes() -> None:
+    """Clients choose grid shapes (resize=pad/none): the per-shape cache keeps the most recent SHAPES_KEPT,
+    and a shape that was evicted is built again, the same."""
+    from models.core.layouts import SHAPES_KEPT
+
+    layout = Layout("lumina", vocab_offset=100, codebook_size=16, max_grid=64)
+    first = layout.span_template(3, 5).copy()
+    for h in range(1, 41):
+        for w in range(1, 11):
+            layout.code_positions(h, w)
+    assert sum(isinstance(k, tuple) for k in layout._cache) <= SHAPES_KEPT
+    assert ("template", 3, 5) not in layout._cache  # long unused: gone
+    assert np.array_equal(layout.span_template(3, 5), first)
+    grid = np.arange(15).reshape(3, 5) % 16
+    (span,) = layout.find_spans(layout.to_sequence(grid))
+    assert np.array_equal(span.grid, grid)

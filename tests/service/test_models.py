@@ -18,7 +18,7 @@ import numpy as np
 
 from tests.helpers import free_port
 
-from .conftest import REPO, Faults, png_bytes
+from .conftest import REPO, Faults, metric_value, png_bytes
 from .test_batching import encode, wait_until
 from .test_errors import assert_problem
 
@@ -99,6 +99,17 @@ def test_reload_swaps_versions_without_failing_in_flight_requests(serve, model_r
         assert c.post("/v1/encode", params={"model": "simvq4"}, files={"images": IMG}).status_code == 200
         assert_problem(c.post("/v1/admin/reload", params={"model": "nope"}, headers=ADMIN), 404)
         assert_problem(c.post("/v1/admin/reload", headers={"Authorization": "Bearer wrong-key-000"}), 401)
+
+        # rescan: a removed directory retires its model, and its metrics go with it
+        assert metric_value(c.get("/metrics").text, "vqtok_model_runtime_info", model="simvq4") == 1
+        shutil.rmtree(repo / "simvq4")
+        r = c.post("/v1/admin/reload", headers=ADMIN)
+        assert [o["model"] for o in r.json()["results"]] == ["fsq4"]
+        metrics = c.get("/metrics").text
+        assert 'model="simvq4"' not in "".join(
+            line for line in metrics.splitlines() if line.startswith(("vqtok_model_runtime_info", "vqtok_model_state"))
+        )
+        assert_problem(c.post("/v1/encode", params={"model": "simvq4"}, files={"images": IMG}), 404)
 
 
 def test_single_model_directory_is_a_repository(serve, model_repo: Path) -> None:  # type: ignore[no-untyped-def]

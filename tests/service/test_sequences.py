@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from models.core.layouts import Layout, grid_side_limit
+from tests.service.conftest import metric_value
 
 NPY = "application/x-npy"
 LAYOUTS = ("plain", "chameleon", "lumina")
@@ -269,3 +270,16 @@ def test_mutated_sequences_never_answer_5xx(client: httpx.Client, kodak: list[tu
         statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
     assert client.post("/v1/decode", json={"sequence": s0, "layout": name, "vocab_offset": OFFSET, "grid": [8, 8]}).status_code == 200
     assert set(statuses) <= {200, 413, 422}, statuses
+
+
+def test_a_grid_past_the_requests_max_grid_is_refused_before_encoding(client: httpx.Client, kodak: list[tuple[str, bytes]]) -> None:
+    """max_grid below the image's grid side: 422 naming the grid, and the model never ran (the batch counter stands)."""
+    name, data = kodak[0]
+
+    def batches() -> float:
+        return metric_value(client.get("/metrics").text, "vqtok_batch_size_count", model="fsq4", op="encode")
+
+    before = batches()
+    r = client.post("/v1/encode", params={"layout": "lumina", "max_grid": 2}, files={"images": (name, data)})
+    assert r.status_code == 422 and "max_grid" in r.json()["detail"], r.text
+    assert batches() == before

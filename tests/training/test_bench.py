@@ -38,3 +38,21 @@ def test_ssim_speed_baseline_agrees_with_the_metrics(kodak_dir: Path, tmp_path: 
     for name in ("SSIM", "MS-SSIM"):
         fig = result["figures"][name]
         assert fig["before_ms"] > 0 and fig["after_ms"] > 0 and fig["max_abs_diff"] < 1e-5, (name, fig)
+
+
+def test_model_table_reads_every_shipped_models_reports(tmp_path: Path, capsys: Any) -> None:
+    """The README's model table comes from committed reports: one for every shipped model, the figures as written."""
+    from models.core.artefacts import pretrained_repo
+
+    bench: Any = importlib.import_module("bench.model_table")
+    shipped = sorted(p.name for p in pretrained_repo().iterdir() if (p / "manifest.json").is_file())
+    assert sorted(bench.MODELS) == shipped
+    out = tmp_path / "table.json"
+    assert bench.main(["--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for record in json.loads(out.read_text())["models"]:
+        report = json.loads((bench.QUALITY / f"{record['model']}_photos256val.json").read_text())
+        assert record["psnr"] == report["tokenizer"]["psnr"]
+        if record["tokens_256"] == 256:  # the f16 models' usage goal is counted over photos-extra too
+            assert record["usage_val_extra"] is not None
+        assert f"| **{record['model']}** | {record['tokens_256']:,} | {record['codebook_size']:,} |" in printed

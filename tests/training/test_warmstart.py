@@ -5,12 +5,14 @@ tokenizer."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from models.presets import create_tokenizer
 from training.config import TrainConfigError, build_config
-from training.warmstart import grow_into
+from training.warmstart import check_growable, grow_into
 
 
 def small(preset: str, **overrides: object) -> torch.nn.Module:
@@ -57,3 +59,13 @@ def test_init_grow_needs_init_from_and_excludes_parts() -> None:
         build_config({"model": {"preset": "f16-simvq-16k", "init_grow": True, "init_from": "x", "init_parts": ["encoder"]}})
     config = build_config({"model": {"preset": "f16-simvq-16k", "init_grow": True, "init_from": "x", "overrides": {"codebook_size": 256}}})
     assert config.model.init_grow and config.tokenizer_config().downsample == 16
+
+
+def test_only_vqtoks_own_network_with_the_same_blocks_per_level_grows() -> None:
+    source, target = small("f8-simvq-16k", codebook_size=256), small("f16-simvq-16k", codebook_size=256)
+    check_growable(source.config, target.config)
+    with pytest.raises(ValueError, match="num_res_blocks 1 in the source, 2 in the target"):
+        check_growable(source.config, target.config.replace(num_res_blocks=2))
+    taming = SimpleNamespace(architecture="taming", num_res_blocks=1)  # an imported network's config, as far as the check reads it
+    with pytest.raises(ValueError, match="vqtok's own network only"):
+        check_growable(taming, target.config)  # type: ignore[arg-type]
