@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Pillow's own bomb guard, as a second line behind the header check in images.py.
+        # Pillow's own bomb guard, as a second line behind the header check in models/core/pixels.py.
         Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
         pool = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="images")
         repo = repository(settings, metrics) if repository is not None else ModelRepository(settings, metrics, loader)

@@ -53,7 +53,7 @@ RunFn = Callable[[str, np.ndarray], np.ndarray]  # (op, batch) -> batch of resul
 
 # The memory rule of a CPU server: one batch raises the process's peak resident set by at most
 # BYTES_PER_PIXEL per pixel of the batch, the worst rate of the shipped model (fp32, ONNX Runtime with
-# its CPU arena off, see runtime.session_options) rounded up. The worst is the encoder's at the largest
+# its CPU arena off, see models/runtime/onnx.session_options) rounded up. The worst is the encoder's at the largest
 # image the default limits allow (1024², 16384 tokens: the bottleneck's attention is quadratic in the
 # grid), from the second run of a shape on (ORT's memory pattern plans one block for the run); smaller
 # images and decoding cost less a pixel (BENCHMARKS.md, "Memory"). BASE_GIB covers what a `vqtok serve`

@@ -191,7 +191,7 @@ class ServerThread:
 
 
 class SplitServerThread:
-    """A split server (`front_workers` front processes and one inference process, service/split.py) on a
+    """A split server (`front_workers` front processes and one inference process, service/multiproc/server.py) on a
     free localhost port, supervised from a thread of the test process; the same face as ServerThread."""
 
     def __init__(self, settings: Any) -> None:

@@ -11,8 +11,8 @@ new model directory.
    - Plain VQ: the codebook is the centroids.
    - SimVQ (arXiv 2411.02038): the codebook is C·Wᵀ with C frozen. The basis becomes the centroids and
      W the identity, so C·Wᵀ equals them exactly. (A least-squares W over the old random C cannot: W has
-     D² numbers for K·D targets. On v2 → 4,096 codes it left 99.5 % of the centroids' energy unexplained
-     and shrank the codes 13× towards the origin: 21 % usage, latent MSE 10× the centroids'.)
+     D² numbers for K·D targets, so it leaves most of the centroids unexplained and shrinks the codes
+     towards the origin, and most of them go unused: docs/codebook-retrain.md has the figures.)
    - `quantizer="simvq"`: a plain codebook (e.g. an imported taming model's) becomes a SimVQ one:
      `linear_codebook=True`, `gradient="rotation"`, its encoder and decoder reused.
 4. Train the codebook on ‖sg(e) − q‖² over mini-batches of cached latents; every `restart_every` steps
@@ -112,7 +112,7 @@ def _min_sq_dist(x: Tensor, centers: Tensor) -> Tensor:
 def _draw(weights: Tensor, n: int, generator: torch.Generator) -> Tensor:
     """n distinct row indices drawn with probability ∝ weights, never a row of weight 0 (uniformly
     where all are 0): Efraimidis–Spirakis keys w / Exp(1), the n largest. (torch.multinomial without
-    replacement returned rows of weight 0 here, torch 2.13 on the CPU.)"""
+    replacement can return rows of weight 0, which k-means++ seeding must never pick.)"""
     w = weights.double().cpu()
     if not bool((w > 0).any()):
         w = torch.ones_like(w)

@@ -137,8 +137,8 @@ def _open_lazily(data: bytes, max_pixels: int) -> Image.Image:
 @dataclass(frozen=True)
 class Header:
     """What an image's header says, read once (`read_header`) and handed to `prepare` so that the
-    header is not parsed twice (Pillow's JPEG header reader is pure Python: ≈ 5 % of a front's CPU
-    for a one-image request)."""
+    header is not parsed twice (Pillow's JPEG header reader is pure Python, and a one-image request
+    would pay for it twice)."""
 
     image: Image.Image  # lazily opened: nothing decoded yet; decoding it consumes it
     size: tuple[int, int]  # (height, width) after EXIF orientation

@@ -355,11 +355,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(4.0 / mse))
 
 
-def compare_with_diffusers(vq: VQModel, tok: Tokenizer, images: np.ndarray, roundtrip: bool = False) -> dict[str, Any]:
+def compare_with_diffusers(vq: VQModel, tok: Tokenizer, images: np.ndarray) -> dict[str, Any]:
     """The Tokenizer against diffusers on uint8 images (B, H, W, 3): ids (agreement, mismatches, near-ties)
-    and the decodes of the same ids (`decode_psnr_db`); with `roundtrip`, also end to end
-    (`roundtrip_psnr_db`: diffusers' decode of its own latents against vqtok's decode of its own ids),
-    one more full decode, which a full-size model pays for in minutes on a few CPU cores."""
+    and the decodes of the same ids (`decode_psnr_db`)."""
     import torch
 
     from ..export.graphs import images_to_input
@@ -375,7 +373,6 @@ def compare_with_diffusers(vq: VQModel, tok: Tokenizer, images: np.ndarray, roun
         ties = near_ties(latents, tok.quantizer.codebook().detach(), ids, reference)
         ours = tok.decode(ids)
         same_ids = diffusers_decode_ids(vq, ids)
-        end_to_end = vq.decode(latents).sample if roundtrip else None
     total = ids.numel()
     figures = {
         "images": int(images.shape[0]),
@@ -387,8 +384,6 @@ def compare_with_diffusers(vq: VQModel, tok: Tokenizer, images: np.ndarray, roun
         "agreement_with_ties": 1 - (mismatches - ties) / total,
         "decode_psnr_db": psnr(ours, same_ids),
     }
-    if end_to_end is not None:
-        figures["roundtrip_psnr_db"] = psnr(ours, end_to_end)
     return figures
 
 

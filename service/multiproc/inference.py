@@ -16,8 +16,8 @@ regions], "yr": [answer regions]}` (a request whose array travels inline goes al
 `"xr"`/`"yr"`). The front caps a group at what one batch takes (`max_batch_size`, `max_batch_pixels`)
 and at `max_queue_images`, so a group is never `TooLarge` where its requests alone would not be. Every
 request crosses this process's one event loop, and its per-message Python work (unpickling, a task, a
-lease, the batcher's bookkeeping, a reply) is what held one-image requests back on the GPU host; a
-group pays it once: one task, one lease, one `submit` of its requests' arrays concatenated, and one
+lease, the batcher's bookkeeping, a reply) is paid per message, whatever the message holds; a group
+pays it once: one task, one lease, one `submit` of its requests' arrays concatenated, and one
 `rep` `{"ids": [...], "ok": True}` (with `"ys"`: {id: answer} for answers that do not fit their
 region), or one error for all.
 What one `submit` means for a group: `QueueFull` refuses all of it (the queue bound counts images, so a
@@ -80,9 +80,8 @@ class _Front:
 
     def send(self, msg: dict[str, Any]) -> None:
         """Queue a message; what is queued in one turn of the event loop leaves in one write. A batch
-        answers its requests in the same turn, so they share one send() instead of one each: the
-        per-reply socket write was the largest cost of this loop, which every request goes through
-        (a third of its busy time, profiled on the CPU)."""
+        answers its requests in the same turn, so they share one send() instead of one each: a socket
+        write per reply would be the largest cost of this loop, which every request goes through."""
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self.flush)
         self._outbox.append(ipc.pack(msg))
@@ -95,7 +94,7 @@ class _Front:
 
 class InferenceProcess:
     def __init__(self, settings: Settings, socket_path: str, loader: Loader | None = None) -> None:
-        """`loader` replaces `ModelRuntime.load` (tests wrap the real runtime)."""
+        """`loader` replaces `models.runtime.load_runtime` (tests wrap the real runtime)."""
         self.settings = settings
         self.socket_path = socket_path
         self.metrics = Metrics()

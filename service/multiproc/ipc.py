@@ -127,10 +127,6 @@ class Slab:
             self._free[i - 1] = (self._free[i - 1][0], self._free[i - 1][1] + self._free[i][1])
             del self._free[i]
 
-    def reset(self) -> None:
-        """Everything free again (the inference process that could still write into the slab is gone)."""
-        self._free = [(0, self.size)]
-
     def close(self) -> None:
         """Unmap and unlink the segment."""
         with contextlib.suppress(BufferError):  # a view is still alive somewhere; the mapping goes with the process

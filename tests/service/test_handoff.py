@@ -1,4 +1,4 @@
-"""The supervisor's accept loop (service/handoff.py) on real sockets: connections go in turn to the fronts
+"""The supervisor's accept loop (service/multiproc/handoff.py) on real sockets: connections go in turn to the fronts
 that said they serve, a front that is gone is dropped, a full or failing channel is skipped for one
 connection only; and a front whose channel the supervisor closes stops and is started again.
 

@@ -428,7 +428,7 @@ def test_a_slab_gets_its_pages_up_front_and_a_front_without_room_runs_without_on
     assert front_module.front_slab(Settings(front_shm_mib=0), name) is None
 
 
-# --- connections: handed to the fronts in turn (service/handoff.py) ---
+# --- connections: handed to the fronts in turn (service/multiproc/handoff.py) ---
 
 
 def _open_keepalive(port: int, n: int) -> list[socket.socket]:
