@@ -54,6 +54,11 @@ class PayloadTooLargeError(APIStatusError):
     """413: body size, image count or pixel count over the server's limits."""
 
 
+class NotAcceptableError(APIStatusError):
+    """406: the asked-for answer type cannot hold the answer (several grid sizes in one npy, several images
+    in one PNG): ask for JSON (`wire="json"`), or make the images one size (`resize="crop"`)."""
+
+
 class UnsupportedMediaTypeError(APIStatusError):
     """415: a content type the server does not accept."""
 
@@ -107,6 +112,7 @@ _BY_STATUS: dict[int, type[APIStatusError]] = {
     401: AuthenticationError,
     403: AuthenticationError,
     404: NotFoundError,
+    406: NotAcceptableError,
     408: RequestTimeoutError,
     413: PayloadTooLargeError,
     415: UnsupportedMediaTypeError,
