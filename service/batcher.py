@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -398,28 +399,34 @@ class Batcher:
 
     def _take(self, key: Key) -> list[_Item]:
         """Pop up to `batch_limit(key)` images of `key` (at least one item), failing items already
-        past their deadline."""
+        past their deadline. Once what a pixel costs is known, a batch also stops growing where it would
+        end after the earliest deadline of the items in it: every item of a batch finishes when the batch
+        does, so one more image would make the earlier items late (the rest wait for the next batch)."""
         bucket = self._buckets.get(key)
         batch: list[_Item] = []
         size = 0
         limit = self.batch_limit(key)
         now = time.monotonic()
         cost = self.service_time.per_pixel(str(key[0]))
-        # the least a batch of this key takes: one image of it, alone (an item that cannot finish even so fails now)
-        least = 0.0 if cost is None else cost * self.image_pixels(key)
+        image_seconds = 0.0 if cost is None else cost * self.image_pixels(key)
+        earliest = math.inf  # the earliest deadline in the batch so far
         while bucket and (size == 0 or size + bucket[0].n <= limit):
-            item = bucket.popleft()
+            item = bucket[0]
+            if batch and not item.future.done() and now + image_seconds * (size + item.n) > min(earliest, item.deadline):
+                break  # it waits at the head of the queue for the next batch
+            bucket.popleft()
             self._dequeue(item)
             if item.future.done():  # cancelled; its done-callback has not run yet
                 self._metrics.rejected.labels(self.model, "cancelled").inc()
                 continue
-            if item.deadline <= now + least:
+            if item.deadline <= now + image_seconds * item.n:  # not even alone, now
                 self._metrics.rejected.labels(self.model, "deadline").inc()
                 reason = "passed while queued" if item.deadline <= now else "would pass before its batch could finish"
                 item.future.set_exception(DeadlineExceeded(f"deadline {reason}"))
                 continue
             batch.append(item)
             size += item.n
+            earliest = min(earliest, item.deadline)
         return batch
 
     async def _run(self, key: Key, batch: list[_Item]) -> None:

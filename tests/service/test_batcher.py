@@ -191,6 +191,45 @@ def test_a_request_the_queue_would_make_late_is_refused_at_once_and_the_admitted
     assert drain == 0.0
 
 
+def test_a_batch_stops_growing_where_it_would_make_its_earliest_item_late() -> None:
+    """Every image costs 0.1 s and a batch ends all its items at once. While a 5-image batch runs (0.5 s), one
+    request with a deadline 0.75 s away and six with distant deadlines are admitted; the next batch takes the
+    first and only as many more as still end by 0.75 s (one), so it is answered in time; the others follow."""
+
+    def run(op: str, x: np.ndarray) -> np.ndarray:
+        time.sleep(0.1 * x.shape[0])
+        return x
+
+    async def main() -> tuple[float, float, list[int]]:
+        b = Batcher("m", run, ThreadPoolExecutor(1), Metrics(), max_batch_size=16, max_delay_s=0.0)  # type: ignore[arg-type]
+        sizes: list[int] = []
+        original = b._take
+
+        def take(key: Any) -> list[_Item]:
+            batch = original(key)
+            sizes.append(sum(item.n for item in batch))
+            return batch
+
+        b._take = take  # type: ignore[method-assign]
+        b.start()
+        for _ in range(3):  # what a pixel costs
+            await b.submit("encode", np.zeros((1, 4, 4, 3), np.uint8), time.monotonic() + 10)
+        running = asyncio.ensure_future(b.submit("encode", np.zeros((5, 4, 4, 3), np.uint8), time.monotonic() + 10))
+        await asyncio.sleep(0.02)  # the 5-image batch is running
+        tight = time.monotonic() + 0.75
+        first = asyncio.ensure_future(b.submit("encode", np.zeros((1, 4, 4, 3), np.uint8), tight))
+        others = [asyncio.ensure_future(b.submit("encode", np.zeros((1, 4, 4, 3), np.uint8), time.monotonic() + 10)) for _ in range(6)]
+        await first
+        answered = time.monotonic()
+        await asyncio.gather(running, *others)
+        await b.stop(1)
+        return answered, tight, sizes[3:]
+
+    answered, tight, sizes = asyncio.run(main())
+    assert answered <= tight  # before this change the next batch took all seven: 0.7 s, ending ≈ 1.2 s
+    assert sizes[:2] == [5, 2] and sum(sizes[2:]) == 5
+
+
 def test_nothing_is_refused_before_the_batcher_knows_what_a_batch_costs() -> None:
     async def main() -> list[np.ndarray]:
         b = slow(0.05)
