@@ -87,6 +87,13 @@ def batch_limit(key: Key, max_batch_size: int, max_batch_pixels: int | None, dow
     return max(1, min(max_batch_size, max_batch_pixels // max(1, item_pixels(key, downsample))))
 
 
+# Batches are planned as if they took this much longer than the median batch says: batch times spread on
+# a loaded host (the median is exceeded half the time), a request also needs time outside its batch (its
+# image decoded before, its answer encoded after), and a planned batch that runs late fails every request
+# in it at once. Admission and batch sizing both use it.
+PLAN_HEADROOM = 1.25
+
+
 class ServiceTime:
     """What one pixel of an op costs the model, from the batches run (the median of the last `window`),
     and so how long the work queued ahead of a request will take.
@@ -107,12 +114,15 @@ class ServiceTime:
             self._seen.setdefault((op, full), deque(maxlen=self._window)).append(seconds / pixels)
 
     def per_pixel(self, op: str) -> float | None:
-        """Seconds a pixel of `op` costs in a batch (None: too few batches of `op` have run to say)."""
-        for full in (True, False):
-            seen = self._seen.get((op, full), ())
+        """Seconds a pixel of `op` costs in a batch (None: no batch of `op` has run yet). Until `least`
+        batches of one kind have run, the median of the few there are: a cold server's first batches are
+        the ones most likely to outlast their deadlines, so one measured batch is better than none."""
+        full, part = self._seen.get((op, True), ()), self._seen.get((op, False), ())
+        for seen in (full, part):
             if len(seen) >= self.least:
                 return float(np.median(seen))
-        return None
+        both = [*full, *part]
+        return float(np.median(both)) if both else None
 
 
 class PixelPool:
@@ -287,7 +297,7 @@ class Batcher:
         if extra is not None:
             queued[extra[0]] = queued.get(extra[0], 0) + extra[1]
         for op, pixels in queued.items():
-            work += pixels * (self.service_time.per_pixel(op) or 0.0)
+            work += pixels * (self.service_time.per_pixel(op) or 0.0) * PLAN_HEADROOM
         return work / self._n_workers
 
     def _admit(self, op: str, pixels: int, deadline: float) -> None:
@@ -408,7 +418,7 @@ class Batcher:
         limit = self.batch_limit(key)
         now = time.monotonic()
         cost = self.service_time.per_pixel(str(key[0]))
-        image_seconds = 0.0 if cost is None else cost * self.image_pixels(key)
+        image_seconds = 0.0 if cost is None else cost * self.image_pixels(key) * PLAN_HEADROOM
         earliest = math.inf  # the earliest deadline in the batch so far
         while bucket and (size == 0 or size + bucket[0].n <= limit):
             item = bucket[0]

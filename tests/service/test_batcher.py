@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from models.core.errors import DeadlineExceeded, Overloaded, QueueFull, ShuttingDown, TooLarge
-from service.batcher import BASE_GIB, BYTES_PER_PIXEL, Batcher, PixelPool, _Item, item_pixels, pixel_budget
+from service.batcher import BASE_GIB, BYTES_PER_PIXEL, PLAN_HEADROOM, Batcher, PixelPool, _Item, item_pixels, pixel_budget
 from service.metrics import Metrics
 
 
@@ -156,16 +156,17 @@ def slow(seconds: float, **kw: Any) -> Batcher:
 
 
 def test_a_request_the_queue_would_make_late_is_refused_at_once_and_the_admitted_all_finish() -> None:
-    """Batches of 0.2 s one after another, deadlines 0.7 s away: three fit (0.2, 0.4, 0.6 s), the fourth
-    would end at 0.8 s. It and every later one are refused on arrival, with the queue's drain time as
-    Retry-After; none admitted runs out of time."""
+    """Batches of 0.2 s one after another, planned with the headroom (0.25 s each), deadlines 0.9 s away:
+    three fit (0.25, 0.5, 0.75 s), the fourth would end at 1.0 s. It and every later one are refused on
+    arrival, with the queue's drain time as Retry-After; none admitted runs out of time."""
 
     async def main() -> tuple[list[object], list[float], float]:
         b = slow(0.2)
         b.start()
         for _ in range(3):  # what a pixel costs, learned from the batches run
             await b.submit("encode", np.zeros((1, 4, 4, 3), np.uint8), time.monotonic() + 10)
-        deadline = time.monotonic() + 0.7
+        assert PLAN_HEADROOM == 1.25
+        deadline = time.monotonic() + 0.9
         refused_after: list[float] = []
 
         async def one() -> object:
@@ -247,12 +248,14 @@ def test_service_time_follows_full_batches_and_ignores_one_stalled_batch() -> No
 
     t = ServiceTime(least=3)
     assert t.per_pixel("encode") is None
+    t.observe("decode", 2, 3.0, full=False)
+    assert t.per_pixel("decode") == 1.5  # a cold server plans with the one batch it has measured
     for seconds in (1.0, 1.0, 9.0):  # small batches: a pixel costs 1 s, one stalled batch aside
         t.observe("encode", 1, seconds, full=False)
     assert t.per_pixel("encode") == 1.0  # the median, not the stall
     for _ in range(3):
         t.observe("encode", 4, 2.0, full=True)  # full batches share the call's cost: 0.5 s a pixel
-    assert t.per_pixel("encode") == 0.5 and t.per_pixel("decode") is None
+    assert t.per_pixel("encode") == 0.5 and t.per_pixel("decode") == 1.5
 
 
 # --- the pixel budget ---
