@@ -1,7 +1,8 @@
 """Does the server refuse at once what it cannot serve in time, and keep its goodput under overload?
 
 Starts `vqtok serve` (CPU or GPU, one process or `--front-workers N`) with a request deadline, measures its
-capacity (images/s answered by a closed loop that keeps its queue full), sends `--burst` requests at
+capacity (images/s answered by a closed loop that keeps its queue full and, as the Python client does,
+waits out a 503's Retry-After), sends `--burst` requests at
 once (the issue's scenario: 64 encodes against a 3 s deadline), then offers an open-loop Poisson load of
 1x, 2x and 4x that capacity for `--seconds` each, from client processes of their own. Each request is one
 real 256² JPEG from photos256/val (resize=crop). `--baseline DIR` measures a checkout of the code before
@@ -79,6 +80,8 @@ def _closed_loop(url: str, images: list[bytes], concurrency: int, seconds: float
                     )
                     if r.status_code == 200 and time.monotonic() < stop:
                         done += 1
+                    elif r.status_code == 503:  # as the Python client does: wait out Retry-After, not hammer
+                        await asyncio.sleep(min(float(r.headers.get("retry-after", 1)), max(0.0, stop - time.monotonic())))
                     i += concurrency
 
             await asyncio.gather(*(worker(i) for i in range(concurrency)))
