@@ -301,7 +301,12 @@ class Batcher:
         return work / self._n_workers
 
     def _admit(self, op: str, pixels: int, deadline: float) -> None:
-        """Refuse now (`Overloaded`) a request that the queue ahead of it makes finish after `deadline`."""
+        """Refuse now (`Overloaded`) a request that the queue ahead of it makes finish after `deadline`.
+        On an idle model (nothing queued or running) every request is admitted: nothing ahead can make it
+        late, and running it is what keeps the estimate honest (were a stalled batch's time to refuse all
+        that follows, nothing would run again to correct it)."""
+        if self._queued_images == 0 and self._running_batches == 0:
+            return
         wait = self.drain_seconds((op, pixels))
         if wait is None:
             return
@@ -429,7 +434,10 @@ class Batcher:
             if item.future.done():  # cancelled; its done-callback has not run yet
                 self._metrics.rejected.labels(self.model, "cancelled").inc()
                 continue
-            if item.deadline <= now + image_seconds * item.n:  # not even alone, now
+            # not even alone, now: failed where others wait for the model (alone on an idle one it runs,
+            # as in `_admit`, which keeps the estimate honest)
+            others = bool(batch) or self._queued_images > 0 or self._running_batches > 0
+            if item.deadline <= now or (others and item.deadline <= now + image_seconds * item.n):
                 self._metrics.rejected.labels(self.model, "deadline").inc()
                 reason = "passed while queued" if item.deadline <= now else "would pass before its batch could finish"
                 item.future.set_exception(DeadlineExceeded(f"deadline {reason}"))

@@ -231,6 +231,29 @@ def test_a_batch_stops_growing_where_it_would_make_its_earliest_item_late() -> N
     assert sizes[:2] == [5, 2] and sum(sizes[2:]) == 5
 
 
+def test_a_stalled_batch_cannot_lock_the_model_out_an_idle_model_runs_what_comes() -> None:
+    """One batch that stalled (0.6 s for what costs 0.01 s) makes the estimate say a request cannot finish in
+    0.3 s; on an idle model it is admitted and run anyway, which is how the estimate learns it was wrong."""
+    delays = [0.6]
+
+    def run(op: str, x: np.ndarray) -> np.ndarray:
+        time.sleep(delays.pop() if delays else 0.01)
+        return x
+
+    async def main() -> int:
+        b = Batcher("m", run, ThreadPoolExecutor(1), Metrics(), max_batch_size=1, max_delay_s=0.0)  # type: ignore[arg-type]
+        b.start()
+        await b.submit("encode", np.zeros((1, 4, 4, 3), np.uint8), time.monotonic() + 10)  # the stall
+        done = 0
+        for _ in range(5):
+            await b.submit("encode", np.zeros((1, 4, 4, 3), np.uint8), time.monotonic() + 0.3)
+            done += 1
+        await b.stop(1)
+        return done
+
+    assert asyncio.run(main()) == 5
+
+
 def test_nothing_is_refused_before_the_batcher_knows_what_a_batch_costs() -> None:
     async def main() -> list[np.ndarray]:
         b = slow(0.05)
