@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from bench.harness.record import REPO, RESULTS
+from models.core.artefacts import resolve_model_dir
 from models.tokenizer import Tokenizer
 from training.data import decode_image, iter_images
 from training.evaluate import (
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = functools.p
         if not sep or set_name not in ("Kodak", "photos256/val"):
             ap.error(f"--report {item!r}: expected Kodak=JSON or photos256/val=JSON")
         report = json.loads(Path(report_path).read_text())
-        label = model_label(Path(report["model"]))
+        label = model_label(resolve_model_dir(report["model"]))  # a directory, or a shipped name (`vqtok eval --model NAME`)
         if label not in {model_label(d) for d in args.model} or "webp" not in report:
             ap.error(
                 f"--report {item!r}: a `vqtok eval --compare-codecs` report of one of the --model directories (it names {report['model']})"
