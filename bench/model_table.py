@@ -28,6 +28,20 @@ def _f(v: float | None, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
 
 
+def _quality_cells(row: dict[str, Any]) -> list[str]:
+    """bpp, PSNR, SSIM, MS-SSIM, LPIPS-Alex, rFID and KID×10³ of one eval-report row (a tokenizer or a codec)."""
+    kid = row.get("kid")
+    return [
+        f"{row['bpp']:.3f}",
+        f"{row['psnr']:.2f}",
+        f"{row['ssim']:.3f}",
+        _f(row.get("ms_ssim"), ".3f"),
+        _f(row.get("lpips_alex"), ".3f"),
+        _f(row.get("rfid"), ".1f"),
+        "–" if kid is None else f"{1000 * kid:.1f}",
+    ]
+
+
 def rows_for(name: str, folder: Path) -> tuple[dict[str, Any], list[list[str]]]:
     report = json.loads((folder / f"{name}_photos256val.json").read_text())
     usage_path = folder / f"usage_{name}.json"
@@ -42,19 +56,12 @@ def rows_for(name: str, folder: Path) -> tuple[dict[str, Any], list[list[str]]]:
         "usage_val_extra": None if usage is None else usage["usage"],
         "tokens_counted": None if usage is None else usage["tokens"],
     }
-    kid = tok.get("kid")
     rows = [
         [
             f"**{name}**",
             f"{grid * grid:,}",
             f"{report['codebook_size']:,}",
-            f"{tok['bpp']:.3f}",
-            f"{tok['psnr']:.2f}",
-            f"{tok['ssim']:.3f}",
-            _f(tok.get("ms_ssim"), ".3f"),
-            _f(tok.get("lpips_alex"), ".3f"),
-            _f(tok.get("rfid"), ".1f"),
-            "–" if kid is None else f"{1000 * kid:.1f}",
+            *_quality_cells(tok),
             f"{100 * tok['usage']:.1f} %",
             "–" if usage is None else f"{100 * usage['usage']:.1f} % of {usage['tokens'] / 1e6:.2f} M",
             f"{tok['perplexity']:,.0f}",
@@ -66,23 +73,7 @@ def rows_for(name: str, folder: Path) -> tuple[dict[str, Any], list[list[str]]]:
             continue
         over = row.get("bpp_over_tokenizer")
         label = f"{'WebP' if codec == 'webp' else 'JPEG'} at {name}'s rate" + (f" ({over:.2f}× its bits)" if over and over > 1.005 else "")
-        rows.append(
-            [
-                label,
-                "",
-                "",
-                f"{row['bpp']:.3f}",
-                f"{row['psnr']:.2f}",
-                f"{row['ssim']:.3f}",
-                _f(row.get("ms_ssim"), ".3f"),
-                _f(row.get("lpips_alex"), ".3f"),
-                _f(row.get("rfid"), ".1f"),
-                "–" if row.get("kid") is None else f"{1000 * row['kid']:.1f}",
-                "",
-                "",
-                "",
-            ]
-        )
+        rows.append([label, "", "", *_quality_cells(row), "", "", ""])
         record[codec] = {
             k: row.get(k) for k in ("bpp", "psnr", "ssim", "ms_ssim", "lpips_alex", "rfid", "kid", "images_over_rate", "bpp_over_tokenizer")
         }
