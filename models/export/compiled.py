@@ -7,12 +7,18 @@ Why float16 and cuDNN's search (bench/compiled_probe.py; figures in BENCHMARKS.m
 float32 reference a bfloat16 encoder keeps too few tokens equal to pass the 99.5 % gate, float16
 passes it. With `cudnn.benchmark` the float16 graphs are as fast as bfloat16's or faster; without it
 cuDNN's heuristic picks slow float16 kernels.
+
+Why a float32 variant too: where codes are dense in a low code dimension (Kandinsky's MoVQ: 16,384
+codes in D = 4) float16 latents move enough of them across a decision boundary to fail the gate; the
+float32 networks, with TF32 off while they compile and are captured (`precision_flags`), reproduce the
+CPU reference. The runtime tries float16 first and falls back to these (`CompiledRuntime.load`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +28,7 @@ from torch import Tensor, nn
 from ..tokenizer import Tokenizer
 from .graphs import DecoderGraph, EncoderGraph
 
-ENCODER_DTYPE = torch.float16
-DECODER_DTYPE = torch.float16
-PRECISION_LABEL = "fp16"
+PRECISIONS: dict[str, torch.dtype] = {"fp16": torch.float16, "fp32": torch.float32}  # the networks' dtype on CUDA
 
 
 @dataclass
@@ -33,6 +37,24 @@ class CompiledGraphs:
     decoder: Callable[[Tensor], Tensor]  # int32 (B, h, w) on the device -> uint8 (B, h·f, w·f, 3)
     precision: str
     fused_search: bool
+    tf32_off: bool = False  # compile and capture with TF32 off (`precision_flags`); else the process's switches
+
+
+@contextmanager
+def precision_flags(graphs: CompiledGraphs) -> Iterator[None]:
+    """For `graphs` with `tf32_off`: cuDNN's and cuBLAS's TF32 switches off for the calls inside, then put
+    back (torch turns TF32 convolutions on by default). torch reads them when a kernel is chosen, so a
+    graph compiled and captured inside keeps full float32 on every replay. Global to the process: callers
+    hold the device's capture lock, under which nothing else compiles or captures."""
+    if not graphs.tf32_off:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def inductor_cache_dir() -> Path:
@@ -68,10 +90,17 @@ COMPILE_MODES = ("default", "max-autotune")
 
 
 def compiled_graphs(
-    tok: Tokenizer, device: torch.device, *, compile: bool = True, fused: bool | None = None, mode: str = "default"
+    tok: Tokenizer,
+    device: torch.device,
+    *,
+    compile: bool = True,
+    fused: bool | None = None,
+    mode: str = "default",
+    precision: str = "fp16",
 ) -> CompiledGraphs:
     """The encoder and decoder graphs of `tok` on `device`, compiled (static shapes) unless
     `compile=False` (eager: what CPU tests run). `fused` None: the Triton search where it exists.
+    `precision`: the networks' dtype on CUDA, "fp16" or "fp32" (TF32 off); on the CPU always float32.
 
     `mode` "max-autotune": Inductor times its candidate kernels (Triton templates against cuDNN and
     cuBLAS) for every convolution and matmul of each shape and keeps the fastest, as torch.compile's
@@ -82,6 +111,8 @@ def compiled_graphs(
 
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
     on_cuda = device.type == "cuda"
     if compile:
@@ -90,9 +121,9 @@ def compiled_graphs(
         fused = on_cuda and register()
     elif fused and not register():
         raise RuntimeError("the fused code search needs triton (pip install triton)")
-    enc_dtype, dec_dtype = (ENCODER_DTYPE, DECODER_DTYPE) if on_cuda else (torch.float32, torch.float32)
-    encoder: nn.Module = EncoderGraph(tok, enc_dtype, fused=fused).to(device).eval()
-    decoder: nn.Module = DecoderGraph(tok, dec_dtype).to(device).eval()
+    dtype = PRECISIONS[precision] if on_cuda else torch.float32
+    encoder: nn.Module = EncoderGraph(tok, dtype, fused=fused).to(device).eval()
+    decoder: nn.Module = DecoderGraph(tok, dtype).to(device).eval()
     if on_cuda:  # channels-last weights: the NHWC images arrive channels-last already
         encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         decoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -105,5 +136,5 @@ def compiled_graphs(
         else:
             enc_fn = torch.compile(encoder, dynamic=False, mode="max-autotune-no-cudagraphs")
             dec_fn = torch.compile(decoder, dynamic=False, mode="max-autotune-no-cudagraphs")
-    label = PRECISION_LABEL if on_cuda else "fp32"
-    return CompiledGraphs(enc_fn, dec_fn, label, fused)
+    label = precision if on_cuda else "fp32"
+    return CompiledGraphs(enc_fn, dec_fn, label, fused, tf32_off=on_cuda and precision == "fp32")

@@ -5,7 +5,9 @@ Why it exists: ONNX Runtime's CUDA EP runs this model's small-channel convolutio
 compiled PyTorch does, and pays a per-call overhead that dominates small batches (BENCHMARKS.md,
 "Serving on the GPU"). The networks run in float16 with cuDNN's per-shape algorithm search, which
 keeps the tokens within the parity gate where bfloat16 does not, and the search in float32-accurate
-3×TF32 inside the Triton kernel.
+3×TF32 inside the Triton kernel. A model whose float16 networks fail the gate (dense codes in a low
+code dimension, as in imported MoVQ-style models) is compiled again in float32 with TF32 off, as ONNX
+Runtime falls back to its fp32 graphs.
 
 Shapes: each (batch, height, width) is compiled and captured once, in `warmup`, and a batch is padded
 (repeating the last item) up to the smallest warmed batch size of its image size that holds it. By
@@ -32,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +128,15 @@ class _Graph:
     stream. (With a lock per graph, two threads decoding at two batch sizes get each other's pixels;
     tests/service/test_compiled_cuda.py checks it on a GPU.)"""
 
-    def __init__(self, fn: Callable[[Any], Any], example: Any, pool: Any, lock: threading.Lock) -> None:
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        example: Any,
+        pool: Any,
+        lock: threading.Lock,
+        flags: Callable[[], AbstractContextManager[None]] = nullcontext,
+    ) -> None:
+        """`flags`: the precision switches the compile, warm-up and capture run under (`precision_flags`)."""
         import torch
 
         self.input = example.clone()
@@ -136,7 +147,7 @@ class _Graph:
         # Warm-up and capture on the same stream: the warm-up allocates its cuBLAS workspace in the
         # ordinary pool, and the capture finds it there instead of allocating one inside the graph's pool.
         stream, lock = capture_stream(example.device)
-        with torch.cuda.device(example.device), lock:  # current_stream and the capture's syncs: this device's
+        with torch.cuda.device(example.device), lock, flags():  # current_stream and the capture's syncs: this device's
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream), torch.no_grad():
                 for _ in range(3):  # compile, autotune and settle before capture
@@ -281,17 +292,16 @@ class CompiledRuntime:
         """`eager_cpu`: the same graphs, padding and fallback on the CPU without compiling or CUDA
         graphs (tests check the runtime's contract with it); otherwise CUDA only. `compile_mode`:
         "default" or "max-autotune" (`models.export.compiled.compiled_graphs`: minutes a shape on an
-        empty cache)."""
+        empty cache). `precision`: "fp16" or "fp32" networks, or "auto": float16, and float32 (TF32
+        off) where float16 fails the parity gate; a precision asked for that fails it is refused."""
         if not eager_cpu:
             why = compiled_available()
             if why is not None:
                 raise ModelLoadError(f"the compiled runtime cannot run here: {why}")
             if device == "cpu":
                 raise ModelLoadError("the compiled runtime runs on CUDA only; use runtime=onnxruntime on the CPU")
-        if precision not in ("auto",):
-            raise ModelLoadError(
-                f"the compiled runtime chooses its own precision (fp16 networks, fp32-accurate search); got precision={precision!r}"
-            )
+        if precision not in ("auto", "fp16", "fp32"):
+            raise ModelLoadError(f"the compiled runtime's precision is auto, fp16 or fp32; got precision={precision!r}")
         import torch
 
         from models.export.compiled import COMPILE_MODES, compiled_graphs
@@ -308,11 +318,21 @@ class CompiledRuntime:
         )
         dev = torch.device("cpu") if eager_cpu else torch.device("cuda", int(os.environ.get("VQTOK_CUDA_DEVICE", "0")))
         tok = Tokenizer.from_pretrained(model_dir).eval()
-        graphs = compiled_graphs(tok, dev, compile=not eager_cpu, mode=compile_mode)
-        info = ModelInfo(**{**exported.info.__dict__, "precision": graphs.precision})
-        runtime = cls(model_dir, info, graphs, dev, power_buckets(max_batch_size), fallback)
-        runtime.check_parity()
-        log.info("compiled runtime for %s ready in %.1f s (before warm-up)", info.name, time.perf_counter() - t0)
+        rungs = ("fp16", "fp32") if precision == "auto" else (precision,)  # the eager CPU mode runs float32 in both
+        for rung in rungs:
+            graphs = compiled_graphs(tok, dev, compile=not eager_cpu, mode=compile_mode, precision=rung)
+            info = ModelInfo(**{**exported.info.__dict__, "precision": graphs.precision})
+            runtime = cls(model_dir, info, graphs, dev, power_buckets(max_batch_size), fallback)
+            try:
+                runtime.check_parity()
+                break
+            except ModelLoadError as exc:
+                runtime.release_graphs()
+                if rung == rungs[-1]:
+                    fallback.close()
+                    raise
+                log.warning("%s; compiling the fp32 networks (TF32 off) instead", exc)
+        log.info("compiled runtime (%s) for %s ready in %.1f s (before warm-up)", info.precision, info.name, time.perf_counter() - t0)
         return runtime
 
     # --- the GPU parity gate ---
@@ -322,20 +342,26 @@ class CompiledRuntime:
         freed CUDA blocks back to the device (a retired version must not keep its memory while its
         successor runs). The runtime cannot run afterwards (bench/reload_memory.py measures what a
         closed version leaves allocated)."""
+        self.release_graphs()
+        self.fallback.close()
+        self.closed = True
+
+    def release_graphs(self) -> None:
+        """Drop the captured graphs and the compiled networks and hand their CUDA blocks back (what
+        `close` does, the fallback's sessions kept: a precision that failed the gate leaves them to
+        the next)."""
         import torch
 
         with self._capture_lock:
             self._captured.clear()
             self._warmed.clear()
             self._graphs = None
-        self.fallback.close()
         gc.collect()
         if self.device == "cuda":
             torch.cuda.empty_cache()
             host_empty_cache = getattr(torch._C, "_host_emptyCache", None)  # pinned blocks no call holds (torch ≥ 2.5)
             if host_empty_cache is not None:
                 host_empty_cache()
-        self.closed = True
 
     def check_parity(self) -> dict[str, float] | None:
         parity = gate.read_parity_set(self.model_dir)
@@ -364,8 +390,12 @@ class CompiledRuntime:
             with self._capture_lock:
                 graph = self._captured.get(key)
                 if graph is None:
-                    fn = self._graphs.encoder if part == "encode" else self._graphs.decoder
-                    graph = _Graph(fn, torch.from_numpy(example).to(self.device_handle), self._pool, self._replay_lock)
+                    from models.export.compiled import precision_flags
+
+                    graphs = self._graphs
+                    fn = graphs.encoder if part == "encode" else graphs.decoder
+                    example_t = torch.from_numpy(example).to(self.device_handle)
+                    graph = _Graph(fn, example_t, self._pool, self._replay_lock, lambda: precision_flags(graphs))
                     self._captured[key] = graph
                     item = (part, shape[1:])  # a new tuple, not changed in place: requests read it without the lock
                     self._warmed[item] = tuple(sorted({*self._warmed.get(item, ()), shape[0]}))

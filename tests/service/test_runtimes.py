@@ -283,3 +283,67 @@ def test_the_compiled_runtimes_fallback_device_is_said_in_its_own_words(
     monkeypatch.setattr(compiled, "cuda_available", lambda: True)
     assert compiled.fallback_device(eager_cpu=False) == "cuda"
     assert compiled.fallback_device(eager_cpu=True) == "cpu"
+
+
+def test_the_compiled_runtime_falls_back_to_float32_where_float16_fails_its_gate(
+    model_repo: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """precision="auto": fp16 networks first; where they fail the parity gate (dense low-dimensional
+    codebooks: imported MoVQ-style models), fp32 networks with TF32 off, the fallback's sessions kept.
+    A precision asked for that fails is refused with the gate's numbers; an unknown one by name."""
+    import models.export.compiled as export_compiled
+    import models.runtime.compiled as compiled
+    from models.core import gate
+
+    asked: list[str] = []
+    real_graphs = export_compiled.compiled_graphs
+
+    def graphs(tok: Any, device: Any, **kw: Any) -> Any:
+        asked.append(kw["precision"])
+        return real_graphs(tok, device, **kw)
+
+    real_enforce = gate.enforce
+    verdicts = iter([False, True])  # the first measurement fails, the second passes
+
+    def enforce(figures: dict[str, float], what: str, bounds: Any = gate.GPU_PARITY) -> None:
+        if not next(verdicts):
+            real_enforce({**figures, "token_agreement": 0.98}, what, bounds)
+
+    monkeypatch.setattr(export_compiled, "compiled_graphs", graphs)
+    monkeypatch.setattr(gate, "enforce", enforce)
+    d = model_repo / "fsq4"
+    with caplog.at_level(logging.WARNING, logger="models.runtime.compiled"):
+        rt = compiled.CompiledRuntime.load(d, eager_cpu=True, max_batch_size=4)
+    assert asked == ["fp16", "fp32"]
+    assert "token agreement 98.0000% < 99.5%" in caplog.text and "compiling the fp32 networks (TF32 off) instead" in caplog.text
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert rt.encode(images).shape == (2, 32 // rt.info.downsample, 32 // rt.info.downsample)  # the fallback still open
+
+    asked.clear()
+    verdicts = iter([False])
+    with pytest.raises(ModelLoadError, match=r"compiled runtime \(fp32\).*token agreement 98"):
+        compiled.CompiledRuntime.load(d, eager_cpu=True, max_batch_size=4, precision="fp32")
+    assert asked == ["fp32"]
+    with pytest.raises(ModelLoadError, match="precision is auto, fp16 or fp32; got precision='bf16'"):
+        compiled.CompiledRuntime.load(d, eager_cpu=True, precision="bf16")
+
+
+def test_fp32_compiled_graphs_say_so_and_switch_tf32_off_while_they_run() -> None:
+    """`precision_flags`: TF32 off inside for fp32 graphs on CUDA, the switches put back after; fp16
+    graphs leave them alone; an unknown precision is refused by name."""
+    import torch
+
+    from models.export.compiled import CompiledGraphs, compiled_graphs, precision_flags
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with precision_flags(CompiledGraphs(abs, abs, "fp32", True, tf32_off=True)):
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        with precision_flags(CompiledGraphs(abs, abs, "fp16", True)):
+            assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    with pytest.raises(ValueError, match="precision must be one of fp16, fp32, got 'bf16'"):
+        compiled_graphs(None, torch.device("cpu"), compile=False, precision="bf16")  # type: ignore[arg-type]
