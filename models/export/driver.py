@@ -162,7 +162,8 @@ def export_model(
             bad = parity_failures(figures, PARITY[precision])
             if bad:
                 raise ExportError(
-                    f"{precision} parity check failed; nothing was written:\n  " + "\n  ".join(bad) + f"\nfigures: {json.dumps(figures)}"
+                    f"{precision} parity check failed; nothing was written:\n  " + "\n  ".join(bad) + f"\nfigures: {json.dumps(figures)}",
+                    parity_precision=precision,
                 )
             parity[precision] = {"bounds": asdict(PARITY[precision]), "figures": figures}
             staged[precision] = paths
