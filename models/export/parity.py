@@ -157,7 +157,8 @@ def check_gpu_parity(tok: Tokenizer, graphs: dict[str, dict[str, Path]], referen
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         for precision, files in graphs.items():
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            cuda = {"use_tf32": "0"} if precision == "fp32" else {}  # as the runtime loads them (`ModelRuntime.load`)
+            providers: list[Any] = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
             enc = ort.InferenceSession(str(files["encoder"]), opts, providers=providers)
             dec = ort.InferenceSession(str(files["decoder"]), opts, providers=providers)
 

@@ -313,9 +313,20 @@ class CompiledRuntime:
         model_dir = Path(model_dir)
         t0 = time.perf_counter()
         exported = open_exported(model_dir, precision="fp32", on_cuda=True, name=name)  # verifies the artefacts
-        fallback = ModelRuntime.load(
-            model_dir, name=name, device=fallback_device(eager_cpu), intra_op_threads=intra_op_threads, max_batch_size=max_batch_size
-        )
+        where = fallback_device(eager_cpu)
+        try:
+            fallback = ModelRuntime.load(
+                model_dir, name=name, device=where, intra_op_threads=intra_op_threads, max_batch_size=max_batch_size
+            )
+        except ModelLoadError as exc:
+            if where != "cuda":
+                raise
+            # ONNX Runtime on this GPU misses the parity gate: the image sizes nobody warmed run on the
+            # CPU (slower, exact) rather than the model not being served compiled at all.
+            log.warning("%s; the compiled runtime's fallback for image sizes not warmed runs on the CPU", exc)
+            fallback = ModelRuntime.load(
+                model_dir, name=name, device="cpu", intra_op_threads=intra_op_threads, max_batch_size=max_batch_size
+            )
         dev = torch.device("cpu") if eager_cpu else torch.device("cuda", int(os.environ.get("VQTOK_CUDA_DEVICE", "0")))
         tok = Tokenizer.from_pretrained(model_dir).eval()
         rungs = ("fp16", "fp32") if precision == "auto" else (precision,)  # the eager CPU mode runs float32 in both

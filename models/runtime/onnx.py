@@ -173,6 +173,16 @@ def cuda_provider_options(overrides: Mapping[str, str] | None = None) -> dict[st
     return opts
 
 
+def session_cuda_options(precision: str, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`cuda_provider_options` for the graphs of `precision`: the fp32 graphs with TF32 off.
+
+    The fp32 graphs are the exact ones (the gate's fallback from fp16), but the CUDA EP's default TF32
+    convolutions round their inputs to 10 mantissa bits: that moved 32 % of an imported MoVQ-like
+    model's tokens (16,384 codes in D = 4) on an H100 (BENCHMARKS.md, "Imported models on the GPU").
+    `overrides` (the caller's) win."""
+    return cuda_provider_options({"use_tf32": "0", **(overrides or {})} if precision == "fp32" else overrides)
+
+
 def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
     """The batch sizes a padding runtime runs: 1, 2, 3, 4, 6, 8, 12, 16, … and `max_batch_size`.
 
@@ -353,7 +363,7 @@ class ModelRuntime:
         opts = session_options(intra_op_threads, spin=use_cuda, cpu_arena=use_cuda if cpu_arena is None else cpu_arena)
         providers: list[Any] = ["CPUExecutionProvider"]
         if use_cuda:
-            cuda = cuda_provider_options(cuda_options)
+            cuda = session_cuda_options(info.precision, cuda_options)
             providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
             if _cuda_memory.shared_arena and _shared_cuda_arena(cuda["device_id"]):
                 opts.add_session_config_entry("session.use_env_allocators", "1")

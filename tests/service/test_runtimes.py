@@ -347,3 +347,41 @@ def test_fp32_compiled_graphs_say_so_and_switch_tf32_off_while_they_run() -> Non
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
     with pytest.raises(ValueError, match="precision must be one of fp16, fp32, got 'bf16'"):
         compiled_graphs(None, torch.device("cpu"), compile=False, precision="bf16")  # type: ignore[arg-type]
+
+
+def test_onnxruntime_runs_the_fp32_graphs_on_cuda_without_tf32() -> None:
+    """The CUDA EP turns TF32 on by default, which rounds the exact graphs' convolutions to 10 mantissa
+    bits; the fp32 sessions ask for it off (a caller's own setting wins), the fp16 ones leave it."""
+    from models.runtime.onnx import session_cuda_options
+
+    assert session_cuda_options("fp32")["use_tf32"] == "0"
+    assert "use_tf32" not in session_cuda_options("fp16")
+    assert session_cuda_options("fp32", {"use_tf32": "1"})["use_tf32"] == "1"
+    assert session_cuda_options("fp32")["cudnn_conv_algo_search"] == "EXHAUSTIVE"  # the rest as before
+
+
+def test_the_compiled_runtime_keeps_serving_when_onnxruntime_on_the_gpu_misses_its_gate(
+    model_repo: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The compiled runtime's ONNX Runtime fallback (image sizes nobody warmed) on CUDA that misses the
+    parity gate is loaded on the CPU instead, with a warning, rather than the model not being served
+    compiled (seen on an H100: an imported model whose CUDA EP fp32 graphs ran in TF32)."""
+    from models.runtime import compiled
+
+    real_load = ModelRuntime.load
+    devices: list[str] = []
+
+    def load(model_dir: Path, **kw: Any) -> ModelRuntime:
+        devices.append(kw["device"])
+        if kw["device"] == "cuda":
+            raise ModelLoadError(
+                "ONNX Runtime fp32 on CUDAExecutionProvider for fsq4 does not reproduce ...: token agreement 67.7% < 99.5%"
+            )
+        return real_load(model_dir, **kw)
+
+    monkeypatch.setattr(compiled, "fallback_device", lambda eager_cpu: "cuda")
+    monkeypatch.setattr(compiled.ModelRuntime, "load", load)
+    with caplog.at_level(logging.WARNING, logger="models.runtime.compiled"):
+        rt = compiled.CompiledRuntime.load(model_repo / "fsq4", eager_cpu=True, max_batch_size=4)
+    assert devices == ["cuda", "cpu"] and rt.fallback.device == "cpu"
+    assert "67.7% < 99.5%; the compiled runtime's fallback for image sizes not warmed runs on the CPU" in caplog.text
