@@ -21,8 +21,9 @@ new model directory.
 5. Optionally fine-tune the decoder (L1) on crops of the cached grids and their pixels.
 6. Every candidate (the original where K and quantizer are unchanged, the k-means codebook, the trained
    codebook, the fine-tuned decoder) is measured on the held-out images and the best kept (PSNR, or
-   LPIPS-Alex with `select="lpips"`); the report lists them all, which was kept, and says so when the
-   kept model is below the original.
+   LPIPS-Alex with `select="lpips"`) among those not much worse on the other metric (`_eligible`: a
+   fine-tuned decoder can buy PSNR with blur); the report lists them all, which was kept, which was
+   passed over and why, and says so when the kept model is below the original.
 FSQ has no learned codebook: there is nothing to re-initialise; only the decoder can be fine-tuned.
 """
 
@@ -391,6 +392,45 @@ def _state(model: Tokenizer) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
 
 
+# What `select` may trade for its own metric. A decoder fine-tuned with L1 gains PSNR by blurring: on an
+# H100, v2 at 4,096 codes went +0.25 dB PSNR and LPIPS-Alex 0.198 -> 0.293 (bench/results/codebook_retrain/
+# gpu-h100-2026-12-07); "best PSNR" alone kept it. A candidate this much worse on the other metric than the
+# best candidate on it is not kept, and the report says which was passed over and why.
+GUARD_LPIPS_RELATIVE = 0.10  # select="psnr": LPIPS-Alex at most 10 % above the lowest candidate's
+GUARD_PSNR_DB = 0.5  # select="lpips": PSNR at most 0.5 dB below the highest candidate's
+
+
+def _eligible(candidates: dict[str, dict[str, Any]], select: str) -> dict[str, dict[str, Any]]:
+    """The candidates within the guard on the metric `select` does not rank by (never empty: the best
+    on that metric is always within it)."""
+    if select == "lpips":
+        top = max(c["psnr"] for c in candidates.values())
+        return {n: c for n, c in candidates.items() if c["psnr"] >= top - GUARD_PSNR_DB}
+    lpips = [c["lpips_alex"] for c in candidates.values() if c["lpips_alex"] is not None]
+    if not lpips:  # no LPIPS weights: PSNR alone
+        return candidates
+    floor = min(lpips)
+    return {n: c for n, c in candidates.items() if c["lpips_alex"] is None or c["lpips_alex"] <= floor * (1 + GUARD_LPIPS_RELATIVE)}
+
+
+def _passed_over(candidates: dict[str, dict[str, Any]], kept: str, select: str) -> str | None:
+    """Why the best candidate on `select` alone was not kept, or None when it was."""
+    unguarded = _best_of(candidates, select)
+    if unguarded == kept:
+        return None
+    a, b = candidates[unguarded], candidates[kept]
+    if select == "lpips":
+        return (
+            f"'{unguarded}' has the lowest LPIPS ({a['lpips_alex']:.4f} against {b['lpips_alex']:.4f}) but its PSNR is "
+            f"{b['psnr'] - a['psnr']:.2f} dB below '{kept}' (more than {GUARD_PSNR_DB} dB): '{kept}' was kept"
+        )
+    return (
+        f"'{unguarded}' has the highest PSNR ({a['psnr']:.2f} against {b['psnr']:.2f} dB) but its LPIPS is "
+        f"{100 * (a['lpips_alex'] / b['lpips_alex'] - 1):.0f} % above '{kept}' ({a['lpips_alex']:.4f} against {b['lpips_alex']:.4f}; "
+        f"more than {100 * GUARD_LPIPS_RELATIVE:.0f} % above the best): '{kept}' was kept"
+    )
+
+
 def _better(a: dict[str, Any], b: dict[str, Any], select: str) -> bool:
     """a better than b on the held-out images."""
     if select == "lpips" and a["lpips_alex"] is not None and b["lpips_alex"] is not None:
@@ -542,6 +582,9 @@ def retrain_codebook(
         "device": str(device),
         "options": asdict(opts),
     }
+    passed_over = _passed_over(candidates, kept, opts.select)
+    if passed_over:
+        report["passed_over"] = passed_over
     if worse:
         report["note"] = f"the kept model is {before['psnr'] - after['psnr']:.2f} dB PSNR below the original on the held-out images" + (
             f" (K {report['codebook_size_before']} -> {model.codebook_size}: fewer bits a token)" if resizing else ""
@@ -549,12 +592,17 @@ def retrain_codebook(
     return model.cpu(), report
 
 
-def _best(candidates: dict[str, dict[str, Any]], select: str) -> str:
+def _best_of(candidates: dict[str, dict[str, Any]], select: str) -> str:
     best = next(iter(candidates))
     for name, scores in candidates.items():
         if _better(scores, candidates[best], select):
             best = name
     return best
+
+
+def _best(candidates: dict[str, dict[str, Any]], select: str) -> str:
+    """The best candidate on `select` among those within the guard on the other metric (`_eligible`)."""
+    return _best_of(_eligible(candidates, select), select)
 
 
 def _train_codebook(model: Tokenizer, cache: LatentCache, opts: RetrainOptions, generator: torch.Generator, progress: bool | None) -> int:

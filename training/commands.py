@@ -333,6 +333,8 @@ def format_retrain_table(report: dict[str, Any]) -> str:
     )
     if report["kept"] == "original":
         lines.append("no candidate beat the original on the held-out images: the model is written unchanged")
+    if report.get("passed_over"):
+        lines.append(f"passed over: {report['passed_over']}")
     if report.get("note"):
         lines.append(f"note: {report['note']}")
     return "\n".join(lines)
