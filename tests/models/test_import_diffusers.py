@@ -461,6 +461,41 @@ def test_an_existing_model_is_not_overwritten(small_source: Path, tmp_path: Path
         import_vqmodel(str(small_source), name="x", output=tmp_path / "repo")
 
 
+def test_float16_graphs_that_miss_the_gate_are_left_out_unless_asked_for(
+    small_source: Path, tmp_path: Path, kodak_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp16 is our default, not the user's request: where its graphs miss the export's gate (as a MoVQ-like
+    model's did at 98.65 %: dense codes in D = 4) the model is imported with fp32 graphs and its card says
+    why. Asked for with fp16=True, the same miss refuses the import and writes nothing."""
+    import models.export.driver as driver
+    from models.export.parity import ExportError
+    from models.importers.diffusers import ParityFailed
+
+    real_export = driver.export_model
+    calls: list[bool] = []
+
+    def export_model(model_dir: Path, **kw: Any) -> dict[str, Any]:
+        calls.append(kw["fp16"])
+        if kw["fp16"]:
+            raise ExportError(
+                "fp16 parity check failed; nothing was written:\n  real_32x32: token agreement 98.6450% < 99.0%\nfigures: {}",
+                parity_precision="fp16",
+            )
+        return real_export(model_dir, **kw)
+
+    monkeypatch.setattr(driver, "export_model", export_model)
+    result = import_vqmodel(str(small_source), name="dense", output=tmp_path / "repo", resolution=32, parity_images=kodak_dir)
+    assert calls == [True, False] and result.manifest["precisions"] == ["fp32"]
+    card = (result.model_dir / "MODEL_CARD.md").read_text()
+    assert "No float16 graphs: they missed the export's parity gate on real photos (real_32x32: token agreement 98.6450% < 99.0%)" in card
+    assert not (result.model_dir / "encoder.fp16.onnx").exists()
+
+    calls.clear()
+    with pytest.raises(ParityFailed, match="fp16 parity check failed"):
+        import_vqmodel(str(small_source), name="asked", output=tmp_path / "repo", resolution=32, parity_images=kodak_dir, fp16=True)
+    assert calls == [True] and not (tmp_path / "repo" / "asked").exists()
+
+
 def test_without_diffusers_the_command_names_the_extra(small_source: Path, tmp_path: Path) -> None:
     code = (
         "import sys; sys.modules['diffusers'] = None\n"
