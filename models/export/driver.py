@@ -29,6 +29,7 @@ from ..quantizers.vq_graph import SEARCH_CHUNK
 from ..tokenizer import Tokenizer
 from .graphs import DecoderGraph, EncoderGraph
 from .parity import (
+    NEAR_TIE_RULE,
     PARITY,
     ExportError,
     check_gpu_parity,
@@ -165,7 +166,7 @@ def export_model(
                     f"{precision} parity check failed; nothing was written:\n  " + "\n  ".join(bad) + f"\nfigures: {json.dumps(figures)}",
                     parity_precision=precision,
                 )
-            parity[precision] = {"bounds": asdict(PARITY[precision]), "figures": figures}
+            parity[precision] = {"bounds": asdict(PARITY[precision]), "near_tie_rule": NEAR_TIE_RULE, "figures": figures}
             staged[precision] = paths
         r = cfg.resolution
         reference = references.get(f"real_{r}x{r}")  # the stored set: the native-size real photos

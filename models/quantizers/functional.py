@@ -99,3 +99,56 @@ def perplexity_from_counts(counts: Tensor) -> float:
     p = counts.double() / counts.sum().clamp_min(1)
     entropy = -(p * torch.log(p.clamp_min(1e-30))).sum()
     return float(torch.exp(entropy))
+
+
+# --- argmin near-ties -----------------------------------------------------------------------------
+# Two float32 implementations of the same encoder (ONNX Runtime's kernels and torch's, or diffusers'
+# and ours) pick different codes where a latent z lies almost on the boundary between two codes' cells.
+# Measured on VQ models with 16,384 codes in D = 4 (latent-diffusion's VQ-f8 and MoVQ shapes, codebooks
+# drawn from their latents; Kodak at 256² and 192×320): of 32 ONNX-Runtime-vs-torch float32 flips, 25
+# came from the latent itself (the networks' outputs differ by a median 5e-6..1e-5 of the set's RMS
+# latent norm, with a tail to 1e-3) and 7 from the code search (the float32 expansion ‖e‖² − 2z·e
+# rounds at the magnitude ‖z‖² + ‖e‖², not at the tiny distance left after cancellation). The flipped
+# codes' distances differed by up to 0.6 % of the larger one (on the first model): a tolerance relative
+# to the distance itself cannot tell these ties.
+# So a mismatch of codes a, b is a near-tie when, with float64 squared distances da, db to the
+# reference latent,
+#     |da − db| ≤ 2·TIE_LATENT·s·‖ea − eb‖ + TIE_SEARCH·(‖z‖² + max(‖ea‖², ‖eb‖²))
+# - the first term bounds what a latent perturbation of size TIE_LATENT·s does to da − db (its gradient
+#   in z is 2(eb − ea)); s is the RMS latent norm over the whole set, because a network's rounding
+#   error is set by the size of its activations, not by the size of one output. TIE_LATENT is the
+#   typical float32 latent difference above: a tie is a latent a typical float32 difference could move
+#   across the boundary. float16 networks move latents 30–60× as far (median 3e-4..7e-4 of s);
+# - the second covers the search's rounding: each of the four scores compared (two per side) rounds at
+#   about 2u·(‖z‖² + ‖e‖²), u = 2⁻²⁴ (the flips the search caused measured ≤ 11u).
+# With these, 27 of the 32 float32 flips are ties, and 15 % of 1,053 float16 flips (the same models
+# and D = 64, 256 ones): float16's disagreements stay disagreements. Worst-case D-fold error bounds
+# would excuse a third of float16's; this rule is meant to excuse rounding, not a wrong graph.
+TIE_LATENT = 1e-5
+TIE_SEARCH = 8 * 2.0**-24
+
+
+def near_tie_mask(latents: Tensor, codebook: Tensor, ids: Tensor, reference: Tensor) -> Tensor:
+    """Which positions where `ids` and `reference` differ are argmin near-ties (rule above).
+
+    latents: float (B, D, h, w), the reference's latents as its code search saw them (normalised for a
+    cosine quantizer); codebook: (K, D) as searched; ids, reference: int (B, h, w). Returns bool (B, h, w),
+    False wherever the ids agree."""
+    differ = ids != reference
+    out = torch.zeros_like(differ)
+    if not bool(differ.any()):
+        return out
+    z_all = latents.detach().permute(0, 2, 3, 1).double()  # (B, h, w, D)
+    scale = z_all.pow(2).sum(-1).mean().sqrt()  # RMS latent norm of the set
+    z = z_all[differ]
+    cb = codebook.detach().double().to(z.device)
+    ea, eb = cb[ids[differ].long()], cb[reference[differ].long()]
+    gap = ((z - ea).pow(2).sum(-1) - (z - eb).pow(2).sum(-1)).abs()
+    magnitude = z.pow(2).sum(-1) + torch.maximum(ea.pow(2).sum(-1), eb.pow(2).sum(-1))
+    out[differ] = gap <= 2 * TIE_LATENT * scale * (ea - eb).norm(dim=-1) + TIE_SEARCH * magnitude
+    return out
+
+
+def near_ties(latents: Tensor, codebook: Tensor, ids: Tensor, reference: Tensor) -> int:
+    """How many of the positions where `ids` and `reference` differ are argmin near-ties (`near_tie_mask`)."""
+    return int(near_tie_mask(latents, codebook, ids, reference).sum())

@@ -3,6 +3,7 @@ uint8/int32 contracts, and the parity gate refusing to write anything when it fa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,11 +16,13 @@ import torch
 from PIL import Image
 
 from models.core.artefacts import sha256_file
+from models.export import driver as export_driver
 from models.export import parity as export_parity
 from models.export.driver import export_model
 from models.export.graphs import images_to_input, output_to_images
 from models.export.parity import ExportError, ParityBounds, psnr_uint8
 from models.presets import create_tokenizer
+from models.quantizers import VectorQuantizer
 from models.runtime.onnx import ModelRuntime
 from models.tokenizer import Tokenizer
 from tests.helpers import exported_model_repo
@@ -135,6 +138,56 @@ def test_parity_failure_aborts_and_writes_nothing(tmp_path: Path, kodak_dir: Pat
     with pytest.raises(ExportError, match=r"(?s)parity check failed.*token agreement"):
         export_model(d, parity_images=kodak_dir)
     assert sorted(p.name for p in d.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def twin_codebook_model(path: Path) -> Path:
+    """A small VQ model whose codebook is two copies of the same 512 codes: ids i and i + 512 are exact ties."""
+    torch.manual_seed(0)
+    tok = create_tokenizer(FAMILIES["vq-rotation"], **TINY)
+    q = tok.quantizer
+    assert isinstance(q, VectorQuantizer)
+    half = q.codebook_size // 2
+    with torch.no_grad():
+        codes = torch.randn(half, q.dim)
+        q.embedding.copy_(torch.cat([codes, codes]))
+    return tok.save_pretrained(path)
+
+
+def with_other_ids(refs: dict[str, export_parity.Reference], k: int, step: int) -> dict[str, export_parity.Reference]:
+    """`refs` with every other id replaced by (id + step) mod K: ORT's ids then differ from them there,
+    by an exact tie (step = K/2 on `twin_codebook_model`: the twin code) or by a different code."""
+    out = {}
+    for label, ref in refs.items():
+        every_other = (np.arange(ref.tokens.size) % 2 == 0).reshape(ref.tokens.shape)
+        out[label] = dataclasses.replace(ref, tokens=np.where(every_other, (ref.tokens + step) % k, ref.tokens).astype(np.int32))
+    return out
+
+
+def test_parity_gate_excuses_near_ties_and_only_them(tmp_path: Path, kodak_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = twin_codebook_model(tmp_path / "m")
+
+    def tied_references(tok: Tokenizer, image_sets: dict[str, np.ndarray]) -> dict[str, export_parity.Reference]:
+        return with_other_ids(export_parity.torch_references(tok, image_sets), tok.codebook_size, step=512)
+
+    monkeypatch.setattr(export_driver, "torch_references", tied_references)
+    manifest = export_model(d, parity_images=kodak_dir)  # half the ids differ from the references, every one an exact tie
+    bound = export_parity.PARITY["fp32"]
+    for fig in manifest["parity"]["fp32"]["figures"].values():
+        assert fig["token_agreement"] < 0.6 and fig["mismatches"] > 0
+        assert fig["near_ties"] > 0 and fig["agreement_with_ties"] >= bound.min_token_agreement  # the ties are excused
+    assert manifest["parity"]["fp32"]["near_tie_rule"] == export_parity.NEAR_TIE_RULE
+
+    # the same graphs against references that differ by other codes: refused, the counts named
+    tok = Tokenizer.from_pretrained(d).eval()
+    sets = export_parity.parity_image_sets(tok.config, export_parity.find_parity_images(kodak_dir))
+    refs = with_other_ids(export_parity.torch_references(tok, sets), tok.codebook_size, step=1)
+    files = {"encoder": d / "encoder.onnx", "decoder": d / "decoder.onnx"}
+    figures = export_parity.check_parity(files, "fp32", refs)
+    bad = export_parity.parity_failures(figures, bound)
+    for label, fig in figures.items():
+        assert fig["near_ties"] == 0 and fig["agreement_with_ties"] == fig["token_agreement"] < 0.6
+        line = f"{label}: token agreement {fig['token_agreement']:.4%} ({fig['mismatches']} differ, 0 of them near-ties)"
+        assert any(b.startswith(line) and "with the ties excused < 99.9%" in b for b in bad), bad
 
 
 def test_export_cli(cli_export: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path) -> None:

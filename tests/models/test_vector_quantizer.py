@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.quantizers import QuantizerOutput, VectorQuantizer
-from models.quantizers.functional import nearest_code, perplexity_from_counts, usage_from_counts
+from models.quantizers.functional import TIE_LATENT, near_tie_mask, near_ties, nearest_code, perplexity_from_counts, usage_from_counts
 
 
 def brute_force(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -107,3 +107,23 @@ def test_rejects_bad_arguments() -> None:
     vq = VectorQuantizer(8, 16)
     with pytest.raises(ValueError, match="expected latents"):
         vq(torch.randn(2, 4, 3, 3))
+
+
+def test_near_ties_excuse_only_codes_a_rounding_could_swap() -> None:
+    """Codes 0 = (0, 0) and 1 = (2, 0) are equidistant from (1, 0): an exact tie. (0.1, 0) is clearly
+    nearer code 0. (1 ± δ, 0) is δ from the boundary: a tie within TIE_LATENT of the set's RMS latent
+    norm, not at three times that."""
+    codebook = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 5.0]], dtype=torch.float64)
+    xs = torch.tensor([1.0, 0.1, 1.0, 1.0, 1.0], dtype=torch.float64)
+    rms = float(xs.pow(2).mean().sqrt())  # the latents lie on the x axis: RMS of |x|
+    xs[3] += 0.5 * TIE_LATENT * rms
+    xs[4] += 3 * TIE_LATENT * rms
+    rms = float(xs.pow(2).mean().sqrt())
+    latents = torch.stack([xs, torch.zeros_like(xs)]).reshape(1, 2, 1, 5)  # (B, D, h, w)
+    ids = torch.tensor([[[1, 1, 0, 1, 1]]])
+    reference = torch.tensor([[[0, 0, 0, 0, 0]]])  # position 2 agrees
+    assert near_tie_mask(latents, codebook, ids, reference).tolist() == [[[True, False, False, True, False]]]
+    assert near_ties(latents, codebook, ids, reference) == 2
+    assert near_ties(latents, codebook, reference, reference) == 0
+    assert near_ties(latents.float(), codebook.float(), ids, reference) == 2  # float32 inputs are judged in float64
+    assert abs(xs[4] - 1) / rms > 2.9 * TIE_LATENT  # the non-tie is past the tolerance, not at its edge
