@@ -58,8 +58,6 @@ REFUSED_KEYS = {
     "remap": "index remapping (taming's `remap` .npy) changes which code an id names; vqtok ids are codebook rows",
     "unknown_index": "index remapping (taming's `remap`) changes which code an id names; vqtok ids are codebook rows",
 }
-# ties: two codes whose squared distances to a latent differ by less than this, relatively
-TIE_RELATIVE = 1e-5
 PSNR_CAP_DB = 100.0
 
 
@@ -334,21 +332,6 @@ def diffusers_decode_ids(vq: VQModel, ids: torch.Tensor) -> torch.Tensor:
     return vq.decode(codes, force_not_quantize=True).sample
 
 
-def near_ties(latents: torch.Tensor, codebook: torch.Tensor, ids: torch.Tensor, reference: torch.Tensor) -> int:
-    """How many of the positions where `ids` and `reference` differ are argmin near-ties: the two codes'
-    squared distances to the latent (float64) differ by less than TIE_RELATIVE, relatively."""
-    import torch
-
-    differ = ids != reference
-    if not bool(differ.any()):
-        return 0
-    z = latents.permute(0, 2, 3, 1)[differ].double()  # (M, D)
-    cb = codebook.double()
-    da = (z - cb[ids[differ]]).pow(2).sum(-1)
-    db = (z - cb[reference[differ]]).pow(2).sum(-1)
-    return int(((da - db).abs() <= TIE_RELATIVE * torch.maximum(da, db)).sum())
-
-
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR of two float images in [-1, 1] (clamped; peak-to-peak 2), capped at PSNR_CAP_DB."""
     mse = float((a.clamp(-1, 1).double() - b.clamp(-1, 1).double()).pow(2).mean())
@@ -362,6 +345,7 @@ def compare_with_diffusers(vq: VQModel, tok: Tokenizer, images: np.ndarray) -> d
 
     from ..export.graphs import images_to_input
     from ..quantizers import VectorQuantizer
+    from ..quantizers.functional import near_ties
 
     if not isinstance(tok.quantizer, VectorQuantizer):
         raise ImportFailed("a taming tokenizer quantizes with a codebook (VectorQuantizer)")
@@ -521,7 +505,8 @@ def model_card(name: str, config: TokenizerConfig, parity: Mapping[str, Any], fp
         "## Parity with diffusers (CPU, float32, at import)\n\n"
         f"On {parity['images']} images of {parity['size'][0]}×{parity['size'][1]}: ids {parity['token_agreement']:.4%} equal to "
         f"`VQModel.encode` → `VQModel.quantize` ({parity['mismatches']} of {parity['tokens']} differ, {parity['near_ties']} of them "
-        f"near-ties: two codes within {TIE_RELATIVE:g} relative distance); decodes {parity['decode_psnr_db']:.1f} dB from "
+        "near-ties: two codes a float32 rounding of the latent or of the search could swap, the rule of "
+        f"`models.quantizers.functional.near_tie_mask`); decodes {parity['decode_psnr_db']:.1f} dB from "
         "`VQModel.decode` of the same ids. The ONNX graphs' parity with this torch model is in manifest.json.\n\n"
         "## Notes\n\n"
         f"- {fp16_note}\n"

@@ -34,7 +34,8 @@ from diffusers import VQModel  # noqa: E402
 from models.config import ConfigError, TokenizerConfig  # noqa: E402
 from models.export.graphs import images_to_input, output_to_images  # noqa: E402
 from models.importers import commands  # noqa: E402
-from models.importers.diffusers import ImportFailed, ImportResult, UnsupportedModel, import_vqmodel, near_ties, vqtok_state_dict  # noqa: E402
+from models.importers.diffusers import ImportFailed, ImportResult, UnsupportedModel, import_vqmodel, vqtok_state_dict  # noqa: E402
+from models.quantizers.functional import near_ties  # noqa: E402
 from models.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +43,9 @@ COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 D, AD, U, AU = "DownEncoderBlock2D", "AttnDownEncoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D"
 RESOLUTION = 64  # the imported models' native size: the export's parity sets stay small
 PARITY_SIZE = 128  # the photos the parity tests crop
-TIE_RELATIVE = 1e-5
+# The near-tie rule of models/quantizers/functional.py, written out again per position below: a mismatch of
+# codes a, b is a tie when |da − db| <= 2·TIE_LATENT·s·‖ea − eb‖ + TIE_SEARCH·(‖z‖² + max ‖e‖²), s the RMS latent norm.
+TIE_LATENT, TIE_SEARCH = 1e-5, 8 * 2.0**-24
 
 
 @dataclass(frozen=True)
@@ -177,19 +180,23 @@ def decode_ids_with_diffusers(vq: VQModel, ids: torch.Tensor) -> torch.Tensor:
 
 
 def distance_gaps(latents: torch.Tensor, codebook: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor) -> list[float]:
-    """At each mismatch, how far apart the two codes' squared distances to diffusers' latent are (float64), relatively."""
+    """At each mismatch, the two codes' squared-distance gap to diffusers' latent (float64) over what a float32
+    rounding could make of it (the tie rule above): <= 1 is a near-tie."""
+    z_all = latents.double()
+    s = float(z_all.pow(2).sum(1).mean().sqrt())  # RMS latent norm over the set
     gaps = []
     for b, i, j in (ours != theirs).nonzero().tolist():
-        z = latents[b, :, i, j].double()
-        da = float((z - codebook[ours[b, i, j]].double()).pow(2).sum())
-        db = float((z - codebook[theirs[b, i, j]].double()).pow(2).sum())
-        gaps.append(abs(da - db) / max(da, db))
+        z = z_all[b, :, i, j]
+        ea, eb = codebook[ours[b, i, j]].double(), codebook[theirs[b, i, j]].double()
+        da, db = float((z - ea).pow(2).sum()), float((z - eb).pow(2).sum())
+        slack = 2 * TIE_LATENT * s * float((ea - eb).norm()) + TIE_SEARCH * float(z.pow(2).sum() + max(ea.pow(2).sum(), eb.pow(2).sum()))
+        gaps.append(abs(da - db) / slack)
     return gaps
 
 
 def count_ties(latents: torch.Tensor, codebook: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor) -> int:
-    """Mismatches where the two codes' squared distances to the latent differ by < 1e-5 relatively."""
-    return sum(g <= TIE_RELATIVE for g in distance_gaps(latents, codebook, ours, theirs))
+    """Mismatches a float32 rounding could have made (the tie rule above)."""
+    return sum(g <= 1 for g in distance_gaps(latents, codebook, ours, theirs))
 
 
 def psnr_float(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -203,9 +210,9 @@ def id_figures(ours: torch.Tensor, theirs: torch.Tensor, latents: torch.Tensor, 
     return {
         "agreement": 1 - len(gaps) / total,
         "mismatches": len(gaps),
-        "ties": sum(g <= TIE_RELATIVE for g in gaps),
+        "ties": sum(g <= 1 for g in gaps),
         "tokens": total,
-        "largest_gap": max(gaps, default=0.0),  # relative distance gap of the least close mismatch
+        "largest_gap": max(gaps, default=0.0),  # the least close mismatch's gap over the tie rule's slack
     }
 
 
