@@ -243,8 +243,8 @@ A vqtok image tokenizer: images to a grid of discrete token ids and back.
 import vqtok
 
 tok = vqtok.Tokenizer.from_pretrained("ORG/{name}")  # this repository (pip install 'vqtok[hub]'), or a local directory
-ids = tok.encode(x)   # x: float (B, 3, H, W) in [-1, 1] -> int64 (B, H/{f}, W/{f})
-y = tok.decode(ids)   # -> float (B, 3, H, W) in [-1, 1]
+ids = tok.encode(x)  # x: float (B, 3, H, W) in [-1, 1] -> int64 (B, H/{f}, W/{f})
+y = tok.decode(ids)  # -> float (B, 3, H, W) in [-1, 1]
 ```
 """
 

@@ -469,8 +469,8 @@ def hub_card(name: str, config: TokenizerConfig) -> str:
         "Details, licence and parity with diffusers: MODEL_CARD.md.\n\n"
         "```python\nimport vqtok\n\n"
         f'tok = vqtok.Tokenizer.from_pretrained("ORG/{name}")  # or the local directory\n'
-        f"ids = tok.encode(x)   # x: float (B, 3, H, W) in [-1, 1] -> int64 (B, H/{f}, W/{f})\n"
-        "y = tok.decode(ids)   # -> float (B, 3, H, W) in [-1, 1]\n```\n"
+        f"ids = tok.encode(x)  # x: float (B, 3, H, W) in [-1, 1] -> int64 (B, H/{f}, W/{f})\n"
+        "y = tok.decode(ids)  # -> float (B, 3, H, W) in [-1, 1]\n```\n"
     )
 
 
