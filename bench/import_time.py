@@ -66,19 +66,25 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
-def build(family: str, folder: Path, seed: int) -> Path:
-    """diffusers' VQModel of this family, random weights (seeded), saved as a download would be."""
+def vqmodel(config: dict[str, Any], seed: int) -> Any:
+    """diffusers' VQModel of a published config.json's fields, random weights (seeded); `force_upcast`, which
+    the constructor does not take, goes into its config as the hub's file has it."""
     import torch
     from diffusers import VQModel
 
     torch.manual_seed(seed)
-    config = dict(FAMILIES[family])
+    config = dict(config)
     force_upcast = config.pop("force_upcast", None)
     vq: Any = VQModel(**config)  # diffusers ships no type information mypy can follow here
     if force_upcast is not None:
         vq.register_to_config(force_upcast=force_upcast)
+    return vq
+
+
+def build(family: str, folder: Path, seed: int) -> Path:
+    """diffusers' VQModel of this family, random weights (seeded), saved as a download would be."""
     out = folder / family
-    vq.save_pretrained(out)
+    vqmodel(FAMILIES[family], seed).save_pretrained(out)
     return out
 
 

@@ -77,35 +77,18 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
-def kodak(n: int, size: int) -> np.ndarray:
-    """uint8 (n, size, size, 3): centre crops of the first n Kodak photos."""
-    from PIL import Image
-
-    out = []
-    for path in sorted((DATA / "kodak").glob("*.png"))[:n]:
-        img = Image.open(path).convert("RGB")
-        w, h = img.size
-        s = min(w, h)
-        img = img.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2)).resize((size, size), Image.Resampling.BICUBIC)
-        out.append(np.asarray(img))
-    return np.stack(out)
-
-
 def build_one(family: str, folder: Path, seed: int) -> Path:
     """The family's VQModel, seeded random weights, its codebook drawn from its encoder's latents on
     Kodak (noise of a tenth of their spread added, so that no two codes coincide), saved as a download."""
     import torch
-    from diffusers import VQModel
 
-    torch.manual_seed(seed)
-    config = dict(FAMILIES[family])
-    force_upcast = config.pop("force_upcast", None)
-    vq: Any = VQModel(**config)
-    if force_upcast is not None:
-        vq.register_to_config(force_upcast=force_upcast)
-    vq.eval()
+    from bench.import_time import vqmodel
+    from models.export.graphs import images_to_input
+    from models.export.parity import find_parity_images, real_parity_images
+
+    vq = vqmodel(FAMILIES[family], seed).eval()
     with torch.no_grad():
-        x = torch.from_numpy(kodak(24, 256)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = images_to_input(torch.from_numpy(real_parity_images(find_parity_images(DATA / "kodak"), (256, 256), 24)))
         latents = vq.encode(x).latents  # before quantisation: (N, D, h, w)
         flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
         k = vq.quantize.embedding.weight.shape[0]

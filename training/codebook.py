@@ -392,10 +392,10 @@ def _state(model: Tokenizer) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
 
 
-# What `select` may trade for its own metric. A decoder fine-tuned with L1 gains PSNR by blurring: on an
-# H100, v2 at 4,096 codes went +0.25 dB PSNR and LPIPS-Alex 0.198 -> 0.293 (bench/results/codebook_retrain/
-# gpu-h100-2026-12-07); "best PSNR" alone kept it. A candidate this much worse on the other metric than the
-# best candidate on it is not kept, and the report says which was passed over and why.
+# What `select` may trade for its own metric. A decoder fine-tuned with L1 gains a little PSNR by
+# blurring and loses much more on LPIPS ("best PSNR" alone kept such a decoder: docs/codebook-retrain.md).
+# A candidate this much worse on the other metric than the best candidate on it is not kept, and the
+# report says which was passed over and why.
 GUARD_LPIPS_RELATIVE = 0.10  # select="psnr": LPIPS-Alex at most 10 % above the lowest candidate's
 GUARD_PSNR_DB = 0.5  # select="lpips": PSNR at most 0.5 dB below the highest candidate's
 

@@ -177,8 +177,8 @@ def session_cuda_options(precision: str, overrides: Mapping[str, str] | None = N
     """`cuda_provider_options` for the graphs of `precision`: the fp32 graphs with TF32 off.
 
     The fp32 graphs are the exact ones (the gate's fallback from fp16), but the CUDA EP's default TF32
-    convolutions round their inputs to 10 mantissa bits: that moved 32 % of an imported MoVQ-like
-    model's tokens (16,384 codes in D = 4) on an H100 (BENCHMARKS.md, "Imported models on the GPU").
+    convolutions round their inputs to 10 mantissa bits, enough to move many tokens of a model whose
+    codes are dense in a low code dimension (BENCHMARKS.md, "Imported models on the GPU").
     `overrides` (the caller's) win."""
     return cuda_provider_options({"use_tf32": "0", **(overrides or {})} if precision == "fp32" else overrides)
 
