@@ -26,12 +26,7 @@ from .graphs import images_to_input, output_to_images
 
 
 class ExportError(RuntimeError):
-    """Export failed: the exporter broke, onnx.checker refused the graph, or parity was not met
-    (`parity_precision`: the precision whose graphs missed it)."""
-
-    def __init__(self, message: str, parity_precision: str | None = None) -> None:
-        super().__init__(message)
-        self.parity_precision = parity_precision
+    """Export failed: the exporter broke, onnx.checker refused the graph, or parity was not met."""
 
 
 @dataclass(frozen=True)

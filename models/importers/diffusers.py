@@ -602,20 +602,15 @@ def import_vqmodel(
         from ..export.parity import ExportError
 
         try:
-            try:
-                manifest = export_model(staging, fp16=half, parity_images=parity_images, progress=progress)
-            except ExportError as exc:
-                if not (half and fp16 is None and exc.parity_precision == "fp16"):
-                    raise
-                # float16 was our default, not the user's request: a model whose codes are dense in a low
-                # code dimension (MoVQ: 16,384 codes in D = 4) can miss the fp16 gate on real photos. It
-                # is still served exactly, from the fp32 graphs; the card says why there are no others.
-                log.warning("%s: the float16 graphs miss the parity gate (%s); importing the float32 graphs only", name, _gate_line(exc))
-                fp16_note = f"No float16 graphs: they missed the export's parity gate on real photos ({_gate_line(exc)})."
-                (staging / "MODEL_CARD.md").write_text(model_card(name, config, figures, fp16_note), encoding="utf-8")
-                manifest = export_model(staging, fp16=False, parity_images=parity_images, progress=progress)
+            # float16 as our default (not the user's request) may be left out: a model whose codes are dense in
+            # a low code dimension (MoVQ: 16,384 codes in D = 4) can miss the fp16 gate on real photos; it is
+            # still served exactly, from the fp32 graphs, and the card says why there are no others.
+            manifest = export_model(staging, fp16=half, fp16_optional=fp16 is None, parity_images=parity_images, progress=progress)
         except ExportError as exc:
             raise ParityFailed(f"the export of {name} failed; nothing was written: {exc}") from exc
+        if manifest.get("fp16_left_out"):
+            fp16_note = f"No float16 graphs: they missed the export's parity gate on real photos ({manifest['fp16_left_out']})."
+            (staging / "MODEL_CARD.md").write_text(model_card(name, config, figures, fp16_note), encoding="utf-8")
         seconds["export"] = time.perf_counter() - t
         if target.exists():
             target.rmdir()  # empty (checked above)
@@ -628,12 +623,6 @@ def import_vqmodel(
 
 def _describe(ref: SourceRef) -> str:
     return ref.location + (f" (subfolder {ref.subfolder})" if ref.subfolder else "") + (f" at {ref.revision}" if ref.revision else "")
-
-
-def _gate_line(exc: BaseException) -> str:
-    """The first figure line of an export's parity failure ("real_256x256: token agreement … < …")."""
-    lines = str(exc).strip().splitlines()
-    return lines[1].strip() if len(lines) > 1 else ""
 
 
 def _first_line(exc: BaseException) -> str:
